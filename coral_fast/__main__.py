@@ -1,0 +1,3 @@
+from coral_fast.cli import main
+
+raise SystemExit(main())

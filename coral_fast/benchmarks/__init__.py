@@ -1,0 +1,1 @@
+"""Benchmarks behind `coral-fast bench ...`; bench/ holds the pytest-benchmark suites and results."""
