@@ -16,7 +16,7 @@ for part in .carry/smol1/* .carry/smol2/*; do
 done
 if [ -f /tmp/models/smolchunk_aa ] && [ -f /tmp/models/smolchunk_ab ] && [ ! -f /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
   cat /tmp/models/smolchunk_aa /tmp/models/smolchunk_ab > /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf
-  (cd /tmp/models && echo "$(cut -d' ' -f1 < "$OLDPWD/.carry/smollm2.sha256")  SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c -) || rm -f /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf
+  (cd /tmp/models && echo "$(cut -d' ' -f1 < "$OLDPWD/scripts/smollm2.sha256")  SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c -) || rm -f /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf
 fi
 if [ -f /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
   export CORAL_FAST_SMOLLM2_GGUF=/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf
