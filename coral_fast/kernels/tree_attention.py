@@ -1,0 +1,497 @@
+"""Tree attention: T draft-tree queries against a KV cache of L prefix tokens plus the T tree tokens.
+
+    out = tree_attention(q, k, v, tree_mask)
+    q:    [B, Hq, T, D]          the tree tokens' queries (Hq a multiple of Hkv: GQA)
+    k, v: [B, Hkv, L + T, D]     L prefix keys (all visible), then the T tree keys
+          (or static cache buffers [B, Hkv, S_max, D] with `kv_len`, see below)
+    tree_mask: [T, T] or [B, T, T] bool (mask[i, j]: j is i or an ancestor of i), or a DraftTree
+    out:  [B, Hq, T, D]
+
+Design (flash-decoding with a tree mask):
+- grid (B * Hkv, splits of the key sequence, blocks of query rows). A program loads the queries of
+  all Hq/Hkv heads of its GQA group for all T tree tokens as one [BLOCK_M, D] tile, so each K/V
+  block is read once for the whole group (rows = head-major (head, token) pairs).
+- Long prefixes are split across programs; each writes a partial (out, log-sum-exp) and a second
+  small kernel merges them. With one split the first kernel writes the output directly.
+- The prefix runs unmasked (no per-element work besides the sliding window); the tree mask, packed
+  as 32-bit words per row, is applied only to the last T keys.
+- Graph friendly: the grid depends on static shapes only (S_max with `kv_len`), programs past the
+  valid length exit early, and check=False skips every validation that reads values back.
+
+The PyTorch reference (`tree_attention_reference`) lives beside the kernel and defines the semantics.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from coral_fast.kernels._dispatch import dot_needs_fp32, resolve_impl
+
+__all__ = ["tree_attention", "tree_attention_reference", "pack_tree_mask", "TreeAttentionConfig"]
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+MAX_TREE_TOKENS = 128
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# reference
+# ----------------------------------------------------------------------------------------------
+def _visibility(tree_mask, batch, num_queries, num_slots, kv_len, window, query_positions, device):
+    """[B, T, S] bool: which key slots each tree query sees (the semantics of the kernel)."""
+    if kv_len is None:
+        n_keys = torch.full((batch,), num_slots, dtype=torch.int64, device=device)
+    elif isinstance(kv_len, int):
+        n_keys = torch.full((batch,), kv_len, dtype=torch.int64, device=device)
+    else:
+        n_keys = kv_len.to(device=device, dtype=torch.int64)
+    prefix_len = n_keys - num_queries  # [B]
+    slots = torch.arange(num_slots, device=device)
+    mask_b = tree_mask if tree_mask.dim() == 3 else tree_mask.unsqueeze(0)
+    mask_b = mask_b.expand(batch, num_queries, num_queries)
+    tree_col = (slots[None, :] - prefix_len[:, None]).clamp(0, num_queries - 1)  # [B, S]
+    in_tree = mask_b.gather(2, tree_col[:, None, :].expand(batch, num_queries, num_slots))
+    is_prefix = slots[None, :] < prefix_len[:, None]  # [B, S]
+    is_valid = slots[None, :] < n_keys[:, None]
+    prefix_visible = is_prefix[:, None, :]
+    if window is not None:
+        pos = query_positions if query_positions.dim() == 2 else query_positions.unsqueeze(0)
+        pos = pos.to(device=device, dtype=torch.int64).expand(batch, num_queries)
+        prefix_visible = prefix_visible & (slots[None, None, :] > (pos[:, :, None] - window))
+    tree_visible = (~is_prefix & is_valid)[:, None, :] & in_tree
+    return prefix_visible | tree_visible
+
+
+def tree_attention_reference(q, k, v, tree_mask, scale=None, kv_len=None, window=None, query_positions=None):
+    """PyTorch reference, computed in float32: same arguments and result as `tree_attention`."""
+    if not isinstance(tree_mask, torch.Tensor):
+        tree_mask = tree_mask.mask
+    batch, num_q_heads, num_queries, head_dim = q.shape
+    num_kv_heads, num_slots = k.shape[1], k.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
+    group = num_q_heads // num_kv_heads
+    visible = _visibility(tree_mask.to(q.device), batch, num_queries, num_slots, kv_len, window, query_positions, q.device)
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, vf).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def pack_tree_mask(tree_mask: torch.Tensor) -> torch.Tensor:
+    """[T, T] or [B, T, T] bool -> [1 or B, T, ceil(T/32)] int32 bit words (bit c%32 of word c//32)."""
+    from coral_fast.tree import pack_mask_bits
+
+    bits = pack_mask_bits(tree_mask)
+    return bits if bits.dim() == 3 else bits.unsqueeze(0)
+
+
+class TreeAttentionConfig:
+    """Launch parameters; `for_shape` picks them from static shapes only (no autotuning, graph safe)."""
+
+    def __init__(self, block_m, block_n, num_warps, num_stages, num_splits):
+        self.block_m, self.block_n = block_m, block_n
+        self.num_warps, self.num_stages, self.num_splits = num_warps, num_stages, num_splits
+
+    def __repr__(self):
+        return (
+            f"TreeAttentionConfig(block_m={self.block_m}, block_n={self.block_n}, num_warps={self.num_warps}, "
+            f"num_stages={self.num_stages}, num_splits={self.num_splits})"
+        )
+
+    @staticmethod
+    def for_shape(batch, num_kv_heads, rows, num_slots, head_dim, device, block_m=None, block_n=None,
+                  num_warps=None, num_stages=None, num_splits=None, min_split_keys=None):
+        if block_m is None:
+            block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+        if block_n is None:
+            block_n = 32 if head_dim >= 256 else 64
+        if num_warps is None:
+            num_warps = 8 if head_dim >= 256 and block_m >= 64 else 4
+        if num_stages is None:
+            num_stages = 2 if head_dim >= 256 else 3
+        if num_splits is None:
+            programs = batch * num_kv_heads * triton.cdiv(rows, block_m)
+            target = 2 * _num_sms(device)
+            min_keys = min_split_keys or 4 * block_n
+            max_splits = max(1, triton.cdiv(num_slots, min_keys))
+            num_splits = max(1, min(max_splits, triton.cdiv(target, programs)))
+        split_keys = triton.cdiv(triton.cdiv(num_slots, num_splits), block_n) * block_n
+        num_splits = triton.cdiv(num_slots, split_keys)
+        cfg = TreeAttentionConfig(block_m, block_n, num_warps, num_stages, num_splits)
+        cfg.split_keys = split_keys
+        return cfg
+
+
+_SM_COUNT = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attend_block(
+    acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, offs_n, qk_scale,
+    key_end, prefix_len, bits_row_ptrs, pos, window,
+    MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One [BLOCK_N] key block of the online softmax for a [BLOCK_M, D] query tile.
+
+    MASKED=False: a full block of prefix keys (only the sliding window can hide keys).
+    MASKED=True: the ragged end of the split: bounds, prefix/tree boundary and the packed tree mask.
+    """
+    keys = start_n + offs_n  # [BLOCK_N]
+    if MASKED:
+        key_ok = keys < key_end
+        k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale
+    if HAS_WINDOW:
+        # prefix slot index == token position: key j visible iff j > pos - window (tree keys exempt)
+        visible = (keys[None, :] > (pos[:, None] - window)) | (keys[None, :] >= prefix_len)
+        s = tl.where(visible, s, float("-inf"))
+    if MASKED:
+        tree_col = keys - prefix_len  # [BLOCK_N]; < 0 for prefix keys
+        in_tree = tree_col >= 0
+        col = tl.where(in_tree, tree_col, 0)
+        words = tl.load(bits_row_ptrs[:, None] + (col >> 5)[None, :], mask=in_tree[None, :] & (keys < key_end)[None, :], other=0)
+        bit = (words >> (col & 31)[None, :]) & 1
+        visible = ((tree_col < 0)[None, :] | (bit != 0)) & (keys < key_end)[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # rows that have seen no visible key yet keep m = -inf: shift by 0 so exp2 gives 0, not NaN
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(s - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_FP32:
+        pv = p
+        v = v.to(tl.float32)
+    else:
+        pv = p.to(v.dtype)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(pv, v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _tree_attention_split_kernel(
+    q_ptr, k_ptr, v_ptr, bits_ptr, kv_len_ptr, pos_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_bits_b, stride_bits_t,
+    stride_pos_b,
+    stride_ob, stride_oh, stride_ot,
+    num_kv_heads, num_queries, num_keys_static, split_keys, num_splits, qk_scale, window,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KV_LEN: tl.constexpr, HAS_WINDOW: tl.constexpr, DIRECT: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = pid_bh // num_kv_heads
+    kv_head = pid_bh % num_kv_heads
+    if HAS_KV_LEN:
+        num_keys = tl.load(kv_len_ptr + b).to(tl.int32)
+    else:
+        num_keys = num_keys_static
+    lo = pid_split * split_keys
+    if lo >= num_keys:  # static grid over S_max: splits past this sequence's length do nothing
+        return
+    hi = tl.minimum(lo + split_keys, num_keys)
+    prefix_len = num_keys - num_queries
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * num_queries
+    head = kv_head * GROUP + rows // num_queries
+    token = rows % num_queries
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = q_ptr + b * stride_qb + head[:, None] * stride_qh + token[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    bits_row_ptrs = bits_ptr + b * stride_bits_b + token * stride_bits_t
+    if HAS_WINDOW:
+        pos = tl.load(pos_ptr + b * stride_pos_b + token, mask=row_ok, other=0).to(tl.int32)
+        # skip whole blocks that no row of this tile can see
+        first_visible = tl.min(tl.where(row_ok, pos, 2147483647), 0) - window + 1
+        lo_window = (tl.maximum(first_visible, 0) // BLOCK_N) * BLOCK_N
+        start = tl.maximum(lo, tl.minimum(lo_window, (prefix_len // BLOCK_N) * BLOCK_N))
+    else:
+        pos = token  # unused
+        start = lo
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    k_base = k_ptr + b * stride_kb + kv_head * stride_kh + offs_d[None, :]
+    v_base = v_ptr + b * stride_vb + kv_head * stride_vh + offs_d[None, :]
+
+    # full blocks of prefix keys: no bounds and no tree mask
+    full_end = tl.minimum(hi, prefix_len)
+    full_end = tl.where(full_end > start, start + ((full_end - start) // BLOCK_N) * BLOCK_N, start)
+    for start_n in range(start, full_end, BLOCK_N):
+        k_ptrs = k_base + (start_n + offs_n)[:, None] * stride_ks
+        v_ptrs = v_base + (start_n + offs_n)[:, None] * stride_vs
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, offs_n, qk_scale, hi, prefix_len, bits_row_ptrs, pos,
+            window, False, HAS_WINDOW, DOT_FP32, IEEE, BLOCK_N,
+        )
+    # the rest of the split: the ragged prefix end and the tree block
+    for start_n in range(full_end, hi, BLOCK_N):
+        k_ptrs = k_base + (start_n + offs_n)[:, None] * stride_ks
+        v_ptrs = v_base + (start_n + offs_n)[:, None] * stride_vs
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, offs_n, qk_scale, hi, prefix_len, bits_row_ptrs, pos,
+            window, True, HAS_WINDOW, DOT_FP32, IEEE, BLOCK_N,
+        )
+
+    if DIRECT:
+        out = acc / l_i[:, None]
+        o_ptrs = out_ptr + b * stride_ob + head[:, None] * stride_oh + token[:, None] * stride_ot + offs_d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        # partials: [B, Hq, splits, T, D] fp32 (normalised) and [B, Hq, splits, T] log2-sum-exp2
+        has_mass = l_i > 0
+        out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
+        lse = tl.where(has_mass, m_i + tl.log2(tl.where(has_mass, l_i, 1.0)), float("-inf"))
+        row_part = ((b * (num_kv_heads * GROUP) + head) * num_splits + pid_split) * num_queries + token
+        tl.store(part_out_ptr + row_part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+        tl.store(part_lse_ptr + row_part, lse, mask=row_ok)
+
+
+@triton.jit
+def _tree_attention_merge_kernel(
+    part_out_ptr, part_lse_ptr, kv_len_ptr, out_ptr,
+    stride_ob, stride_oh, stride_ot,
+    num_q_heads, num_queries, num_keys_static, split_keys, num_splits,
+    HEAD_DIM: tl.constexpr, SPLITS_POW2: tl.constexpr, HAS_KV_LEN: tl.constexpr,
+):
+    """One program per (batch, q head, tree token): merge the splits' partial outputs by their lse."""
+    pid = tl.program_id(0)
+    token = pid % num_queries
+    head = (pid // num_queries) % num_q_heads
+    b = pid // (num_queries * num_q_heads)
+    if HAS_KV_LEN:
+        num_keys = tl.load(kv_len_ptr + b).to(tl.int32)
+    else:
+        num_keys = num_keys_static
+    splits = tl.arange(0, SPLITS_POW2)
+    active = (splits < num_splits) & (splits * split_keys < num_keys)  # inactive splits wrote nothing
+    row_part = ((b * num_q_heads + head) * num_splits + splits) * num_queries + token
+    lse = tl.load(part_lse_ptr + row_part, mask=active, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    weight = tl.where(active, tl.exp2(lse - lse_max), 0.0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    parts = tl.load(part_out_ptr + row_part[:, None] * HEAD_DIM + offs_d[None, :], mask=active[:, None], other=0.0)
+    out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
+    o_ptrs = out_ptr + b * stride_ob + head * stride_oh + token * stride_ot + offs_d
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty))
+
+
+def _tree_attention_triton(q, k, v, mask_bits, scale, kv_len, window, query_positions, out=None, **config):
+    batch, num_q_heads, num_queries, head_dim = q.shape
+    num_kv_heads, num_slots = k.shape[1], k.shape[2]
+    group = num_q_heads // num_kv_heads
+    rows = group * num_queries
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    cfg = TreeAttentionConfig.for_shape(batch, num_kv_heads, rows, num_slots, head_dim, q.device, **config)
+    has_kv_len = isinstance(kv_len, torch.Tensor)
+    num_keys_static = num_slots if kv_len is None else (kv_len if isinstance(kv_len, int) else num_slots)
+    kv_len_arg = kv_len if has_kv_len else mask_bits  # any pointer; unused when HAS_KV_LEN is off
+    has_window = window is not None
+    if has_window:
+        pos = query_positions if query_positions.dim() == 2 else query_positions.unsqueeze(0)
+        stride_pos_b = pos.stride(0) if pos.shape[0] > 1 else 0
+        pos = pos if pos.stride(-1) == 1 else pos.contiguous()
+    else:
+        pos, stride_pos_b = mask_bits, 0
+    stride_bits_b = mask_bits.stride(0) if mask_bits.shape[0] > 1 else 0
+    dot_fp32 = dot_needs_fp32(q.device)
+    ieee = q.dtype == torch.float32 and not dot_fp32
+    direct = cfg.num_splits == 1
+    if direct:
+        part_out = part_lse = out  # unused
+    else:
+        part_out = torch.empty(batch, num_q_heads, cfg.num_splits, num_queries, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, num_q_heads, cfg.num_splits, num_queries, dtype=torch.float32, device=q.device)
+    grid = (batch * num_kv_heads, cfg.num_splits, triton.cdiv(rows, cfg.block_m))
+    _tree_attention_split_kernel[grid](
+        q, k, v, mask_bits, kv_len_arg, pos, out, part_out, part_lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        stride_bits_b, mask_bits.stride(1),
+        stride_pos_b,
+        out.stride(0), out.stride(1), out.stride(2),
+        num_kv_heads, num_queries, num_keys_static, cfg.split_keys, cfg.num_splits,
+        scale * _LOG2E, window if has_window else 0,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_KV_LEN=has_kv_len, HAS_WINDOW=has_window, DIRECT=direct, DOT_FP32=dot_fp32, IEEE=ieee,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if not direct:
+        _tree_attention_merge_kernel[(batch * num_q_heads * num_queries,)](
+            part_out, part_lse, kv_len_arg, out,
+            out.stride(0), out.stride(1), out.stride(2),
+            num_q_heads, num_queries, num_keys_static, cfg.split_keys, cfg.num_splits,
+            HEAD_DIM=head_dim, SPLITS_POW2=triton.next_power_of_2(cfg.num_splits), HAS_KV_LEN=has_kv_len,
+            num_warps=4 if head_dim >= 128 else 2,
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# public entry point
+# ----------------------------------------------------------------------------------------------
+def _validate(q, k, v, tree_mask, mask_bits, kv_len, window, query_positions, check):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor, got {getattr(t, 'shape', type(t))}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    batch, num_q_heads, num_queries, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k/v {tuple(k.shape)} must be [B={batch}, Hkv, S, D={head_dim}] to match q {tuple(q.shape)}")
+    num_kv_heads, num_slots = k.shape[1], k.shape[2]
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads:
+        raise ValueError(f"Hq={num_q_heads} must be a multiple of Hkv={num_kv_heads}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim D={head_dim} not supported (one of {SUPPORTED_HEAD_DIMS})")
+    if not 1 <= num_queries <= MAX_TREE_TOKENS:
+        raise ValueError(f"T={num_queries} tree tokens: must be 1 to {MAX_TREE_TOKENS}")
+    if num_slots < num_queries:
+        raise ValueError(f"k/v hold S={num_slots} slots, fewer than the T={num_queries} tree tokens")
+    if tree_mask.dtype != torch.bool:
+        raise ValueError(f"tree_mask must be bool, got {tree_mask.dtype}")
+    if tree_mask.device != q.device:
+        raise ValueError(f"tree_mask is on {tree_mask.device}, q on {q.device}")
+    if tree_mask.shape[-2:] != (num_queries, num_queries) or tree_mask.dim() not in (2, 3) or (
+        tree_mask.dim() == 3 and tree_mask.shape[0] not in (1, batch)
+    ):
+        raise ValueError(f"tree_mask must be [T, T] or [B, T, T] with T={num_queries}, B={batch}; got {tuple(tree_mask.shape)}")
+    if kv_len is not None:
+        if isinstance(kv_len, torch.Tensor):
+            if kv_len.shape != (batch,) or kv_len.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"kv_len must be an int32/int64 tensor [B={batch}], got {kv_len.dtype} {tuple(kv_len.shape)}")
+            if kv_len.device != q.device:
+                raise ValueError(f"kv_len is on {kv_len.device}, q on {q.device}")
+        elif isinstance(kv_len, int):
+            if not num_queries <= kv_len <= num_slots:
+                raise ValueError(f"kv_len={kv_len} must be in [T={num_queries}, S={num_slots}]")
+        else:
+            raise ValueError(f"kv_len must be None, an int or a [B] tensor, got {type(kv_len)}")
+    if window is not None:
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int, got {window!r}")
+        if query_positions is None:
+            raise ValueError("query_positions ([T] or [B, T] prefix_len + depth) is required with window")
+    if query_positions is not None:
+        if query_positions.shape not in ((num_queries,), (batch, num_queries)):
+            raise ValueError(f"query_positions must be [T={num_queries}] or [B={batch}, T], got {tuple(query_positions.shape)}")
+        if query_positions.device != q.device or query_positions.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"query_positions must be an int tensor on {q.device}")
+    if check:  # these read values back from the device (host sync): off for CUDA-graph capture
+        diag_ok = bool(tree_mask.diagonal(dim1=-2, dim2=-1).all())
+        upper = torch.triu(torch.ones(num_queries, num_queries, dtype=torch.bool, device=tree_mask.device), 1)
+        if not diag_ok or bool((tree_mask & upper).any()):
+            raise ValueError(
+                "tree_mask must be lower-triangular with a True diagonal (each node sees itself and its "
+                "ancestors, which precede it)"
+            )
+        if isinstance(kv_len, torch.Tensor) and bool(((kv_len < num_queries) | (kv_len > num_slots)).any()):
+            raise ValueError(f"kv_len values must be in [T={num_queries}, S={num_slots}], got {kv_len.tolist()}")
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tree_mask,
+    impl: str = "auto",
+    scale: Optional[float] = None,
+    kv_len: Union[None, int, torch.Tensor] = None,
+    window: Optional[int] = None,
+    query_positions: Optional[torch.Tensor] = None,
+    check: bool = True,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Attention of T draft-tree queries over L prefix keys (all visible) and the T tree keys (tree mask).
+
+    q: [B, Hq, T, D]; k, v: [B, Hkv, S, D] with Hq % Hkv == 0, D in {16, ..., 256}, fp16/bf16/fp32.
+    tree_mask: [T, T] or [B, T, T] bool (True: j is i or an ancestor of i), or a DraftTree (its packed
+        bits are reused). T from 1 to 128.
+    kv_len: None -> S == L + T. Else an int or int32/int64 [B] tensor: only the first kv_len[b] slots
+        are valid and the tree tokens are slots [kv_len[b] - T, kv_len[b]) (static cache buffers; the
+        launch depends on S only, so it can be captured in a CUDA graph).
+    window: sliding window (Gemma 3 local layers): prefix slot j is visible to query i only if
+        j > query_positions[i] - window. Tree keys follow the tree mask only.
+    query_positions: [T] or [B, T] int (prefix_len + depth); required with window.
+    check: False skips the validations that read device values back (mask values, kv_len range).
+    out: optional [B, Hq, T, D] tensor to write into (any strides with a unit last stride).
+    Returns out [B, Hq, T, D] in q's dtype.
+    """
+    mask_bits = None
+    if not isinstance(tree_mask, torch.Tensor):
+        if not hasattr(tree_mask, "mask_bits"):
+            raise ValueError(f"tree_mask must be a bool tensor or a DraftTree, got {type(tree_mask)}")
+        mask_bits = tree_mask.mask_bits.unsqueeze(0)
+        tree_mask = tree_mask.mask
+    _validate(q, k, v, tree_mask, mask_bits, kv_len, window, query_positions, check)
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1):
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a unit last stride")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if resolve_impl(impl, q.device) == "reference":
+        result = tree_attention_reference(q, k, v, tree_mask, scale, kv_len, window, query_positions)
+        if out is not None:
+            out.copy_(result)
+            return out
+        return result
+    if mask_bits is None:
+        mask_bits = pack_tree_mask(tree_mask)
+    return _tree_attention_triton(q, k, v, mask_bits, scale, kv_len, window, query_positions, out=out)
