@@ -132,6 +132,7 @@ class TreeAttentionConfig:
 
 
 _SM_COUNT = {}
+_LAST_KERNEL = None
 
 
 def _num_sms(device: torch.device) -> int:
@@ -355,7 +356,8 @@ def _tree_attention_triton(q, k, v, mask_bits, scale, kv_len, window, query_posi
         part_out = torch.empty(batch, num_q_heads, cfg.num_splits, num_queries, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, num_q_heads, cfg.num_splits, num_queries, dtype=torch.float32, device=q.device)
     grid = (batch * num_kv_heads, cfg.num_splits, triton.cdiv(rows, cfg.block_m))
-    _tree_attention_split_kernel[grid](
+    global _LAST_KERNEL  # the benchmark reads its register/spill counts
+    _LAST_KERNEL = _tree_attention_split_kernel[grid](
         q, k, v, mask_bits, kv_len_arg, pos, out, part_out, part_lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
