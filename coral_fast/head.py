@@ -1,0 +1,195 @@
+"""The grouped LM head (`GroupedLMHead`) and its drop-in form with a router (`RoutedLMHead`).
+
+    head = GroupedLMHead(weight, grouping)             # weight [V, H]: the target's LM head
+    ids, logprobs = head.topk(hidden, groups, k)       # hidden [M, H], groups [M, A] distinct ids
+
+    lm = RoutedLMHead(weight, grouping, active_groups) # for an EAGLE-style draft's lm_head
+    ids, logprobs = lm.topk(hidden, k)                 # the router picks the groups
+
+`ids` are original token ids [M, k] int64, `logprobs` [M, k] fp32 are normalised over the union of
+the row's active groups, sorted descending. `check=False` skips every host synchronisation (for
+CUDA-graph capture); `check=True` (default) raises ValueError on bad input.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from coral_fast.grouping import VocabGrouping
+from coral_fast.kernels._dispatch import resolve_impl
+from coral_fast.kernels.grouped_head_topk import MAX_K, grouped_head_topk
+from coral_fast.router import GroupRouter
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _relay(weight: Tensor, grouping: VocabGrouping) -> Tensor:
+    """weight [V, H] in the grouping's layout; the identity layout returns `weight` itself (no copy)."""
+    if grouping.is_identity:
+        return weight
+    return weight.index_select(0, grouping.order.to(weight.device)).contiguous()
+
+
+def _check_weight(weight: Tensor, grouping: VocabGrouping) -> None:
+    if not isinstance(grouping, VocabGrouping):
+        raise ValueError(f"grouping must be a VocabGrouping, got {type(grouping).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    if weight.shape[0] != grouping.vocab_size:
+        raise ValueError(f"weight has {weight.shape[0]} rows, the grouping covers V={grouping.vocab_size}")
+    if weight.dtype not in _FLOATS:
+        raise ValueError(f"weight dtype must be one of {_FLOATS}, got {weight.dtype}")
+
+
+def grouped_topk(
+    hidden: Tensor, groups: Tensor, k: int, *, relaid_weight: Tensor, offsets: Tensor, order: Tensor,
+    group_sizes: Tensor, max_group_size: int, impl: str = "auto", check: bool = True, out=None,
+) -> tuple[Tensor, Tensor]:
+    """Validate, then run the grouped head (shared by GroupedLMHead and RoutedLMHead).
+
+    Shape, dtype and device checks read only metadata and always run; value checks (ids in range,
+    distinct per row, k within the active vocabulary) read device data and run only with check=True.
+    """
+    H = relaid_weight.shape[1]
+    G = offsets.numel() - 1
+    if not isinstance(hidden, Tensor) or hidden.dim() != 2:
+        raise ValueError(f"hidden must be a [M, H] tensor, got {getattr(hidden, 'shape', type(hidden))}")
+    if hidden.shape[1] != H:
+        raise ValueError(f"hidden size mismatch: hidden is [M, {hidden.shape[1]}], the head's weight is [V, {H}]")
+    if hidden.dtype not in _FLOATS:
+        raise ValueError(f"hidden dtype must be one of {_FLOATS}, got {hidden.dtype}")
+    if not isinstance(groups, Tensor) or groups.dim() != 2 or groups.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"groups must be [M, A] with M={hidden.shape[0]}, got {tuple(getattr(groups, 'shape', ()))}"
+        )
+    if groups.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"groups must be int32 or int64, got {groups.dtype}")
+    if hidden.device != relaid_weight.device or groups.device != relaid_weight.device:
+        raise ValueError(
+            f"device mismatch: weight on {relaid_weight.device}, hidden on {hidden.device}, groups on {groups.device}"
+        )
+    M, A = groups.shape
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if A < 1 or A > G:
+        raise ValueError(f"each row needs between 1 and G={G} active groups, got A={A}")
+    if M == 0:
+        raise ValueError("hidden has no rows")
+    if resolve_impl(impl, hidden.device) == "triton" and k > MAX_K:
+        raise ValueError(f"k={k} is above the Triton path's limit of {MAX_K}; use impl='reference'")
+    if check:
+        lo, hi = int(groups.min()), int(groups.max())
+        if lo < 0 or hi >= G:
+            raise ValueError(f"group ids must lie in [0, {G}), found [{lo}, {hi}]")
+        if A > 1:
+            sorted_groups = groups.sort(dim=1).values
+            dup = (sorted_groups[:, 1:] == sorted_groups[:, :-1]).any(dim=1)
+            if bool(dup.any()):
+                row = int(torch.nonzero(dup)[0, 0])
+                raise ValueError(f"duplicate group ids in row {row}: {groups[row].tolist()}")
+        smallest = int(group_sizes[groups.long()].sum(dim=1).min())
+        if k > smallest:
+            raise ValueError(f"k={k} is larger than the active vocabulary of some row ({smallest} tokens)")
+    if hidden.dtype != relaid_weight.dtype:
+        hidden = hidden.to(relaid_weight.dtype)
+    return grouped_head_topk(
+        hidden.contiguous(), relaid_weight, offsets, order, groups.contiguous(), k,
+        max_group_size, impl=impl, out=out,
+    )
+
+
+class GroupedLMHead(nn.Module):
+    """The target's LM head, laid out by vocabulary group, with a fused grouped top-k.
+
+    weight: [V, H] bf16/fp16/fp32 (an LM head or a tied embedding). With a contiguous grouping the
+    tensor is used as is (no copy); otherwise a re-laid copy is kept. Frozen, never saved.
+    """
+
+    def __init__(self, weight: Tensor, grouping: VocabGrouping):
+        super().__init__()
+        _check_weight(weight, grouping)
+        self.grouping = grouping
+        self.max_group_size = grouping.max_group_size
+        self.register_buffer("weight", _relay(weight.detach(), grouping), persistent=False)
+        device = weight.device
+        self.register_buffer("offsets", grouping.offsets.to(device), persistent=False)
+        self.register_buffer("order", grouping.order.to(device), persistent=False)
+        self.register_buffer("group_sizes", grouping.group_sizes.to(device), persistent=False)
+
+    @torch.no_grad()
+    def topk(self, hidden: Tensor, groups: Tensor, k: int, impl: str = "auto", check: bool = True, out=None):
+        """hidden: [M, H]; groups: [M, A] int (distinct per row) -> ids [M, k] int64, logprobs [M, k] fp32."""
+        return grouped_topk(
+            hidden, groups, k, relaid_weight=self.weight, offsets=self.offsets, order=self.order,
+            group_sizes=self.group_sizes, max_group_size=self.max_group_size, impl=impl, check=check, out=out,
+        )
+
+
+class RoutedLMHead(nn.Module):
+    """Router + grouped head: a drop-in for an EAGLE-style draft's `lm_head`.
+
+    weight: [V, H] the target's head (frozen, a non-persistent buffer: a draft's state_dict holds the
+    router and the grouping's `group_of` only). `forward(hidden)` returns full logits [..., V] like
+    the `nn.Linear` it replaces; the fast path is `topk(hidden, k)`.
+    """
+
+    def __init__(self, weight: Tensor, grouping: VocabGrouping, active_groups: int, router: GroupRouter | None = None):
+        super().__init__()
+        _check_weight(weight, grouping)
+        if not 1 <= active_groups <= grouping.num_groups:
+            raise ValueError(f"need 1 <= active_groups <= {grouping.num_groups}, got {active_groups}")
+        self.active_groups = int(active_groups)
+        self.register_buffer("weight", weight.detach(), persistent=False)
+        self.register_buffer("group_of", grouping.group_of.clone(), persistent=True)
+        self.router = router if router is not None else GroupRouter(
+            weight.shape[1], grouping.num_groups, device=weight.device
+        )
+        if self.router.num_groups != grouping.num_groups or self.router.hidden_size != weight.shape[1]:
+            raise ValueError("router's (hidden_size, num_groups) must match the weight and the grouping")
+        self._set_grouping(grouping)
+        self.register_load_state_dict_post_hook(RoutedLMHead._regroup_after_load)
+
+    def _set_grouping(self, grouping: VocabGrouping) -> None:
+        self.grouping = grouping
+        self.max_group_size = grouping.max_group_size
+        device = self.weight.device
+        relaid = None if grouping.is_identity else _relay(self.weight, grouping)
+        self.register_buffer("relaid_weight", relaid, persistent=False)
+        self.register_buffer("offsets", grouping.offsets.to(device), persistent=False)
+        self.register_buffer("order", grouping.order.to(device), persistent=False)
+        self.register_buffer("group_sizes", grouping.group_sizes.to(device), persistent=False)
+
+    @staticmethod
+    def _regroup_after_load(module: "RoutedLMHead", incompatible_keys) -> None:
+        if not torch.equal(module.group_of.cpu(), module.grouping.group_of):
+            module._set_grouping(VocabGrouping(module.group_of.cpu(), module.grouping.num_groups))
+
+    # --- the draft's API ---------------------------------------------------------------------------
+    def router_logits(self, hidden: Tensor) -> Tensor:
+        """hidden: [..., H] -> group scores [..., G] (train with cross-entropy toward the next token's group)."""
+        return self.router(hidden)
+
+    def select_groups(self, hidden: Tensor) -> Tensor:
+        """hidden: [M, H] -> the router's top-`active_groups` group ids [M, a] int64."""
+        return self.router.select(hidden, self.active_groups)
+
+    def dense_logits(self, hidden: Tensor) -> Tensor:
+        """hidden: [..., H] -> full-vocabulary logits [..., V] in the weight's dtype (training, reference)."""
+        return hidden.to(self.weight.dtype) @ self.weight.T
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.dense_logits(hidden)
+
+    @torch.no_grad()
+    def topk(self, hidden: Tensor, k: int, impl: str = "auto", check: bool = True, groups: Tensor | None = None):
+        """hidden: [M, H] -> (ids [M, k] int64 original ids, logprobs [M, k] fp32 over the active vocabulary).
+
+        groups: [M, a] to override the router's choice (e.g. siblings sharing their parent's groups).
+        """
+        if groups is None:
+            groups = self.select_groups(hidden)
+        relaid = self.weight if self.relaid_weight is None else self.relaid_weight
+        return grouped_topk(
+            hidden, groups, k, relaid_weight=relaid, offsets=self.offsets, order=self.order,
+            group_sizes=self.group_sizes, max_group_size=self.max_group_size, impl=impl, check=check,
+        )

@@ -1,0 +1,248 @@
+"""Grouped LM head: the Triton kernel (interpreter on the CPU, bf16 on the GPU) against the reference."""
+import pytest
+import torch
+
+from coral_fast import GroupedLMHead, GroupRouter, RoutedLMHead, VocabGrouping
+from coral_fast.kernels._dispatch import interpreter_enabled
+from coral_fast.kernels.grouped_head_topk import grouped_head_topk_reference
+
+HAS_CUDA = torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(
+    not HAS_CUDA and not interpreter_enabled(), reason="Triton on the CPU needs TRITON_INTERPRET=1"
+)
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def _random_groups(M, A, G, device, shared_pool=None):
+    """[M, A] distinct group ids per row; with shared_pool, rows draw from the same few groups."""
+    pool = torch.randperm(G)[:shared_pool] if shared_pool else torch.arange(G)
+    rows = [pool[torch.randperm(pool.numel())[:A]] for _ in range(M)]
+    return torch.stack(rows).to(device)
+
+
+def _full_logprobs(hidden, weight, grouping, groups):
+    """Independent oracle: per row, log-softmax over its active tokens, in original id space, fp64."""
+    M = hidden.shape[0]
+    out = torch.full((M, grouping.vocab_size), float("-inf"), dtype=torch.float64)
+    logits = hidden.double().cpu() @ weight.double().cpu().T  # original id order
+    for m in range(M):
+        active = torch.isin(grouping.group_of, groups[m].cpu().long())
+        out[m, active] = torch.log_softmax(logits[m, active], dim=0)
+    return out
+
+
+def _assert_topk_matches(ids, logprobs, hidden, weight, grouping, groups, k, atol):
+    """Tie-proof check: values equal the oracle's top-k; every returned id is active, distinct, and
+    carries its own log-prob; ids agree with the oracle wherever values are separated."""
+    M = hidden.shape[0]
+    assert ids.shape == (M, k) and ids.dtype == torch.int64
+    assert logprobs.shape == (M, k) and logprobs.dtype == torch.float32
+    ids, logprobs = ids.cpu(), logprobs.cpu().double()
+    assert bool(torch.isfinite(logprobs).all()), "unwritten or NaN outputs"
+    full = _full_logprobs(hidden, weight, grouping, groups)
+    want_vals, want_ids = full.topk(k, dim=1)
+    torch.testing.assert_close(logprobs, want_vals, atol=atol, rtol=0)
+    assert bool((logprobs[:, 1:] <= logprobs[:, :-1] + 1e-6).all()), "not sorted descending"
+    assert bool((ids >= 0).all() and (ids < grouping.vocab_size).all())
+    torch.testing.assert_close(full.gather(1, ids), logprobs, atol=atol, rtol=0)
+    for m in range(M):
+        assert ids[m].unique().numel() == k, f"row {m}: repeated ids"
+    gaps = want_vals[:, :-1] - want_vals[:, 1:]
+    separated = torch.ones_like(want_vals, dtype=torch.bool)
+    separated[:, :-1] &= gaps > 4 * atol
+    separated[:, 1:] &= gaps > 4 * atol
+    assert torch.equal(ids[separated], want_ids[separated])
+
+
+# (V, H, G, M, A, k, grouping): odd V (not a multiple of G or of the vocab tile), M=1 and 64, A=1 and G
+CASES = [
+    (1001, 80, 7, 1, 1, 1, "contiguous"),
+    (1001, 80, 7, 1, 7, 64, "contiguous"),
+    (777, 48, 5, 64, 1, 64, "counts"),
+    (777, 48, 5, 64, 5, 1, "contiguous"),
+    (2999, 72, 11, 13, 3, 10, "counts"),
+    (613, 40, 3, 17, 2, 33, "contiguous"),
+]
+
+
+def _grouping(kind, V, G):
+    if kind == "contiguous":
+        return VocabGrouping.contiguous(V, G)
+    return VocabGrouping.from_token_counts(torch.rand(V) * 1000, G)
+
+
+@needs_triton
+@pytest.mark.parametrize("V,H,G,M,A,k,kind", CASES)
+def test_triton_matches_reference_cpu(V, H, G, M, A, k, kind, seed):
+    dtype = torch.float16 if (V + M) % 2 else torch.float32  # interpreter: fp16/fp32 operands only
+    grouping = _grouping(kind, V, G)
+    weight = (torch.randn(V, H) / H**0.5).to(dtype)
+    hidden = torch.randn(M, H).to(dtype)
+    groups = _random_groups(M, A, G, "cpu")
+    head = GroupedLMHead(weight, grouping)
+    ids = torch.full((M, k), -7, dtype=torch.int64)
+    logprobs = torch.full((M, k), float("nan"))
+    head.topk(hidden, groups, k, impl="triton", out=(ids, logprobs))
+    _assert_topk_matches(ids, logprobs, hidden, weight, grouping, groups, k, atol=2e-4)
+    ref_ids, ref_lp = head.topk(hidden, groups, k, impl="reference")
+    torch.testing.assert_close(logprobs, ref_lp, atol=2e-4, rtol=0)
+
+
+def test_reference_matches_oracle(seed):
+    V, H, G, M, A, k = 1203, 32, 10, 9, 4, 20
+    grouping = VocabGrouping.from_token_counts(torch.rand(V), G)
+    weight, hidden = torch.randn(V, H), torch.randn(M, H)
+    groups = _random_groups(M, A, G, "cpu", shared_pool=6)
+    ids, logprobs = GroupedLMHead(weight, grouping).topk(hidden, groups, k, impl="reference")
+    _assert_topk_matches(ids, logprobs, hidden, weight, grouping, groups, k, atol=1e-4)
+
+
+def test_contiguous_grouping_does_not_copy_weight():
+    weight = torch.randn(100, 8)
+    assert GroupedLMHead(weight, VocabGrouping.contiguous(100, 7)).weight.data_ptr() == weight.data_ptr()
+    lm = RoutedLMHead(weight, VocabGrouping.contiguous(100, 7), 2)
+    assert lm.weight.data_ptr() == weight.data_ptr() and lm.relaid_weight is None
+
+
+@needs_triton
+def test_triton_check_false_same_result(seed):
+    V, H, G, M, A, k = 515, 32, 4, 3, 2, 5
+    grouping = VocabGrouping.contiguous(V, G)
+    weight, hidden = torch.randn(V, H), torch.randn(M, H)
+    groups = _random_groups(M, A, G, "cpu").int()
+    head = GroupedLMHead(weight, grouping)
+    a = head.topk(hidden, groups, k, impl="triton", check=True)
+    b = head.topk(hidden, groups, k, impl="triton", check=False)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("group_out_of_range", "lie in"),
+        ("negative_group", "lie in"),
+        ("duplicate_group", "duplicate"),
+        ("hidden_size", "hidden size"),
+        ("hidden_dtype", "dtype"),
+        ("groups_dtype", "int32 or int64"),
+        ("groups_rows", r"\[M, A\]"),
+        ("k_too_large", "active vocabulary"),
+        ("k_zero", "positive"),
+        ("k_above_triton_limit", "limit"),
+        ("device", "device"),
+        ("too_many_groups", "active groups"),
+    ],
+)
+def test_bad_inputs_raise(case, match):
+    V, H, G = 100, 8, 5  # groups of 20 tokens
+    head = GroupedLMHead(torch.randn(V, H), VocabGrouping.contiguous(V, G))
+    hidden, groups, k, impl = torch.randn(3, H), torch.tensor([[0, 1], [2, 3], [4, 0]]), 5, "reference"
+    if case == "group_out_of_range":
+        groups[1, 1] = G
+    elif case == "negative_group":
+        groups[0, 0] = -1
+    elif case == "duplicate_group":
+        groups[2] = torch.tensor([3, 3])
+    elif case == "hidden_size":
+        hidden = torch.randn(3, H + 1)
+    elif case == "hidden_dtype":
+        hidden = torch.ones(3, H, dtype=torch.int64)
+    elif case == "groups_dtype":
+        groups = groups.float()
+    elif case == "groups_rows":
+        groups = groups[:2]
+    elif case == "k_too_large":
+        groups, k = groups[:, :1], 21
+    elif case == "k_zero":
+        k = 0
+    elif case == "k_above_triton_limit":
+        k, impl = 65, "triton"
+        if not (HAS_CUDA or interpreter_enabled()):
+            pytest.skip("needs Triton")
+    elif case == "device":
+        hidden = torch.randn(3, H, device="meta")
+    elif case == "too_many_groups":
+        groups = torch.arange(G + 1).repeat(3, 1)
+    with pytest.raises(ValueError, match=match):
+        head.topk(hidden, groups, k, impl=impl)
+
+
+def test_bad_construction_raises():
+    g = VocabGrouping.contiguous(100, 5)
+    with pytest.raises(ValueError, match="rows"):
+        GroupedLMHead(torch.randn(99, 8), g)
+    with pytest.raises(ValueError, match="dtype"):
+        GroupedLMHead(torch.ones(100, 8, dtype=torch.int32), g)
+    with pytest.raises(ValueError, match="active_groups"):
+        RoutedLMHead(torch.randn(100, 8), g, 6)
+
+
+def test_router_select_shapes_and_order(seed):
+    router = GroupRouter(24, 9)
+    hidden = torch.randn(2, 5, 24)
+    scores = router(hidden)
+    assert scores.shape == (2, 5, 9)
+    sel = router.select(hidden, 3)
+    assert sel.shape == (2, 5, 3) and sel.dtype == torch.int64
+    torch.testing.assert_close(scores.gather(-1, sel), scores.topk(3, dim=-1).values)
+    with pytest.raises(ValueError):
+        router.select(hidden, 10)
+    with pytest.raises(ValueError, match="hidden size"):
+        router(torch.randn(3, 23))
+
+
+def test_routed_head_drop_in(seed):
+    V, H, G, a, M, k = 301, 16, 6, 2, 5, 7
+    weight = torch.randn(V, H)
+    grouping = VocabGrouping.from_token_counts(torch.rand(V), G)
+    lm = RoutedLMHead(weight, grouping, a)
+    hidden = torch.randn(M, H)
+    torch.testing.assert_close(lm(hidden), hidden @ weight.T)  # forward = dense logits, original ids
+    assert lm.router_logits(hidden).shape == (M, G)
+    groups = lm.select_groups(hidden)
+    assert groups.shape == (M, a)
+    ids, logprobs = lm.topk(hidden, k)
+    _assert_topk_matches(ids, logprobs, hidden, weight, grouping, groups, k, atol=1e-4)
+    # the target's weight is not saved; the router and the grouping are
+    state = lm.state_dict()
+    assert "weight" not in state and "relaid_weight" not in state and "group_of" in state
+    assert any(key.startswith("router.") for key in state)
+    # loading another grouping re-lays the weight
+    other = VocabGrouping.from_token_counts(torch.rand(V), G)
+    donor = RoutedLMHead(weight, other, a)
+    lm.load_state_dict(donor.state_dict())
+    torch.testing.assert_close(lm.topk(hidden, k)[1], donor.topk(hidden, k)[1])
+    assert torch.equal(lm.order, other.order)
+
+
+# --- GPU (bf16) ----------------------------------------------------------------------------------
+GPU_CASES = [
+    # (V, H, G, M, A, k, grouping, shared_pool)
+    (50021, 576, 32, 1, 1, 1, "contiguous", None),
+    (50021, 576, 32, 1, 32, 64, "contiguous", None),
+    (50021, 576, 32, 64, 1, 64, "counts", None),
+    (50021, 576, 32, 64, 32, 1, "contiguous", None),
+    (40961, 1000, 17, 64, 4, 10, "counts", 6),
+    (33333, 4096, 32, 16, 4, 10, "contiguous", None),
+    (262144, 640, 32, 5, 4, 64, "contiguous", 5),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("V,H,G,M,A,k,kind,pool", GPU_CASES)
+def test_triton_bf16_gpu(V, H, G, M, A, k, kind, pool, seed):
+    grouping = _grouping(kind, V, G)
+    weight = (torch.randn(V, H, device="cuda") / H**0.5).bfloat16()
+    hidden = torch.randn(M, H, device="cuda").bfloat16()
+    groups = _random_groups(M, A, G, "cuda", shared_pool=pool)
+    head = GroupedLMHead(weight, grouping)
+    ids = torch.full((M, k), -7, dtype=torch.int64, device="cuda")
+    logprobs = torch.full((M, k), float("nan"), device="cuda")
+    head.topk(hidden, groups, k, impl="triton", out=(ids, logprobs))
+    torch.cuda.synchronize()
+    # bf16 operands, fp32 accumulation: only the summation order differs from the fp64 oracle
+    _assert_topk_matches(ids, logprobs, hidden.float(), weight.float(), grouping, groups, k, atol=2e-3)
+    ref_ids, ref_lp = grouped_head_topk_reference(
+        hidden, head.weight, head.offsets, head.order, groups, k
+    )
+    torch.testing.assert_close(logprobs, ref_lp, atol=2e-3, rtol=0)
