@@ -1,0 +1,473 @@
+"""Multi-step (HASS-style) CORAL draft training.
+
+Unrolling. A sequence of N tokens gives L = N - 1 training positions t: inputs (f_t, x_{t+1}),
+targets f_{t+1} and the target's distribution p_{t+1} (stored top-K). Step 0 is the EAGLE pass over
+the target's features. At step s >= 1 the input feature at t is the draft's own step s-1 output at
+t-1 (detached by default, as HASS does), and the query at t attends to
+
+    step-0 keys at positions <= t - s    (the accepted context, built from target features)
+    step-j keys at position t - s + j    for j = 1..s (the draft's own earlier tokens of this chain)
+
+which is what the draft sees at depth s of a draft tree whose root is position t - s (the HASS mask).
+Losses of step s count only positions t >= s (a chain needs a real root). Each step adds
+
+    w_feature * SmoothL1(h, f_{t+1}) + w_token * KL(p_{t+1} || q) + w_router * router CE
+
+weighted by step_decay**s; CSRA adds w_csra * InfoNCE over the steps' features at the same positions.
+The target's embedding and LM head stay frozen; fc, the decoder layer and the router train.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from coral_fast.training import losses as L
+
+
+@dataclass
+class TrainConfig:
+    unroll_steps: int = 3           # n: 1 = single-step EAGLE training
+    detach_unroll: bool = True      # detach a step's features before feeding the next step
+    w_feature: float = 1.0
+    w_token: float = 0.5
+    w_csra: float = 0.1
+    w_router: float = 0.1
+    step_decay: float = 1.0         # weight of step s: step_decay ** s
+    token_loss: str = "kl"          # "kl" | "ce" | "hard"
+    router_target: str = "mass"     # "mass" | "argmax"
+    csra_temperature: float = 0.1
+    csra_max_positions: int = 512   # positions sampled per batch for the InfoNCE matrix
+    feature_noise: float = 0.0      # uniform noise on the step-0 input features (EAGLE uses 0.2 scaled)
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0
+    warmup: int = 50                # iterations
+    iters: int = 1000               # total optimizer steps (cosine decay to min_lr_ratio * lr)
+    min_lr_ratio: float = 0.05
+    batch_tokens: int = 8192        # padded tokens per batch
+    max_seq_len: int = 1024
+    eval_every: int = 200
+    eval_unroll: int = 6            # chain depth of the held-out acceptance estimate
+    eval_max_seqs: int = 64
+    checkpoint_every: int = 500
+    seed: int = 0
+    loss_on_prompt: bool = False    # train on the prompt positions too (default: answers only)
+    time_budget_s: float = 0.0      # stop early after this many seconds (0: no limit)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+# --- the HASS mask and the unrolled forward --------------------------------------------------------
+def hass_mask(length: int, step: int, device=None) -> Tensor:
+    """Boolean [L, (step+1) L] mask (True = attend) for queries of unrolled `step` over the keys of
+    steps 0..step concatenated along the sequence axis (see the module docstring)."""
+    q = torch.arange(length, device=device)[:, None]
+    k = torch.arange(length, device=device)[None, :]
+    blocks = [k <= q - step]
+    for j in range(1, step + 1):
+        blocks.append(k == q - step + j)
+    return torch.cat(blocks, dim=1)
+
+
+def _repeat_kv(x: Tensor, groups: int) -> Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def unrolled_forward(draft, features: Tensor, tokens: Tensor, positions: Tensor, steps: int, detach: bool = True, noise: float = 0.0) -> list[Tensor]:
+    """Run the draft for `steps` unrolled steps. features: [B, L, H] (f_t), tokens: [B, L] (x_{t+1}),
+    positions: [B, L]. Returns [h_0, ..., h_{steps-1}], each [B, L, H]."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    length = features.shape[1]
+    keys: list[Tensor] = []
+    values: list[Tensor] = []
+    outputs: list[Tensor] = []
+    step_features = features
+    if noise > 0:
+        step_features = features + (torch.rand_like(features, dtype=torch.float32) * 2 - 1).to(features.dtype) * noise
+    for step in range(steps):
+        mask = hass_mask(length, step, features.device)
+
+        def attn_fn(q, k, v, mask=mask, step=step):
+            keys.append(k)
+            values.append(v)
+            if step == 0:
+                groups = q.shape[1] // k.shape[1]
+                return F.scaled_dot_product_attention(q, _repeat_kv(k, groups), _repeat_kv(v, groups), is_causal=True)
+            all_k = torch.cat(keys, dim=2)
+            all_v = torch.cat(values, dim=2)
+            groups = q.shape[1] // all_k.shape[1]
+            return F.scaled_dot_product_attention(q, _repeat_kv(all_k, groups), _repeat_kv(all_v, groups), attn_mask=mask)
+
+        hidden = draft(step_features, tokens, positions, attn_fn=attn_fn)
+        outputs.append(hidden)
+        previous = hidden.detach() if detach else hidden
+        step_features = torch.cat([features[:, :1].to(previous.dtype), previous[:, :-1]], dim=1)
+    return outputs
+
+
+# --- batches ---------------------------------------------------------------------------------------
+class SequenceData:
+    """Sequences from `load_shards` (flat tensors + offsets), split into train and held-out eval."""
+
+    def __init__(self, shards: dict[str, Tensor], device="cpu", max_seq_len: int = 1024, loss_on_prompt: bool = False):
+        self.device = torch.device(device)
+        offsets = shards["offsets"].tolist()
+        self.input_ids = shards["input_ids"].long().to(device)
+        self.hidden = shards["hidden"].to(device)
+        self.topk_ids = shards["topk_ids"].long().to(device)
+        self.topk_logprobs = shards["topk_logprobs"].float().to(device)
+        mask = shards["loss_mask"].bool()
+        if loss_on_prompt:
+            mask = torch.ones_like(mask)
+            for end in offsets[1:]:
+                mask[end - 1] = False  # the last position has no next token
+        self.loss_mask = mask.to(device)
+        self.hidden_size = self.hidden.shape[-1]
+        spans = [(s, min(e, s + max_seq_len)) for s, e in zip(offsets[:-1], offsets[1:])]
+        is_eval = shards["is_eval"].bool().tolist()
+        self.train = [sp for sp, ev in zip(spans, is_eval) if not ev and sp[1] - sp[0] >= 3]
+        self.eval = [sp for sp, ev in zip(spans, is_eval) if ev and sp[1] - sp[0] >= 3]
+
+    def token_counts(self, vocab_size: int) -> Tensor:
+        """Counts of the answer tokens of the train split (for frequency-balanced grouping)."""
+        counts = torch.zeros(vocab_size, dtype=torch.float64)
+        for s, e in self.train:
+            ids = self.input_ids[s:e][self.loss_mask[s:e].roll(1)[: e - s]]
+            counts += torch.bincount(ids.cpu(), minlength=vocab_size).double()
+        return counts
+
+    def batches(self, spans: list[tuple[int, int]], batch_tokens: int, shuffle: bool, rng: random.Random):
+        """Length-bucketed batches of at most `batch_tokens` padded tokens."""
+        order = sorted(spans, key=lambda sp: sp[1] - sp[0])
+        groups, current, width = [], [], 0
+        for sp in order:
+            n = sp[1] - sp[0]
+            if current and max(width, n) * (len(current) + 1) > batch_tokens:
+                groups.append(current)
+                current, width = [], 0
+            current.append(sp)
+            width = max(width, n)
+        if current:
+            groups.append(current)
+        if shuffle:
+            rng.shuffle(groups)
+        for group in groups:
+            yield self.collate(group)
+
+    def collate(self, spans: list[tuple[int, int]]) -> dict[str, Tensor]:
+        """Right-padded batch of L = N - 1 positions per sequence (see the module docstring)."""
+        length = max(e - s for s, e in spans) - 1
+        B, H, K = len(spans), self.hidden_size, self.topk_ids.shape[-1]
+        dev = self.device
+        batch = {
+            "features": torch.zeros(B, length, H, dtype=self.hidden.dtype, device=dev),
+            "tokens": torch.zeros(B, length, dtype=torch.long, device=dev),
+            "target_features": torch.zeros(B, length, H, dtype=self.hidden.dtype, device=dev),
+            "topk_ids": torch.zeros(B, length, K, dtype=torch.long, device=dev),
+            "topk_logprobs": torch.zeros(B, length, K, dtype=torch.float32, device=dev),
+            "mask": torch.zeros(B, length, dtype=torch.bool, device=dev),
+        }
+        for row, (s, e) in enumerate(spans):
+            n = e - s - 1
+            batch["features"][row, :n] = self.hidden[s:e - 1]
+            batch["tokens"][row, :n] = self.input_ids[s + 1:e]
+            batch["target_features"][row, :n] = self.hidden[s + 1:e]
+            batch["topk_ids"][row, :n] = self.topk_ids[s + 1:e]
+            batch["topk_logprobs"][row, :n] = self.topk_logprobs[s + 1:e]
+            batch["mask"][row, :n] = self.loss_mask[s + 1:e]
+        batch["positions"] = torch.arange(length, device=dev).expand(B, length)
+        return batch
+
+
+# --- groups of the vocabulary ----------------------------------------------------------------------
+def token_groups_of(draft) -> Tensor:
+    """[V] int64: the group of every vocabulary id under the draft head's grouping."""
+    grouping = getattr(draft, "grouping", None) or getattr(draft.head, "grouping", None)
+    V, G = draft.config.vocab_size, draft.config.num_groups
+    if grouping is not None:
+        for name in ("token_to_group", "group_of_token", "group_ids", "token_groups"):
+            value = getattr(grouping, name, None)
+            if isinstance(value, Tensor) and value.shape == (V,):
+                return value.long()
+        perm = getattr(grouping, "permutation", None)
+        sizes = getattr(grouping, "group_size", None)
+        if isinstance(perm, Tensor) and isinstance(sizes, int):
+            groups = torch.empty(V, dtype=torch.long, device=perm.device)
+            groups[perm.long()] = torch.arange(perm.numel(), device=perm.device) // sizes
+            return groups
+    # contiguous groups of ceil(V / G) ids (the dense stand-in's router)
+    size = -(-V // G)
+    return torch.arange(V) // size
+
+
+# --- losses of one batch ---------------------------------------------------------------------------
+def compute_losses(draft, batch: dict[str, Tensor], cfg: TrainConfig, token_groups: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+    outputs = unrolled_forward(draft, batch["features"], batch["tokens"], batch["positions"], cfg.unroll_steps, cfg.detach_unroll, cfg.feature_noise)
+    mask = batch["mask"]
+    length = mask.shape[1]
+    total = outputs[0].new_zeros((), dtype=torch.float32)
+    logs: dict[str, float] = {}
+    sums = {"feature": 0.0, "token": 0.0, "router": 0.0}
+    weight_sum = 0.0
+    for step, hidden in enumerate(outputs):
+        valid = mask & (torch.arange(length, device=mask.device) >= step)[None]
+        h = hidden[valid]
+        ids, lps = batch["topk_ids"][valid], batch["topk_logprobs"][valid]
+        w = cfg.step_decay**step
+        weight_sum += w
+        f_loss = L.feature_loss(h, batch["target_features"][valid])
+        logits = draft.logits(h)
+        t_loss = L.token_loss(logits, ids, lps, cfg.token_loss)
+        r_logits = draft.router_logits(h)
+        r_loss = L.router_loss(r_logits, ids, lps, token_groups, cfg.router_target)
+        total = total + w * (cfg.w_feature * f_loss + cfg.w_token * t_loss + cfg.w_router * r_loss)
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == ids[:, 0]).float().mean() if h.shape[0] else h.new_zeros(())
+            hit = L.router_hit_rate(r_logits.float(), ids[:, 0], token_groups, draft.config.active_groups)
+        logs[f"acc{step}"] = float(acc)
+        logs[f"hit{step}"] = float(hit)
+        for name, value in (("feature", f_loss), ("token", t_loss), ("router", r_loss)):
+            sums[name] += float(value.detach()) / cfg.unroll_steps
+    total = total / weight_sum
+    if cfg.unroll_steps > 1 and cfg.w_csra > 0:
+        valid = mask & (torch.arange(length, device=mask.device) >= cfg.unroll_steps - 1)[None]
+        index = valid.flatten().nonzero().squeeze(1)
+        if index.numel() > cfg.csra_max_positions:
+            pick = torch.randperm(index.numel(), device=index.device, generator=generator)[: cfg.csra_max_positions]
+            index = index[pick]
+        stacked = torch.stack([o.reshape(-1, o.shape[-1])[index] for o in outputs])
+        c_loss = L.csra_loss(stacked, cfg.csra_temperature)
+        total = total + cfg.w_csra * c_loss
+        logs["csra"] = float(c_loss.detach())
+    logs.update(sums)
+    logs["loss"] = float(total.detach())
+    return total, logs
+
+
+# --- held-out acceptance estimate ------------------------------------------------------------------
+@torch.no_grad()
+def chain_acceptance(draft, data: SequenceData, spans, depth: int, batch_tokens: int, active_groups: list[int] | None = None, token_groups: Tensor | None = None, autocast: bool = False) -> dict:
+    """Teacher-forced estimate of the greedy accepted length of a chain of `depth` draft tokens.
+
+    From every answer position b, the draft unrolls on its own features (the HASS mask) with the
+    target's tokens as inputs; the chain accepts its d-th token while all of the draft's argmax tokens
+    so far equal the target's top-1. tau = 1 + mean accepted (the target's own token counts one, as
+    in the loop's mean accepted length). With `active_groups`, also the tau of the routed head that
+    only ranks ids in the router's top-a groups, for each a.
+    """
+    was_training = draft.training
+    draft.eval()
+    device = data.device
+    accepted, n_bases = None, 0
+    step_hits = torch.zeros(depth, dtype=torch.float64)
+    step_counts = torch.zeros(depth, dtype=torch.float64)
+    routed = {a: 0.0 for a in (active_groups or [])}
+    rng = random.Random(0)
+    for batch in data.batches(spans, batch_tokens, shuffle=False, rng=rng):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            outputs = unrolled_forward(draft, batch["features"], batch["tokens"], batch["positions"], depth, True)
+        mask = batch["mask"]
+        B, length = mask.shape
+        top1 = batch["topk_ids"][..., 0]
+        matches = {a: torch.zeros(depth, B, length, dtype=torch.bool, device=device) for a in [None] + list(routed)}
+        for d, hidden in enumerate(outputs):
+            logits = draft.logits(hidden).float()
+            matches[None][d] = (logits.argmax(-1) == top1) & mask
+            if routed:
+                r_top = draft.router_logits(hidden).float()
+                for a in routed:
+                    chosen = r_top.topk(a, dim=-1).indices  # [B, L, a]
+                    allowed = torch.zeros(B, length, draft.config.num_groups, dtype=torch.bool, device=device)
+                    allowed.scatter_(-1, chosen, True)
+                    in_active = allowed[..., token_groups]  # [B, L, V]
+                    restricted = logits.masked_fill(~in_active, float("-inf"))
+                    matches[a][d] = (restricted.argmax(-1) == top1) & mask
+            step_hits[d] += float(matches[None][d].sum())
+            step_counts[d] += float(mask.sum())
+        # bases b: answer positions; the chain's d-th token sits at position b + d
+        base = mask.clone()
+        for key, match in matches.items():
+            alive = base.clone()
+            count = torch.zeros(B, length, device=device)
+            for d in range(depth):
+                shifted = torch.zeros_like(alive)
+                shifted[:, : length - d] = match[d][:, d:]
+                alive = alive & shifted
+                count += alive.float()
+            if key is None:
+                accepted = (accepted or 0.0) + float(count[base].sum())
+                n_bases += int(base.sum())
+            else:
+                routed[key] += float(count[base].sum())
+    draft.train(was_training)
+    n = max(n_bases, 1)
+    result = {"tau": 1.0 + (accepted or 0.0) / n, "bases": n_bases, "step_acc": (step_hits / step_counts.clamp_min(1)).tolist()}
+    for a, value in routed.items():
+        result[f"tau_a{a}"] = 1.0 + value / n
+    return result
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+def save_checkpoint(path: str | Path, draft, optimizer, iteration: int, cfg: TrainConfig, extra: dict | None = None) -> None:
+    """`path/` gets the draft (config.json + model.safetensors) and trainer_state.{json,safetensors}
+    (step, train config, AdamW moments)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    draft.save_pretrained(path)
+    names = {id(p): n for n, p in draft.named_parameters()}
+    tensors, params_meta = {}, []
+    state = optimizer.state_dict()
+    id_to_param = {}
+    for group_index, group in enumerate(optimizer.param_groups):
+        for p_index, p in zip(state["param_groups"][group_index]["params"], group["params"]):
+            id_to_param[p_index] = p
+    for p_index, p_state in state["state"].items():
+        name = names[id(id_to_param[p_index])]
+        params_meta.append({"name": name, "step": float(p_state["step"])})
+        tensors[f"{name}.exp_avg"] = p_state["exp_avg"].contiguous().cpu()
+        tensors[f"{name}.exp_avg_sq"] = p_state["exp_avg_sq"].contiguous().cpu()
+    save_file(tensors, str(path / "trainer_state.safetensors"))
+    meta = {"iteration": iteration, "train_config": cfg.to_dict(), "optimizer_params": params_meta, **(extra or {})}
+    (path / "trainer_state.json").write_text(json.dumps(meta, indent=2))
+
+
+def load_checkpoint_state(path: str | Path, draft, optimizer) -> int:
+    """Restore AdamW moments into `optimizer` (built over `draft`'s parameters); returns the iteration."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = json.loads((path / "trainer_state.json").read_text())
+    tensors = load_file(str(path / "trainer_state.safetensors"))
+    params = dict(draft.named_parameters())
+    for entry in meta["optimizer_params"]:
+        p = params[entry["name"]]
+        optimizer.state[p] = {
+            "step": torch.tensor(entry["step"]),
+            "exp_avg": tensors[f"{entry['name']}.exp_avg"].to(p.device, p.dtype),
+            "exp_avg_sq": tensors[f"{entry['name']}.exp_avg_sq"].to(p.device, p.dtype),
+        }
+    return int(meta["iteration"])
+
+
+# --- the loop --------------------------------------------------------------------------------------
+def lr_at(iteration: int, cfg: TrainConfig) -> float:
+    if iteration < cfg.warmup:
+        return cfg.lr * (iteration + 1) / cfg.warmup
+    progress = min(1.0, (iteration - cfg.warmup) / max(1, cfg.iters - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(draft, data: SequenceData, cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True, log_fn=None, eval_groups: list[int] | None = None) -> dict:
+    """Train `draft` in place; returns the history (train logs and evals). Writes `out_dir/last/`
+    checkpoints, `out_dir/log.jsonl`, and the final draft into `out_dir/` itself."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    device = data.device
+    autocast = device.type == "cuda"
+    params = [p for p in draft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    token_groups = token_groups_of(draft).to(device)
+    out = Path(out_dir) if out_dir else None
+    start = 0
+    if resume:
+        if out is None or not (out / "last" / "trainer_state.json").exists():
+            raise ValueError(f"--resume: no checkpoint at {out}/last")
+        start = load_checkpoint_state(out / "last", draft, optimizer)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "log.jsonl", "a") if out else None
+    history = {"train": [], "eval": []}
+
+    def log(record):
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+        if log_fn:
+            log_fn(record)
+
+    def evaluate(iteration):
+        if not data.eval:
+            return None
+        result = chain_acceptance(draft, data, data.eval[: cfg.eval_max_seqs], cfg.eval_unroll, cfg.batch_tokens, eval_groups, token_groups, autocast)
+        record = {"iteration": iteration, "eval": result}
+        history["eval"].append(record)
+        log(record)
+        return result
+
+    draft.train()
+    started = time.perf_counter()
+    iteration = start
+    bar = tqdm(total=cfg.iters, initial=start, desc="train", disable=not progress)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    running = {}
+    while iteration < cfg.iters:
+        for batch in data.batches(data.train, cfg.batch_tokens, shuffle=True, rng=rng):
+            if iteration >= cfg.iters:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(iteration, cfg)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss, logs = compute_losses(draft, batch, cfg, token_groups, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            iteration += 1
+            for k, v in logs.items():
+                running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
+            bar.update(1)
+            bar.set_postfix({k: f"{running[k]:.3f}" for k in ("loss", "feature", "token", "csra", "acc0") if k in running})
+            if iteration % 20 == 0 or iteration == cfg.iters:
+                record = {"iteration": iteration, "lr": lr_at(iteration - 1, cfg), "seconds": time.perf_counter() - started, **logs}
+                history["train"].append(record)
+                log(record)
+            if cfg.eval_every and iteration % cfg.eval_every == 0:
+                evaluate(iteration)
+            if out and cfg.checkpoint_every and iteration % cfg.checkpoint_every == 0:
+                save_checkpoint(out / "last", draft, optimizer, iteration, cfg)
+            if cfg.time_budget_s and iteration - start == 10:
+                # fit the cosine schedule into the time budget once the speed is known
+                rate = 10 / (time.perf_counter() - started)
+                cfg.iters = min(cfg.iters, start + int(cfg.time_budget_s * rate * 0.9))
+                bar.total = cfg.iters
+            if cfg.time_budget_s and time.perf_counter() - started > cfg.time_budget_s:
+                cfg.iters = iteration  # out of time: finish here (recorded in the checkpoint)
+                break
+    bar.close()
+    last_eval = history["eval"][-1] if history["eval"] else None
+    final = last_eval["eval"] if last_eval and last_eval["iteration"] == iteration else evaluate(iteration)
+    if out:
+        save_checkpoint(out / "last", draft, optimizer, iteration, cfg)
+        draft.save_pretrained(out)
+    if log_file:
+        log_file.close()
+    history["final_eval"] = final
+    history["iterations"] = iteration
+    history["seconds"] = time.perf_counter() - started
+    return history
