@@ -1,0 +1,185 @@
+"""Multi-step trainer: the HASS mask means what inference does, a tiny CPU run lowers its loss,
+checkpoints resume. Tiny random Llama targets only (fast on a 2-core CPU)."""
+import random
+
+import pytest
+import torch
+
+from coral_fast.draft import DraftModel
+from coral_fast.training.data import build_shard, target_outputs
+from coral_fast.training.trainer import (
+    SequenceData, TrainConfig, chain_acceptance, compute_losses, hass_mask, load_checkpoint_state,
+    save_checkpoint, token_groups_of, train, unrolled_forward,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # two cores shared with other test workers: one thread avoids OpenMP oversubscription stalls
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_target(vocab=67, hidden=32, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_data(target, n_seqs=30, prompt_len=5, new_tokens=24, seed=0):
+    """Greedy continuations of random prompts, in the shard layout of `coral-fast data`."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = target.config.vocab_size
+    prompts = torch.randint(0, vocab, (n_seqs, prompt_len), generator=gen)
+    with torch.no_grad():
+        out = target.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    seqs = out.tolist()
+    hidden, ids, lps = target_outputs(target, seqs, 8, 16)
+    shard = build_shard(seqs, [prompt_len] * n_seqs, [i % 6 == 0 for i in range(n_seqs)], hidden, ids, lps)
+    shard["hidden"] = shard["hidden"].float()
+    return shard
+
+
+def tiny_draft(target, **overrides):
+    torch.manual_seed(1)
+    draft = DraftModel.random_init(target, num_groups=overrides.pop("num_groups", 8), active_groups=overrides.pop("active_groups", 2), **overrides)
+    return draft.float()
+
+
+def test_hass_mask_matches_rule():
+    length = 7
+    for step in range(4):
+        mask = hass_mask(length, step)
+        assert mask.shape == (length, (step + 1) * length)
+        for t in range(length):
+            for j in range(step + 1):
+                for p in range(length):
+                    want = p <= t - step if j == 0 else p == t - step + j
+                    assert bool(mask[t, j * length + p]) == want, (step, t, j, p)
+
+
+def test_unrolled_step0_is_the_causal_forward(seed):
+    target = tiny_target(seed=seed % 1000)
+    draft = tiny_draft(target)
+    B, T, H = 2, 9, target.config.hidden_size
+    features, tokens = torch.randn(B, T, H), torch.randint(0, target.config.vocab_size, (B, T))
+    positions = torch.arange(T).expand(B, T)
+    with torch.no_grad():
+        out = unrolled_forward(draft, features, tokens, positions, 1)
+        plain = draft(features, tokens, positions)
+    torch.testing.assert_close(out[0], plain, rtol=1e-5, atol=1e-5)
+
+
+def test_unrolled_steps_equal_inference_chains(seed):
+    """Step s at position t == the draft run autoregressively on its own features from root t - s."""
+    target = tiny_target(seed=seed % 1000)
+    draft = tiny_draft(target)
+    T, H, steps = 11, target.config.hidden_size, 4
+    features, tokens = torch.randn(1, T, H), torch.randint(0, target.config.vocab_size, (1, T))
+    positions = torch.arange(T)[None]
+    with torch.no_grad():
+        outs = unrolled_forward(draft, features, tokens, positions, steps)
+        for root in range(T - steps + 1):
+            # the inference chain: true features up to the root, then the draft's own outputs
+            chain_features = features[:, : root + 1].clone()
+            for depth in range(steps):
+                n = root + 1 + depth
+                h = draft(chain_features, tokens[:, :n], positions[:, :n])
+                torch.testing.assert_close(outs[depth][0, root + depth], h[0, -1], rtol=1e-4, atol=1e-4)
+                chain_features = torch.cat([chain_features, h[:, -1:]], dim=1)
+
+
+def test_tiny_training_run_lowers_its_loss(seed, tmp_path):
+    target = tiny_target()
+    data = SequenceData(tiny_data(target))
+    draft = tiny_draft(target)
+    cfg = TrainConfig(iters=80, warmup=5, lr=3e-3, batch_tokens=384, eval_every=0, checkpoint_every=0, eval_unroll=3, seed=seed % 1000)
+    token_groups = token_groups_of(draft)
+    batch = next(data.batches(data.train, 10_000, shuffle=False, rng=random.Random(0)))
+    with torch.no_grad():
+        before, logs_before = compute_losses(draft, batch, cfg, token_groups)
+    history = train(draft, data, cfg, out_dir=tmp_path, progress=False, eval_groups=[1, 2])
+    with torch.no_grad():
+        after, logs_after = compute_losses(draft, batch, cfg, token_groups)
+    assert after.item() < 0.85 * before.item(), (logs_before, logs_after)
+    for name in ("feature", "token", "router", "csra"):
+        assert name in logs_after
+    assert logs_after["feature"] < logs_before["feature"]
+    assert logs_after["token"] < logs_before["token"]
+    assert logs_after["acc0"] > logs_before["acc0"]
+    final = history["final_eval"]
+    assert 1.0 <= final["tau"] <= 1.0 + cfg.eval_unroll and final["bases"] > 0
+    assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
+    reloaded = DraftModel.from_pretrained(tmp_path, target).float()
+    for (name, p), q in zip(draft.state_dict().items(), reloaded.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_single_step_config_has_no_csra(seed):
+    target = tiny_target()
+    data = SequenceData(tiny_data(target, n_seqs=8))
+    draft = tiny_draft(target)
+    batch = next(data.batches(data.train, 10_000, shuffle=False, rng=random.Random(0)))
+    _, logs = compute_losses(draft, batch, TrainConfig(unroll_steps=1), token_groups_of(draft))
+    assert "csra" not in logs and "acc0" in logs and "acc1" not in logs
+
+
+def test_chain_acceptance_matches_slow_count(seed):
+    target = tiny_target()
+    data = SequenceData(tiny_data(target, n_seqs=12))
+    draft = tiny_draft(target)
+    depth = 3
+    result = chain_acceptance(draft, data, data.train, depth, 10_000)
+    accepted, bases = 0, 0
+    with torch.no_grad():
+        for batch in data.batches(data.train, 10_000, shuffle=False, rng=random.Random(0)):
+            outs = unrolled_forward(draft, batch["features"], batch["tokens"], batch["positions"], depth)
+            argmax = [draft.logits(h).argmax(-1) for h in outs]
+            top1, mask = batch["topk_ids"][..., 0], batch["mask"]
+            B, length = mask.shape
+            for b in range(B):
+                for t in range(length):
+                    if not mask[b, t]:
+                        continue
+                    bases += 1
+                    for d in range(depth):
+                        p = t + d
+                        if p >= length or not mask[b, p] or argmax[d][b, p] != top1[b, p]:
+                            break
+                        accepted += 1
+    assert result["bases"] == bases
+    assert result["tau"] == pytest.approx(1 + accepted / bases)
+
+
+def test_checkpoint_resume_restores_optimizer_and_continues(tmp_path):
+    target = tiny_target()
+    data = SequenceData(tiny_data(target, n_seqs=12))
+    draft = tiny_draft(target)
+    cfg = TrainConfig(iters=6, warmup=2, batch_tokens=256, eval_every=0, checkpoint_every=3)
+    train(draft, data, cfg, out_dir=tmp_path, progress=False)
+    state = __import__("json").loads((tmp_path / "last" / "trainer_state.json").read_text())
+    assert state["iteration"] == 6
+    resumed = DraftModel.from_pretrained(tmp_path / "last", target).float()
+    optimizer = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad])
+    assert load_checkpoint_state(tmp_path / "last", resumed, optimizer) == 6
+    assert len(optimizer.state) == sum(1 for p in resumed.parameters() if p.requires_grad)
+    history = train(resumed, data, TrainConfig(iters=9, warmup=2, batch_tokens=256, eval_every=0, checkpoint_every=0), out_dir=tmp_path, resume=True, progress=False)
+    assert history["iterations"] == 9
+
+
+def test_sequence_data_rejects_nothing_silently():
+    target = tiny_target()
+    shard = tiny_data(target, n_seqs=6)
+    data = SequenceData(shard)
+    assert len(data.train) + len(data.eval) == 6
+    batch = data.collate(data.train[:2])
+    # inputs at t: feature f_t and token x_{t+1}; targets f_{t+1} and the distribution at t+1
+    s, e = data.train[0]
+    torch.testing.assert_close(batch["features"][0, : e - s - 1], data.hidden[s:e - 1])
+    assert torch.equal(batch["tokens"][0, : e - s - 1], data.input_ids[s + 1:e])
+    assert torch.equal(batch["mask"][0, : e - s - 1], data.loss_mask[s + 1:e])
