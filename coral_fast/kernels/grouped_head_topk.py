@@ -9,12 +9,13 @@ log-probabilities under a softmax over the union of the row's active groups:
 Layout: `weight` is re-laid so group g owns rows [offsets[g], offsets[g+1]); `order[row]` is the
 original token id of re-laid row `row` (see coral_fast.grouping).
 
-Kernel plan (two launches, no host synchronisation, nothing the size of the logits hits memory):
-1. `_grouped_head_partials_kernel`, grid (row blocks, vocab tiles, groups), row blocks fastest so
-   the programs that share a weight tile run together. A program finds in `groups` which rows of its
-   block chose its group (none: it returns at once), streams its [BLOCK_V, H] weight tile once for
-   all of them (tl.dot, fp32 accumulation), and in the epilogue writes per chosen row the tile's
-   (max, sum of exp) and its top-KT logits with their re-laid row ids, sorted descending.
+Kernel plan (three launches, no host synchronisation, nothing the size of the logits hits memory):
+0. `_active_groups_kernel` (one program): the union of the rows' groups, compacted on the device.
+1. `_grouped_head_partials_kernel`, a persistent grid over work items (active group, vocab tile,
+   row block), row blocks fastest so the programs that share a weight tile run together. An item
+   finds in `groups` which rows of its block chose its group, streams its [BLOCK_V, H] weight tile
+   once for all of them (tl.dot, fp32 accumulation), and in the epilogue writes per chosen row the
+   tile's (max, sum of exp) and its top-KT logits with their re-laid row ids, sorted descending.
 2. `_merge_topk_kernel`, one program per row: log-sum-exp over the row's tile partials and top-k over
    its candidates, then `logit - lse` and `order[row]` -> original ids.
 """
@@ -64,72 +65,98 @@ def grouped_head_topk_reference(
 if triton is not None:
 
     @triton.jit
+    def _active_groups_kernel(
+        groups_ptr, active_ptr, n_active_ptr, MA, G,
+        G_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        """One program: the distinct groups chosen by any row, compacted in increasing order.
+
+        groups: [M*A] flat -> active: [G] (first n_active entries valid), n_active: [1]. Replaces a
+        host-side unique() so nothing synchronises and no program is launched for an unused group.
+        """
+        gids = tl.arange(0, G_POW2)
+        present = tl.zeros((G_POW2,), tl.int32)
+        offs = tl.arange(0, BLOCK_P)
+        for p0 in range(0, MA, BLOCK_P):
+            chosen = tl.load(groups_ptr + p0 + offs, mask=p0 + offs < MA, other=-1)
+            hit = (chosen[None, :] == gids[:, None]).to(tl.int32)
+            present = tl.maximum(present, tl.max(hit, axis=1))
+        present = tl.where(gids < G, present, 0)
+        position = tl.cumsum(present, axis=0) - 1
+        tl.store(active_ptr + position, gids, mask=present > 0)
+        tl.store(n_active_ptr, tl.sum(present, axis=0))
+
+    @triton.jit
     def _grouped_head_partials_kernel(
-        hidden_ptr, weight_ptr, groups_ptr, offsets_ptr,
+        hidden_ptr, weight_ptr, groups_ptr, offsets_ptr, active_ptr, n_active_ptr,
         part_val_ptr, part_row_ptr, part_max_ptr, part_sum_ptr,
-        M, H, A, NT, KT,
+        M, H, A, NT, NMB, KT,
         stride_hm, stride_wv, stride_gm,
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
         A_POW2: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_t = tl.program_id(1)
-        g = tl.program_id(2)
-
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        slots = tl.arange(0, A_POW2)
-        chosen_groups = tl.load(
-            groups_ptr + rows[:, None] * stride_gm + slots[None, :],
-            mask=row_ok[:, None] & (slots[None, :] < A), other=-1,
-        )
-        hit = chosen_groups == g
-        chosen = tl.max(hit.to(tl.int32), axis=1) > 0  # [BLOCK_M]: row chose group g
-        if tl.max(chosen.to(tl.int32), axis=0) == 0:
-            return
-        slot = tl.sum(tl.where(hit, slots[None, :], 0), axis=1)  # where g sits in the row's list
-
-        group_end = tl.load(offsets_ptr + g + 1).to(tl.int32)
-        lo = tl.load(offsets_ptr + g).to(tl.int32) + pid_t * BLOCK_V
-        cols = lo + tl.arange(0, BLOCK_V)
-        col_ok = cols < group_end
-        # tiles past the end of a smaller group still write (-inf, 0) partials: the merge reads all NT
-        k_end = tl.where(lo < group_end, H, 0)
-
-        acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+        """Persistent: work item = (active group j, vocab tile t, row block mb), mb fastest so the
+        programs sharing a weight tile run side by side and all but the first read it from L2."""
+        n_items = tl.load(n_active_ptr) * NT * NMB
         offs_k = tl.arange(0, BLOCK_K)
-        h_ptrs = hidden_ptr + rows[:, None] * stride_hm + offs_k[None, :]
-        w_ptrs = weight_ptr + cols[:, None].to(tl.int64) * stride_wv + offs_k[None, :]
-        for k0 in range(0, k_end, BLOCK_K):
-            if EVEN_K:
-                h = tl.load(h_ptrs, mask=row_ok[:, None], other=0.0)
-                w = tl.load(w_ptrs, mask=col_ok[:, None], other=0.0)
-            else:
-                k_ok = (k0 + offs_k) < H
-                h = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if DOT_FP32:  # interpreter: bf16 tl.dot is wrong there (triton issue 11584)
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(h, tl.trans(w), acc)
-            h_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
-
-        logits = tl.where(col_ok[None, :], acc, float("-inf"))
-        tile_max = tl.max(logits, axis=1)
-        shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
-        tile_sum = tl.sum(tl.exp(logits - shift[:, None]), axis=1)
-        part = (rows * A + slot) * NT + pid_t  # [BLOCK_M] index of (row, slot, tile)
-        tl.store(part_max_ptr + part, tile_max, mask=chosen)
-        tl.store(part_sum_ptr + part, tile_sum, mask=chosen)
-
-        # the tile's top-KT by rounds of argmax: KT <= 64, cheap next to streaming the tile
         local = tl.arange(0, BLOCK_V)
-        for r in range(0, KT):
-            best, arg = tl.max(logits, axis=1, return_indices=True)
-            tl.store(part_val_ptr + part * KT + r, best, mask=chosen)
-            tl.store(part_row_ptr + part * KT + r, lo + arg, mask=chosen)
-            logits = tl.where(local[None, :] == arg[:, None], float("-inf"), logits)
+        slots = tl.arange(0, A_POW2)
+        for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
+            mb = item % NMB
+            tile = (item // NMB) % NT
+            g = tl.load(active_ptr + item // (NMB * NT))
+
+            rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = rows < M
+            chosen_groups = tl.load(
+                groups_ptr + rows[:, None] * stride_gm + slots[None, :],
+                mask=row_ok[:, None] & (slots[None, :] < A), other=-1,
+            )
+            hit = chosen_groups == g
+            chosen = tl.max(hit.to(tl.int32), axis=1) > 0  # [BLOCK_M]: row chose group g
+            slot = tl.sum(tl.where(hit, slots[None, :], 0), axis=1)  # where g sits in the row's list
+
+            group_end = tl.load(offsets_ptr + g + 1).to(tl.int32)
+            lo = tl.load(offsets_ptr + g).to(tl.int32) + tile * BLOCK_V
+            cols = lo + local
+            col_ok = cols < group_end
+            # a row block with no chosen row, or a tile past the end of a smaller group, skips the
+            # dot; the latter still writes (-inf, 0) partials because the merge reads all NT tiles
+            any_chosen = tl.max(chosen.to(tl.int32), axis=0) > 0
+            k_end = tl.where(any_chosen & (lo < group_end), H, 0)
+
+            acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+            h_ptrs = hidden_ptr + rows[:, None] * stride_hm + offs_k[None, :]
+            w_ptrs = weight_ptr + cols[:, None].to(tl.int64) * stride_wv + offs_k[None, :]
+            for k0 in range(0, k_end, BLOCK_K):
+                if EVEN_K:
+                    h = tl.load(h_ptrs, mask=row_ok[:, None], other=0.0)
+                    w = tl.load(w_ptrs, mask=col_ok[:, None], other=0.0)
+                else:
+                    k_ok = (k0 + offs_k) < H
+                    h = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                if DOT_FP32:  # interpreter: bf16 tl.dot is wrong there (triton issue 11584)
+                    h = h.to(tl.float32)
+                    w = w.to(tl.float32)
+                acc = tl.dot(h, tl.trans(w), acc)
+                h_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K
+
+            logits = tl.where(col_ok[None, :], acc, float("-inf"))
+            tile_max = tl.max(logits, axis=1)
+            shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+            tile_sum = tl.sum(tl.exp(logits - shift[:, None]), axis=1)
+            part = (rows * A + slot) * NT + tile  # [BLOCK_M] index of (row, slot, tile)
+            tl.store(part_max_ptr + part, tile_max, mask=chosen)
+            tl.store(part_sum_ptr + part, tile_sum, mask=chosen)
+
+            # the tile's top-KT by rounds of argmax: KT <= 64, cheap next to streaming the tile
+            for r in range(0, KT):
+                best, arg = tl.max(logits, axis=1, return_indices=True)
+                tl.store(part_val_ptr + part * KT + r, best, mask=chosen)
+                tl.store(part_row_ptr + part * KT + r, lo + arg, mask=chosen)
+                logits = tl.where(local[None, :] == arg[:, None], float("-inf"), logits)
 
     @triton.jit
     def _merge_topk_kernel(
@@ -192,6 +219,7 @@ class KernelConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    programs_per_sm: int = 2  # persistent grid: at most this many programs per multiprocessor
 
 
 def default_config(M: int, H: int, k: int) -> KernelConfig:
@@ -211,11 +239,23 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+_SM_COUNT: dict = {}
+
+
+def _num_programs_cap(device: torch.device, per_sm: int) -> int:
+    if device.type != "cuda":
+        return 3  # interpreter: few programs, so the persistent loop runs several items each
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index] * per_sm
+
+
 def grouped_head_topk_triton(
     hidden: Tensor, weight: Tensor, offsets: Tensor, order: Tensor, groups: Tensor, k: int,
     max_group_size: int, config: KernelConfig | None = None, out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Launch the two kernels; inputs are assumed valid (GroupedLMHead.topk checks them).
+    """Launch the three kernels; inputs are assumed valid (GroupedLMHead.topk checks them).
 
     hidden: [M, H] (weight's dtype); weight: [V, H] re-laid, rows contiguous; offsets: [G+1] int64;
     order: [V] int64; groups: [M, A] int32/int64, contiguous rows; max_group_size: host int.
@@ -232,8 +272,11 @@ def grouped_head_topk_triton(
     cfg = config or default_config(M, H, k)
     block_k = min(cfg.block_k, max(16, _next_pow2(H)))
     NT = triton.cdiv(max_group_size, cfg.block_v)
+    NMB = triton.cdiv(M, cfg.block_m)
     KT = min(k, cfg.block_v)
     device = hidden.device
+    active = torch.empty(G, device=device, dtype=torch.int32)
+    n_active = torch.empty(1, device=device, dtype=torch.int32)
     part_val = torch.empty((M, A, NT, KT), device=device, dtype=torch.float32)
     part_row = torch.empty((M, A, NT, KT), device=device, dtype=torch.int32)
     part_max = torch.empty((M, A, NT), device=device, dtype=torch.float32)
@@ -243,11 +286,19 @@ def grouped_head_topk_triton(
         logprobs = torch.empty((M, k), device=device, dtype=torch.float32)
     else:
         ids, logprobs = out
-    grid = (triton.cdiv(M, cfg.block_m), NT, G)
+
+    MA = M * A
+    _active_groups_kernel[(1,)](
+        groups, active, n_active, MA, G,
+        G_POW2=max(16, _next_pow2(G)), BLOCK_P=min(max(16, _next_pow2(MA)), max(16, 8192 // _next_pow2(G))),
+    )
+    # at most min(G, M*A) groups are active: known on the host, so the grid needs no sync
+    max_items = min(G, MA) * NT * NMB
+    grid = (min(max_items, _num_programs_cap(device, cfg.programs_per_sm)),)
     _grouped_head_partials_kernel[grid](
-        hidden, weight, groups, offsets,
+        hidden, weight, groups, offsets, active, n_active,
         part_val, part_row, part_max, part_sum,
-        M, H, A, NT, KT,
+        M, H, A, NT, NMB, KT,
         hidden.stride(0), weight.stride(0), groups.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=block_k,
         A_POW2=_next_pow2(A), EVEN_K=(H % block_k == 0), DOT_FP32=dot_needs_fp32(device),
@@ -260,7 +311,7 @@ def grouped_head_topk_triton(
         NP, NC, k, V,
         K_POW2=max(16, _next_pow2(k)), BLOCK_P=min(1024, max(16, _next_pow2(NP))),
         BLOCK_C=min(4096, max(16, _next_pow2(NC))),
-        num_warps=4,
+        num_warps=8 if M <= 8 else 4,
     )
     return ids, logprobs
 

@@ -1,0 +1,283 @@
+"""`coral-fast bench head`: the grouped LM head with fused top-k against dense cuBLAS + torch.topk
+and against the naive gather, with the bytes floor beside each row.
+
+    coral-fast bench head [--out FILE.md] [--shapes llama3,qwen2.5,gemma3] [--sweep] [--quick]
+
+One call checks every variant against the reference (bf16, same inputs) and times it with
+`triton.testing.do_bench` (L2 flushed before every call, median), rotating 8 input sets (hidden
+rows and group choices). The floor is the bytes of the weight rows that must be read once (the union
+of the active groups over all rows) over the device-to-device copy bandwidth measured in the same run.
+Without a GPU it times the PyTorch reference on scaled-down shapes (CPU smoke run).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from coral_fast.grouping import VocabGrouping
+from coral_fast.head import GroupedLMHead
+from coral_fast.kernels.grouped_head_topk import KernelConfig, default_config, grouped_head_topk_reference
+
+SHAPES = {  # name -> (V, H)
+    "llama3": (128256, 4096),
+    "qwen2.5": (152064, 3584),
+    "gemma3": (262144, 640),
+}
+CPU_SHAPES = {"llama2-like/2": (16000, 1024), "gemma3/16": (16384, 640)}
+NUM_GROUPS, ACTIVE, TOP_K, NSETS = 32, 4, 10, 8
+# (M, routing): "random" = each row draws A of G groups; "shared" = rows draw A of the same 6
+CASES = [(1, "random"), (16, "shared"), (16, "random"), (64, "shared"), (64, "random")]
+SWEEP_SMALL_M = [  # M <= 16
+    KernelConfig(16, 64, 128, 4, 4, 2), KernelConfig(16, 32, 128, 4, 4, 4), KernelConfig(16, 64, 256, 4, 3, 2),
+    KernelConfig(16, 128, 128, 4, 3, 2), KernelConfig(16, 128, 64, 4, 4, 2), KernelConfig(16, 256, 64, 4, 3, 1),
+    KernelConfig(16, 64, 128, 4, 4, 4),
+]
+SWEEP_LARGE_M = [  # M > 16
+    KernelConfig(32, 64, 128, 4, 4, 2), KernelConfig(64, 128, 64, 8, 3, 1), KernelConfig(64, 128, 64, 8, 3, 2),
+    KernelConfig(64, 64, 128, 4, 3, 2), KernelConfig(64, 128, 64, 4, 4, 2), KernelConfig(64, 64, 64, 4, 4, 3),
+    KernelConfig(16, 64, 128, 4, 4, 2),
+]
+
+
+@dataclass
+class Row:
+    shape: str
+    M: int
+    routing: str
+    ours_us: float
+    dense_us: float
+    naive_us: float | None
+    floor_union_us: float
+    floor_all_us: float
+    max_err: float
+    config: str
+    best_us: float | None = None
+    best_config: str = ""
+
+
+def _groups(M, routing, gen, device):
+    pool = torch.randperm(NUM_GROUPS, generator=gen)[:6] if routing == "shared" else torch.arange(NUM_GROUPS)
+    rows = [pool[torch.randperm(pool.numel(), generator=gen)[:ACTIVE]] for _ in range(M)]
+    return torch.stack(rows).to(device)
+
+
+def _naive_topk(hidden, weight, groups, k):
+    """Gather each row's groups (a copy of the weights per row), einsum, log-softmax, topk."""
+    M, A = groups.shape
+    V, H = weight.shape
+    per = V // NUM_GROUPS
+    w = weight.view(NUM_GROUPS, per, H)[groups]  # [M, A, per, H]: the copies that make it slow
+    logits = torch.einsum("mh,mavh->mav", hidden, w).float().reshape(M, A * per)
+    values, flat = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+    ids = groups.gather(1, flat // per) * per + flat % per
+    return ids, values
+
+
+def _copy_bandwidth(device) -> float:
+    """Bytes read + written per second of a 1 GiB device-to-device copy (median)."""
+    import triton.testing
+
+    src = torch.randn(256 * 1024 * 1024, device=device)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    del src, dst
+    return 2 * 1024**3 / (ms * 1e-3)
+
+
+def _cfg_str(c: KernelConfig) -> str:
+    return f"m{c.block_m} v{c.block_v} k{c.block_k} w{c.num_warps} s{c.num_stages} p{c.programs_per_sm}"
+
+
+def run_gpu(shapes, cases, sweep: bool, quick: bool, log=print) -> tuple[list[Row], float]:
+    import triton.testing
+
+    device = torch.device("cuda")
+    bench = lambda fn, rep=100: triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")  # noqa: E731
+    bw = _copy_bandwidth(device)
+    log(f"device-to-device copy bandwidth: {bw / 1e12:.2f} TB/s")
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for name in shapes:
+        V, H = SHAPES[name]
+        weight = (torch.randn(V, H, device=device) / H**0.5).to(torch.bfloat16)
+        grouping = VocabGrouping.contiguous(V, NUM_GROUPS)
+        head = GroupedLMHead(weight, grouping)
+        sizes = grouping.group_sizes
+        for M, routing in cases:
+            hiddens = [torch.randn(M, H, device=device).to(torch.bfloat16) for _ in range(NSETS)]
+            groups = [_groups(M, routing, gen, device) for _ in range(NSETS)]
+            union_rows = statistics.mean(int(sizes[g.unique().cpu()].sum()) for g in groups)
+            floor_union = union_rows * H * 2 / bw * 1e6
+            floor_all = V * H * 2 / bw * 1e6
+            cfg = default_config(M, H, TOP_K)
+
+            # correctness first, on every input set, same call as timed
+            max_err = 0.0
+            for h, g in zip(hiddens, groups):
+                ids, lp = head.topk(h, g, TOP_K, impl="triton", check=True)
+                _, ref_lp = grouped_head_topk_reference(h, weight, head.offsets, head.order, g, TOP_K)
+                logits = (h.float() @ weight.float().T).masked_fill(~_active_mask(grouping, g, V, device), float("-inf"))
+                full = torch.log_softmax(logits, dim=-1)
+                err = max(float((lp - ref_lp).abs().max()), float((full.gather(1, ids) - lp).abs().max()))
+                max_err = max(max_err, err)
+
+            state = {"i": 0}
+
+            def rotate():
+                i = state["i"] = (state["i"] + 1) % NSETS
+                return hiddens[i], groups[i]
+
+            def ours(config=None):
+                h, g = rotate()
+                if config is None:
+                    return head.topk(h, g, TOP_K, impl="triton", check=False)
+                from coral_fast.kernels.grouped_head_topk import grouped_head_topk_triton
+                return grouped_head_topk_triton(h, weight, head.offsets, head.order, g, TOP_K,
+                                                head.max_group_size, config)
+
+            def dense():
+                h, _ = rotate()
+                return torch.topk(h @ weight.T, TOP_K, dim=-1)
+
+            def naive():
+                h, g = rotate()
+                return _naive_topk(h, weight, g, TOP_K)
+
+            ours_us = bench(ours) * 1e3
+            dense_us = bench(dense) * 1e3
+            naive_us = None if (quick and M > 1) else bench(naive, rep=50) * 1e3
+            row = Row(name, M, routing, ours_us, dense_us, naive_us, floor_union, floor_all, max_err, _cfg_str(cfg))
+            if sweep:
+                timings = []
+                for c in (SWEEP_SMALL_M if M <= 16 else SWEEP_LARGE_M):
+                    try:
+                        timings.append((bench(lambda c=c: ours(c)) * 1e3, c))
+                    except Exception as exc:  # a config that does not fit (shared memory) is skipped
+                        log(f"  config {_cfg_str(c)} failed: {type(exc).__name__}: {str(exc)[:120]}")
+                for t, c in sorted(timings, key=lambda x: x[0]):
+                    log(f"  sweep {name} M={M} {routing}: {_cfg_str(c)} {t:.1f} us")
+                if timings:
+                    row.best_us, best = min(timings, key=lambda x: x[0])
+                    row.best_config = _cfg_str(best)
+            log(format_row(row))
+            rows.append(row)
+        del weight, head
+        torch.cuda.empty_cache()
+    return rows, bw
+
+
+def _active_mask(grouping, groups, V, device):
+    group_of = grouping.group_of.to(device)
+    return (group_of[None, None, :] == groups[:, :, None]).any(dim=1)
+
+
+def run_cpu(log=print) -> list[Row]:
+    """No GPU: time the reference, dense + topk and the naive gather on scaled-down shapes."""
+    def bench(fn, n=7):
+        fn()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e6
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for name, (V, H) in CPU_SHAPES.items():
+        weight = torch.randn(V, H) / H**0.5
+        grouping = VocabGrouping.contiguous(V, NUM_GROUPS)
+        head = GroupedLMHead(weight, grouping)
+        for M, routing in [(1, "random"), (16, "shared"), (16, "random")]:
+            h = torch.randn(M, H)
+            g = _groups(M, routing, gen, "cpu")
+            ours_us = bench(lambda: head.topk(h, g, TOP_K, impl="reference"))
+            dense_us = bench(lambda: torch.topk(h @ weight.T, TOP_K, dim=-1))
+            naive_us = bench(lambda: _naive_topk(h, weight, g, TOP_K))
+            row = Row(name, M, routing, ours_us, dense_us, naive_us, float("nan"), float("nan"), 0.0, "reference")
+            log(format_row(row))
+            rows.append(row)
+    return rows
+
+
+HEADER = (
+    "| shape (V x H) | M | routing | ours (us) | dense cuBLAS + topk (us) | naive gather (us) | floor, union (us) "
+    "| floor, all rows (us) | ours / floor | dense / ours | max err | config |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def format_row(r: Row) -> str:
+    V, H = SHAPES.get(r.shape, CPU_SHAPES.get(r.shape, (0, 0)))
+    naive = f"{r.naive_us:.1f}" if r.naive_us is not None else "-"
+    cfg = r.config + (f" (best {r.best_config}: {r.best_us:.1f})" if r.best_us is not None else "")
+    return (
+        f"| {r.shape} {V} x {H} | {r.M} | {r.routing} | {r.ours_us:.1f} | {r.dense_us:.1f} | {naive} "
+        f"| {r.floor_union_us:.1f} | {r.floor_all_us:.1f} | {r.ours_us / r.floor_union_us:.2f} "
+        f"| {r.dense_us / r.ours_us:.2f} | {r.max_err:.1e} | {cfg} |"
+    )
+
+
+def verdicts(rows: list[Row]) -> list[str]:
+    """The issue's targets, row by row."""
+    out = []
+    for r in rows:
+        ratio, speedup = r.ours_us / r.floor_union_us, r.dense_us / r.ours_us
+        if r.M == 1:
+            ok = ratio <= 1.3 and (speedup >= 6 or r.shape != "llama3")
+            out.append(f"{r.shape} M=1: {ratio:.2f}x floor (target <= 1.3), {speedup:.1f}x dense "
+                       f"(target >= 6 for llama3): {'MET' if ok else 'MISSED'}")
+        else:
+            ok = ratio <= 1.3 and speedup >= 1 / 1.1
+            out.append(f"{r.shape} M={r.M} {r.routing}: {ratio:.2f}x union floor (target <= 1.3), "
+                       f"{speedup:.2f}x dense (target >= 0.91): {'MET' if ok else 'MISSED'}")
+    return out
+
+
+def environment() -> str:
+    import triton
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "CPU"
+    return (f"device: {device}; torch {torch.__version__}; triton {triton.__version__}; "
+            f"date {datetime.date.today().isoformat()}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="coral-fast bench head", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", help="write the table (markdown, with device/versions/date) to this file")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ",".join(SHAPES))
+    parser.add_argument("--sweep", action="store_true", help="also time a list of kernel configs per case")
+    parser.add_argument("--quick", action="store_true", help="skip the slow naive gather for M > 1")
+    args = parser.parse_args(argv)
+    shapes = [s for s in args.shapes.split(",") if s]
+    for s in shapes:
+        if s not in SHAPES:
+            parser.error(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
+    lines = [f"# grouped LM head: G={NUM_GROUPS}, {ACTIVE} active, top-{TOP_K}, bf16", "", environment(), ""]
+    if torch.cuda.is_available():
+        rows, bw = run_gpu(shapes, CASES, args.sweep, args.quick)
+        lines += [f"copy bandwidth (floor): {bw / 1e12:.2f} TB/s; do_bench medians, L2 flushed, "
+                  f"{NSETS} rotating input sets", ""]
+    else:
+        print("no CUDA device: timing the PyTorch reference on scaled-down shapes (CPU smoke run)")
+        rows = run_cpu()
+    lines += [HEADER] + [format_row(r) for r in rows]
+    if torch.cuda.is_available():
+        lines += ["", "targets (issue 2):", ""] + [f"- {v}" for v in verdicts(rows)]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Grouped LM head on the GPU: CUDA tests, then `coral-fast bench head` (table under $OUT).
+# Device tool: source scripts/device_setup.sh && bash scripts/gpu_head.sh [bench flags, e.g. --sweep]
+# HEAD_STEPS=tests,table,pytest-bench picks the steps (default tests,table).
+set -o pipefail
+OUT=${OUT:-out/head}
+mkdir -p "$OUT"
+STEPS=${HEAD_STEPS:-tests,table}
+nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+status=0
+if [[ $STEPS == *tests* ]]; then
+  timeout 200 python3 -m pytest -q -rs tests/test_grouped_head.py tests/test_grouping.py 2>&1 | tee "$OUT/tests.log" || status=1
+fi
+if [[ $STEPS == *table* ]]; then
+  timeout 400 python3 -m coral_fast bench head --out "$OUT/head.md" "$@" 2>&1 | tee "$OUT/bench.log" || status=1
+fi
+if [[ $STEPS == *pytest-bench* ]]; then
+  timeout 150 python3 -m pytest -q bench/test_bench_head.py --benchmark-only --benchmark-columns=median,iqr,rounds 2>&1 | tee "$OUT/pytest_bench.log" || status=1
+fi
+exit $status
