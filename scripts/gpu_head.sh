@@ -10,10 +10,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm --format=csv | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 status=0
 if [[ $STEPS == *tests* ]]; then
-  timeout 200 python3 -m pytest -q -rs tests/test_grouped_head.py tests/test_grouping.py 2>&1 | tee "$OUT/tests.log" || status=1
+  timeout 150 python3 -m pytest -q -rs tests/test_grouped_head.py tests/test_grouping.py 2>&1 | tee "$OUT/tests.log" || status=1
 fi
 if [[ $STEPS == *table* ]]; then
-  timeout 400 python3 -m coral_fast bench head --out "$OUT/head.md" "$@" 2>&1 | tee "$OUT/bench.log" || status=1
+  timeout 380 python3 -m coral_fast bench head --out "$OUT/head.md" "$@" 2>&1 | tee "$OUT/bench.log" || status=1
 fi
 if [[ $STEPS == *pytest-bench* ]]; then
   timeout 150 python3 -m pytest -q bench/test_bench_head.py --benchmark-only --benchmark-columns=median,iqr,rounds 2>&1 | tee "$OUT/pytest_bench.log" || status=1
