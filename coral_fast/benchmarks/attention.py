@@ -109,6 +109,11 @@ class FlexRunner:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         self.create_block_mask = create_block_mask
+        # one compilation per shape: without this, dynamo gives up after 8 shapes and flex silently
+        # falls back to an unfused implementation that materialises the scores
+        torch._dynamo.config.recompile_limit = 64
+        if hasattr(torch._dynamo.config, "cache_size_limit"):
+            torch._dynamo.config.cache_size_limit = 64
         self.flex = torch.compile(flex_attention, dynamic=False)
         self.working_options = "unset"
 
@@ -207,15 +212,14 @@ def bench_row(label, heads, batch, num_queries, prefix_len, args, flex_runner, l
             log(f"  flex failed: {type(exc).__name__}: {exc}")
         flex_runner.seconds += time.time() - t0
 
+    row["profile"] = profile_kernels(lambda: ours(0))
     if args.sweep and (batch, num_queries, prefix_len) in args.sweep_shapes:
         sweep = []
         from coral_fast.kernels.tree_attention import TreeAttentionConfig
 
         auto = TreeAttentionConfig.for_shape(batch, num_kv_heads, num_q_heads // num_kv_heads * num_queries, num_slots, head_dim, device)
         row["auto_cfg"] = repr(auto)
-        for cfg in sweep_configs(head_dim):
-            if "split_scale" in cfg:
-                cfg = dict(num_splits=max(1, round(auto.num_splits * cfg["split_scale"])))
+        for cfg in sweep_configs(head_dim, batch):
             try:
                 err = rel_err(ours(0, **cfg), ref)
                 us, _ = time_cold(lambda i: ours(i, **cfg), num_sets, max(5, args.reps // 2))
@@ -229,15 +233,34 @@ def bench_row(label, heads, batch, num_queries, prefix_len, args, flex_runner, l
     return row
 
 
-def sweep_configs(head_dim: int) -> List[dict]:
-    tiles = [(32, 64, 4), (64, 32, 4), (64, 64, 4), (64, 128, 4), (64, 64, 8), (64, 128, 8), (128, 32, 8), (128, 64, 8), (128, 128, 8)]
-    configs = [
-        dict(block_m=m, block_n=n, num_warps=w, num_stages=3 if head_dim < 256 else 2)
+def sweep_configs(head_dim: int, batch: int) -> List[dict]:
+    """Tiles x split counts around the heuristic (the one-wave rule picks the splits by default)."""
+    tiles = [(64, 64, 4), (64, 32, 4), (64, 128, 4), (128, 64, 8), (128, 32, 8)]
+    splits = (1, 2, 4, 8) if batch == 1 else (1, 2)
+    return [
+        dict(block_m=m, block_n=n, num_warps=w, num_stages=3 if head_dim < 256 else 2, num_splits=sp)
         for m, n, w in tiles
+        for sp in splits
         if not (head_dim >= 256 and n > 64)
     ]
-    configs += [dict(split_scale=0.5), dict(split_scale=2.0)]
-    return configs
+
+
+def profile_kernels(fn, reps: int = 20) -> str:
+    """Device time per kernel of `fn` (torch.profiler), to see the split and merge kernels apart."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    lines = []
+    for evt in prof.key_averages():
+        total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if total and evt.count:
+            lines.append(f"      {evt.key[:60]:60s} {total / evt.count:8.1f} us x{evt.count}")
+    return "\n".join(lines)
 
 
 def format_table(rows: List[Dict], device_name: str) -> str:
@@ -316,7 +339,9 @@ def main(argv=None) -> int:
         )
         if "regs" in row:
             log(f"    kernel: {row['regs']} auto={row.get('auto_cfg', '')}")
-        for us, err, cfg in row.get("sweep", [])[:8]:
+        if "profile" in row:
+            log("    profile (eager, warm L2):\n" + row["profile"])
+        for us, err, cfg in row.get("sweep", [])[:10]:
             log(f"    sweep {us:8.1f} us  err {err:.1e}  {cfg}")
     table = format_table(rows, device_name)
     print()
