@@ -242,7 +242,7 @@ class DraftModel(nn.Module):
         self.layer = DraftDecoderLayer(config)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.head = self._build_head(config, lm_head_weight.detach(), grouping)
-        self.grouping = grouping
+        self.grouping = getattr(self.head, "grouping", grouping)
 
     @staticmethod
     def _build_head(config: DraftConfig, weight: Tensor, grouping):
