@@ -7,9 +7,8 @@ from coral_fast.kernels._dispatch import interpreter_enabled
 from coral_fast.kernels.grouped_head_topk import grouped_head_topk_reference
 
 HAS_CUDA = torch.cuda.is_available()
-needs_triton = pytest.mark.skipif(
-    not HAS_CUDA and not interpreter_enabled(), reason="Triton on the CPU needs TRITON_INTERPRET=1"
-)
+# CPU tensors through the interpreter (CI); on a GPU machine the bf16 cases below cover the kernel
+needs_triton = pytest.mark.skipif(not interpreter_enabled(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
@@ -157,8 +156,8 @@ def test_bad_inputs_raise(case, match):
         k = 0
     elif case == "k_above_triton_limit":
         k, impl = 65, "triton"
-        if not (HAS_CUDA or interpreter_enabled()):
-            pytest.skip("needs Triton")
+        if not interpreter_enabled():
+            pytest.skip("impl='triton' on CPU tensors needs TRITON_INTERPRET=1")
     elif case == "device":
         hidden = torch.randn(3, H, device="meta")
     elif case == "too_many_groups":

@@ -37,12 +37,12 @@ CASES = [(1, "random"), (16, "shared"), (16, "random"), (64, "shared"), (64, "ra
 SWEEP_SMALL_M = [  # M <= 16
     KernelConfig(16, 64, 128, 4, 4, 2), KernelConfig(16, 32, 128, 4, 4, 4), KernelConfig(16, 64, 256, 4, 3, 2),
     KernelConfig(16, 128, 128, 4, 3, 2), KernelConfig(16, 128, 64, 4, 4, 2), KernelConfig(16, 256, 64, 4, 3, 1),
-    KernelConfig(16, 64, 128, 4, 4, 4),
+    KernelConfig(16, 32, 256, 4, 3, 4), KernelConfig(16, 128, 128, 8, 3, 2),
 ]
 SWEEP_LARGE_M = [  # M > 16
-    KernelConfig(32, 64, 128, 4, 4, 2), KernelConfig(64, 128, 64, 8, 3, 1), KernelConfig(64, 128, 64, 8, 3, 2),
-    KernelConfig(64, 64, 128, 4, 3, 2), KernelConfig(64, 128, 64, 4, 4, 2), KernelConfig(64, 64, 64, 4, 4, 3),
-    KernelConfig(16, 64, 128, 4, 4, 2),
+    KernelConfig(64, 64, 128, 4, 3, 2), KernelConfig(64, 128, 64, 8, 3, 2), KernelConfig(64, 128, 64, 4, 4, 2),
+    KernelConfig(64, 64, 64, 4, 4, 3), KernelConfig(64, 64, 128, 8, 3, 2), KernelConfig(64, 256, 64, 8, 3, 1),
+    KernelConfig(32, 64, 128, 4, 4, 2),
 ]
 
 
@@ -51,8 +51,9 @@ class Row:
     shape: str
     M: int
     routing: str
-    ours_us: float
-    dense_us: float
+    ours_us: float  # CUDA graph replay
+    ours_eager_us: float
+    dense_us: float  # CUDA graph replay
     naive_us: float | None
     floor_union_us: float
     floor_all_us: float
@@ -128,39 +129,36 @@ def run_gpu(shapes, cases, sweep: bool, quick: bool, log=print) -> tuple[list[Ro
                 err = max(float((lp - ref_lp).abs().max()), float((full.gather(1, ids) - lp).abs().max()))
                 max_err = max(max_err, err)
 
-            state = {"i": 0}
+            from coral_fast.kernels.grouped_head_topk import grouped_head_topk_triton
 
-            def rotate():
-                i = state["i"] = (state["i"] + 1) % NSETS
-                return hiddens[i], groups[i]
-
-            def ours(config=None):
-                h, g = rotate()
+            def ours(i, config=None, merge=True):
                 if config is None:
-                    return head.topk(h, g, TOP_K, impl="triton", check=False)
-                from coral_fast.kernels.grouped_head_topk import grouped_head_topk_triton
-                return grouped_head_topk_triton(h, weight, head.offsets, head.order, g, TOP_K,
-                                                head.max_group_size, config)
+                    return head.topk(hiddens[i], groups[i], TOP_K, impl="triton", check=False)
+                return grouped_head_topk_triton(hiddens[i], weight, head.offsets, head.order, groups[i], TOP_K,
+                                                head.max_group_size, config, _merge=merge)
 
-            def dense():
-                h, _ = rotate()
-                return torch.topk(h @ weight.T, TOP_K, dim=-1)
+            def dense(i):
+                return torch.topk(hiddens[i] @ weight.T, TOP_K, dim=-1)
 
-            def naive():
-                h, g = rotate()
-                return _naive_topk(h, weight, g, TOP_K)
+            def naive(i):
+                return _naive_topk(hiddens[i], weight, groups[i], TOP_K)
 
-            ours_us = bench(ours) * 1e3
-            dense_us = bench(dense) * 1e3
-            naive_us = None if (quick and M > 1) else bench(naive, rep=50) * 1e3
-            row = Row(name, M, routing, ours_us, dense_us, naive_us, floor_union, floor_all, max_err, _cfg_str(cfg))
+            ours_graph_us = bench(_rotating(_graphs(ours))) * 1e3
+            ours_us = bench(_rotating(ours)) * 1e3
+            dense_us = bench(_rotating(_graphs(dense))) * 1e3
+            naive_us = None if (quick and M > 1) else bench(_rotating(naive), rep=50) * 1e3
+            row = Row(name, M, routing, ours_graph_us, ours_us, dense_us, naive_us, floor_union, floor_all,
+                      max_err, _cfg_str(cfg))
             if sweep:
                 timings = []
                 for c in (SWEEP_SMALL_M if M <= 16 else SWEEP_LARGE_M):
                     try:
-                        timings.append((bench(lambda c=c: ours(c)) * 1e3, c))
+                        timings.append((bench(_rotating(_graphs(lambda i, c=c: ours(i, c)))) * 1e3, c))
                     except Exception as exc:  # a config that does not fit (shared memory) is skipped
                         log(f"  config {_cfg_str(c)} failed: {type(exc).__name__}: {str(exc)[:120]}")
+                partials_us = bench(_rotating(_graphs(lambda i: ours(i, cfg, merge=False)))) * 1e3
+                log(f"  breakdown {name} M={M} {routing}: partials kernel alone {partials_us:.1f} us "
+                    f"of {ours_graph_us:.1f} us (default config)")
                 for t, c in sorted(timings, key=lambda x: x[0]):
                     log(f"  sweep {name} M={M} {routing}: {_cfg_str(c)} {t:.1f} us")
                 if timings:
@@ -171,6 +169,34 @@ def run_gpu(shapes, cases, sweep: bool, quick: bool, log=print) -> tuple[list[Ro
         del weight, head
         torch.cuda.empty_cache()
     return rows, bw
+
+
+def _graphs(fn):
+    """One CUDA graph per input set (the draft loop captures the head the same way)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(NSETS):  # compile and warm up outside capture
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graphs = []
+    for i in range(NSETS):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(i)
+        graphs.append(graph)
+    return lambda i: graphs[i].replay()
+
+
+def _rotating(fn):
+    """A no-argument callable that feeds fn the next input set each call."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % NSETS
+        return fn(state["i"])
+
+    return call
 
 
 def _active_mask(grouping, groups, V, device):
@@ -201,16 +227,18 @@ def run_cpu(log=print) -> list[Row]:
             ours_us = bench(lambda: head.topk(h, g, TOP_K, impl="reference"))
             dense_us = bench(lambda: torch.topk(h @ weight.T, TOP_K, dim=-1))
             naive_us = bench(lambda: _naive_topk(h, weight, g, TOP_K))
-            row = Row(name, M, routing, ours_us, dense_us, naive_us, float("nan"), float("nan"), 0.0, "reference")
+            row = Row(name, M, routing, ours_us, ours_us, dense_us, naive_us, float("nan"), float("nan"), 0.0,
+                      "reference")
             log(format_row(row))
             rows.append(row)
     return rows
 
 
 HEADER = (
-    "| shape (V x H) | M | routing | ours (us) | dense cuBLAS + topk (us) | naive gather (us) | floor, union (us) "
-    "| floor, all rows (us) | ours / floor | dense / ours | max err | config |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| shape (V x H) | M | routing | ours, graph (us) | ours, eager (us) | dense cuBLAS + topk, graph (us) "
+    "| naive gather, eager (us) | floor, union (us) | floor, all rows (us) | ours / floor | dense / ours "
+    "| max err | config |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -219,7 +247,8 @@ def format_row(r: Row) -> str:
     naive = f"{r.naive_us:.1f}" if r.naive_us is not None else "-"
     cfg = r.config + (f" (best {r.best_config}: {r.best_us:.1f})" if r.best_us is not None else "")
     return (
-        f"| {r.shape} {V} x {H} | {r.M} | {r.routing} | {r.ours_us:.1f} | {r.dense_us:.1f} | {naive} "
+        f"| {r.shape} {V} x {H} | {r.M} | {r.routing} | {r.ours_us:.1f} | {r.ours_eager_us:.1f} | {r.dense_us:.1f} "
+        f"| {naive} "
         f"| {r.floor_union_us:.1f} | {r.floor_all_us:.1f} | {r.ours_us / r.floor_union_us:.2f} "
         f"| {r.dense_us / r.ours_us:.2f} | {r.max_err:.1e} | {cfg} |"
     )

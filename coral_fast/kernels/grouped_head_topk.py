@@ -9,10 +9,9 @@ log-probabilities under a softmax over the union of the row's active groups:
 Layout: `weight` is re-laid so group g owns rows [offsets[g], offsets[g+1]); `order[row]` is the
 original token id of re-laid row `row` (see coral_fast.grouping).
 
-Kernel plan (three launches, no host synchronisation, nothing the size of the logits hits memory):
-0. `_active_groups_kernel` (one program): the union of the rows' groups, compacted on the device.
+Kernel plan (two launches, no host synchronisation, nothing the size of the logits hits memory):
 1. `_grouped_head_partials_kernel`, a persistent grid over work items (active group, vocab tile,
-   row block), row blocks fastest so the programs that share a weight tile run together. An item
+   row block); each program first derives the union of the rows' groups from `groups` itself, row blocks fastest so the programs that share a weight tile run together. An item
    finds in `groups` which rows of its block chose its group, streams its [BLOCK_V, H] weight tile
    once for all of them (tl.dot, fp32 accumulation), and in the epilogue writes per chosen row the
    tile's (max, sum of exp) and its top-KT logits with their re-laid row ids, sorted descending.
@@ -65,46 +64,36 @@ def grouped_head_topk_reference(
 if triton is not None:
 
     @triton.jit
-    def _active_groups_kernel(
-        groups_ptr, active_ptr, n_active_ptr, MA, G,
-        G_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
-    ):
-        """One program: the distinct groups chosen by any row, compacted in increasing order.
-
-        groups: [M*A] flat -> active: [G] (first n_active entries valid), n_active: [1]. Replaces a
-        host-side unique() so nothing synchronises and no program is launched for an unused group.
-        """
-        gids = tl.arange(0, G_POW2)
-        present = tl.zeros((G_POW2,), tl.int32)
-        offs = tl.arange(0, BLOCK_P)
-        for p0 in range(0, MA, BLOCK_P):
-            chosen = tl.load(groups_ptr + p0 + offs, mask=p0 + offs < MA, other=-1)
-            hit = (chosen[None, :] == gids[:, None]).to(tl.int32)
-            present = tl.maximum(present, tl.max(hit, axis=1))
-        present = tl.where(gids < G, present, 0)
-        position = tl.cumsum(present, axis=0) - 1
-        tl.store(active_ptr + position, gids, mask=present > 0)
-        tl.store(n_active_ptr, tl.sum(present, axis=0))
-
-    @triton.jit
     def _grouped_head_partials_kernel(
-        hidden_ptr, weight_ptr, groups_ptr, offsets_ptr, active_ptr, n_active_ptr,
+        hidden_ptr, weight_ptr, groups_ptr, offsets_ptr,
         part_val_ptr, part_row_ptr, part_max_ptr, part_sum_ptr,
-        M, H, A, NT, NMB, KT,
+        M, H, A, G, NT, NMB, KT,
         stride_hm, stride_wv, stride_gm,
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-        A_POW2: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
+        A_POW2: tl.constexpr, G_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
+        EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
         """Persistent: work item = (active group j, vocab tile t, row block mb), mb fastest so the
         programs sharing a weight tile run side by side and all but the first read it from L2."""
-        n_items = tl.load(n_active_ptr) * NT * NMB
+        # the union of the rows' groups, compacted: every program derives it from `groups` (M*A ints)
+        # itself, so there is no host unique(), no extra launch, and no item for an unused group
+        gids = tl.arange(0, G_POW2)
+        present = tl.zeros((G_POW2,), tl.int32)
+        offs_p = tl.arange(0, BLOCK_P)
+        for p0 in range(0, M * A, BLOCK_P):
+            pair = p0 + offs_p
+            chosen_g = tl.load(groups_ptr + (pair // A) * stride_gm + pair % A, mask=pair < M * A, other=-1)
+            present = tl.maximum(present, tl.max((chosen_g[None, :] == gids[:, None]).to(tl.int32), axis=1))
+        present = tl.where(gids < G, present, 0)
+        rank = tl.where(present > 0, tl.cumsum(present, axis=0) - 1, -1)  # j-th active group has rank j
+        n_items = tl.sum(present, axis=0) * NT * NMB
         offs_k = tl.arange(0, BLOCK_K)
         local = tl.arange(0, BLOCK_V)
         slots = tl.arange(0, A_POW2)
         for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
             mb = item % NMB
             tile = (item // NMB) % NT
-            g = tl.load(active_ptr + item // (NMB * NT))
+            g = tl.sum(tl.where(rank == item // (NMB * NT), gids, 0), axis=0)
 
             rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = rows < M
@@ -232,7 +221,7 @@ def default_config(M: int, H: int, k: int) -> KernelConfig:
         return KernelConfig(block_m=16, block_v=64, block_k=128, num_warps=4, num_stages=4)
     if M <= 32:
         return KernelConfig(block_m=32, block_v=64, block_k=128, num_warps=4, num_stages=4)
-    return KernelConfig(block_m=64, block_v=128, block_k=64, num_warps=8, num_stages=3)
+    return KernelConfig(block_m=64, block_v=64, block_k=128, num_warps=4, num_stages=3)
 
 
 def _next_pow2(n: int) -> int:
@@ -254,8 +243,9 @@ def _num_programs_cap(device: torch.device, per_sm: int) -> int:
 def grouped_head_topk_triton(
     hidden: Tensor, weight: Tensor, offsets: Tensor, order: Tensor, groups: Tensor, k: int,
     max_group_size: int, config: KernelConfig | None = None, out: tuple[Tensor, Tensor] | None = None,
+    _merge: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Launch the three kernels; inputs are assumed valid (GroupedLMHead.topk checks them).
+    """Launch the two kernels (`_merge=False`: the first only, for the benchmark's breakdown); inputs are assumed valid (GroupedLMHead.topk checks them).
 
     hidden: [M, H] (weight's dtype); weight: [V, H] re-laid, rows contiguous; offsets: [G+1] int64;
     order: [V] int64; groups: [M, A] int32/int64, contiguous rows; max_group_size: host int.
@@ -275,12 +265,13 @@ def grouped_head_topk_triton(
     NMB = triton.cdiv(M, cfg.block_m)
     KT = min(k, cfg.block_v)
     device = hidden.device
-    active = torch.empty(G, device=device, dtype=torch.int32)
-    n_active = torch.empty(1, device=device, dtype=torch.int32)
-    part_val = torch.empty((M, A, NT, KT), device=device, dtype=torch.float32)
-    part_row = torch.empty((M, A, NT, KT), device=device, dtype=torch.int32)
-    part_max = torch.empty((M, A, NT), device=device, dtype=torch.float32)
-    part_sum = torch.empty((M, A, NT), device=device, dtype=torch.float32)
+    # one workspace (fewer allocator calls on the hot path): candidates' values and rows, tile max, sum
+    NP, NC = M * A * NT, M * A * NT * KT
+    work = torch.empty(2 * NC + 2 * NP, device=device, dtype=torch.float32)
+    part_val = work[:NC]
+    part_row = work[NC : 2 * NC].view(torch.int32)
+    part_max = work[2 * NC : 2 * NC + NP]
+    part_sum = work[2 * NC + NP :]
     if out is None:
         ids = torch.empty((M, k), device=device, dtype=torch.int64)
         logprobs = torch.empty((M, k), device=device, dtype=torch.float32)
@@ -288,27 +279,26 @@ def grouped_head_topk_triton(
         ids, logprobs = out
 
     MA = M * A
-    _active_groups_kernel[(1,)](
-        groups, active, n_active, MA, G,
-        G_POW2=max(16, _next_pow2(G)), BLOCK_P=min(max(16, _next_pow2(MA)), max(16, 8192 // _next_pow2(G))),
-    )
+    G_POW2 = max(16, _next_pow2(G))
     # at most min(G, M*A) groups are active: known on the host, so the grid needs no sync
     max_items = min(G, MA) * NT * NMB
     grid = (min(max_items, _num_programs_cap(device, cfg.programs_per_sm)),)
     _grouped_head_partials_kernel[grid](
-        hidden, weight, groups, offsets, active, n_active,
+        hidden, weight, groups, offsets,
         part_val, part_row, part_max, part_sum,
-        M, H, A, NT, NMB, KT,
+        M, H, A, G, NT, NMB, KT,
         hidden.stride(0), weight.stride(0), groups.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=block_k,
-        A_POW2=_next_pow2(A), EVEN_K=(H % block_k == 0), DOT_FP32=dot_needs_fp32(device),
+        A_POW2=_next_pow2(A), G_POW2=G_POW2, BLOCK_P=min(max(16, _next_pow2(MA)), max(16, 8192 // G_POW2)),
+        EVEN_K=(H % block_k == 0), DOT_FP32=dot_needs_fp32(device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    NP, NC = A * NT, A * NT * KT
+    if not _merge:
+        return ids, logprobs
     _merge_topk_kernel[(M,)](
         part_val, part_row, part_max, part_sum, order,
         ids, logprobs,
-        NP, NC, k, V,
+        A * NT, A * NT * KT, k, V,
         K_POW2=max(16, _next_pow2(k)), BLOCK_P=min(1024, max(16, _next_pow2(NP))),
         BLOCK_C=min(4096, max(16, _next_pow2(NC))),
         num_warps=8 if M <= 8 else 4,
