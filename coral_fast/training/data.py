@@ -202,8 +202,9 @@ def plan_shards(prompts: list[dict], settings: DataSettings) -> list[dict]:
     return shards
 
 
-def generate_dataset(model, tokenizer, prompts: list[dict], out_dir: str | Path, settings: DataSettings, model_name: str = "", progress: bool = True) -> dict:
-    """Write shards + meta.json into `out_dir`, skipping shards that already exist (resume)."""
+def generate_dataset(model, tokenizer, prompts: list[dict], out_dir: str | Path, settings: DataSettings, model_name: str = "", progress: bool = True, deadline: float | None = None) -> dict:
+    """Write shards + meta.json into `out_dir`, skipping shards that already exist (resume).
+    With `deadline` (a time.perf_counter() value) no new shard starts after it (rerun to finish)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -227,6 +228,7 @@ def generate_dataset(model, tokenizer, prompts: list[dict], out_dir: str | Path,
         raise ValueError("the tokenizer and model define no eos token")
     shards = plan_shards(prompts, settings)
     done = tokens = 0
+    stopped = None
     bar = tqdm(shards, desc="data shards", disable=not progress)
     started = time.perf_counter()
     for index, shard in enumerate(bar):
@@ -234,6 +236,9 @@ def generate_dataset(model, tokenizer, prompts: list[dict], out_dir: str | Path,
         if path.exists():
             done += 1
             continue
+        if deadline is not None and time.perf_counter() > deadline:
+            stopped = index
+            break
         torch.manual_seed(settings.seed + index)
         prompt_ids = [prompt_token_ids(tokenizer, row["messages"]) for row in shard["rows"]]
         answers = generate_answers(model, tokenizer, prompt_ids, settings, shard["sample"], eos)
@@ -250,7 +255,7 @@ def generate_dataset(model, tokenizer, prompts: list[dict], out_dir: str | Path,
         os.replace(tmp, path)  # a shard appears whole or not at all
         tokens += int(tensors["loss_mask"].sum())
         bar.set_postfix(answer_tokens=tokens, tok_s=f"{tokens / (time.perf_counter() - started):.0f}")
-    return {"shards": len(shards), "skipped": done, "answer_tokens": tokens, "seconds": time.perf_counter() - started}
+    return {"shards": len(shards), "skipped": done, "stopped_at_shard": stopped, "answer_tokens": tokens, "seconds": time.perf_counter() - started}
 
 
 # --- reading shards --------------------------------------------------------------------------------

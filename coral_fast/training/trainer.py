@@ -425,6 +425,7 @@ def train(draft, data: SequenceData, cfg: TrainConfig, out_dir: str | Path | Non
     bar = tqdm(total=cfg.iters, initial=start, desc="train", disable=not progress)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     running = {}
+    mark = started
     while iteration < cfg.iters:
         for batch in data.batches(data.train, cfg.batch_tokens, shuffle=True, rng=rng):
             if iteration >= cfg.iters:
@@ -452,9 +453,12 @@ def train(draft, data: SequenceData, cfg: TrainConfig, out_dir: str | Path | Non
             if out and cfg.checkpoint_every and iteration % cfg.checkpoint_every == 0:
                 save_checkpoint(out / "last", draft, optimizer, iteration, cfg)
             if cfg.time_budget_s and iteration - start == 10:
-                # fit the cosine schedule into the time budget once the speed is known
-                rate = 10 / (time.perf_counter() - started)
-                cfg.iters = min(cfg.iters, start + int(cfg.time_budget_s * rate * 0.9))
+                mark = time.perf_counter()
+            if cfg.time_budget_s and iteration - start == 30:
+                # fit the cosine schedule into the time budget once the (warm) speed is known
+                now = time.perf_counter()
+                rate = 20 / (now - mark)
+                cfg.iters = min(cfg.iters, iteration + int((cfg.time_budget_s - (now - started)) * rate * 0.97))
                 bar.total = cfg.iters
             if cfg.time_budget_s and time.perf_counter() - started > cfg.time_budget_s:
                 cfg.iters = iteration  # out of time: finish here (recorded in the checkpoint)

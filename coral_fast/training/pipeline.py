@@ -1,0 +1,221 @@
+"""Data + training + evaluation + ablation in one process, inside a fixed time budget.
+
+    python -m coral_fast.training.pipeline --model smollm2 --out OUT [--budget 560]
+
+Used by `scripts/gpu_train.sh` for one device call: the target is loaded once, every stage has a
+deadline, and the stages run in order of importance:
+  1. data (round 0 greedy over all prompts first, then sampled rounds while time allows)
+  2. the shipped draft: multi-step (3) + CSRA, grouped head (router, contiguous G=32, a=4)
+  3. its acceptance through the real loop (greedy, EAGLE-2 tree depth 6 / top-k 10 / 60 tokens)
+  4. ablation at equal iterations: single-step, multi-step, multi-step + CSRA; grouped vs dense
+     head; acceptance as fewer groups are active
+Writes OUT/smollm2/{config.json,model.safetensors}, OUT/results.json, OUT/ablation.md, OUT/train_main.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from coral_fast.training.cli import build_draft, save_small
+from coral_fast.training.data import DataSettings, generate_dataset, load_shards, load_target_model
+from coral_fast.training.evaluate import baseline_tokens_per_s, loop_acceptance
+from coral_fast.training.prompts import load_prompts
+from coral_fast.training.trainer import SequenceData, TrainConfig, chain_acceptance, token_groups_of, train
+
+
+class Clock:
+    def __init__(self, budget: float):
+        self.start = time.perf_counter()
+        self.budget = budget
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.budget - self.elapsed()
+
+    def deadline(self, seconds_from_now: float) -> float:
+        return time.perf_counter() + min(seconds_from_now, max(self.left(), 0))
+
+
+def log(msg, **kv):
+    print(f"[pipeline] {msg} " + json.dumps(kv, default=str), flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m coral_fast.training.pipeline")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data-dir", default="/tmp/coral_data")
+    p.add_argument("--budget", type=float, default=560.0, help="seconds for everything")
+    p.add_argument("--data-budget", type=float, default=100.0)
+    p.add_argument("--main-budget", type=float, default=150.0)
+    p.add_argument("--ablation-budget", type=float, default=40.0, help="seconds of the multi+CSRA ablation run; the others match its iterations")
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--gen-batch", type=int, default=512)
+    p.add_argument("--batch-tokens", type=int, default=16384)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--eval-prompts", type=int, default=16)
+    p.add_argument("--ablation-eval-prompts", type=int, default=8)
+    p.add_argument("--eval-new-tokens", type=int, default=128)
+    p.add_argument("--limit-prompts", type=int, default=None, help="smoke tests: fewer prompts")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    clock = Clock(args.budget)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    results: dict = {"env": {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "triton": _version("triton"), "transformers": _version("transformers"),
+        "date": time.strftime("%Y-%m-%d"),
+    }, "args": vars(args)}
+
+    def save_results():
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        (out / "ablation.md").write_text(render_markdown(results))
+
+    target, tokenizer = load_target_model(args.model, dtype, args.device)
+    target.requires_grad_(False)
+    log("target loaded", seconds=round(clock.elapsed(), 1))
+
+    # 1. data ---------------------------------------------------------------------------------------
+    prompts = load_prompts()
+    if args.limit_prompts:
+        prompts = [r for r in prompts if r["split"] == "eval"][: max(2, args.limit_prompts // 8)] + [r for r in prompts if r["split"] == "train"][: args.limit_prompts]
+    settings = DataSettings(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, forward_batch_size=32 if device.type == "cuda" else 8, samples=args.samples, topk=16)
+    t0 = time.perf_counter()
+    stats = generate_dataset(target, tokenizer, prompts, args.data_dir, settings, model_name=args.model, progress=not args.no_progress, deadline=clock.deadline(args.data_budget))
+    results["data"] = {**stats, "seconds": round(time.perf_counter() - t0, 1)}
+    log("data", **results["data"])
+    data = SequenceData(load_shards(args.data_dir), device=device, max_seq_len=1024)
+    results["data"].update(train_seqs=len(data.train), eval_seqs=len(data.eval),
+                           train_answer_tokens=int(sum(data.loss_mask[s:e].sum() for s, e in data.train)))
+    save_results()
+
+    eval_rows = [r for r in prompts if r["split"] == "eval"]
+    proxy_groups = [1, 2, 4, 8, 16, 32]
+
+    def new_draft():
+        return build_draft(target, args.model, "contiguous", 32, 4, data, device)
+
+    def run(name, cfg, budget):
+        draft = new_draft()
+        cfg.time_budget_s = budget
+        t = time.perf_counter()
+        history = train(draft, data, cfg, out_dir=None, progress=not args.no_progress, eval_groups=proxy_groups,
+                        log_fn=lambda r: print(json.dumps({"run": name, **r}), file=train_log, flush=True))
+        entry = {"iterations": history["iterations"], "train_seconds": round(time.perf_counter() - t, 1),
+                 "proxy": history["final_eval"], "last_train": history["train"][-1] if history["train"] else None,
+                 "config": cfg.to_dict()}
+        results.setdefault("runs", {})[name] = entry
+        log(f"trained {name}", iterations=entry["iterations"], seconds=entry["train_seconds"], proxy_tau=(entry["proxy"] or {}).get("tau"))
+        save_results()
+        return draft
+
+    def loop_eval(name, draft, rows, **kw):
+        if clock.left() < 15:
+            log(f"skip loop eval {name}: out of time")
+            return None
+        t = time.perf_counter()
+        r = loop_acceptance(target, tokenizer, draft, rows, max_new_tokens=args.eval_new_tokens, deadline=clock.deadline(clock.left() - 5), **kw)
+        r["seconds"] = round(time.perf_counter() - t, 1)
+        results.setdefault("loop", {})[name] = r
+        log(f"loop {name}", **r)
+        save_results()
+        return r
+
+    base_cfg = TrainConfig(unroll_steps=3, w_csra=0.1, lr=args.lr, batch_tokens=args.batch_tokens, warmup=50,
+                           iters=100_000, eval_every=0, checkpoint_every=0, eval_unroll=6, eval_max_seqs=96)
+    with open(out / "train_main.jsonl", "w") as train_log:
+        # 2. the shipped draft ---------------------------------------------------------------------
+        main_draft = run("main: multi-step 3 + CSRA", copy.deepcopy(base_cfg), min(args.main_budget, clock.left() - 60))
+        save_small(main_draft, out / args.model)
+        # 3. its acceptance through the loop -------------------------------------------------------
+        loop_eval("main grouped a=4", main_draft, eval_rows[: args.eval_prompts])
+        loop_eval("main dense", main_draft, eval_rows[: args.eval_prompts], head="dense")
+        # 4. ablation at equal iterations ------------------------------------------------------------
+        abl_rows = eval_rows[: args.ablation_eval_prompts]
+        if clock.left() > 3 * args.ablation_budget + 60:
+            csra_draft = run("ablation: multi-step 3 + CSRA", copy.deepcopy(base_cfg), args.ablation_budget)
+            n_iters = results["runs"]["ablation: multi-step 3 + CSRA"]["iterations"]
+            fixed = dict(iters=n_iters, time_budget_s=0.0)
+            loop_eval("ablation multi+CSRA", csra_draft, abl_rows)
+            del csra_draft
+            single = copy.deepcopy(base_cfg)
+            single.__dict__.update(unroll_steps=1, w_csra=0.0, **fixed)
+            single_draft = run("ablation: single-step (EAGLE)", single, 0)
+            loop_eval("ablation single-step", single_draft, abl_rows)
+            del single_draft
+            multi = copy.deepcopy(base_cfg)
+            multi.__dict__.update(w_csra=0.0, **fixed)
+            multi_draft = run("ablation: multi-step 3", multi, 0)
+            loop_eval("ablation multi-step", multi_draft, abl_rows)
+            del multi_draft
+        for a in (1, 2, 8):
+            loop_eval(f"main grouped a={a}", main_draft, abl_rows, active_groups=a)
+    if clock.left() > 20:
+        results["baseline_generate_tok_s"] = baseline_tokens_per_s(target, tokenizer, eval_rows[:4], max_new_tokens=args.eval_new_tokens)
+    results["total_seconds"] = round(clock.elapsed(), 1)
+    save_results()
+    log("done", seconds=results["total_seconds"])
+    return 0
+
+
+def _version(name):
+    try:
+        return __import__(name).__version__
+    except Exception:
+        return None
+
+
+def render_markdown(results: dict) -> str:
+    env = results.get("env", {})
+    lines = [
+        "# Draft training ablation (SmolLM2-135M-Instruct target)",
+        "",
+        f"Device: {env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}; {env.get('date')}.",
+        "Produced by `scripts/gpu_train.sh` (`python -m coral_fast.training.pipeline`) in one device call.",
+        "",
+    ]
+    data = results.get("data")
+    if data:
+        lines += [f"Data: {data.get('train_seqs')} train / {data.get('eval_seqs')} held-out sequences, "
+                  f"{data.get('train_answer_tokens')} train answer tokens, generated in {data.get('seconds')} s.", ""]
+    runs = results.get("runs", {})
+    if runs:
+        lines += ["## Training runs (held-out teacher-forced chain estimate, depth 6)", "",
+                  "| run | iterations | train s | chain tau (dense) | a=1 | a=2 | a=4 | a=8 | a=32 | step acc d0..d5 |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, r in runs.items():
+            pr = r.get("proxy") or {}
+            acc = " ".join(f"{x:.2f}" for x in pr.get("step_acc", []))
+            cells = [f"{pr.get(k, float('nan')):.3f}" if isinstance(pr.get(k), float) else "-" for k in ("tau", "tau_a1", "tau_a2", "tau_a4", "tau_a8", "tau_a32")]
+            lines.append(f"| {name} | {r['iterations']} | {r['train_seconds']} | " + " | ".join(cells) + f" | {acc} |")
+        lines.append("")
+    loop = results.get("loop", {})
+    if loop:
+        lines += ["## Real draft/verify loop (greedy, EAGLE-2 tree depth 6, top-k 10, 60 tokens; held-out chat prompts)", "",
+                  "| setting | head | active groups | prompts | new tokens | mean accepted length | tokens/s |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, r in loop.items():
+            lines.append(f"| {name} | {r['head']} | {r['active_groups'] if r['head'] == 'grouped' else 'all'} | {r['prompts']} | {r['new_tokens']} | "
+                         f"{r['mean_accepted_length']:.3f} | {r['tokens_per_s']:.1f} |")
+        lines.append("")
+    if "baseline_generate_tok_s" in results:
+        lines += [f"Plain `model.generate` (eager, greedy) on the same machine: {results['baseline_generate_tok_s']:.1f} tokens/s.", ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

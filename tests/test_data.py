@@ -1,0 +1,128 @@
+"""Prompt set and self-distillation shards: layout, greedy consistency, resumable generation."""
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from coral_fast.training.data import DataSettings, build_shard, generate_dataset, load_shards, plan_shards
+from coral_fast.training.prompts import PROMPTS_PATH, build_prompts, load_prompts
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_shipped_prompts_are_the_generator_output_and_varied():
+    shipped = load_prompts()
+    assert shipped == build_prompts()
+    assert len(shipped) >= 500
+    categories = Counter(r["category"] for r in shipped)
+    for name in ("explanation", "code", "list", "math", "rewrite", "dialogue"):
+        assert categories[name] >= 10, categories
+    texts = [json.dumps(r["messages"]) for r in shipped]
+    assert len(set(texts)) == len(texts), "duplicate prompts"
+    n_eval = sum(r["split"] == "eval" for r in shipped)
+    assert 0.05 * len(shipped) < n_eval < 0.2 * len(shipped)
+    assert all(r["messages"][-1]["role"] == "user" for r in shipped)
+    assert PROMPTS_PATH.exists()
+
+
+def test_build_shard_layout_and_load_shards_concatenation(tmp_path):
+    from safetensors.torch import save_file
+
+    H, K = 4, 3
+    seqs = [[5, 6, 7, 8, 9], [1, 2, 3], [4, 4, 4, 4]]
+    prompt_lengths = [2, 1, 3]
+
+    def fake(seq):
+        n = len(seq)
+        return torch.randn(n, H).bfloat16(), torch.randint(0, 10, (n, K), dtype=torch.int32), torch.randn(n, K)
+
+    parts = [fake(s) for s in seqs]
+    shard = build_shard(seqs, prompt_lengths, [False, True, False], *[[p[i] for p in parts] for i in range(3)])
+    assert shard["offsets"].tolist() == [0, 5, 8, 12]
+    # position t trains when token t+1 is an answer token: t = P-1 .. N-2
+    assert shard["loss_mask"].tolist() == [0, 1, 1, 1, 0] + [1, 1, 0] + [0, 0, 1, 0]
+    assert shard["is_eval"].tolist() == [0, 1, 0]
+    save_file(shard, str(tmp_path / "shard_00000.safetensors"))
+    save_file(build_shard(seqs[:1], [3], [False], *[[p[i] for p in parts[:1]] for i in range(3)]), str(tmp_path / "shard_00001.safetensors"))
+    merged = load_shards(tmp_path)
+    assert merged["offsets"].tolist() == [0, 5, 8, 12, 17]
+    assert merged["input_ids"][12:].tolist() == seqs[0]
+    assert merged["loss_mask"][12:].tolist() == [0, 0, 1, 1, 0]
+    with pytest.raises(ValueError):
+        build_shard(seqs[:1], [9], [False], *[[p[i] for p in parts[:1]] for i in range(3)])
+    with pytest.raises(ValueError):
+        load_shards(tmp_path / "nothing")
+
+
+class FakeChatTokenizer:
+    """Just enough tokenizer for `generate_dataset`: a chat template of character codes."""
+
+    chat_template = "fake"
+    pad_token_id = 0
+    eos_token_id = 2
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        ids = [1]
+        for m in messages:
+            ids += [3 + (ord(c) % (self.vocab - 3)) for c in m["content"][:6]]
+        return ids + [1]
+
+
+def tiny_target(vocab=53):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = 2
+    return model
+
+
+def test_generate_dataset_is_greedy_consistent_and_resumable(tmp_path):
+    model = tiny_target()
+    tokenizer = FakeChatTokenizer(53)
+    prompts = [r for r in build_prompts()[:7]]
+    settings = DataSettings(max_new_tokens=12, batch_size=3, forward_batch_size=2, samples=2, topk=4)
+    n_train = sum(r["split"] == "train" for r in prompts)
+    plan = plan_shards(prompts, settings)
+    assert [len(s["rows"]) for s in plan if s["round"] == 0] == [3, 3, 1]
+    assert sum(len(s["rows"]) for s in plan if s["round"] == 1) == n_train
+    assert all(s["sample"] == (s["round"] > 0) for s in plan)
+    stats = generate_dataset(model, tokenizer, prompts, tmp_path, settings, progress=False)
+    assert stats["skipped"] == 0 and stats["answer_tokens"] > 0
+    paths = sorted(tmp_path.glob("shard_*.safetensors"))
+    assert len(paths) == stats["shards"]
+    data = load_shards(tmp_path)
+    # round 0 is greedy: in the answer the stored top-1 at t is the token at t+1
+    first = load_shards_single(paths[0])
+    mask = first["loss_mask"].bool()
+    nxt = torch.cat([first["input_ids"][1:], first["input_ids"][:1]])
+    assert mask.any() and torch.equal(first["topk_ids"][:, 0][mask], nxt[mask])
+    assert torch.all(first["topk_logprobs"][:, :-1] >= first["topk_logprobs"][:, 1:])
+    assert data["hidden"].dtype == torch.bfloat16 and data["hidden"].shape[-1] == 32
+    # resume: only the missing shard is written again, identical for the greedy round
+    before = paths[1].read_bytes()
+    paths[1].unlink()
+    stats = generate_dataset(model, tokenizer, prompts, tmp_path, settings, progress=False)
+    assert stats["skipped"] == len(paths) - 1
+    assert paths[1].read_bytes() == before
+    # other settings into the same folder are refused
+    with pytest.raises(ValueError):
+        generate_dataset(model, tokenizer, prompts, tmp_path, DataSettings(max_new_tokens=5, batch_size=3), progress=False)
+
+
+def load_shards_single(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
