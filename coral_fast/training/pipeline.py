@@ -19,6 +19,7 @@ import json
 import platform
 import shutil
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -128,7 +129,13 @@ def main(argv=None) -> int:
             log(f"skip loop eval {name}: out of time")
             return None
         t = time.perf_counter()
-        r = loop_acceptance(target, tokenizer, draft, rows, max_new_tokens=args.eval_new_tokens, deadline=clock.deadline(clock.left() - 5), **kw)
+        try:
+            r = loop_acceptance(target, tokenizer, draft, rows, max_new_tokens=args.eval_new_tokens, deadline=clock.deadline(clock.left() - 5), **kw)
+        except Exception as error:  # keep the other stages: the numbers of this one are simply missing
+            traceback.print_exc()
+            results.setdefault("errors", {})[f"loop {name}"] = repr(error)
+            save_results()
+            return None
         r["seconds"] = round(time.perf_counter() - t, 1)
         results.setdefault("loop", {})[name] = r
         log(f"loop {name}", **r)
@@ -146,26 +153,34 @@ def main(argv=None) -> int:
         loop_eval("main dense", main_draft, eval_rows[: args.eval_prompts], head="dense")
         # 4. ablation at equal iterations ------------------------------------------------------------
         abl_rows = eval_rows[: args.ablation_eval_prompts]
-        if clock.left() > 3 * args.ablation_budget + 60:
-            csra_draft = run("ablation: multi-step 3 + CSRA", copy.deepcopy(base_cfg), args.ablation_budget)
-            n_iters = results["runs"]["ablation: multi-step 3 + CSRA"]["iterations"]
-            fixed = dict(iters=n_iters, time_budget_s=0.0)
-            loop_eval("ablation multi+CSRA", csra_draft, abl_rows)
-            del csra_draft
-            single = copy.deepcopy(base_cfg)
-            single.__dict__.update(unroll_steps=1, w_csra=0.0, **fixed)
-            single_draft = run("ablation: single-step (EAGLE)", single, 0)
-            loop_eval("ablation single-step", single_draft, abl_rows)
-            del single_draft
-            multi = copy.deepcopy(base_cfg)
-            multi.__dict__.update(w_csra=0.0, **fixed)
-            multi_draft = run("ablation: multi-step 3", multi, 0)
-            loop_eval("ablation multi-step", multi_draft, abl_rows)
-            del multi_draft
+        try:
+            if clock.left() > 3 * args.ablation_budget + 60:
+                csra_draft = run("ablation: multi-step 3 + CSRA", copy.deepcopy(base_cfg), args.ablation_budget)
+                n_iters = results["runs"]["ablation: multi-step 3 + CSRA"]["iterations"]
+                fixed = dict(iters=n_iters, time_budget_s=0.0)
+                loop_eval("ablation multi+CSRA", csra_draft, abl_rows)
+                del csra_draft
+                single = copy.deepcopy(base_cfg)
+                single.__dict__.update(unroll_steps=1, w_csra=0.0, **fixed)
+                single_draft = run("ablation: single-step (EAGLE)", single, 0)
+                loop_eval("ablation single-step", single_draft, abl_rows)
+                del single_draft
+                multi = copy.deepcopy(base_cfg)
+                multi.__dict__.update(w_csra=0.0, **fixed)
+                multi_draft = run("ablation: multi-step 3", multi, 0)
+                loop_eval("ablation multi-step", multi_draft, abl_rows)
+                del multi_draft
+        except Exception as error:
+            traceback.print_exc()
+            results.setdefault("errors", {})["ablation"] = repr(error)
         for a in (1, 2, 8):
             loop_eval(f"main grouped a={a}", main_draft, abl_rows, active_groups=a)
     if clock.left() > 20:
-        results["baseline_generate_tok_s"] = baseline_tokens_per_s(target, tokenizer, eval_rows[:4], max_new_tokens=args.eval_new_tokens)
+        try:
+            results["baseline_generate_tok_s"] = baseline_tokens_per_s(target, tokenizer, eval_rows[:4], max_new_tokens=args.eval_new_tokens)
+        except Exception as error:
+            traceback.print_exc()
+            results.setdefault("errors", {})["baseline"] = repr(error)
     results["total_seconds"] = round(clock.elapsed(), 1)
     save_results()
     log("done", seconds=results["total_seconds"])
