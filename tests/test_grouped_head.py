@@ -87,6 +87,23 @@ def test_triton_matches_reference_cpu(V, H, G, M, A, k, kind, seed):
     torch.testing.assert_close(logprobs, ref_lp, atol=2e-4, rtol=0)
 
 
+@needs_triton
+@pytest.mark.parametrize("gather", [True, False])
+def test_triton_row_block_modes(gather, seed):
+    """Several row blocks per group (M=37 > BLOCK_M=16, rows sharing groups), both row layouts."""
+    from coral_fast.kernels.grouped_head_topk import KernelConfig, grouped_head_topk_triton
+
+    V, H, G, M, A, k = 389, 24, 5, 37, 2, 7
+    grouping = VocabGrouping.contiguous(V, G)
+    weight, hidden = torch.randn(V, H), torch.randn(M, H)
+    groups = _random_groups(M, A, G, "cpu", shared_pool=3)
+    config = KernelConfig(16, 32, 16, 4, 2, 1, gather=gather)
+    ids, logprobs = grouped_head_topk_triton(
+        hidden, weight, grouping.offsets, grouping.order, groups, k, grouping.max_group_size, config
+    )
+    _assert_topk_matches(ids, logprobs, hidden, weight, grouping, groups, k, atol=1e-4)
+
+
 def test_reference_matches_oracle(seed):
     V, H, G, M, A, k = 1203, 32, 10, 9, 4, 20
     grouping = VocabGrouping.from_token_counts(torch.rand(V), G)

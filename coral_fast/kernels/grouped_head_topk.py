@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover - triton is a Linux dependency; the refe
     triton = None
 
 MAX_K = 64  # largest k the Triton path supports (the issue's bound)
+GATHER_MAX_M = 256  # up to this many rows, each work item gathers the rows that chose its group
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ if triton is not None:
         stride_hm, stride_wv, stride_gm,
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
         A_POW2: tl.constexpr, G_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
-        EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
+        GATHER: tl.constexpr, M_POW2: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
         """Persistent: work item = (active group j, vocab tile t, row block mb), mb fastest so the
         programs sharing a weight tile run side by side and all but the first read it from L2."""
@@ -95,15 +96,33 @@ if triton is not None:
             tile = (item // NMB) % NT
             g = tl.sum(tl.where(rank == item // (NMB * NT), gids, 0), axis=0)
 
-            rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_ok = rows < M
-            chosen_groups = tl.load(
-                groups_ptr + rows[:, None] * stride_gm + slots[None, :],
-                mask=row_ok[:, None] & (slots[None, :] < A), other=-1,
-            )
-            hit = chosen_groups == g
-            chosen = tl.max(hit.to(tl.int32), axis=1) > 0  # [BLOCK_M]: row chose group g
-            slot = tl.sum(tl.where(hit, slots[None, :], 0), axis=1)  # where g sits in the row's list
+            if GATHER:
+                # rows that chose g, compacted: block mb takes the mb-th BLOCK_M of them, so the dot
+                # and the epilogue run on chosen rows only (random routing: ~M*A/G rows a group)
+                m_all = tl.arange(0, M_POW2)
+                groups_all = tl.load(
+                    groups_ptr + m_all[:, None] * stride_gm + slots[None, :],
+                    mask=(m_all[:, None] < M) & (slots[None, :] < A), other=-1,
+                )
+                hit_all = groups_all == g
+                chosen_all = tl.max(hit_all.to(tl.int32), axis=1)
+                slot_all = tl.sum(tl.where(hit_all, slots[None, :], 0), axis=1)
+                position = tl.where(chosen_all > 0, tl.cumsum(chosen_all, axis=0) - 1, -1)
+                match = position[None, :] == (mb * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
+                rows = tl.sum(tl.where(match, m_all[None, :], 0), axis=1)
+                slot = tl.sum(tl.where(match, slot_all[None, :], 0), axis=1)
+                chosen = tl.max(match.to(tl.int32), axis=1) > 0
+                row_ok = chosen
+            else:
+                rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+                row_ok = rows < M
+                chosen_groups = tl.load(
+                    groups_ptr + rows[:, None] * stride_gm + slots[None, :],
+                    mask=row_ok[:, None] & (slots[None, :] < A), other=-1,
+                )
+                hit = chosen_groups == g
+                chosen = tl.max(hit.to(tl.int32), axis=1) > 0  # [BLOCK_M]: row chose group g
+                slot = tl.sum(tl.where(hit, slots[None, :], 0), axis=1)  # where g sits in the row's list
 
             group_end = tl.load(offsets_ptr + g + 1).to(tl.int32)
             lo = tl.load(offsets_ptr + g).to(tl.int32) + tile * BLOCK_V
@@ -141,7 +160,7 @@ if triton is not None:
             tl.store(part_sum_ptr + part, tile_sum, mask=chosen)
 
             # the tile's top-KT by rounds of argmax: KT <= 64, cheap next to streaming the tile
-            for r in range(0, KT):
+            for r in range(0, tl.where(any_chosen, KT, 0)):
                 best, arg = tl.max(logits, axis=1, return_indices=True)
                 tl.store(part_val_ptr + part * KT + r, best, mask=chosen)
                 tl.store(part_row_ptr + part * KT + r, lo + arg, mask=chosen)
@@ -209,6 +228,7 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     programs_per_sm: int = 2  # persistent grid: at most this many programs per multiprocessor
+    gather: bool = True  # row blocks of chosen rows only (M <= GATHER_MAX_M) rather than rows in order
 
 
 def default_config(M: int, H: int, k: int) -> KernelConfig:
@@ -280,6 +300,7 @@ def grouped_head_topk_triton(
 
     MA = M * A
     G_POW2 = max(16, _next_pow2(G))
+    gather = cfg.gather and M <= GATHER_MAX_M
     # at most min(G, M*A) groups are active: known on the host, so the grid needs no sync
     max_items = min(G, MA) * NT * NMB
     grid = (min(max_items, _num_programs_cap(device, cfg.programs_per_sm)),)
@@ -290,6 +311,7 @@ def grouped_head_topk_triton(
         hidden.stride(0), weight.stride(0), groups.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=block_k,
         A_POW2=_next_pow2(A), G_POW2=G_POW2, BLOCK_P=min(max(16, _next_pow2(MA)), max(16, 8192 // G_POW2)),
+        GATHER=gather, M_POW2=max(16, _next_pow2(M)),
         EVEN_K=(H % block_k == 0), DOT_FP32=dot_needs_fp32(device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
