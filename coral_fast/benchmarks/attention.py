@@ -287,6 +287,7 @@ def format_table(rows: List[Dict], device_name: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="coral-fast bench attention", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="only Llama-3-8B heads at B=1, T=64, L=8192 and B=8, T=64, L=8192")
+    parser.add_argument("--only", default=None, help="comma-separated rows model:B:T:L, e.g. llama3-8b:1:64:8192,smollm2:1:64:512")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation takes minutes)")
     parser.add_argument("--flex-budget-s", type=float, default=100.0, help="stop trying FlexAttention after this long")
     parser.add_argument("--sweep", action="store_true", help="also time a sweep of kernel configurations on key shapes")
@@ -310,6 +311,8 @@ def main(argv=None) -> int:
     shapes += [(m, 1, 64, l) for m in ("smollm2", "gemma3-270m") for l in (512, 2048)]
     if args.quick:
         shapes = headline[:2]
+    if args.only:
+        shapes = [(m, int(b), int(t), int(l)) for m, b, t, l in (item.split(":") for item in args.only.split(","))]
     args.sweep_shapes = {(1, 64, 8192), (8, 64, 8192)}
 
     flex_runner = None
