@@ -334,10 +334,11 @@ def main(argv=None) -> int:
         if use_flex is None and flex_runner is not None and label == "llama3-8b":
             row["flex_note"] = "skipped (budget)"
         rows.append(row)
+        flex_text = f"{row['flex_us']:.1f} [{row['flex_note']}]" if row["flex_us"] else row["flex_note"]
         log(
             f"{label} B={batch} T={num_queries} L={prefix_len}: ours {row['ours_us']:.1f} us ({row['ours_how']}), "
             f"sdpa_mask {row['sdpa_mask_us']:.1f} ({row['sdpa_mask_how']}), sdpa_none {row['sdpa_none_us']:.1f}, "
-            f"flex {row['flex_us'] if row['flex_us'] else row['flex_note']}, floor {row['floor_us']:.1f}, err {row['err_ours']:.1e}"
+            f"flex {flex_text}, floor {row['floor_us']:.1f}, err {row['err_ours']:.1e}"
             + (f", flex err {row['err_flex']:.1e}" if "err_flex" in row else "")
         )
         if "regs" in row:
