@@ -78,6 +78,9 @@ class DraftConfig:
         unknown = set(overrides) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown DraftConfig fields: {sorted(unknown)}")
+        if "num_groups" not in overrides:  # small vocabularies (tests, toys): fewer, non-empty groups
+            values["num_groups"] = _fitting_num_groups(values["vocab_size"], cls.num_groups)
+            values["active_groups"] = min(overrides.get("active_groups", cls.active_groups), values["num_groups"])
         values.update(overrides)
         if values["hidden_act"] == "gelu":  # Gemma's configs sometimes say gelu and mean the tanh form
             values["hidden_act"] = "gelu_pytorch_tanh"
@@ -90,6 +93,15 @@ class DraftConfig:
     def from_dict(cls, d) -> "DraftConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _fitting_num_groups(vocab_size: int, wanted: int) -> int:
+    """The largest G <= wanted (at least 8 tokens a group) whose contiguous grouping has no empty group."""
+    for groups in range(min(wanted, max(1, vocab_size // 8)), 0, -1):
+        size = -(-vocab_size // groups)
+        if (groups - 1) * size < vocab_size:
+            return groups
+    return 1
 
 
 def _rope_theta(text_config) -> float:

@@ -278,4 +278,5 @@ class SpeculativeGenerator:
             result.draft_time_s += (tb - ta) + (td - tc)
             result.verify_time_s += tc - tb
         result.total_time_s = time.perf_counter() - t0
+        self.last_caches = (tcache, dcache)  # for inspection (tests): committed slots [0, length)
         return result
