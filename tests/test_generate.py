@@ -1,0 +1,166 @@
+"""The loop end to end: greedy output identical to model.generate(do_sample=False)."""
+import json
+
+import pytest
+import torch
+
+from coral_fast import DraftModel, SpeculativeGenerator
+from coral_fast.generate import TreeConfig
+from coral_fast.tree import DraftTree
+from test_models import one_thread, real_target, tiny_gemma3, tiny_llama  # noqa: F401 (fixture)
+
+
+def plain_greedy(model, prompt, n, eos=None):
+    kwargs = dict(max_new_tokens=n, do_sample=False, attention_mask=torch.ones(1, len(prompt), dtype=torch.int64))
+    if eos is None:
+        kwargs["min_new_tokens"] = n
+    else:
+        kwargs["eos_token_id"] = eos
+    return model.generate(prompt[None], **kwargs)[0, len(prompt):].tolist()
+
+
+def install_oracle(gen: SpeculativeGenerator, truth: list, vocab: int, rng: torch.Generator, depth=5):
+    """Replace the draft's tree by one that holds the true continuation up to a random depth, with a wrong
+    sibling at every level and wrong tokens below the break: long, varied acceptances."""
+
+    def draft_tree(dcache, last_hidden):
+        n = dcache.length  # the root (last accepted token) sits at position n
+        cut = int(torch.randint(0, depth + 1, (1,), generator=rng))
+        parents, tokens, prev = [], [], -1
+        for d in range(depth):
+            true = truth[n + 1 + d] if n + 1 + d < len(truth) else int(torch.randint(0, vocab, (1,), generator=rng))
+            token = true if d < cut else (true + 1) % vocab
+            parents += [prev, prev]
+            tokens += [token, (token + 2) % vocab]
+            prev = len(tokens) - 2
+        return DraftTree.from_parents(parents), torch.tensor(tokens)
+
+    gen._draft_tree = draft_tree
+
+
+@pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])
+def test_random_draft_greedy_identical(make_target, seed, one_thread):
+    model = make_target()
+    V = model.config.vocab_size
+    gen = SpeculativeGenerator(model, None, TreeConfig(depth=3, topk=3, total_tokens=8))
+    for prompt_len, n in [(1, 9), (7, 30), (16, 3)]:
+        prompt = torch.randint(0, V, (prompt_len,))
+        out = gen.generate(prompt, n)
+        assert out.token_ids == plain_greedy(model, prompt, n)
+        assert out.rounds == len(out.accepted_lengths) and sum(out.accepted_lengths) + 1 >= n
+
+
+@pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])
+def test_long_acceptances_stay_exact(make_target, seed, one_thread):
+    """With an oracle tree most rounds accept several tokens; the output must not change."""
+    model = make_target()
+    V = model.config.vocab_size
+    prompt = torch.randint(0, V, (5,))
+    ref = plain_greedy(model, prompt, 60)
+    gen = SpeculativeGenerator(model, None)
+    install_oracle(gen, prompt.tolist() + ref, V, torch.Generator().manual_seed(seed))
+    out = gen.generate(prompt, 60)
+    assert out.token_ids == ref
+    assert out.mean_accepted_length > 2.0 and max(out.accepted_lengths) == 6
+
+
+def test_eos_stops_like_generate(seed, one_thread):
+    model = tiny_llama()
+    prompt = torch.randint(0, 97, (4,))
+    ref = plain_greedy(model, prompt, 40)
+    eos = ref[17]
+    gen = SpeculativeGenerator(model, None, eos_token_id=eos)
+    install_oracle(gen, prompt.tolist() + ref, 97, torch.Generator().manual_seed(seed))
+    out = gen.generate(prompt, 40)
+    assert out.token_ids == plain_greedy(model, prompt, 40, eos=eos)
+    assert out.token_ids[-1] == eos and len(out.token_ids) == ref.index(eos) + 1
+
+
+def test_streaming_callback_sees_every_token(one_thread):
+    model = tiny_llama()
+    prompt = torch.randint(0, 97, (3,))
+    seen = []
+    out = SpeculativeGenerator(model).generate(prompt, 12, callback=seen.extend)
+    assert seen == out.token_ids and len(seen) == 12
+    stats = out.stats()
+    assert stats["new_tokens"] == 12 and stats["draft_s"] > 0 and stats["verify_s"] > 0
+
+
+def test_errors():
+    model = tiny_llama()
+    gen = SpeculativeGenerator(model)
+    with pytest.raises(ValueError, match="empty"):
+        gen.generate(torch.zeros(0, dtype=torch.int64), 4)
+    with pytest.raises(ValueError, match="batch size 1"):
+        gen.generate(torch.zeros(2, 3, dtype=torch.int64), 4)
+    with pytest.raises(ValueError, match="out of range"):
+        gen.generate(torch.tensor([5, 97]), 4)
+    with pytest.raises(ValueError, match="vocabulary 97.*has 101"):
+        SpeculativeGenerator(tiny_llama(vocab=101), DraftModel.random_init(model))
+    with pytest.raises(ValueError, match="total_tokens"):
+        TreeConfig(depth=2, topk=2, total_tokens=7)
+
+
+# --- the real models (fp32, CPU) ----------------------------------------------------------------
+def random_weights_draft(model, seed):
+    """A 'random' draft: weights far from a trained one (std 1), unlike random_init's small std."""
+    torch.manual_seed(seed)
+    draft = DraftModel.random_init(model)
+    draft.reset_parameters(std=1.0)
+    return draft
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,cases", [
+    ("smollm2", [("The capital of France is", 24), ("def fibonacci(n):", 40), ("Once upon a time", 7)]),
+    ("gemma3-270m", [("The capital of France is", 16), ("def add(a, b):", 10)]),
+])
+def test_real_model_greedy_identical(name, cases, one_thread):
+    model, tok = real_target(name)
+    tree = TreeConfig(depth=3, topk=3, total_tokens=8)
+    drafts = {"untrained": DraftModel.random_init(model), "random": random_weights_draft(model, 1)}
+    for label, draft in drafts.items():
+        gen = SpeculativeGenerator(model, draft, tree)
+        for prompt, n in cases:
+            ids = tok(prompt, return_tensors="pt").input_ids[0]
+            ref = model.generate(ids[None], max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+            out = gen.generate(ids, n)
+            assert out.token_ids == ref, (label, prompt)
+
+
+@pytest.mark.slow
+def test_real_model_oracle_acceptances(one_thread):
+    model, tok = real_target("smollm2")
+    ids = tok("List three colours:", return_tensors="pt").input_ids[0]
+    ref = model.generate(ids[None], max_new_tokens=30, do_sample=False, min_new_tokens=30)[0, len(ids):].tolist()
+    gen = SpeculativeGenerator(model, None, eos_token_id=[])
+    install_oracle(gen, ids.tolist() + ref, model.config.vocab_size, torch.Generator().manual_seed(0))
+    out = gen.generate(ids, 30)
+    assert out.token_ids == ref and out.mean_accepted_length > 2
+
+
+@pytest.mark.slow
+def test_cli_json(monkeypatch, capsys, one_thread):
+    from coral_fast import generate_cli, models
+
+    monkeypatch.setattr(models, "load_target", lambda name, dtype, device: real_target(name))
+    rc = generate_cli.main(["--model", "smollm2", "--prompt", "The capital of France is", "--max-new-tokens", "6",
+                            "--json", "--compare"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out.strip().splitlines()[-1])
+    model, tok = real_target("smollm2")
+    assert payload["prompt_ids"] == tok("The capital of France is").input_ids
+    assert payload["token_ids"] == payload["plain_token_ids"] and payload["identical_to_plain"] is True
+    assert "Paris" in payload["text"] and payload["text"] in captured.out
+    assert payload["mean_accepted_length"] >= 1 and payload["tokens_per_s"] > 0
+    assert "untrained random draft" in captured.err or "draft:" in captured.err
+
+
+def test_cli_errors(capsys):
+    from coral_fast import generate_cli
+
+    assert generate_cli.main(["--model", "smollm2", "--prompt", "   "]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+    assert generate_cli.main(["--model", "nonexistent-model", "--prompt", "hi"]) == 2
+    assert "unknown model" in capsys.readouterr().err
