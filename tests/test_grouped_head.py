@@ -104,6 +104,25 @@ def test_triton_row_block_modes(gather, seed):
     _assert_topk_matches(ids, logprobs, hidden, weight, grouping, groups, k, atol=1e-4)
 
 
+@needs_triton
+def test_triton_merge_in_chunks_with_ties(monkeypatch, seed):
+    """Many tiles (narrow tiles, chunked merge), k above the tile width, and heavy ties:
+    the weight has only 5 distinct rows, so most logits are equal."""
+    import coral_fast.kernels.grouped_head_topk as kernel
+
+    monkeypatch.setattr(kernel, "MERGE_BLOCK_P", 1024)
+    V, H, G, M, A, k = 701, 16, 4, 3, 3, 37
+    grouping = VocabGrouping.from_token_counts(torch.rand(V), G)
+    weight = torch.randn(5, H)[torch.randint(0, 5, (V,))]
+    hidden = torch.randn(M, H)
+    groups = _random_groups(M, A, G, "cpu")
+    config = kernel.KernelConfig(16, 16, 16, 4, 2, 2, gather=False)
+    ids, logprobs = kernel.grouped_head_topk_triton(
+        hidden, weight, grouping.offsets, grouping.order, groups, k, grouping.max_group_size, config
+    )
+    _assert_topk_matches(ids, logprobs, hidden, weight, grouping, groups, k, atol=1e-4)
+
+
 def test_reference_matches_oracle(seed):
     V, H, G, M, A, k = 1203, 32, 10, 9, 4, 20
     grouping = VocabGrouping.from_token_counts(torch.rand(V), G)

@@ -55,18 +55,20 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--out", required=True)
     p.add_argument("--data-dir", default="/tmp/coral_data")
-    p.add_argument("--budget", type=float, default=560.0, help="seconds for everything")
+    p.add_argument("--budget", type=float, default=555.0, help="seconds for everything")
     p.add_argument("--data-budget", type=float, default=100.0)
-    p.add_argument("--main-budget", type=float, default=150.0)
-    p.add_argument("--ablation-budget", type=float, default=40.0, help="seconds of the multi+CSRA ablation run; the others match its iterations")
-    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--main-budget", type=float, default=140.0)
+    p.add_argument("--ablation-budget", type=float, default=35.0, help="seconds of the multi+CSRA ablation run; the others match its iterations")
+    p.add_argument("--samples", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--gen-batch", type=int, default=512)
+    p.add_argument("--gen-batch", type=int, default=1000)
     p.add_argument("--batch-tokens", type=int, default=16384)
     p.add_argument("--lr", type=float, default=6e-4)
-    p.add_argument("--eval-prompts", type=int, default=16)
-    p.add_argument("--ablation-eval-prompts", type=int, default=8)
+    p.add_argument("--eval-prompts", type=int, default=40)
+    p.add_argument("--ablation-eval-prompts", type=int, default=20)
     p.add_argument("--eval-new-tokens", type=int, default=128)
+    p.add_argument("--main-loop-s", type=float, default=35.0, help="seconds for each loop evaluation of the shipped draft")
+    p.add_argument("--ablation-loop-s", type=float, default=15.0, help="seconds for each ablation loop evaluation")
     p.add_argument("--limit-prompts", type=int, default=None, help="smoke tests: fewer prompts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -86,7 +88,10 @@ def main(argv=None) -> int:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
         (out / "ablation.md").write_text(render_markdown(results))
 
-    target, tokenizer = load_target_model(args.model, dtype, args.device)
+    if args.model.startswith("random:"):  # GPU smoke test without the model file
+        target, tokenizer = random_target(args.model.split(":", 1)[1], dtype, args.device)
+    else:
+        target, tokenizer = load_target_model(args.model, dtype, args.device)
     target.requires_grad_(False)
     log("target loaded", seconds=round(clock.elapsed(), 1))
 
@@ -100,8 +105,9 @@ def main(argv=None) -> int:
     results["data"] = {**stats, "seconds": round(time.perf_counter() - t0, 1)}
     log("data", **results["data"])
     data = SequenceData(load_shards(args.data_dir), device=device, max_seq_len=1024)
+    mask_cumsum = torch.cat([torch.zeros(1, dtype=torch.int64), data.loss_mask.cpu().long().cumsum(0)])
     results["data"].update(train_seqs=len(data.train), eval_seqs=len(data.eval),
-                           train_answer_tokens=int(sum(data.loss_mask[s:e].sum() for s, e in data.train)))
+                           train_answer_tokens=int(sum(int(mask_cumsum[e] - mask_cumsum[s]) for s, e in data.train)))
     save_results()
 
     eval_rows = [r for r in prompts if r["split"] == "eval"]
@@ -124,18 +130,21 @@ def main(argv=None) -> int:
         save_results()
         return draft
 
-    def loop_eval(name, draft, rows, **kw):
+    def loop_eval(name, draft, rows, allowance=None, **kw):
         if clock.left() < 15:
             log(f"skip loop eval {name}: out of time")
             return None
         t = time.perf_counter()
+        draft.to(dtype)  # as shipped: from_pretrained puts the draft in the target's dtype
         try:
-            r = loop_acceptance(target, tokenizer, draft, rows, max_new_tokens=args.eval_new_tokens, deadline=clock.deadline(clock.left() - 5), **kw)
+            r = loop_acceptance(target, tokenizer, draft, rows, max_new_tokens=args.eval_new_tokens, deadline=clock.deadline(min(allowance or 1e9, clock.left() - 5)), **kw)
         except Exception as error:  # keep the other stages: the numbers of this one are simply missing
             traceback.print_exc()
             results.setdefault("errors", {})[f"loop {name}"] = repr(error)
             save_results()
             return None
+        finally:
+            draft.to(torch.float32)
         r["seconds"] = round(time.perf_counter() - t, 1)
         results.setdefault("loop", {})[name] = r
         log(f"loop {name}", **r)
@@ -149,32 +158,35 @@ def main(argv=None) -> int:
         main_draft = run("main: multi-step 3 + CSRA", copy.deepcopy(base_cfg), min(args.main_budget, clock.left() - 60))
         save_small(main_draft, out / args.model)
         # 3. its acceptance through the loop -------------------------------------------------------
-        loop_eval("main grouped a=4", main_draft, eval_rows[: args.eval_prompts])
-        loop_eval("main dense", main_draft, eval_rows[: args.eval_prompts], head="dense")
+        loop_eval("main grouped a=4", main_draft, eval_rows[: args.eval_prompts], args.main_loop_s)
+        loop_eval("main dense", main_draft, eval_rows[: args.eval_prompts], args.main_loop_s, head="dense")
         # 4. ablation at equal iterations ------------------------------------------------------------
         abl_rows = eval_rows[: args.ablation_eval_prompts]
         try:
-            if clock.left() > 3 * args.ablation_budget + 60:
+            if clock.left() > 3 * args.ablation_budget + 3 * args.ablation_loop_s + 20:
                 csra_draft = run("ablation: multi-step 3 + CSRA", copy.deepcopy(base_cfg), args.ablation_budget)
                 n_iters = results["runs"]["ablation: multi-step 3 + CSRA"]["iterations"]
                 fixed = dict(iters=n_iters, time_budget_s=0.0)
-                loop_eval("ablation multi+CSRA", csra_draft, abl_rows)
+                loop_eval("ablation multi+CSRA", csra_draft, abl_rows, args.ablation_loop_s)
                 del csra_draft
+                _free()
                 single = copy.deepcopy(base_cfg)
                 single.__dict__.update(unroll_steps=1, w_csra=0.0, **fixed)
                 single_draft = run("ablation: single-step (EAGLE)", single, 0)
-                loop_eval("ablation single-step", single_draft, abl_rows)
+                loop_eval("ablation single-step", single_draft, abl_rows, args.ablation_loop_s)
                 del single_draft
+                _free()
                 multi = copy.deepcopy(base_cfg)
                 multi.__dict__.update(w_csra=0.0, **fixed)
                 multi_draft = run("ablation: multi-step 3", multi, 0)
-                loop_eval("ablation multi-step", multi_draft, abl_rows)
+                loop_eval("ablation multi-step", multi_draft, abl_rows, args.ablation_loop_s)
                 del multi_draft
+                _free()
         except Exception as error:
             traceback.print_exc()
             results.setdefault("errors", {})["ablation"] = repr(error)
         for a in (1, 2, 8):
-            loop_eval(f"main grouped a={a}", main_draft, abl_rows, active_groups=a)
+            loop_eval(f"main grouped a={a}", main_draft, abl_rows, args.ablation_loop_s, active_groups=a)
     if clock.left() > 20:
         try:
             results["baseline_generate_tok_s"] = baseline_tokens_per_s(target, tokenizer, eval_rows[:4], max_new_tokens=args.eval_new_tokens)
@@ -185,6 +197,44 @@ def main(argv=None) -> int:
     save_results()
     log("done", seconds=results["total_seconds"])
     return 0
+
+
+class ByteChatTokenizer:
+    """A stand-in chat tokenizer (bytes of the text) for smoke tests with a random target."""
+
+    chat_template = "bytes"
+    pad_token_id = 0
+    eos_token_id = 2
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+        return [1] + [3 + b for b in text.encode()[:200]]
+
+
+def random_target(name: str, dtype, device):
+    """A random-weight target with the shapes of `name` (smollm2 only) and a byte tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if name != "smollm2":
+        raise ValueError(f"random targets: smollm2 only, got {name!r}")
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    model.generation_config.eos_token_id = 2
+    return model, ByteChatTokenizer(config.vocab_size)
+
+
+def _free():
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _version(name):

@@ -204,10 +204,10 @@ class SequenceData:
 # --- groups of the vocabulary ----------------------------------------------------------------------
 def token_groups_of(draft) -> Tensor:
     """[V] int64: the group of every vocabulary id under the draft head's grouping."""
-    grouping = getattr(draft, "grouping", None) or getattr(draft.head, "grouping", None)
+    grouping = getattr(draft.head, "grouping", None) or getattr(draft, "grouping", None)
     V, G = draft.config.vocab_size, draft.config.num_groups
     if grouping is not None:
-        for name in ("token_to_group", "group_of_token", "group_ids", "token_groups"):
+        for name in ("group_of", "token_to_group", "group_of_token", "token_groups"):
             value = getattr(grouping, name, None)
             if isinstance(value, Tensor) and value.shape == (V,):
                 return value.long()
