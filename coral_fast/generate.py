@@ -112,7 +112,9 @@ class SpeculativeGenerator:
     """Speculative decoding of an HF causal LM (`model`) with a `DraftModel` (random if None). Batch 1."""
 
     def __init__(self, model, draft=None, tree: TreeConfig | None = None, eos_token_id=None, impl: str | None = None,
-                 head_impl: str = "auto"):
+                 head_impl: str = "auto", static: bool | None = None, cuda_graphs: bool | None = None):
+        """static: run greedy rounds through StaticEngine (fixed shapes, device-side state; default on CUDA).
+        cuda_graphs: capture its two steps in CUDA graphs (default: on CUDA)."""
         from coral_fast.draft import DraftModel, _check_matches_target
 
         self.model = model
@@ -132,6 +134,21 @@ class SpeculativeGenerator:
         if isinstance(eos_token_id, int):
             eos_token_id = [eos_token_id]
         self.eos_token_ids = set(eos_token_id or [])
+        on_cuda = self.device.type == "cuda"
+        self.static = on_cuda if static is None else static
+        self.cuda_graphs = (on_cuda if cuda_graphs is None else cuda_graphs) and self.static
+        if self.cuda_graphs and not on_cuda:
+            raise ValueError("cuda_graphs needs the model on a CUDA device")
+        self.engine: StaticEngine | None = None
+
+    def _engine_for(self, ids: Tensor, needed: int) -> StaticEngine:
+        if self.engine is None or self.engine.capacity < needed:
+            capacity = max(needed, 1024)
+            self.engine = StaticEngine(self, capacity, self.cuda_graphs)
+            if self.cuda_graphs:
+                self.engine.prefill(ids)  # a valid state to warm up and capture from
+                self.engine.capture()
+        return self.engine
 
     # --- the draft side -------------------------------------------------------------------------------
     def _draft_extend(self, dcache: DraftKVCache, features: Tensor, next_tokens: Tensor) -> Tensor:
@@ -231,6 +248,9 @@ class SpeculativeGenerator:
                 return int(torch.multinomial(p.cpu(), 1, generator=generator))
             return int(logits_row.argmax())
 
+        if self.static and temperature == 0:
+            return self._generate_static(ids, max_new_tokens, result, emit)
+
         _synchronize(self.device)
         t0 = time.perf_counter()
         # prefill: the prompt through the target, then the draft on its features
@@ -280,3 +300,257 @@ class SpeculativeGenerator:
         result.total_time_s = time.perf_counter() - t0
         self.last_caches = (tcache, dcache)  # for inspection (tests): committed slots [0, length)
         return result
+
+    def _generate_static(self, ids: Tensor, max_new_tokens: int, result: GenerationResult, emit) -> GenerationResult:
+        engine = self._engine_for(ids, ids.shape[0] + max_new_tokens + self.tree.depth + 1)
+        timer = _EventTimer() if engine.graphs is not None else None
+        _synchronize(self.device)
+        t0 = time.perf_counter()
+        done = emit([engine.prefill(ids)])
+        _synchronize(self.device)
+        t1 = time.perf_counter()
+        result.prefill_time_s = t1 - t0
+        while not done:
+            if timer is None:
+                ta = time.perf_counter()
+                engine.draft_step()
+                _synchronize(self.device)
+                tb = time.perf_counter()
+                engine.verify_step()
+                values = engine.result.tolist()
+                tokens = values[1 : 1 + values[0]]
+                result.draft_time_s += tb - ta
+                result.verify_time_s += time.perf_counter() - tb
+            else:
+                tokens = engine.round(timer)
+            result.rounds += 1
+            result.accepted_lengths.append(len(tokens))
+            done = emit(tokens)
+        result.total_time_s = time.perf_counter() - t0
+        if timer is not None:
+            result.draft_time_s, result.verify_time_s = timer.split()
+        self.last_caches = (engine.tcache, engine.dcache)
+        return result
+
+
+def accept_greedy_static(logits: Tensor, tokens: Tensor, tree, max_depth: int):
+    """verify_greedy without host syncs (fixed shapes, for CUDA graphs).
+
+    logits [T+1, V] (row 0: the root); tokens [T]; tree: DraftTree. Returns
+    rows [A] int64 (A = max_depth + 1): verify rows to keep, root first, padded with 0;
+    count [1] int64: valid rows (accepted nodes + 1); out_tokens [A]: accepted tokens then the bonus, 0-padded.
+    """
+    target = logits.argmax(dim=-1)
+    matches = tokens == target[tree.parents + 1]
+    accepted = ~(tree.mask & ~matches[None, :]).any(dim=1)
+    score = torch.where(accepted, tree.depth, torch.full_like(tree.depth, -1))
+    best_depth, best = score.max(dim=0, keepdim=True)
+    path = tree.ancestor_paths(max_depth)[best[0]]  # [max_depth] root-to-best node ids, -1 padded
+    path = torch.where(best_depth >= 0, path, torch.full_like(path, -1))
+    valid = path >= 0
+    count = valid.sum(dim=0, keepdim=True) + 1
+    zero = torch.zeros(1, dtype=torch.int64, device=logits.device)
+    rows = torch.cat([zero, torch.where(valid, path + 1, torch.zeros_like(path))])
+    bonus = target.gather(0, rows.gather(0, count - 1))
+    idx = torch.arange(max_depth + 1, device=logits.device)
+    path_tokens = torch.cat([torch.where(valid, tokens[path.clamp(min=0)], torch.zeros_like(path)), zero])
+    out_tokens = torch.where(idx == count - 1, bonus, torch.where(idx < count - 1, path_tokens, torch.zeros_like(idx)))
+    return rows, count, out_tokens
+
+
+class StaticEngine:
+    """The loop with fixed shapes and device-side state: one draft step and one verify step per round,
+    each capturable as a CUDA graph (`use_graphs`); the only host sync of a round reads what was accepted.
+
+    Device state between rounds: n (target's committed length), d_start / d_feats / d_tokens / d_count
+    (the draft's pending extension: the rows the target just accepted), root (the bonus token).
+    Without graphs the same code runs eagerly (how the CPU tests check it).
+    """
+
+    def __init__(self, gen: "SpeculativeGenerator", capacity: int, use_graphs: bool):
+        self.gen = gen
+        model, draft, cfg = gen.model, gen.draft, gen.tree
+        dev = gen.device
+        self.depth, self.topk, self.T = cfg.depth, cfg.topk, cfg.total_tokens
+        self.R, self.A = self.T + 1, cfg.depth + 1
+        self.capacity = capacity
+        self.tcache = TreeKVCache.for_model(model, capacity + self.R)
+        dcfg = draft.config
+        self.d_slots = capacity + self.A + cfg.depth * cfg.topk
+        self.dcache = DraftKVCache(dcfg.num_key_value_heads, dcfg.head_dim, self.d_slots, draft.fc.weight.dtype, dev)
+        H = dcfg.hidden_size
+        i64 = dict(dtype=torch.int64, device=dev)
+        self.n = torch.zeros(1, **i64)
+        self.d_start = torch.zeros(1, **i64)
+        self.d_count = torch.ones(1, **i64)
+        self.d_feats = torch.zeros(self.A, H, dtype=draft.fc.weight.dtype, device=dev)
+        self.d_tokens = torch.zeros(self.A, **i64)
+        self.root = torch.zeros(1, **i64)
+        self.v_tokens = torch.zeros(self.R, **i64)
+        self.v_mask = torch.eye(self.R, dtype=torch.bool, device=dev)
+        self.v_depth = torch.zeros(self.R, **i64)
+        self.t_parents = torch.full((self.T,), -1, **i64)
+        self.result = torch.zeros(self.A + 1, **i64)  # [count, out_tokens...]
+        self.use_graphs = use_graphs
+        self.graphs = None
+        self.head_check = not use_graphs
+
+    # --- the two steps -------------------------------------------------------------------------------
+    def _draft_attention(self, slots: Tensor, allowed: Tensor):
+        dcache, scale = self.dcache, self.gen.draft.layer.scaling
+
+        def attend(q, k, v):
+            dcache.k.index_copy_(2, slots, k.to(dcache.k.dtype))
+            dcache.v.index_copy_(2, slots, v.to(dcache.v.dtype))
+            keys, values = dcache.k, dcache.v
+            groups = q.shape[1] // keys.shape[1]
+            if groups > 1:
+                keys = keys.repeat_interleave(groups, dim=1)
+                values = values.repeat_interleave(groups, dim=1)
+            return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=allowed,
+                                                  scale=scale)
+
+        return attend
+
+    def draft_step(self) -> None:
+        """Extend the draft by the pending rows, then build the next tree into the verify inputs."""
+        draft, dev, k = self.gen.draft, self.gen.device, self.topk
+        S = self.d_slots
+        cols = torch.arange(S, device=dev)
+        ext = torch.arange(self.A, device=dev)
+        slots = self.d_start + ext
+        allowed = cols[None, :] <= slots[:, None]  # the prefix and the pending rows up to each one
+        hidden = draft(self.d_feats[None], self.d_tokens[None], slots[None],
+                       attn_fn=self._draft_attention(slots, allowed))[0]
+        last = hidden.index_select(0, self.d_count - 1)  # [1, H]
+        n = self.d_start + self.d_count  # == the target's committed length
+        table_size = k + (self.depth - 1) * k * k
+        hidden_of = torch.zeros(table_size, last.shape[-1], dtype=last.dtype, device=dev)
+        slot_of = torch.full((table_size,), S, dtype=torch.int64, device=dev)  # S: "no slot"
+        prefix = cols[None, :] < n
+
+        def expand(level, frontier, table):
+            features = last.expand(k, -1) if level == 1 else hidden_of[table.parents[frontier]]
+            node_slots = n + (level - 1) * k + torch.arange(k, device=dev)
+            slot_of[frontier] = node_slots
+            ancestors = table.ancestors(frontier, level)
+            anc_slots = torch.where(ancestors >= 0, slot_of[ancestors.clamp(min=0)], torch.full_like(ancestors, S))
+            allowed_nodes = torch.zeros(k, S + 1, dtype=torch.bool, device=dev)
+            allowed_nodes.scatter_(1, anc_slots, True)
+            allowed_nodes = allowed_nodes[:, :S] | prefix
+            h = draft(features[None], table.tokens[frontier][None], (n + table.depth[frontier])[None],
+                      attn_fn=self._draft_attention(node_slots, allowed_nodes))[0]
+            hidden_of[frontier] = h
+            return draft.topk(h, k, impl=self.gen.head_impl, check=self.head_check)
+
+        root_ids, root_logprobs = draft.topk(last, k, impl=self.gen.head_impl, check=self.head_check)
+        tree, tokens, _ = build_dynamic_tree(root_ids[0], root_logprobs[0], expand, depth=self.depth, topk=k,
+                                             total_tokens=self.T)
+        self.v_tokens[:1].copy_(self.root)
+        self.v_tokens[1:].copy_(tokens)
+        self.v_mask[1:, 1:].copy_(tree.mask)
+        self.v_mask[1:, 0] = True
+        self.v_depth[1:].copy_(tree.depth + 1)
+        self.t_parents.copy_(tree.parents)
+
+    def verify_step(self) -> None:
+        """Target forward over root + tree, greedy acceptance, commit, and the draft's pending rows."""
+        from coral_fast.hf_attention import static_tree_forward
+        from coral_fast.tree import DraftTree
+
+        model, tc = self.gen.model, self.tcache
+        hidden, logits = static_tree_forward(model, tc, self.v_tokens, self.v_mask, self.v_depth, self.n,
+                                             self.gen.impl)
+        tree = DraftTree(self.t_parents, self.v_mask[1:, 1:], self.v_depth[1:] - 1)
+        rows, count, out_tokens = accept_greedy_static(logits, self.v_tokens[1:], tree, self.depth)
+        # commit: the kept rows' keys/values to contiguous slots n .. n + A - 1 (past n + count: garbage,
+        # beyond the committed length)
+        src = self.n + rows
+        dst = self.n + torch.arange(self.A, device=rows.device)
+        tc.k.index_copy_(3, dst, tc.k.index_select(3, src))
+        tc.v.index_copy_(3, dst, tc.v.index_select(3, src))
+        self.d_start.copy_(self.n)
+        self.d_feats.copy_(hidden.index_select(0, rows))
+        self.d_tokens.copy_(out_tokens)
+        self.d_count.copy_(count)
+        self.root.copy_(out_tokens.gather(0, count - 1))
+        self.n.add_(count)
+        self.result[:1].copy_(count)
+        self.result[1:].copy_(out_tokens)
+
+    # --- graphs ------------------------------------------------------------------------------------
+    def capture(self) -> None:
+        """Warm up (Triton autotuning, allocator) on a side stream, then capture both steps."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.draft_step()
+                self.verify_step()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        self.graphs = (torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph())
+        with torch.cuda.graph(self.graphs[0]):
+            self.draft_step()
+        with torch.cuda.graph(self.graphs[1]):
+            self.verify_step()
+        torch.cuda.synchronize()
+
+    def prefill(self, ids: Tensor) -> int:
+        """Eager: the prompt through the target (committed), the draft over all but the last position; the
+        last position becomes the draft's pending row. Returns the first new token."""
+        gen, P = self.gen, ids.shape[0]
+        self.tcache.reset(0)
+        hidden, logits = causal_forward(gen.model, self.tcache, ids, gen.impl, logits_rows=torch.tensor([P - 1]))
+        self.tcache.commit(torch.arange(P, device=ids.device))
+        first = logits[0].argmax()
+        self.dcache.length = 0
+        if P > 1:
+            gen._draft_extend(self.dcache, hidden[: P - 1], ids[1:])
+        self.d_start.fill_(P - 1)
+        self.d_count.fill_(1)
+        self.d_feats[:1].copy_(hidden[P - 1 :])
+        self.d_tokens[:1].copy_(first[None])
+        self.root.copy_(first[None])
+        self.n.fill_(P)
+        return int(first)
+
+    def round(self, timer=None) -> list[int]:
+        if self.graphs is not None:
+            if timer:
+                timer.mark(0)
+            self.graphs[0].replay()
+            if timer:
+                timer.mark(1)
+            self.graphs[1].replay()
+            if timer:
+                timer.mark(2)
+        else:
+            self.draft_step()
+            self.verify_step()
+        result = self.result.tolist()
+        return result[1 : 1 + result[0]]
+
+
+class _EventTimer:
+    """Draft/verify split from CUDA events (no host sync inside a round)."""
+
+    def __init__(self):
+        self.pairs = []
+        self.current = None
+
+    def mark(self, i):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        if i == 0:
+            self.current = [event]
+        else:
+            self.current.append(event)
+            if i == 2:
+                self.pairs.append(self.current)
+
+    def split(self):
+        torch.cuda.synchronize()
+        draft = sum(a.elapsed_time(b) for a, b, _ in self.pairs) / 1e3
+        verify = sum(b.elapsed_time(c) for _, b, c in self.pairs) / 1e3
+        return draft, verify

@@ -59,10 +59,16 @@ class TreeKVCache:
 
 
 class _TreeCall:
-    """What one forward needs inside the attention function (passed through HF's **kwargs)."""
+    """What one forward needs inside the attention function (passed through HF's **kwargs).
 
-    def __init__(self, cache: TreeKVCache, mask: Tensor, positions: Tensor, impl: str):
+    Eager mode: the prefix length is the Python int `cache.length`. Static mode (`slots`/`kv_len`
+    device tensors): no host value is read, so the forward can be captured in a CUDA graph.
+    """
+
+    def __init__(self, cache: TreeKVCache, mask: Tensor, positions: Tensor, impl: str,
+                 slots: Tensor | None = None, kv_len: Tensor | None = None, tree=None):
         self.cache, self.mask, self.positions, self.impl = cache, mask, positions, impl
+        self.slots, self.kv_len, self.tree = slots, kv_len, tree
 
 
 def tree_attention_sdpa(q, k, v, tree_mask, scale, window=None, query_positions=None):
@@ -92,13 +98,15 @@ def _coral_tree_attention(module, query, key, value, attention_mask, scaling=Non
         raise ValueError("attention logit soft-capping (Gemma 2) is not supported by the tree attention")
     cache = coral_tree.cache
     layer = module.layer_idx
+    window = sliding_window or None
+    if coral_tree.slots is not None:
+        return _static_attention(coral_tree, layer, query, key, value, scaling, window), None
     T = query.shape[2]
     start = cache.length
     cache.k[layer, :, :, start : start + T] = key
     cache.v[layer, :, :, start : start + T] = value
     k = cache.k[layer, :, :, : start + T]
     v = cache.v[layer, :, :, : start + T]
-    window = sliding_window or None
     if coral_tree.impl == "sdpa":
         out = tree_attention_sdpa(query, k, v, coral_tree.mask, scaling, window, coral_tree.positions)
     else:
@@ -107,6 +115,25 @@ def _coral_tree_attention(module, query, key, value, attention_mask, scaling=Non
         out = tree_attention(query, k, v, coral_tree.mask, impl=coral_tree.impl, scale=scaling, window=window,
                              query_positions=coral_tree.positions if window else None)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _static_attention(call: _TreeCall, layer, query, key, value, scaling, window):
+    """Graph-capturable: write at device `slots`, attend over the whole static buffer up to `kv_len`."""
+    cache = call.cache
+    k_layer, v_layer = cache.k[layer], cache.v[layer]
+    k_layer.index_copy_(2, call.slots, key.to(k_layer.dtype))
+    v_layer.index_copy_(2, call.slots, value.to(v_layer.dtype))
+    if call.impl == "sdpa" or call.impl == "reference":
+        from coral_fast.kernels.tree_attention import tree_attention_reference
+
+        out = tree_attention_reference(query, k_layer, v_layer, call.mask, scaling, call.kv_len, window,
+                                       call.positions if window else None)
+    else:
+        from coral_fast.kernels.tree_attention import tree_attention
+
+        out = tree_attention(query, k_layer, v_layer, call.tree, impl=call.impl, scale=scaling, kv_len=call.kv_len,
+                             window=window, query_positions=call.positions if window else None, check=False)
+    return out.transpose(1, 2).contiguous()
 
 
 def register() -> None:
@@ -175,6 +202,35 @@ def tree_forward(model, cache: TreeKVCache, tokens: Tensor, mask: Tensor, depth:
     hidden = out.last_hidden_state[0]
     rows = hidden if logits_rows is None else hidden[logits_rows]
     return hidden, final_logits(model, rows)
+
+
+class _MaskAndBits:
+    """What tree_attention accepts in place of a DraftTree: the bool mask and its packed bits."""
+
+    def __init__(self, mask: Tensor):
+        from coral_fast.kernels.tree_attention import pack_tree_mask
+
+        self.mask = mask
+        self.mask_bits = pack_tree_mask(mask)
+
+
+def static_tree_forward(model, cache: TreeKVCache, tokens: Tensor, mask: Tensor, depth: Tensor, length: Tensor,
+                        impl: str = "auto"):
+    """Like tree_forward with the prefix length a device tensor `length` [1] (no host sync: capturable).
+
+    Writes the T tokens' keys/values at slots [length, length + T). Returns (hidden [T, H], logits [T, V]).
+    """
+    register()
+    T = tokens.shape[0]
+    positions = length + depth
+    slots = length + torch.arange(T, device=tokens.device)
+    kv_len = (length + T).to(torch.int64)
+    tree = None if impl in ("sdpa", "reference") else _MaskAndBits(mask)
+    call = _TreeCall(cache, mask, positions, impl, slots=slots, kv_len=kv_len, tree=tree)
+    with attention_implementation(model, ATTN_NAME):
+        out = model.model(input_ids=tokens[None], position_ids=positions[None], use_cache=False, coral_tree=call)
+    hidden = out.last_hidden_state[0]
+    return hidden, final_logits(model, hidden)
 
 
 def causal_forward(model, cache: TreeKVCache, tokens: Tensor, impl: str | None = None, logits_rows=None):

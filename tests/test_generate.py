@@ -38,11 +38,12 @@ def install_oracle(gen: SpeculativeGenerator, truth: list, vocab: int, rng: torc
     gen._draft_tree = draft_tree
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])
-def test_random_draft_greedy_identical(make_target, seed, one_thread):
+def test_random_draft_greedy_identical(make_target, static, seed, one_thread):
     model = make_target()
     V = model.config.vocab_size
-    gen = SpeculativeGenerator(model, None, TreeConfig(depth=3, topk=3, total_tokens=8))
+    gen = SpeculativeGenerator(model, None, TreeConfig(depth=3, topk=3, total_tokens=8), static=static)
     for prompt_len, n in [(1, 9), (7, 30), (16, 3)]:
         prompt = torch.randint(0, V, (prompt_len,))
         out = gen.generate(prompt, n)
@@ -50,15 +51,58 @@ def test_random_draft_greedy_identical(make_target, seed, one_thread):
         assert out.rounds == len(out.accepted_lengths) and sum(out.accepted_lengths) + 1 >= n
 
 
+def install_static_oracle(gen: SpeculativeGenerator, truth: list, vocab: int, rng: torch.Generator, depth=5):
+    """The oracle for StaticEngine: after the real draft step, overwrite the verify inputs with an oracle
+    tree padded to the engine's fixed size (extra wrong children of the root)."""
+    probe = {}
+    oracle = SpeculativeGenerator.__new__(SpeculativeGenerator)
+    install_oracle(oracle, truth, vocab, rng, depth)
+
+    def patch(engine):
+        original = engine.draft_step
+
+        def draft_step():
+            original()
+            n = int(engine.n)
+            tree, tokens = oracle._draft_tree(type("C", (), {"length": n})(), None)
+            parents, toks = tree.parents.tolist(), tokens.tolist()
+            extra = engine.T - len(parents)
+            assert extra >= 0
+            parents += [-1] * extra
+            toks += [(toks[0] + 3 + i) % vocab for i in range(extra)]
+            full = DraftTree.from_parents(parents)
+            engine.v_tokens[1:] = torch.tensor(toks)
+            engine.v_mask[1:, 1:] = full.mask
+            engine.v_depth[1:] = full.depth + 1
+            engine.t_parents.copy_(full.parents)
+
+        engine.draft_step = draft_step
+        probe["engine"] = engine
+
+    original_engine_for = gen._engine_for
+
+    def engine_for(ids, needed):
+        engine = original_engine_for(ids, needed)
+        if probe.get("engine") is not engine:
+            patch(engine)
+        return engine
+
+    gen._engine_for = engine_for
+
+
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])
-def test_long_acceptances_stay_exact(make_target, seed, one_thread):
+def test_long_acceptances_stay_exact(make_target, static, seed, one_thread):
     """With an oracle tree most rounds accept several tokens; the output must not change."""
     model = make_target()
     V = model.config.vocab_size
     prompt = torch.randint(0, V, (5,))
     ref = plain_greedy(model, prompt, 60)
-    gen = SpeculativeGenerator(model, None)
-    install_oracle(gen, prompt.tolist() + ref, V, torch.Generator().manual_seed(seed))
+    gen = SpeculativeGenerator(model, None, static=static)
+    if static:
+        install_static_oracle(gen, prompt.tolist() + ref, V, torch.Generator().manual_seed(seed))
+    else:
+        install_oracle(gen, prompt.tolist() + ref, V, torch.Generator().manual_seed(seed))
     out = gen.generate(prompt, 60)
     assert out.token_ids == ref
     assert out.mean_accepted_length > 2.0 and max(out.accepted_lengths) == 6
@@ -132,8 +176,8 @@ def test_real_model_greedy_identical(name, cases, one_thread):
 def test_real_model_oracle_acceptances(one_thread):
     model, tok = real_target("smollm2")
     ids = tok("List three colours:", return_tensors="pt").input_ids[0]
-    ref = model.generate(ids[None], max_new_tokens=30, do_sample=False, min_new_tokens=30)[0, len(ids):].tolist()
-    gen = SpeculativeGenerator(model, None, eos_token_id=[])
+    ref = model.generate(ids[None], max_new_tokens=30, do_sample=False)[0, len(ids):].tolist()
+    gen = SpeculativeGenerator(model, None)
     install_oracle(gen, ids.tolist() + ref, model.config.vocab_size, torch.Generator().manual_seed(0))
     out = gen.generate(ids, 30)
     assert out.token_ids == ref and out.mean_accepted_length > 2
