@@ -22,7 +22,7 @@ The PyTorch reference (`tree_attention_reference`) lives beside the kernel and d
 """
 from __future__ import annotations
 
-import math
+import functools
 from typing import Optional, Union
 
 import torch
@@ -138,6 +138,9 @@ class TreeAttentionConfig:
         cfg.split_keys = split_keys
         return cfg
 
+
+# the rule depends on static shapes only: decide once per shape (saves host time on eager calls)
+_config_for_shape = functools.lru_cache(maxsize=1024)(TreeAttentionConfig.for_shape)
 
 _SM_COUNT = {}
 _LAST_KERNEL = None
@@ -356,7 +359,7 @@ def _tree_attention_triton(q, k, v, mask_bits, scale, kv_len, window, query_posi
         v = v.contiguous()
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    cfg = TreeAttentionConfig.for_shape(batch, num_kv_heads, rows, num_slots, head_dim, q.device, **config)
+    cfg = _config_for_shape(batch, num_kv_heads, rows, num_slots, head_dim, q.device, **config)
     has_kv_len = isinstance(kv_len, torch.Tensor)
     num_keys_static = num_slots if kv_len is None else (kv_len if isinstance(kv_len, int) else num_slots)
     kv_len_arg = kv_len if has_kv_len else mask_bits  # any pointer; unused when HAS_KV_LEN is off
