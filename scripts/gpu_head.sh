@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Grouped LM head on the GPU: CUDA tests, then `coral-fast bench head` (table under $OUT).
 # Device tool: source scripts/device_setup.sh && bash scripts/gpu_head.sh [bench flags, e.g. --sweep]
-# HEAD_STEPS=tests,table,pytest-bench picks the steps (default tests,table).
+# HEAD_STEPS=tests,table,pytest-bench picks the steps (default tests,table);
+# HEAD_BENCH_FILTER=llama3 narrows the pytest-benchmark suite (pytest -k).
 set -o pipefail
 OUT=${OUT:-out/head}
 mkdir -p "$OUT"
@@ -16,6 +17,6 @@ if [[ $STEPS == *table* ]]; then
   timeout 380 python3 -m coral_fast bench head --out "$OUT/head.md" "$@" 2>&1 | tee "$OUT/bench.log" || status=1
 fi
 if [[ $STEPS == *pytest-bench* ]]; then
-  timeout 150 python3 -m pytest -q bench/test_bench_head.py --benchmark-only --benchmark-columns=median,iqr,rounds 2>&1 | tee "$OUT/pytest_bench.log" || status=1
+  timeout 100 python3 -m pytest -q bench/test_bench_head.py ${HEAD_BENCH_FILTER:+-k "$HEAD_BENCH_FILTER"} --benchmark-only --benchmark-columns=median,iqr,rounds 2>&1 | tee "$OUT/pytest_bench.log" || status=1
 fi
 exit $status

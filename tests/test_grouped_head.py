@@ -110,15 +110,16 @@ def test_triton_merge_in_chunks_with_ties(monkeypatch, seed):
     the weight has only 5 distinct rows, so most logits are equal."""
     import coral_fast.kernels.grouped_head_topk as kernel
 
-    monkeypatch.setattr(kernel, "MERGE_BLOCK_P", 1024)
+    monkeypatch.setattr(kernel, "MERGE_BLOCK_P", 16)
     V, H, G, M, A, k = 701, 16, 4, 3, 3, 37
     grouping = VocabGrouping.from_token_counts(torch.rand(V), G)
     weight = torch.randn(5, H)[torch.randint(0, 5, (V,))]
     hidden = torch.randn(M, H)
     groups = _random_groups(M, A, G, "cpu")
     config = kernel.KernelConfig(16, 16, 16, 4, 2, 2, gather=False)
+    relaid = GroupedLMHead(weight, grouping).weight
     ids, logprobs = kernel.grouped_head_topk_triton(
-        hidden, weight, grouping.offsets, grouping.order, groups, k, grouping.max_group_size, config
+        hidden, relaid, grouping.offsets, grouping.order, groups, k, grouping.max_group_size, config
     )
     _assert_topk_matches(ids, logprobs, hidden, weight, grouping, groups, k, atol=1e-4)
 

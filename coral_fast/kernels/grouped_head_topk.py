@@ -15,8 +15,9 @@ Kernel plan (two launches, no host synchronisation, nothing the size of the logi
    finds in `groups` which rows of its block chose its group, streams its [BLOCK_V, H] weight tile
    once for all of them (tl.dot, fp32 accumulation), and in the epilogue writes per chosen row the
    tile's (max, sum of exp) and its top-KT logits with their re-laid row ids, sorted descending.
-2. `_merge_topk_kernel`, one program per row: log-sum-exp over the row's tile partials and top-k over
-   its candidates, then `logit - lse` and `order[row]` -> original ids.
+2. `_merge_topk_kernel`, one program per row: log-sum-exp over the row's tile partials, the k tiles
+   with the largest maxima (only they can hold the top k), top-k over their k*KT candidates, then
+   `logit - lse` and `order[row]` -> original ids.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ except ImportError:  # pragma: no cover - triton is a Linux dependency; the refe
     triton = None
 
 MAX_K = 64  # largest k the Triton path supports (the issue's bound)
+MERGE_BLOCK_P = 1024  # tile partials the merge reads per chunk
 GATHER_MAX_M = 256  # up to this many rows, each work item gathers the rows that chose its group
 
 
@@ -170,14 +172,21 @@ if triton is not None:
     def _merge_topk_kernel(
         part_val_ptr, part_row_ptr, part_max_ptr, part_sum_ptr, order_ptr,
         ids_ptr, logprobs_ptr,
-        NP, NC, K, V,
-        K_POW2: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        NP, KT, K, V,
+        K_POW2: tl.constexpr, KT_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
+        """One program per row. Only the K tiles with the largest maxima can hold the row's top K
+        (K tile maxima are themselves logits at or above the K-th largest), so the top-K search runs
+        over those tiles' K x KT candidates instead of all A*NT*KT of them."""
         m = tl.program_id(0)
+        slots = tl.arange(0, K_POW2)
 
-        # log-sum-exp over the row's NP tile partials, online; finite start so no inf - inf
+        # phase A: log-sum-exp over the row's NP tile partials (online; finite start so no inf - inf)
+        # and the running top-K tiles by maximum, chunk by chunk, by rounds of argmax
         run_max = tl.full((), -1.0e30, tl.float32)
         run_sum = tl.full((), 0.0, tl.float32)
+        top_max = tl.full((K_POW2,), float("-inf"), tl.float32)
+        top_tile = tl.zeros((K_POW2,), tl.int32)
         offs_p = tl.arange(0, BLOCK_P)
         for p0 in range(0, NP, BLOCK_P):
             ok = p0 + offs_p < NP
@@ -186,38 +195,44 @@ if triton is not None:
             new_max = tl.maximum(run_max, tl.max(pm, axis=0))
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(ps * tl.exp(pm - new_max), axis=0)
             run_max = new_max
+            next_max = tl.full((K_POW2,), float("-inf"), tl.float32)
+            next_tile = tl.zeros((K_POW2,), tl.int32)
+            for r in range(0, K):
+                best_c, arg_c = tl.max(pm, axis=0, return_indices=True)
+                best_t, arg_t = tl.max(top_max, axis=0, return_indices=True)
+                take_c = best_c > best_t
+                tile_t = tl.sum(tl.where(slots == arg_t, top_tile, 0), axis=0)
+                next_max = tl.where(slots == r, tl.where(take_c, best_c, best_t), next_max)
+                next_tile = tl.where(slots == r, tl.where(take_c, p0 + arg_c, tile_t), next_tile)
+                pm = tl.where(offs_p == arg_c, tl.where(take_c, float("-inf"), pm), pm)
+                top_max = tl.where(slots == arg_t, tl.where(take_c, top_max, float("-inf")), top_max)
+            top_max = next_max
+            top_tile = next_tile
         lse = run_max + tl.log(run_sum)
 
-        # top-K over the NC candidates, chunk by chunk, by rounds of argmax against the running list
-        slots = tl.arange(0, K_POW2)
-        top_val = tl.full((K_POW2,), float("-inf"), tl.float32)
-        top_row = tl.zeros((K_POW2,), tl.int32)
-        offs_c = tl.arange(0, BLOCK_C)
-        for c0 in range(0, NC, BLOCK_C):
-            ok = c0 + offs_c < NC
-            cand_val = tl.load(part_val_ptr + m * NC + c0 + offs_c, mask=ok, other=float("-inf"))
-            cand_row = tl.load(part_row_ptr + m * NC + c0 + offs_c, mask=ok, other=0)
-            new_val = tl.full((K_POW2,), float("-inf"), tl.float32)
-            new_row = tl.zeros((K_POW2,), tl.int32)
-            for r in range(0, K):
-                best_c, arg_c = tl.max(cand_val, axis=0, return_indices=True)
-                best_t, arg_t = tl.max(top_val, axis=0, return_indices=True)
-                take_c = best_c > best_t
-                row_c = tl.sum(tl.where(offs_c == arg_c, cand_row, 0), axis=0)
-                row_t = tl.sum(tl.where(slots == arg_t, top_row, 0), axis=0)
-                new_val = tl.where(slots == r, tl.where(take_c, best_c, best_t), new_val)
-                new_row = tl.where(slots == r, tl.where(take_c, row_c, row_t), new_row)
-                cand_val = tl.where(offs_c == arg_c, tl.where(take_c, float("-inf"), cand_val), cand_val)
-                top_val = tl.where(slots == arg_t, tl.where(take_c, top_val, float("-inf")), top_val)
-            top_val = new_val
-            top_row = new_row
+        # phase B: top-K over the chosen tiles' candidates; a tile picked with max -inf is empty
+        cols = tl.arange(0, KT_POW2)
+        tile_ok = (slots < K) & (top_max > float("-inf"))
+        cand = (m * NP + top_tile[:, None]) * KT + cols[None, :]
+        cand_ok = tile_ok[:, None] & (cols[None, :] < KT)
+        cand_val = tl.reshape(tl.load(part_val_ptr + cand, mask=cand_ok, other=float("-inf")), (K_POW2 * KT_POW2,))
+        cand_row = tl.reshape(tl.load(part_row_ptr + cand, mask=cand_ok, other=0), (K_POW2 * KT_POW2,))
+        flat = tl.arange(0, K_POW2 * KT_POW2)
+        out_val = tl.full((K_POW2,), float("-inf"), tl.float32)
+        out_row = tl.zeros((K_POW2,), tl.int32)
+        for r in range(0, K):
+            best, arg = tl.max(cand_val, axis=0, return_indices=True)
+            row = tl.sum(tl.where(flat == arg, cand_row, 0), axis=0)
+            out_val = tl.where(slots == r, best, out_val)
+            out_row = tl.where(slots == r, row, out_row)
+            cand_val = tl.where(flat == arg, float("-inf"), cand_val)
 
         out_ok = slots < K
         # clamp: with check=False and k beyond the active vocabulary, -inf slots carry arbitrary rows
-        safe_row = tl.minimum(tl.maximum(top_row, 0), V - 1)
+        safe_row = tl.minimum(tl.maximum(out_row, 0), V - 1)
         ids = tl.load(order_ptr + safe_row, mask=out_ok, other=0)
         tl.store(ids_ptr + m * K + slots, ids, mask=out_ok)
-        tl.store(logprobs_ptr + m * K + slots, top_val - lse, mask=out_ok)
+        tl.store(logprobs_ptr + m * K + slots, out_val - lse, mask=out_ok)
 
 
 @dataclass(frozen=True)
@@ -232,16 +247,19 @@ class KernelConfig:
 
 
 def default_config(M: int, H: int, k: int) -> KernelConfig:
-    """Config by a small heuristic on M (no autotune: nothing to warm up before graph capture).
+    """Config by a small heuristic on M and H (no autotune: nothing to warm up before graph capture).
 
-    Small M is a GEMV in disguise: narrow vocab tiles give enough programs to keep HBM busy.
-    Larger M: one row block covers every row that chose a group, so each tile is read once.
+    Picked from `coral-fast bench head --sweep` (H200, 2026-11-23, docs/head.md): wide vocab tiles
+    for small M; for small H (Gemma's 640) shorter K steps and more programs per SM, because each
+    tile's stream is short and the pipeline fill between tiles must overlap with other programs.
+    For larger M one 64-row block (rows in order) beat gathering the chosen rows into 16/32-row
+    blocks, for shared and random routing alike.
     """
     if M <= 16:
-        return KernelConfig(block_m=16, block_v=64, block_k=128, num_warps=4, num_stages=4)
-    if M <= 32:
-        return KernelConfig(block_m=32, block_v=64, block_k=128, num_warps=4, num_stages=4)
-    return KernelConfig(block_m=64, block_v=64, block_k=128, num_warps=4, num_stages=3)
+        if H >= 2048:
+            return KernelConfig(16, 128, 128, num_warps=4, num_stages=3, programs_per_sm=2, gather=False)
+        return KernelConfig(16, 128, 64, num_warps=4, num_stages=3, programs_per_sm=4, gather=False)
+    return KernelConfig(64, 64, 128, num_warps=4, num_stages=3, programs_per_sm=2, gather=False)
 
 
 def _next_pow2(n: int) -> int:
@@ -320,10 +338,10 @@ def grouped_head_topk_triton(
     _merge_topk_kernel[(M,)](
         part_val, part_row, part_max, part_sum, order,
         ids, logprobs,
-        A * NT, A * NT * KT, k, V,
-        K_POW2=max(16, _next_pow2(k)), BLOCK_P=min(1024, max(16, _next_pow2(NP))),
-        BLOCK_C=min(4096, max(16, _next_pow2(NC))),
-        num_warps=8 if M <= 8 else 4,
+        A * NT, KT, k, V,
+        K_POW2=max(16, _next_pow2(k)), KT_POW2=max(16, _next_pow2(KT)),
+        BLOCK_P=min(MERGE_BLOCK_P, max(16, _next_pow2(A * NT))),
+        num_warps=4,
     )
     return ids, logprobs
 
