@@ -208,3 +208,33 @@ def test_cli_errors(capsys):
     assert "prompt is empty" in capsys.readouterr().err
     assert generate_cli.main(["--model", "nonexistent-model", "--prompt", "hi"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+# --- GPU: the captured loop ---------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])
+def test_cuda_graphs_greedy_identical(make_target):
+    model = make_target().cuda()
+    V = model.config.vocab_size
+    gen = SpeculativeGenerator(model, None, TreeConfig(depth=4, topk=4, total_tokens=16))
+    assert gen.static and gen.cuda_graphs
+    for P, n in [(5, 40), (17, 64), (1, 9)]:
+        prompt = torch.randint(0, V, (P,), device="cuda")
+        out = gen.generate(prompt, n)
+        assert out.token_ids == plain_greedy(model, prompt, n), (P, n)
+    assert gen.engine.graphs is not None
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_accepted_tokens_are_verified_argmax():
+    """bf16: every emitted token is the argmax of the target's verified logits for its prefix (checked
+    by one plain forward of the whole output, whose rows see exactly those prefixes)."""
+    model = tiny_llama(hidden=64).cuda().to(torch.bfloat16)
+    gen = SpeculativeGenerator(model, None, TreeConfig(depth=4, topk=4, total_tokens=16))
+    prompt = torch.randint(0, 97, (9,), device="cuda")
+    out = gen.generate(prompt, 48)
+    seq = torch.cat([prompt, torch.tensor(out.token_ids, device="cuda")])
+    logits = model(seq[None]).logits[0, len(prompt) - 1 : -1].float()
+    chosen = logits.gather(1, torch.tensor(out.token_ids, device="cuda")[:, None])[:, 0]
+    # equal to the row max up to bf16 rounding differences between the tree and the plain forward
+    assert (logits.max(-1).values - chosen).max() < 0.05

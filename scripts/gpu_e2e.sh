@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The loop on the GPU: CUDA tests, then `coral-fast bench e2e` (SmolLM2 from the carried GGUF, Gemma 3 270M
+# with random weights of its real config). Run through the device tool after `source scripts/device_setup.sh`;
+# logs and tables land in $OUT. Usage: bash scripts/gpu_e2e.sh [tests|bench|all]
+set -o pipefail
+OUT=${OUT:-out}; mkdir -p "$OUT"
+what=${1:-all}
+nvidia-smi --query-gpu=name,memory.used --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
+echo "smollm2 gguf: ${CORAL_FAST_SMOLLM2_GGUF:-missing}" | tee -a "$OUT/gpu.txt"
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_generate.py -k cuda 2>&1 | tail -30 | tee "$OUT/tests.log"
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  models=gemma3-270m
+  [ -n "$CORAL_FAST_SMOLLM2_GGUF" ] && models=smollm2,gemma3-270m
+  timeout ${BENCH_TIMEOUT:-330} python3 -m coral_fast.cli bench e2e --models "$models" --gemma-random \
+    --max-new-tokens 128 --prompts ${PROMPTS:-3} --out "$OUT/e2e_h100.md" --json "$OUT/e2e_h100.json" \
+    ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+fi
