@@ -36,6 +36,12 @@ def test_greedy_matches_walk(seed):
             kids = (tree.parents == parent).nonzero()[:, 0]
             tokens[kids] = torch.randperm(max(V, len(kids)), generator=gen)[: len(kids)]
         logits = torch.randn(T + 1, max(V, T), generator=gen)
+        # bias most rows toward one of their children: deep acceptances become common
+        for node in range(-1, T):
+            kids = (tree.parents == node).nonzero()[:, 0]
+            if len(kids) and float(torch.rand((), generator=gen)) < 0.8:
+                pick = kids[int(torch.randint(0, len(kids), (1,), generator=gen))]
+                logits[node + 1, tokens[pick]] += 10.0
         path, bonus = verify_greedy(logits, tokens, tree.parents, tree.mask, tree.depth)
         ref_path, ref_bonus = greedy_walk(logits, tokens, tree.parents.tolist())
         assert path.tolist() == ref_path and bonus == ref_bonus, trial
