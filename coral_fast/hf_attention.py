@@ -123,7 +123,9 @@ def _static_attention(call: _TreeCall, layer, query, key, value, scaling, window
     k_layer, v_layer = cache.k[layer], cache.v[layer]
     k_layer.index_copy_(2, call.slots, key.to(k_layer.dtype))
     v_layer.index_copy_(2, call.slots, value.to(v_layer.dtype))
-    if call.impl == "sdpa" or call.impl == "reference":
+    from coral_fast.kernels.tree_attention import SUPPORTED_HEAD_DIMS
+
+    if call.impl in ("sdpa", "reference") or query.shape[-1] not in SUPPORTED_HEAD_DIMS:
         from coral_fast.kernels.tree_attention import tree_attention_reference
 
         out = tree_attention_reference(query, k_layer, v_layer, call.mask, scaling, call.kv_len, window,
@@ -225,7 +227,10 @@ def static_tree_forward(model, cache: TreeKVCache, tokens: Tensor, mask: Tensor,
     positions = length + depth
     slots = length + torch.arange(T, device=tokens.device)
     kv_len = (length + T).to(torch.int64)
-    tree = None if impl in ("sdpa", "reference") else _MaskAndBits(mask)
+    head_dim = cache.k.shape[-1]
+    from coral_fast.kernels.tree_attention import SUPPORTED_HEAD_DIMS
+
+    tree = None if impl in ("sdpa", "reference") or head_dim not in SUPPORTED_HEAD_DIMS else _MaskAndBits(mask)
     call = _TreeCall(cache, mask, positions, impl, slots=slots, kv_len=kv_len, tree=tree)
     with attention_implementation(model, ATTN_NAME):
         out = model.model(input_ids=tokens[None], position_ids=positions[None], use_cache=False, coral_tree=call)

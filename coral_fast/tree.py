@@ -49,7 +49,7 @@ def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
     num_nodes = parents.shape[0]
     idx = torch.arange(num_nodes, device=parents.device)
     reach = torch.zeros(num_nodes, num_nodes, dtype=torch.float32, device=parents.device)
-    reach[idx, idx] = 1.0
+    reach.diagonal().fill_(1.0)  # not reach[idx, idx] = 1.0: a CPU scalar copy breaks CUDA-graph capture
     has_parent = parents >= 0
     reach[idx, parents.clamp(min=0)] += has_parent.to(torch.float32)
     reach = (reach > 0).to(torch.float32)

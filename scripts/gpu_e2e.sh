@@ -14,7 +14,7 @@ fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   models=gemma3-270m
   [ -n "$CORAL_FAST_SMOLLM2_GGUF" ] && models=smollm2,gemma3-270m
-  timeout ${BENCH_TIMEOUT:-330} python3 -m coral_fast.cli bench e2e --models "$models" --gemma-random \
+  timeout ${BENCH_TIMEOUT:-330} python3 -m coral_fast bench e2e --models "$models" --gemma-random \
     --max-new-tokens 128 --prompts ${PROMPTS:-3} --out "$OUT/e2e_h100.md" --json "$OUT/e2e_h100.json" \
     ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 fi
