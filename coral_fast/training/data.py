@@ -219,10 +219,11 @@ def generate_dataset(model, tokenizer, prompts: list[dict], out_dir: str | Path,
     meta_path = out / "meta.json"
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
-        if {k: old.get(k) for k in meta} != meta:
+        # more sampled rounds only append shards: an existing folder may grow its `samples`
+        fixed = lambda m: {**m, "settings": {k: v for k, v in m.get("settings", {}).items() if k != "samples"}}
+        if {k: fixed(old).get(k) for k in meta} != fixed(meta) or old["settings"].get("samples", 0) > settings.samples:
             raise ValueError(f"{out} holds data made with other settings ({old}); use a new folder")
-    else:
-        meta_path.write_text(json.dumps(meta, indent=2))
+    meta_path.write_text(json.dumps(meta, indent=2))
     eos = eos_ids(model, tokenizer)
     if not eos:
         raise ValueError("the tokenizer and model define no eos token")

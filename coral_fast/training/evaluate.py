@@ -44,12 +44,23 @@ def loop_acceptance(target, tokenizer, draft, prompts: list[dict], max_new_token
     from coral_fast.training.data import prompt_token_ids
 
     draft.eval()
-    gen = SpeculativeGenerator(target, draft, TreeConfig(depth=depth, topk=topk, total_tokens=total_tokens))
+    tree = TreeConfig(depth=depth, topk=topk, total_tokens=total_tokens)
     accepted, rounds, tokens, seconds, done = 0, 0, 0, 0.0, 0
     per_prompt = []
     with head_mode(draft, head, active_groups):
-        for row in prompts[:warmup]:  # a short untimed run pays for allocations / kernel compilation
-            gen.generate(prompt_token_ids(tokenizer, row["messages"]), max_new_tokens=16, temperature=0.0)
+        # the loop's fastest mode first (static engine + CUDA graphs); fall back to eager modes if it fails
+        errors = []
+        for mode in ({}, {"cuda_graphs": False}, {"static": False}):
+            try:
+                gen = SpeculativeGenerator(target, draft, tree, **mode)
+                for row in prompts[:max(warmup, 1)]:  # a short untimed run: allocations, compilation, capture
+                    gen.generate(prompt_token_ids(tokenizer, row["messages"]), max_new_tokens=16, temperature=0.0)
+                break
+            except Exception as error:  # noqa: BLE001 (recorded, next mode)
+                errors.append(f"{mode or 'default'}: {error!r}"[:300])
+                gen = None
+        if gen is None:
+            raise RuntimeError("the loop failed in every mode: " + " | ".join(errors))
         for row in prompts:
             if deadline is not None and time.perf_counter() > deadline:
                 break
@@ -62,6 +73,7 @@ def loop_acceptance(target, tokenizer, draft, prompts: list[dict], max_new_token
             per_prompt.append(result.mean_accepted_length)
             done += 1
     return {
+        "loop_mode": mode or "default", "loop_errors": errors,
         "head": head, "active_groups": active_groups if active_groups is not None else getattr(draft.head, "active_groups", None),
         "prompts": done, "new_tokens": tokens, "mean_accepted_length": accepted / max(rounds, 1),
         "tokens_per_s": tokens / seconds if seconds else float("nan"),

@@ -56,19 +56,20 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--data-dir", default="/tmp/coral_data")
     p.add_argument("--budget", type=float, default=555.0, help="seconds for everything")
-    p.add_argument("--data-budget", type=float, default=100.0)
-    p.add_argument("--main-budget", type=float, default=140.0)
-    p.add_argument("--ablation-budget", type=float, default=35.0, help="seconds of the multi+CSRA ablation run; the others match its iterations")
-    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--data-budget", type=float, default=80.0)
+    p.add_argument("--main-budget", type=float, default=400.0)
+    p.add_argument("--ablation-budget", type=float, default=25.0, help="seconds of the multi+CSRA ablation run; the others match its iterations")
+    p.add_argument("--samples", type=int, default=11)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--gen-batch", type=int, default=1000)
     p.add_argument("--batch-tokens", type=int, default=16384)
-    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--main-eval-every", type=int, default=500, help="held-out estimate every N iterations (best kept)")
     p.add_argument("--eval-prompts", type=int, default=40)
     p.add_argument("--ablation-eval-prompts", type=int, default=20)
     p.add_argument("--eval-new-tokens", type=int, default=128)
-    p.add_argument("--main-loop-s", type=float, default=35.0, help="seconds for each loop evaluation of the shipped draft")
-    p.add_argument("--ablation-loop-s", type=float, default=15.0, help="seconds for each ablation loop evaluation")
+    p.add_argument("--main-loop-s", type=float, default=30.0, help="seconds for each loop evaluation of the shipped draft")
+    p.add_argument("--ablation-loop-s", type=float, default=12.0, help="seconds for each ablation loop evaluation")
     p.add_argument("--limit-prompts", type=int, default=None, help="smoke tests: fewer prompts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         history = train(draft, data, cfg, out_dir=None, progress=not args.no_progress, eval_groups=proxy_groups,
                         log_fn=lambda r: print(json.dumps({"run": name, **r}), file=train_log, flush=True))
-        entry = {"iterations": history["iterations"], "train_seconds": round(time.perf_counter() - t, 1),
+        entry = {"iterations": history["iterations"], "best_iteration": history.get("best_iteration"), "evals": [(r["iteration"], round(r["eval"]["tau"], 4)) for r in history["eval"]], "train_seconds": round(time.perf_counter() - t, 1),
                  "proxy": history["final_eval"], "last_train": history["train"][-1] if history["train"] else None,
                  "config": cfg.to_dict()}
         results.setdefault("runs", {})[name] = entry
@@ -155,7 +156,13 @@ def main(argv=None) -> int:
                            iters=100_000, eval_every=0, checkpoint_every=0, eval_unroll=6, eval_max_seqs=96)
     with open(out / "train_main.jsonl", "w") as train_log:
         # 2. the shipped draft ---------------------------------------------------------------------
-        main_draft = run("main: multi-step 3 + CSRA", copy.deepcopy(base_cfg), min(args.main_budget, clock.left() - 60))
+        # everything after the shipped draft needs about this much; the shipped draft gets the rest
+        reserve = 2 * args.main_loop_s + 3 * args.ablation_loop_s + 3 * (args.ablation_budget + args.ablation_loop_s) + 40
+        main_cfg = copy.deepcopy(base_cfg)
+        main_cfg.__dict__.update(eval_every=args.main_eval_every, keep_best=True)
+        main_budget = max(30.0, min(args.main_budget, clock.left() - reserve))
+        log("main budget", seconds=round(main_budget, 1), reserve=reserve)
+        main_draft = run("main: multi-step 3 + CSRA", main_cfg, main_budget)
         save_small(main_draft, out / args.model)
         # 3. its acceptance through the loop -------------------------------------------------------
         loop_eval("main grouped a=4", main_draft, eval_rows[: args.eval_prompts], args.main_loop_s)

@@ -62,7 +62,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     seed: int = 0
     loss_on_prompt: bool = False    # train on the prompt positions too (default: answers only)
-    time_budget_s: float = 0.0      # stop early after this many seconds (0: no limit)
+    time_budget_s: float = 0.0      # stop after this many seconds (0: no limit); the cosine follows the time
+    keep_best: bool = False         # end with the weights of the best held-out evaluation
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -373,10 +374,14 @@ def load_checkpoint_state(path: str | Path, draft, optimizer) -> int:
 
 
 # --- the loop --------------------------------------------------------------------------------------
-def lr_at(iteration: int, cfg: TrainConfig) -> float:
+def lr_at(iteration: int, cfg: TrainConfig, time_progress: float | None = None) -> float:
+    """Linear warm-up, then cosine to min_lr_ratio * lr over the iterations (or over the time budget:
+    `time_progress` in [0, 1], which keeps the schedule right whatever the speed turns out to be)."""
     if iteration < cfg.warmup:
         return cfg.lr * (iteration + 1) / cfg.warmup
     progress = min(1.0, (iteration - cfg.warmup) / max(1, cfg.iters - cfg.warmup))
+    if time_progress is not None:
+        progress = min(1.0, max(progress, time_progress))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -413,7 +418,10 @@ def train(draft, data: SequenceData, cfg: TrainConfig, out_dir: str | Path | Non
     def evaluate(iteration):
         if not data.eval:
             return None
+        nonlocal best
         result = chain_acceptance(draft, data, data.eval[: cfg.eval_max_seqs], cfg.eval_unroll, cfg.batch_tokens, eval_groups, token_groups, autocast)
+        if cfg.keep_best and (best is None or result["tau"] > best[0]):
+            best = (result["tau"], iteration, {k: v.detach().clone() for k, v in draft.state_dict().items()})
         record = {"iteration": iteration, "eval": result}
         history["eval"].append(record)
         log(record)
@@ -425,13 +433,15 @@ def train(draft, data: SequenceData, cfg: TrainConfig, out_dir: str | Path | Non
     bar = tqdm(total=cfg.iters, initial=start, desc="train", disable=not progress)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     running = {}
-    mark = started
+    best = None
     while iteration < cfg.iters:
         for batch in data.batches(data.train, cfg.batch_tokens, shuffle=True, rng=rng):
             if iteration >= cfg.iters:
                 break
+            time_progress = (time.perf_counter() - started) / cfg.time_budget_s if cfg.time_budget_s else None
+            lr = lr_at(iteration, cfg, time_progress)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(iteration, cfg)
+                group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss, logs = compute_losses(draft, batch, cfg, token_groups, generator)
             optimizer.zero_grad(set_to_none=True)
@@ -445,27 +455,24 @@ def train(draft, data: SequenceData, cfg: TrainConfig, out_dir: str | Path | Non
             bar.update(1)
             bar.set_postfix({k: f"{running[k]:.3f}" for k in ("loss", "feature", "token", "csra", "acc0") if k in running})
             if iteration % 20 == 0 or iteration == cfg.iters:
-                record = {"iteration": iteration, "lr": lr_at(iteration - 1, cfg), "seconds": time.perf_counter() - started, **logs}
+                record = {"iteration": iteration, "lr": lr, "seconds": time.perf_counter() - started, **logs}
                 history["train"].append(record)
                 log(record)
             if cfg.eval_every and iteration % cfg.eval_every == 0:
                 evaluate(iteration)
             if out and cfg.checkpoint_every and iteration % cfg.checkpoint_every == 0:
                 save_checkpoint(out / "last", draft, optimizer, iteration, cfg)
-            if cfg.time_budget_s and iteration - start == 10:
-                mark = time.perf_counter()
-            if cfg.time_budget_s and iteration - start == 30:
-                # fit the cosine schedule into the time budget once the (warm) speed is known
-                now = time.perf_counter()
-                rate = 20 / (now - mark)
-                cfg.iters = min(cfg.iters, iteration + int((cfg.time_budget_s - (now - started)) * rate * 0.97))
-                bar.total = cfg.iters
             if cfg.time_budget_s and time.perf_counter() - started > cfg.time_budget_s:
                 cfg.iters = iteration  # out of time: finish here (recorded in the checkpoint)
                 break
     bar.close()
     last_eval = history["eval"][-1] if history["eval"] else None
     final = last_eval["eval"] if last_eval and last_eval["iteration"] == iteration else evaluate(iteration)
+    if cfg.keep_best and best is not None and best[1] != iteration:
+        # an earlier evaluation was better (over-fitting the small data): go back to it
+        draft.load_state_dict(best[2])
+        final = next(r["eval"] for r in history["eval"] if r["iteration"] == best[1])
+        history["best_iteration"] = best[1]
     if out:
         save_checkpoint(out / "last", draft, optimizer, iteration, cfg)
         draft.save_pretrained(out)
