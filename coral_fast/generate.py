@@ -345,7 +345,7 @@ def accept_greedy_static(logits: Tensor, tokens: Tensor, tree, max_depth: int):
     accepted = ~(tree.mask & ~matches[None, :]).any(dim=1)
     score = torch.where(accepted, tree.depth, torch.full_like(tree.depth, -1))
     best_depth, best = score.max(dim=0, keepdim=True)
-    path = tree.ancestor_paths(max_depth)[best[0]]  # [max_depth] root-to-best node ids, -1 padded
+    path = tree.ancestor_paths(max_depth).index_select(0, best)[0]  # [max_depth] root-to-best ids, -1 padded
     path = torch.where(best_depth >= 0, path, torch.full_like(path, -1))
     valid = path >= 0
     count = valid.sum(dim=0, keepdim=True) + 1
