@@ -125,15 +125,20 @@ def _static_attention(call: _TreeCall, layer, query, key, value, scaling, window
     v_layer.index_copy_(2, call.slots, value.to(v_layer.dtype))
     from coral_fast.kernels.tree_attention import SUPPORTED_HEAD_DIMS
 
+    mask, tree = call.mask, call.tree
+    if window is not None and window <= query.shape[2]:
+        # the kernel exempts tree keys from the window; a window shorter than the tree must cut them too
+        mask = mask & (call.positions[:, None] - call.positions[None, :] < window)
+        tree = _MaskAndBits(mask) if tree is not None else None
     if call.impl in ("sdpa", "reference") or query.shape[-1] not in SUPPORTED_HEAD_DIMS:
         from coral_fast.kernels.tree_attention import tree_attention_reference
 
-        out = tree_attention_reference(query, k_layer, v_layer, call.mask, scaling, call.kv_len, window,
+        out = tree_attention_reference(query, k_layer, v_layer, mask, scaling, call.kv_len, window,
                                        call.positions if window else None)
     else:
         from coral_fast.kernels.tree_attention import tree_attention
 
-        out = tree_attention(query, k_layer, v_layer, call.tree, impl=call.impl, scale=scaling, kv_len=call.kv_len,
+        out = tree_attention(query, k_layer, v_layer, tree, impl=call.impl, scale=scaling, kv_len=call.kv_len,
                              window=window, query_positions=call.positions if window else None, check=False)
     return out.transpose(1, 2).contiguous()
 
