@@ -128,9 +128,10 @@ class GroupedLMHead(nn.Module):
 class RoutedLMHead(nn.Module):
     """Router + grouped head: a drop-in for an EAGLE-style draft's `lm_head`.
 
-    weight: [V, H] the target's head (frozen, a non-persistent buffer: a draft's state_dict holds the
-    router and the grouping's `group_of` only). `forward(hidden)` returns full logits [..., V] like
-    the `nn.Linear` it replaces; the fast path is `topk(hidden, k)`.
+    weight: [V, H] the target's head (frozen, a non-persistent buffer). `state_dict()` holds the
+    router only: save `grouping.state_dict()` beside it (DraftModel does, as `grouping.*`) and pass
+    `VocabGrouping.from_state_dict(...)` back in when loading. `forward(hidden)` returns full logits
+    [..., V] like the `nn.Linear` it replaces; the fast path is `topk(hidden, k)`.
     """
 
     def __init__(self, weight: Tensor, grouping: VocabGrouping, active_groups: int, router: GroupRouter | None = None):
@@ -140,16 +141,17 @@ class RoutedLMHead(nn.Module):
             raise ValueError(f"need 1 <= active_groups <= {grouping.num_groups}, got {active_groups}")
         self.active_groups = int(active_groups)
         self.register_buffer("weight", weight.detach(), persistent=False)
-        self.register_buffer("group_of", grouping.group_of.clone(), persistent=True)
         self.router = router if router is not None else GroupRouter(
             weight.shape[1], grouping.num_groups, device=weight.device
         )
         if self.router.num_groups != grouping.num_groups or self.router.hidden_size != weight.shape[1]:
             raise ValueError("router's (hidden_size, num_groups) must match the weight and the grouping")
-        self._set_grouping(grouping)
-        self.register_load_state_dict_post_hook(RoutedLMHead._regroup_after_load)
+        self.set_grouping(grouping)
 
-    def _set_grouping(self, grouping: VocabGrouping) -> None:
+    def set_grouping(self, grouping: VocabGrouping) -> None:
+        """Switch to another grouping of the same vocabulary (re-lays the weight if needed)."""
+        if grouping.vocab_size != self.weight.shape[0] or grouping.num_groups != self.router.num_groups:
+            raise ValueError("the new grouping must cover the same vocabulary with the router's number of groups")
         self.grouping = grouping
         self.max_group_size = grouping.max_group_size
         device = self.weight.device
@@ -158,11 +160,6 @@ class RoutedLMHead(nn.Module):
         self.register_buffer("offsets", grouping.offsets.to(device), persistent=False)
         self.register_buffer("order", grouping.order.to(device), persistent=False)
         self.register_buffer("group_sizes", grouping.group_sizes.to(device), persistent=False)
-
-    @staticmethod
-    def _regroup_after_load(module: "RoutedLMHead", incompatible_keys) -> None:
-        if not torch.equal(module.group_of.cpu(), module.grouping.group_of):
-            module._set_grouping(VocabGrouping(module.group_of.cpu(), module.grouping.num_groups))
 
     # --- the draft's API ---------------------------------------------------------------------------
     def router_logits(self, hidden: Tensor) -> Tensor:
