@@ -84,7 +84,8 @@ class VocabGrouping:
         """Balanced spherical k-means over the LM-head rows: G groups of equal size (+-1).
 
         Each iteration assigns tokens to centroids greedily by decreasing cosine similarity under a
-        capacity of ceil(V/G) per group (so groups stay regular for the kernel), then re-centres.
+        capacity of floor or ceil(V/G) per group (so groups stay regular for the kernel), then
+        re-centres.
         weight: [V, H]. Runs on weight's device; O(iters * V * G * H).
         """
         V = weight.shape[0]
@@ -93,7 +94,9 @@ class VocabGrouping:
         x = torch.nn.functional.normalize(weight.detach().float(), dim=1)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         centroids = x[torch.randperm(V, generator=gen)[:num_groups].to(x.device)]
-        capacity = -(-V // num_groups)
+        # sizes differ by at most one and sum to V, so no group can end up empty
+        capacity = torch.full((num_groups,), V // num_groups, dtype=torch.int64, device=x.device)
+        capacity[: V % num_groups] += 1
         group_of = None
         for _ in range(max(1, iters)):
             sim = x @ centroids.T  # [V, G]
@@ -128,10 +131,11 @@ class VocabGrouping:
         return f"VocabGrouping(V={self.vocab_size}, G={self.num_groups}, {kind}, max_group={self.max_group_size})"
 
 
-def _capacity_assign(sim: Tensor, capacity: int) -> Tensor:
-    """Greedy assignment of rows to columns by decreasing score, at most `capacity` rows a column.
+def _capacity_assign(sim: Tensor, capacity: Tensor) -> Tensor:
+    """Greedy assignment of rows to columns by decreasing score, at most capacity[g] rows in column g.
 
-    sim: [V, G]. Rows whose best column is full fall back to their next best, in rounds.
+    sim: [V, G]; capacity: [G] summing to V. Rows whose best column is full fall back to their next
+    best, in rounds.
     """
     V, G = sim.shape
     assigned = torch.full((V,), -1, dtype=torch.int64, device=sim.device)
@@ -151,6 +155,5 @@ def _capacity_assign(sim: Tensor, capacity: int) -> Tensor:
         ok = rank_in_col < (capacity - load)[best]
         assigned[todo[ok]] = best[ok]
         load += torch.bincount(best[ok], minlength=G)
-        full = load >= capacity
-        sim[:, full] = float("-inf")
+        sim[:, load >= capacity] = float("-inf")
     return assigned
