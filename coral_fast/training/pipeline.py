@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-new-tokens", type=int, default=128)
     p.add_argument("--main-loop-s", type=float, default=30.0, help="seconds for each loop evaluation of the shipped draft")
     p.add_argument("--ablation-loop-s", type=float, default=12.0, help="seconds for each ablation loop evaluation")
+    p.add_argument("--skip-ablation", action="store_true", help="spend the whole budget on the shipped draft and its evaluation")
     p.add_argument("--limit-prompts", type=int, default=None, help="smoke tests: fewer prompts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -157,7 +158,9 @@ def main(argv=None) -> int:
     with open(out / "train_main.jsonl", "w") as train_log:
         # 2. the shipped draft ---------------------------------------------------------------------
         # everything after the shipped draft needs about this much; the shipped draft gets the rest
-        reserve = 2 * args.main_loop_s + 3 * args.ablation_loop_s + 3 * (args.ablation_budget + args.ablation_loop_s) + 40
+        reserve = 2 * args.main_loop_s + 3 * args.ablation_loop_s + 40
+        if not args.skip_ablation:
+            reserve += 3 * (args.ablation_budget + args.ablation_loop_s)
         main_cfg = copy.deepcopy(base_cfg)
         main_cfg.__dict__.update(eval_every=args.main_eval_every, keep_best=True)
         main_budget = max(30.0, min(args.main_budget, clock.left() - reserve))
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
         # 4. ablation at equal iterations ------------------------------------------------------------
         abl_rows = eval_rows[: args.ablation_eval_prompts]
         try:
-            if clock.left() > 3 * args.ablation_budget + 3 * args.ablation_loop_s + 20:
+            if not args.skip_ablation and clock.left() > 3 * args.ablation_budget + 3 * args.ablation_loop_s + 20:
                 csra_draft = run("ablation: multi-step 3 + CSRA", copy.deepcopy(base_cfg), args.ablation_budget)
                 n_iters = results["runs"]["ablation: multi-step 3 + CSRA"]["iterations"]
                 fixed = dict(iters=n_iters, time_budget_s=0.0)
