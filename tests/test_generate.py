@@ -11,7 +11,8 @@ from test_models import one_thread, real_target, tiny_gemma3, tiny_llama  # noqa
 
 
 def plain_greedy(model, prompt, n, eos=None):
-    kwargs = dict(max_new_tokens=n, do_sample=False, attention_mask=torch.ones(1, len(prompt), dtype=torch.int64))
+    kwargs = dict(max_new_tokens=n, do_sample=False,
+                  attention_mask=torch.ones(1, len(prompt), dtype=torch.int64, device=prompt.device))
     if eos is None:
         kwargs["min_new_tokens"] = n
     else:
