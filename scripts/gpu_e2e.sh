@@ -9,7 +9,7 @@ nvidia-smi --query-gpu=name,memory.used --format=csv,noheader | tee "$OUT/gpu.tx
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
 echo "smollm2 gguf: ${CORAL_FAST_SMOLLM2_GGUF:-missing}" | tee -a "$OUT/gpu.txt"
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_generate.py -k cuda 2>&1 | tail -30 | tee "$OUT/tests.log"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_generate.py -k cuda 2>&1 | tail -30 | tee "$OUT/tests.log"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   models=gemma3-270m
