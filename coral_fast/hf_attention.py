@@ -112,7 +112,10 @@ def _coral_tree_attention(module, query, key, value, attention_mask, scaling=Non
     else:
         from coral_fast.kernels.tree_attention import tree_attention
 
-        out = tree_attention(query, k, v, coral_tree.mask, impl=coral_tree.impl, scale=scaling, window=window,
+        mask = coral_tree.mask
+        if window is not None and window <= T:  # the kernel exempts tree keys from the window (see above)
+            mask = mask & (coral_tree.positions[:, None] - coral_tree.positions[None, :] < window)
+        out = tree_attention(query, k, v, mask, impl=coral_tree.impl, scale=scaling, window=window,
                              query_positions=coral_tree.positions if window else None)
     return out.transpose(1, 2).contiguous(), None
 
@@ -215,10 +218,10 @@ class _MaskAndBits:
     """What tree_attention accepts in place of a DraftTree: the bool mask and its packed bits."""
 
     def __init__(self, mask: Tensor):
-        from coral_fast.kernels.tree_attention import pack_tree_mask
+        from coral_fast.tree import pack_mask_bits
 
         self.mask = mask
-        self.mask_bits = pack_tree_mask(mask)
+        self.mask_bits = pack_mask_bits(mask)  # [T, W], like DraftTree.mask_bits (tree_attention adds the batch)
 
 
 def static_tree_forward(model, cache: TreeKVCache, tokens: Tensor, mask: Tensor, depth: Tensor, length: Tensor,

@@ -109,6 +109,26 @@ def test_long_acceptances_stay_exact(make_target, static, seed, one_thread):
     assert out.mean_accepted_length > 2.0 and max(out.accepted_lengths) == 6
 
 
+@pytest.mark.parametrize("make_target", [lambda: tiny_llama(hidden=64), lambda: tiny_gemma3(window=5)])
+def test_static_engine_with_the_triton_tree_kernel(make_target, seed, one_thread):
+    """The GPU configuration (StaticEngine + the Triton tree-attention kernel over the static cache with a
+    device kv_len) run through the interpreter, with long acceptances: the rows past the root must see
+    the right mask bits, and a window shorter than the prompt must cut the prefill's own keys."""
+    from coral_fast.kernels._dispatch import interpreter_enabled
+
+    if not interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 on the CPU")
+    model = make_target()
+    V = model.config.vocab_size
+    prompt = torch.randint(0, V, (12,))
+    ref = plain_greedy(model, prompt, 30)
+    gen = SpeculativeGenerator(model, None, TreeConfig(depth=5, topk=4, total_tokens=40), static=True, impl="triton")
+    install_static_oracle(gen, prompt.tolist() + ref, V, torch.Generator().manual_seed(seed))
+    out = gen.generate(prompt, 30)
+    assert out.token_ids == ref
+    assert out.mean_accepted_length > 2
+
+
 def test_eos_stops_like_generate(seed, one_thread):
     model = tiny_llama()
     prompt = torch.randint(0, 97, (4,))
