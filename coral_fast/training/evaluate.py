@@ -38,8 +38,11 @@ def head_mode(draft, head: str = "grouped", active_groups: int | None = None):
 
 
 @torch.no_grad()
-def loop_acceptance(target, tokenizer, draft, prompts: list[dict], max_new_tokens: int = 128, head: str = "grouped", active_groups: int | None = None, depth: int = 6, topk: int = 10, total_tokens: int = 60, warmup: int = 1, deadline: float | None = None) -> dict:
-    """Greedy speculative generation over `prompts` (rows of prompts.jsonl); pooled statistics."""
+def loop_acceptance(target, tokenizer, draft, prompts: list[dict], max_new_tokens: int = 128, head: str = "grouped", active_groups: int | None = None, depth: int = 6, topk: int = 10, total_tokens: int = 60, warmup: int = 1, deadline: float | None = None, loop_mode: dict | None = None) -> dict:
+    """Greedy speculative generation over `prompts` (rows of prompts.jsonl); pooled statistics.
+
+    loop_mode: keyword arguments of SpeculativeGenerator (e.g. {"static": False}); default: its fastest
+    mode, falling back to eager ones if that fails."""
     from coral_fast.generate import SpeculativeGenerator, TreeConfig
     from coral_fast.training.data import prompt_token_ids
 
@@ -50,7 +53,7 @@ def loop_acceptance(target, tokenizer, draft, prompts: list[dict], max_new_token
     with head_mode(draft, head, active_groups):
         # the loop's fastest mode first (static engine + CUDA graphs); fall back to eager modes if it fails
         errors = []
-        for mode in ({}, {"cuda_graphs": False}, {"static": False}):
+        for mode in ([loop_mode] if loop_mode is not None else ({}, {"cuda_graphs": False}, {"static": False})):
             try:
                 gen = SpeculativeGenerator(target, draft, tree, **mode)
                 for row in prompts[:max(warmup, 1)]:  # a short untimed run: allocations, compilation, capture
