@@ -12,7 +12,6 @@ only `config.json` and `model.safetensors` with fc, the layer, the router and th
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 
