@@ -91,6 +91,9 @@ def main(argv=None) -> int:
     if args.temperature < 0:
         print("coral-fast generate: error: --temperature must be >= 0", file=sys.stderr)
         return 2
+    if args.draft and not os.path.isfile(os.path.join(args.draft, "config.json")):
+        print(f"coral-fast generate: error: no draft at {args.draft!r}: config.json not found", file=sys.stderr)
+        return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 

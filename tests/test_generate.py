@@ -229,6 +229,8 @@ def test_cli_errors(capsys):
     assert "prompt is empty" in capsys.readouterr().err
     assert generate_cli.main(["--model", "nonexistent-model", "--prompt", "hi"]) == 2
     assert "unknown model" in capsys.readouterr().err
+    assert generate_cli.main(["--model", "smollm2", "--prompt", "hi", "--draft", "/nonexistent/draft"]) == 2
+    assert "no draft at" in capsys.readouterr().err
 
 
 # --- GPU: the captured loop ---------------------------------------------------------------------
