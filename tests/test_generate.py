@@ -263,3 +263,14 @@ def test_cuda_bf16_accepted_tokens_are_verified_argmax():
     chosen = logits.gather(1, torch.tensor(out.token_ids, device="cuda")[:, None])[:, 0]
     # equal to the row max up to bf16 rounding differences between the tree and the plain forward
     assert (logits.max(-1).values - chosen).max() < 0.05
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_draft_of_another_target(monkeypatch, capsys, tmp_path):
+    from coral_fast import generate_cli, models
+
+    monkeypatch.setattr(models, "load_target", lambda name, dtype, device: real_target(name))
+    DraftModel.random_init(tiny_llama()).save_pretrained(tmp_path)
+    assert generate_cli.main(["--model", "smollm2", "--prompt", "hi", "--draft", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "hidden size 48" in err and "has 576" in err
