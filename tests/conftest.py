@@ -28,3 +28,12 @@ def seed():
     torch.manual_seed(value)
     print(f"seed={value}")
     return value
+
+
+@pytest.fixture
+def one_thread():
+    """Small ops on a busy 2-core machine: OpenMP spin-waits make 2 threads far slower than 1."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -9,12 +9,7 @@ from coral_fast.training.data import DataSettings, build_shard, generate_dataset
 from coral_fast.training.prompts import PROMPTS_PATH, build_prompts, load_prompts
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shipped_prompts_are_the_generator_output_and_varied():

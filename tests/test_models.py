@@ -42,15 +42,6 @@ def real_target(name):
     return load_target(name, dtype=torch.float32, device="cpu")
 
 
-@pytest.fixture
-def one_thread():
-    """Small ops on a busy 2-core machine: OpenMP spin-waits make 2 threads far slower than 1."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 # --- loading ---------------------------------------------------------------------------------------
 def test_unknown_name_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown model 'llama-9000'.*smollm2.*gemma3-270m"):

@@ -13,13 +13,7 @@ from coral_fast.training.trainer import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two cores shared with other test workers: one thread avoids OpenMP oversubscription stalls
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_target(vocab=67, hidden=32, seed=0):
