@@ -7,7 +7,7 @@ import torch
 from coral_fast import DraftModel, SpeculativeGenerator
 from coral_fast.generate import TreeConfig
 from coral_fast.tree import DraftTree
-from test_models import one_thread, real_target, tiny_gemma3, tiny_llama  # noqa: F401 (fixture)
+from test_models import real_target, tiny_gemma3, tiny_llama  # noqa: F401 (fixture)
 
 
 def plain_greedy(model, prompt, n, eos=None):

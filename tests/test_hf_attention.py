@@ -5,7 +5,7 @@ import torch
 
 from coral_fast.hf_attention import TreeKVCache, causal_forward, tree_forward
 from coral_fast.tree import DraftTree
-from test_models import one_thread, real_target, tiny_gemma3, tiny_llama  # noqa: F401 (fixture)
+from test_models import real_target, tiny_gemma3, tiny_llama  # noqa: F401 (fixture)
 
 
 def random_tree(num_nodes, gen):

@@ -5,7 +5,7 @@ import torch
 from coral_fast import SpeculativeGenerator
 from coral_fast.draft import causal_attention
 from test_generate import install_oracle, install_static_oracle, plain_greedy
-from test_models import one_thread, tiny_gemma3, tiny_llama  # noqa: F401 (fixture)
+from test_models import tiny_gemma3, tiny_llama  # noqa: F401 (fixture)
 
 
 @pytest.mark.parametrize("static", [False, True])

@@ -8,7 +8,7 @@ import torch
 
 from coral_fast import SpeculativeGenerator
 from coral_fast.generate import TreeConfig
-from test_models import one_thread, tiny_llama  # noqa: F401 (fixture)
+from test_models import tiny_llama  # noqa: F401 (fixture)
 from test_verify import chi_square_p
 
 V = 12
