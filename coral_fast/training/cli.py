@@ -81,11 +81,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = TrainConfig.from_dict({f.name: getattr(args, f.name) for f in fields(TrainConfig)})
 
-    from coral_fast.training.data import load_shards, load_target_model
+    from coral_fast.models import load_target
+    from coral_fast.training.data import load_shards
 
     device = torch.device(args.device)
     target_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    target, _ = load_target_model(args.model, target_dtype, args.device)
+    target, _ = load_target(args.model, target_dtype, args.device)
     target.requires_grad_(False)
     data = SequenceData(load_shards(args.data), device=device, max_seq_len=cfg.max_seq_len, loss_on_prompt=cfg.loss_on_prompt)
     if not data.train:

