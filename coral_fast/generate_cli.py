@@ -49,12 +49,11 @@ def shipped_draft(model_name: str) -> str | None:
 
 def encode_prompt(tokenizer, prompt: str, chat: bool, note) -> list[int]:
     if chat:
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            return list(ids)
+        from coral_fast.models import chat_prompt_ids
+
+        ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+        if ids is not None:
+            return ids
         note("this tokenizer has no chat template (a base model): --chat ignored, plain continuation")
     return list(tokenizer(prompt).input_ids)
 

@@ -84,6 +84,17 @@ def resolve_model(name_or_path: str) -> tuple[str, str | None]:
     return path, None
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int] | None:
+    """The messages through the tokenizer's chat template with the generation prompt, as a list of ids;
+    None when the tokenizer has no chat template (a base model)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 def load_target(name_or_path: str, dtype=torch.float32, device="cpu", attn_implementation: str = "sdpa"):
     """Load a target causal LM and its tokenizer, offline. -> (model in eval mode, tokenizer)."""
     directory, gguf_file = resolve_model(name_or_path)

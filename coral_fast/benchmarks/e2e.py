@@ -73,12 +73,10 @@ def prompt_ids(tokenizer, text, vocab, device, seed):
     if tokenizer is None:  # random weights: random ids of a chat-prompt length
         g = torch.Generator().manual_seed(seed)
         return torch.randint(0, vocab, (48,), generator=g).to(device)
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-    else:
+    from coral_fast.models import chat_prompt_ids
+
+    ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": text}])
+    if ids is None:
         ids = tokenizer(text).input_ids
     return torch.tensor(ids, device=device)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from coral_fast.models import load_target
+from coral_fast.models import chat_prompt_ids, load_target
 from coral_fast.training.prompts import load_prompts
 
 SHARD_TENSORS = ("input_ids", "hidden", "topk_ids", "topk_logprobs", "loss_mask", "offsets", "is_eval")
@@ -38,11 +38,9 @@ SHARD_TENSORS = ("input_ids", "hidden", "topk_ids", "topk_logprobs", "loss_mask"
 
 def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
     """The prompt as the target sees it: its chat template with the generation prompt, or plain text."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+    ids = chat_prompt_ids(tokenizer, messages)
+    if ids is not None:
+        return ids
     # base models (Gemma 3 270M's GGUF): a plain "User: ...\nAssistant:" transcript
     text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
     ids = tokenizer(text)["input_ids"]
