@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from coral_fast.hf_attention import TreeKVCache, causal_forward, default_impl, tree_forward
-from coral_fast.tree import build_dynamic_tree
+from coral_fast.hf_attention import (ATTN_NAME, TreeKVCache, attention_implementation, causal_forward, default_impl,
+                                     register, static_tree_forward, tree_forward)
+from coral_fast.tree import DraftTree, build_dynamic_tree
 from coral_fast.verify import verify_greedy, verify_sampling
 
 
@@ -112,9 +113,12 @@ class SpeculativeGenerator:
     """Speculative decoding of an HF causal LM (`model`) with a `DraftModel` (random if None). Batch 1."""
 
     def __init__(self, model, draft=None, tree: TreeConfig | None = None, eos_token_id=None, impl: str | None = None,
-                 head_impl: str = "auto", static: bool | None = None, cuda_graphs: bool | None = None):
+                 head_impl: str = "auto", static: bool | None = None, cuda_graphs: bool | None = None,
+                 compile: bool = False):
         """static: run greedy rounds through StaticEngine (fixed shapes, device-side state; default on CUDA).
-        cuda_graphs: capture its two steps in CUDA graphs (default: on CUDA)."""
+        cuda_graphs: capture its two steps in CUDA graphs (default: on CUDA).
+        compile: torch.compile the two steps before capturing them (fuses the small ops between our
+        kernels; costs a one-time compilation)."""
         from coral_fast.draft import DraftModel, _check_matches_target
 
         self.model = model
@@ -137,6 +141,7 @@ class SpeculativeGenerator:
         on_cuda = self.device.type == "cuda"
         self.static = on_cuda if static is None else static
         self.cuda_graphs = (on_cuda if cuda_graphs is None else cuda_graphs) and self.static
+        self.compile = compile and self.static
         if self.cuda_graphs and not on_cuda:
             raise ValueError("cuda_graphs needs the model on a CUDA device")
         self.engine: StaticEngine | None = None
@@ -144,7 +149,7 @@ class SpeculativeGenerator:
     def _engine_for(self, ids: Tensor, needed: int) -> StaticEngine:
         if self.engine is None or self.engine.capacity < needed:
             capacity = max(needed, 1024)
-            self.engine = StaticEngine(self, capacity, self.cuda_graphs)
+            self.engine = StaticEngine(self, capacity, self.cuda_graphs, compile=self.compile)
             if self.cuda_graphs:
                 self.engine.prefill(ids)  # a valid state to warm up and capture from
                 self.engine.capture()
@@ -333,6 +338,9 @@ class SpeculativeGenerator:
         return result
 
 
+PREFILL_CHUNK = 64  # prompt tokens per captured prefill step (tree-attention kernel: at most 128 rows)
+
+
 def accept_greedy_static(logits: Tensor, tokens: Tensor, tree, max_depth: int):
     """verify_greedy without host syncs (fixed shapes, for CUDA graphs).
 
@@ -367,16 +375,19 @@ class StaticEngine:
     Without graphs the same code runs eagerly (how the CPU tests check it).
     """
 
-    def __init__(self, gen: "SpeculativeGenerator", capacity: int, use_graphs: bool):
+    def __init__(self, gen: "SpeculativeGenerator", capacity: int, use_graphs: bool, compile: bool = False,
+                 prefill_chunk: int | None = None):
         self.gen = gen
         model, draft, cfg = gen.model, gen.draft, gen.tree
         dev = gen.device
         self.depth, self.topk, self.T = cfg.depth, cfg.topk, cfg.total_tokens
         self.R, self.A = self.T + 1, cfg.depth + 1
+        self.C = prefill_chunk or PREFILL_CHUNK
         self.capacity = capacity
-        self.tcache = TreeKVCache.for_model(model, capacity + self.R)
+        # slack past the committed length: a verify step writes R rows there, a prefill chunk C
+        self.tcache = TreeKVCache.for_model(model, capacity + max(self.R, self.C))
         dcfg = draft.config
-        self.d_slots = capacity + self.A + cfg.depth * cfg.topk
+        self.d_slots = capacity + max(self.A + cfg.depth * cfg.topk, self.C)
         self.dcache = DraftKVCache(dcfg.num_key_value_heads, dcfg.head_dim, self.d_slots, draft.fc.weight.dtype, dev)
         H = dcfg.hidden_size
         i64 = dict(dtype=torch.int64, device=dev)
@@ -391,9 +402,21 @@ class StaticEngine:
         self.v_depth = torch.zeros(self.R, **i64)
         self.t_parents = torch.full((self.T,), -1, **i64)
         self.result = torch.zeros(self.A + 1, **i64)  # [count, out_tokens...]
+        # prefill chunk inputs: C prompt tokens (padded), the token after each, how many are real
+        self.p_tokens = torch.zeros(self.C, **i64)
+        self.p_next = torch.zeros(self.C, **i64)
+        self.p_count = torch.ones(1, **i64)
+        self.p_mask = torch.ones(self.C, self.C, dtype=torch.bool, device=dev).tril()
+        self.p_depth = torch.arange(self.C, device=dev)
         self.use_graphs = use_graphs
         self.graphs = None
-        self.head_check = not use_graphs
+        self.head_check = not use_graphs and not compile
+        register()
+        self._draft_fn, self._verify_fn = self._draft_body, self._verify_body
+        if compile:
+            # fixed shapes: one graph per step; our Triton kernels stay opaque ops (coral_fast.compiled)
+            self._draft_fn = torch.compile(self._draft_body, dynamic=False)
+            self._verify_fn = torch.compile(self._verify_body, dynamic=False)
 
     # --- the two steps -------------------------------------------------------------------------------
     def _draft_attention(self, slots: Tensor, allowed: Tensor):
@@ -414,6 +437,14 @@ class StaticEngine:
 
     def draft_step(self) -> None:
         """Extend the draft by the pending rows, then build the next tree into the verify inputs."""
+        self._draft_fn()
+
+    def verify_step(self) -> None:
+        """Target forward over root + tree, greedy acceptance, commit, and the draft's pending rows."""
+        with attention_implementation(self.gen.model, ATTN_NAME):
+            self._verify_fn()
+
+    def _draft_body(self) -> None:
         draft, dev, k = self.gen.draft, self.gen.device, self.topk
         S = self.d_slots
         cols = torch.arange(S, device=dev)
@@ -453,14 +484,10 @@ class StaticEngine:
         self.v_depth[1:].copy_(tree.depth + 1)
         self.t_parents.copy_(tree.parents)
 
-    def verify_step(self) -> None:
-        """Target forward over root + tree, greedy acceptance, commit, and the draft's pending rows."""
-        from coral_fast.hf_attention import static_tree_forward
-        from coral_fast.tree import DraftTree
-
+    def _verify_body(self) -> None:
         model, tc = self.gen.model, self.tcache
         hidden, logits = static_tree_forward(model, tc, self.v_tokens, self.v_mask, self.v_depth, self.n,
-                                             self.gen.impl)
+                                             self.gen.impl, switch_attention=False)
         tree = DraftTree(self.t_parents, self.v_mask[1:, 1:], self.v_depth[1:] - 1)
         rows, count, out_tokens = accept_greedy_static(logits, self.v_tokens[1:], tree, self.depth)
         # commit: the kept rows' keys/values to contiguous slots n .. n + A - 1 (past n + count: garbage,
@@ -487,33 +514,67 @@ class StaticEngine:
             for _ in range(3):
                 self.draft_step()
                 self.verify_step()
+            n = self.n.clone()
+            self.n.zero_()
+            self.prefill_step()
+            self.n.copy_(n)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        self.graphs = (torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph())
-        with torch.cuda.graph(self.graphs[0]):
+        graphs = (torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph())
+        with torch.cuda.graph(graphs[0]):
             self.draft_step()
-        with torch.cuda.graph(self.graphs[1]):
+        with torch.cuda.graph(graphs[1]):
             self.verify_step()
+        with torch.cuda.graph(graphs[2]):
+            self.prefill_step()
         torch.cuda.synchronize()
+        self.graphs = graphs
+
+    def prefill_step(self) -> None:
+        """One prompt chunk (p_tokens, p_count real rows) through the target at slots n.., then the draft
+        over the same positions; leaves the pending row (the chunk's last position, its first prediction)
+        as if the prompt ended here (the last chunk's is the one that counts)."""
+        with attention_implementation(self.gen.model, ATTN_NAME):
+            self._prefill_body()
+
+    def _prefill_body(self) -> None:
+        from coral_fast.hf_attention import final_logits
+
+        gen, dev = self.gen, self.gen.device
+        hidden, _ = static_tree_forward(gen.model, self.tcache, self.p_tokens, self.p_mask, self.p_depth, self.n,
+                                        gen.impl, switch_attention=False, logits=False)
+        last = hidden.index_select(0, self.p_count - 1)  # [1, H]
+        first = final_logits(gen.model, last).argmax(dim=-1)  # [1]
+        # the draft at the same slots (slot == position); rows past p_count write slots that later
+        # steps overwrite before anything reads them, and the chunk's last row is redone as the pending row
+        slots = self.n + torch.arange(self.C, device=dev)
+        allowed = torch.arange(self.d_slots, device=dev)[None, :] <= slots[:, None]
+        gen.draft(hidden[None], self.p_next[None], slots[None], attn_fn=self._draft_attention(slots, allowed))
+        self.d_start.copy_(self.n + self.p_count - 1)
+        self.d_count.fill_(1)
+        self.d_feats[:1].copy_(last)
+        self.d_tokens[:1].copy_(first)
+        self.root.copy_(first)
+        self.n.add_(self.p_count)
 
     def prefill(self, ids: Tensor) -> int:
-        """Eager: the prompt through the target (committed), the draft over all but the last position; the
-        last position becomes the draft's pending row. Returns the first new token."""
-        gen, P = self.gen, ids.shape[0]
-        self.tcache.reset(0)
-        hidden, logits = causal_forward(gen.model, self.tcache, ids, gen.impl, logits_rows=torch.tensor([P - 1]))
-        self.tcache.commit(torch.arange(P, device=ids.device))
-        first = logits[0].argmax()
-        self.dcache.length = 0
-        if P > 1:
-            gen._draft_extend(self.dcache, hidden[: P - 1], ids[1:])
-        self.d_start.fill_(P - 1)
-        self.d_count.fill_(1)
-        self.d_feats[:1].copy_(hidden[P - 1 :])
-        self.d_tokens[:1].copy_(first[None])
-        self.root.copy_(first[None])
-        self.n.fill_(P)
-        return int(first)
+        """The prompt in chunks of C tokens (one captured step, replayed): target committed, draft over all
+        but the last position, which becomes the draft's pending row. Returns the first new token."""
+        P, C = ids.shape[0], self.C
+        self.n.zero_()
+        for start in range(0, P, C):
+            count = min(C, P - start)
+            self.p_tokens.zero_()
+            self.p_next.zero_()
+            self.p_tokens[:count].copy_(ids[start : start + count])
+            nxt = ids[start + 1 : start + count + 1]
+            self.p_next[: nxt.shape[0]].copy_(nxt)
+            self.p_count.fill_(count)
+            if self.graphs is not None:
+                self.graphs[2].replay()
+            else:
+                self.prefill_step()
+        return int(self.root)
 
     def round(self, timer=None) -> list[int]:
         if self.graphs is not None:

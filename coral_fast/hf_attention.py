@@ -138,6 +138,11 @@ def _static_attention(call: _TreeCall, layer, query, key, value, scaling, window
 
         out = tree_attention_reference(query, k_layer, v_layer, mask, scaling, call.kv_len, window,
                                        call.positions if window else None)
+    elif torch.compiler.is_compiling():  # an opaque op: Inductor fuses around it (coral_fast.compiled)
+        from coral_fast.compiled import tree_attention_op
+
+        out = tree_attention_op(query, k_layer, v_layer, tree.mask_bits[None], call.kv_len, float(scaling),
+                                int(window or 0), call.positions if window else None)
     else:
         from coral_fast.kernels.tree_attention import tree_attention
 
@@ -225,12 +230,17 @@ class _MaskAndBits:
 
 
 def static_tree_forward(model, cache: TreeKVCache, tokens: Tensor, mask: Tensor, depth: Tensor, length: Tensor,
-                        impl: str = "auto"):
+                        impl: str = "auto", switch_attention: bool = True, logits: bool = True):
     """Like tree_forward with the prefix length a device tensor `length` [1] (no host sync: capturable).
 
     Writes the T tokens' keys/values at slots [length, length + T). Returns (hidden [T, H], logits [T, V]).
+    switch_attention=False: the caller has already switched the model to "coral_tree" (torch.compile
+    traces no context manager).
     """
-    register()
+    if switch_attention:
+        register()
+        with attention_implementation(model, ATTN_NAME):
+            return static_tree_forward(model, cache, tokens, mask, depth, length, impl, False, logits)
     T = tokens.shape[0]
     positions = length + depth
     slots = length + torch.arange(T, device=tokens.device)
@@ -240,10 +250,9 @@ def static_tree_forward(model, cache: TreeKVCache, tokens: Tensor, mask: Tensor,
 
     tree = None if impl in ("sdpa", "reference") or head_dim not in SUPPORTED_HEAD_DIMS else _MaskAndBits(mask)
     call = _TreeCall(cache, mask, positions, impl, slots=slots, kv_len=kv_len, tree=tree)
-    with attention_implementation(model, ATTN_NAME):
-        out = model.model(input_ids=tokens[None], position_ids=positions[None], use_cache=False, coral_tree=call)
+    out = model.model(input_ids=tokens[None], position_ids=positions[None], use_cache=False, coral_tree=call)
     hidden = out.last_hidden_state[0]
-    return hidden, final_logits(model, hidden)
+    return hidden, (final_logits(model, hidden) if logits else None)
 
 
 def causal_forward(model, cache: TreeKVCache, tokens: Tensor, impl: str | None = None, logits_rows=None):

@@ -52,6 +52,52 @@ def test_random_draft_greedy_identical(make_target, static, seed, one_thread):
         assert out.rounds == len(out.accepted_lengths) and sum(out.accepted_lengths) + 1 >= n
 
 
+@pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])
+def test_static_prefill_in_chunks(make_target, monkeypatch, seed, one_thread):
+    """Prompts longer than the captured prefill chunk go through it several times (last chunk padded)."""
+    import coral_fast.generate as generate_module
+
+    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", 4)
+    model = make_target()
+    V = model.config.vocab_size
+    gen = SpeculativeGenerator(model, None, TreeConfig(depth=3, topk=3, total_tokens=8), static=True)
+    for prompt_len, n in [(11, 12), (4, 6), (8, 5), (1, 4)]:
+        prompt = torch.randint(0, V, (prompt_len,))
+        out = gen.generate(prompt, n)
+        assert gen.engine.C == 4
+        assert out.token_ids == plain_greedy(model, prompt, n), prompt_len
+
+
+def test_static_prefill_chunks_fill_both_caches_like_one_pass(monkeypatch, seed, one_thread):
+    """The draft's acceptance depends on what prefill leaves in its cache (greedy output would not show
+    it): chunked prefill == one eager pass over the prompt, in both caches and the pending row."""
+    import coral_fast.generate as generate_module
+    from coral_fast.generate import DraftKVCache
+    from coral_fast.hf_attention import TreeKVCache, causal_forward
+
+    model = tiny_llama()
+    V, P = model.config.vocab_size, 11
+    prompt = torch.randint(0, V, (P,))
+    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", 4)
+    gen = SpeculativeGenerator(model, None, TreeConfig(depth=3, topk=3, total_tokens=8), static=True)
+    engine = gen._engine_for(prompt, P + 8)
+    first = engine.prefill(prompt)
+    # one eager pass
+    tcache = TreeKVCache.for_model(model, 64)
+    hidden, logits = causal_forward(model, tcache, prompt, "sdpa")
+    dcfg = gen.draft.config
+    dcache = DraftKVCache(dcfg.num_key_value_heads, dcfg.head_dim, 64, torch.float32, "cpu")
+    gen._draft_extend(dcache, hidden[: P - 1], prompt[1:])
+    assert first == int(logits[-1].argmax())
+    assert int(engine.n) == P and int(engine.d_start) == P - 1 and int(engine.d_count) == 1
+    torch.testing.assert_close(engine.tcache.k[..., :P, :], tcache.k[..., :P, :], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(engine.tcache.v[..., :P, :], tcache.v[..., :P, :], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(engine.dcache.k[:, :, : P - 1], dcache.k[:, :, : P - 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(engine.dcache.v[:, :, : P - 1], dcache.v[:, :, : P - 1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(engine.d_feats[0], hidden[P - 1], atol=1e-5, rtol=1e-5)
+    assert int(engine.d_tokens[0]) == first == int(engine.root)
+
+
 def install_static_oracle(gen: SpeculativeGenerator, truth: list, vocab: int, rng: torch.Generator, depth=5):
     """The oracle for StaticEngine: after the real draft step, overwrite the verify inputs with an oracle
     tree padded to the engine's fixed size (extra wrong children of the root)."""

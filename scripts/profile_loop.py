@@ -1,0 +1,182 @@
+"""Where a round's time goes (GPU): per-step graph replay times, kernel counts and the top kernels, for the
+plain captured engine and the compiled one, plus a tree-shape sweep. Device-tool script:
+
+    source scripts/device_setup.sh && python scripts/profile_loop.py --out $OUT
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+
+def replay_ms(engine, ids, which, n=40):
+    """Median ms of one replay of graph `which` (0 draft, 1 verify), state reset by a prefill first."""
+    engine.prefill(ids)
+    times = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if which == 1:
+            engine.graphs[0].replay()
+        a.record()
+        engine.graphs[which].replay()
+        b.record()
+        if which == 0:
+            engine.graphs[1].replay()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def kernel_table(engine, ids, log, rows=14):
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.prefill(ids)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            engine.graphs[0].replay()
+            engine.graphs[1].replay()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    total = sum(e.self_device_time_total for e in events)
+    count = sum(e.count for e in events)
+    log(f"  kernels per round (draft + verify): {count / 3:.0f}, GPU time per round {total / 3 / 1e3:.3f} ms")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]:
+        log(f"    {e.self_device_time_total / 3:9.1f} us  x{e.count / 3:5.0f}  {e.key[:110]}")
+
+
+def attn_sweep(log, shapes=((9, 3, 64), (4, 1, 256)), T=61, S=1088, kv_lens=(160, 400, 1000)):
+    """Tree-attention launch configs at the loop's shapes (static buffer S, prefix kv_len on the device)."""
+    from coral_fast.kernels.tree_attention import TreeAttentionConfig, _tree_attention_triton
+    from coral_fast.tree import pack_mask_bits
+
+    torch.manual_seed(0)
+    parents = torch.tensor([-1] * 10 + [i // 5 for i in range(T - 10)])
+    from coral_fast.tree import ancestor_mask
+
+    bits = pack_mask_bits(ancestor_mask(parents).cuda())[None]
+    for hq, hkv, d in shapes:
+        q = torch.randn(1, hq, T, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, hkv, S, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        ref_cfg = TreeAttentionConfig.for_shape(1, hkv, hq // hkv * T, S, d, q.device)
+        log(f"attn sweep Hq={hq} Hkv={hkv} D={d} T={T} S={S}: default {ref_cfg}")
+        for kv in kv_lens:
+            kv_len = torch.tensor([kv], device="cuda")
+            ref = _tree_attention_triton(q, k, v, bits, d**-0.5, kv_len, None, None)
+            line = []
+            for bm in (16, 32, 64):
+                for splits in (1, 2, 4, 8, 16):
+                    for bn, nw in ((64, 4), (32, 2)):
+                        cfg = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=2, num_splits=splits)
+                        try:
+                            out = _tree_attention_triton(q, k, v, bits, d**-0.5, kv_len, None, None, **cfg)
+                            err = (out.float() - ref.float()).abs().max().item()
+                            g = torch.cuda.CUDAGraph()
+                            with torch.cuda.graph(g):
+                                for _ in range(20):
+                                    _tree_attention_triton(q, k, v, bits, d**-0.5, kv_len, None, None, **cfg)
+                            ts = []
+                            for _ in range(7):
+                                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                                a.record(); g.replay(); b.record(); torch.cuda.synchronize()
+                                ts.append(a.elapsed_time(b) * 1e3 / 20)
+                            line.append((statistics.median(ts), bm, bn, nw, splits, err))
+                        except Exception as e:  # noqa: BLE001
+                            log(f"  cfg {cfg} failed: {str(e)[:80]}")
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(20):
+                    _tree_attention_triton(q, k, v, bits, d**-0.5, kv_len, None, None)
+            ts = []
+            for _ in range(7):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record(); g.replay(); b.record(); torch.cuda.synchronize()
+                ts.append(a.elapsed_time(b) * 1e3 / 20)
+            line.sort()
+            log(f"  kv_len={kv}: default {statistics.median(ts):.1f} us; best: " + "; ".join(
+                f"{t:.1f}us bm{bm} bn{bn} w{nw} s{sp} err{e:.0e}" for t, bm, bn, nw, sp, e in line[:6]))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--out", default="out")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--variants", default="graphs,compile")
+    p.add_argument("--trees", default="6,10,60")
+    p.add_argument("--sweep-variant", default="graphs")
+    p.add_argument("--sweep", default="")
+    p.add_argument("--attn-sweep", action="store_true")
+    p.add_argument("--compile-prefill", action="store_true")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    logf = open(os.path.join(args.out, "profile.log"), "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+
+    if args.attn_sweep:
+        attn_sweep(log)
+    from coral_fast.benchmarks.e2e import PROMPTS, prompt_ids
+    from coral_fast.draft import DraftModel
+    from coral_fast.generate import SpeculativeGenerator, TreeConfig
+    from coral_fast.generate_cli import shipped_draft
+    from coral_fast.models import load_target
+
+    model, tok = load_target(args.model, dtype=torch.bfloat16, device="cuda")
+    model.generation_config.eos_token_id = None
+    draft = DraftModel.from_pretrained(shipped_draft(args.model), model)
+    prompts = [prompt_ids(tok, t, model.config.vocab_size, "cuda", i) for i, t in enumerate(PROMPTS)]
+    log(f"{torch.cuda.get_device_name()} torch {torch.__version__} model {args.model}")
+    results = []
+
+    def run(variant, tree, profile_it):
+        d, k, t = tree
+        t0 = time.perf_counter()
+        gen = SpeculativeGenerator(model, draft, TreeConfig(d, k, t), eos_token_id=[], compile=variant == "compile")
+        gen.generate(prompts[0], 16)
+        setup = time.perf_counter() - t0
+        eng = gen.engine
+        dm, vm = replay_ms(eng, prompts[0], 0), replay_ms(eng, prompts[0], 1)
+        rows = []
+        for ids in prompts:
+            gen.generate(ids, args.new_tokens)
+            torch.cuda.synchronize()
+            a = time.perf_counter()
+            r = gen.generate(ids, args.new_tokens)
+            torch.cuda.synchronize()
+            rows.append(dict(tok_s=len(r.token_ids) / (time.perf_counter() - a), tau=r.mean_accepted_length,
+                             prefill_ms=1e3 * r.prefill_time_s, rounds=r.rounds))
+        torch.cuda.synchronize()
+        a = time.perf_counter()
+        for _ in range(5):
+            eng.prefill(prompts[0])
+        torch.cuda.synchronize()
+        pre = (time.perf_counter() - a) / 5 * 1e3
+        med = lambda key: statistics.median(x[key] for x in rows)  # noqa: E731
+        res = dict(variant=variant, tree=tree, setup_s=round(setup, 1), draft_ms=round(dm, 3), verify_ms=round(vm, 3),
+                   tok_s=round(med("tok_s"), 1), tau=round(med("tau"), 3), prefill_ms=round(pre, 2),
+                   per_prompt=[round(x["tok_s"]) for x in rows])
+        log(json.dumps(res))
+        results.append(res)
+        if profile_it:
+            kernel_table(eng, prompts[0], log)
+        return gen
+
+    tree0 = tuple(int(x) for x in args.trees.split(","))
+    for variant in args.variants.split(","):
+        run(variant, tree0, True)
+        torch._dynamo.reset()
+    for spec in filter(None, args.sweep.split(";")):
+        run(args.sweep_variant, tuple(int(x) for x in spec.split(",")), False)
+    with open(os.path.join(args.out, "profile.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
