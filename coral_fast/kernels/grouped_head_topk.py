@@ -145,11 +145,11 @@ if triton is not None:
         FUSED: tl.constexpr, FENCE: tl.constexpr, NUM_THREADS: tl.constexpr,
         K_POW2: tl.constexpr, MERGE_BLOCK_P: tl.constexpr, MERGE_BLOCK_C: tl.constexpr,
     ):
-        """Persistent, one flat loop over (work item, K step): work item = (active group j, vocab
-        tile t, row block mb), mb fastest so the programs sharing a weight tile run side by side.
-        Flat, so the software pipeline runs across items: the next tile's loads are in flight while
-        this tile's epilogue runs. FUSED: the last program to finish merges every row (an atomic
-        count of finished programs, reset by that program), so there is one launch."""
+        """Persistent: work item = (active group j, vocab tile t, row block mb), mb fastest so the
+        programs sharing a weight tile run side by side. (A flat loop over (item, K step), so the
+        pipeline runs across items, was measured: 2% faster at M=1, up to 50% slower at M=64 with many
+        items a program; docs/head.md.) FUSED: the last program to finish merges every row (an
+        atomic count of finished programs, reset by that program), so there is one launch."""
         # the union of the rows' groups, compacted: every program derives it from `groups` (M*A ints)
         # itself, so there is no host unique(), no extra launch, and no item for an unused group
         gids = tl.arange(0, G_POW2)
@@ -165,77 +165,62 @@ if triton is not None:
 
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
-        k_tiles = tl.cdiv(H, BLOCK_K)
-        my_items = tl.where(pid < n_items, (n_items - 1 - pid) // nprog + 1, 0)
         offs_k = tl.arange(0, BLOCK_K)
         local = tl.arange(0, BLOCK_V)
         slots = tl.arange(0, A_POW2)
         lanes = tl.arange(0, BLOCK_M)
 
-        # per-item state, carried through the flat loop (set when ki wraps to 0)
-        item = pid - nprog
-        ki = k_tiles - 1
-        tile = pid * 0
-        lo = pid * 0
-        group_end = pid * 0
-        rows = lanes
-        chosen = lanes < 0
-        slot = lanes * 0
-        acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
-        for _ in range(0, my_items * k_tiles):
-            ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
-            if ki == 0:
-                item += nprog
-                mb = item % NMB
-                tile = (item // NMB) % NT
-                g = tl.sum(tl.where(rank == item // (NMB * NT), gids, 0), axis=0)
-                rows = mb * BLOCK_M + lanes
-                chosen_groups = tl.load(
-                    groups_ptr + rows[:, None] * stride_gm + slots[None, :],
-                    mask=(rows[:, None] < M) & (slots[None, :] < A), other=-1,
-                )
-                hit = chosen_groups == g
-                chosen = tl.max(hit.to(tl.int32), axis=1) > 0  # [BLOCK_M]: row chose group g
-                slot = tl.sum(tl.where(hit, slots[None, :], 0), axis=1)  # where g sits in the row's list
-                group_end = tl.load(offsets_ptr + g + 1).to(tl.int32)
-                lo = tl.load(offsets_ptr + g).to(tl.int32) + tile * BLOCK_V
-                # a row block with no chosen row, or a tile past the end of a smaller group, loads
-                # nothing (all masked); the latter still writes (-inf, 0) partials for the merge
-                any_chosen = tl.max(chosen.to(tl.int32), axis=0) > 0
-                group_end = tl.where(any_chosen, group_end, lo)
-
+        for item in range(pid, n_items, nprog):
+            mb = item % NMB
+            tile = (item // NMB) % NT
+            g = tl.sum(tl.where(rank == item // (NMB * NT), gids, 0), axis=0)
+            rows = mb * BLOCK_M + lanes
+            chosen_groups = tl.load(
+                groups_ptr + rows[:, None] * stride_gm + slots[None, :],
+                mask=(rows[:, None] < M) & (slots[None, :] < A), other=-1,
+            )
+            hit = chosen_groups == g
+            chosen = tl.max(hit.to(tl.int32), axis=1) > 0  # [BLOCK_M]: row chose group g
+            slot = tl.sum(tl.where(hit, slots[None, :], 0), axis=1)  # where g sits in the row's list
+            group_end = tl.load(offsets_ptr + g + 1).to(tl.int32)
+            lo = tl.load(offsets_ptr + g).to(tl.int32) + tile * BLOCK_V
             cols = lo + local
             col_ok = cols < group_end
-            k_offs = ki * BLOCK_K + offs_k
-            h_ptrs = hidden_ptr + rows[:, None] * stride_hm + k_offs[None, :]
-            w_ptrs = weight_ptr + cols[:, None].to(tl.int64) * stride_wv + k_offs[None, :]
-            if EVEN_K:
-                h = tl.load(h_ptrs, mask=chosen[:, None], other=0.0)
-                w = tl.load(w_ptrs, mask=col_ok[:, None], other=0.0)
-            else:
-                k_ok = k_offs < H
-                h = tl.load(h_ptrs, mask=chosen[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if DOT_FP32:  # interpreter: bf16 tl.dot is wrong there (triton issue 11584)
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(h, tl.trans(w), acc)
+            # a row block with no chosen row, or a tile past the end of a smaller group, skips the
+            # dot; the latter still writes (-inf, 0) partials because the merge reads all NT tiles
+            any_chosen = tl.max(chosen.to(tl.int32), axis=0) > 0
+            k_end = tl.where(any_chosen & (lo < group_end), H, 0)
 
-            if ki == k_tiles - 1:
-                logits = tl.where(col_ok[None, :], acc, float("-inf"))
-                tile_max = tl.max(logits, axis=1)
-                shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
-                tile_sum = tl.sum(tl.exp(logits - shift[:, None]), axis=1)
-                part = (rows * A + slot) * NT + tile  # [BLOCK_M] index of (row, slot, tile)
-                tl.store(part_max_ptr + part, tile_max, mask=chosen)
-                tl.store(part_sum_ptr + part, tile_sum, mask=chosen)
-                # the tile's top-KT as packed keys, by rounds of argmax (unrolled: no inner loop, so
-                # the flat loop stays one pipelined loop)
-                for r in tl.static_range(KT):
-                    best, arg = tl.max(logits, axis=1, return_indices=True)
-                    tl.store(key_ptr + part * KT + r, _pack_key(best, lo + arg), mask=chosen)
-                    logits = tl.where(local[None, :] == arg[:, None], float("-inf"), logits)
-                acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+            h_ptrs = hidden_ptr + rows[:, None] * stride_hm + offs_k[None, :]
+            w_ptrs = weight_ptr + cols[:, None].to(tl.int64) * stride_wv + offs_k[None, :]
+            for k0 in range(0, k_end, BLOCK_K):
+                if EVEN_K:
+                    h = tl.load(h_ptrs, mask=chosen[:, None], other=0.0)
+                    w = tl.load(w_ptrs, mask=col_ok[:, None], other=0.0)
+                else:
+                    k_ok = (k0 + offs_k) < H
+                    h = tl.load(h_ptrs, mask=chosen[:, None] & k_ok[None, :], other=0.0)
+                    w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                if DOT_FP32:  # interpreter: bf16 tl.dot is wrong there (triton issue 11584)
+                    h = h.to(tl.float32)
+                    w = w.to(tl.float32)
+                acc = tl.dot(h, tl.trans(w), acc)
+                h_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K
+
+            logits = tl.where(col_ok[None, :], acc, float("-inf"))
+            tile_max = tl.max(logits, axis=1)
+            shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+            tile_sum = tl.sum(tl.exp(logits - shift[:, None]), axis=1)
+            part = (rows * A + slot) * NT + tile  # [BLOCK_M] index of (row, slot, tile)
+            tl.store(part_max_ptr + part, tile_max, mask=chosen)
+            tl.store(part_sum_ptr + part, tile_sum, mask=chosen)
+            # the tile's top-KT as packed (logit, row) keys, by rounds of argmax
+            for r in range(0, tl.where(any_chosen, KT, 0)):
+                best, arg = tl.max(logits, axis=1, return_indices=True)
+                tl.store(key_ptr + part * KT + r, _pack_key(best, lo + arg), mask=chosen)
+                logits = tl.where(local[None, :] == arg[:, None], float("-inf"), logits)
 
         if FUSED:
             # threadFenceReduction pattern: every thread fences its partial stores, barrier, one
@@ -280,13 +265,14 @@ class KernelConfig:
 def default_config(M: int, H: int, k: int) -> KernelConfig:
     """Config by a small heuristic on M and H (no autotune: nothing to warm up before graph capture).
 
-    See docs/head.md for the sweep it comes from.
+    From the H200 sweep and the H100 variants of 2026-11-23 (docs/head.md): 3 stages (4 or 5 were
+    slower at M=1 and much slower at M=64); the fused merge measured no gain, so it is off.
     """
     if M <= 16:
         if H >= 2048:
-            return KernelConfig(16, 128, 128, num_warps=4, num_stages=4, programs_per_sm=2, fuse_merge=M == 1)
-        return KernelConfig(16, 128, 64, num_warps=4, num_stages=4, programs_per_sm=4, fuse_merge=M == 1)
-    return KernelConfig(64, 64, 128, num_warps=4, num_stages=4, programs_per_sm=2)
+            return KernelConfig(16, 128, 128, num_warps=4, num_stages=3, programs_per_sm=2)
+        return KernelConfig(16, 128, 64, num_warps=4, num_stages=3, programs_per_sm=4)
+    return KernelConfig(64, 64, 128, num_warps=4, num_stages=3, programs_per_sm=2)
 
 
 def _next_pow2(n: int) -> int:
