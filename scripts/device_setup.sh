@@ -2,8 +2,12 @@
 # Source at the start of every device-tool command:  source scripts/device_setup.sh
 # - installs carried wheels (gguf) into a target dir on PYTHONPATH (the GPU image has no registry)
 # - puts the repo on PYTHONPATH (no pip install needed there)
-# - assembles the SmolLM2 GGUF from chunks carried in .carry/smol1 and .carry/smol2 by two calls
-#   made back to back (a warm machine keeps ignored files between calls); see docs/device.md
+# - assembles the model GGUFs from chunks carried one per call, in calls made back to back (a warm
+#   machine keeps /tmp/models between calls); see docs/device.md:
+#     SmolLM2:      .carry/smol1 .. .carry/smol3 (smolpart_0..2, 31 MiB each) -> CORAL_FAST_SMOLLM2_GGUF
+#     Gemma 3 270M: .carry/gem1 .. .carry/gem7   (gempart_0..6, 34.5 MiB each) -> CORAL_FAST_GEMMA3_GGUF
+#   each checked against scripts/<model>.sha256. One call carries at most 64 MiB with the tracked
+#   files (~25 MB), hence the chunk sizes. The older SmolLM2 halves (smolchunk_aa/ab) still assemble.
 set -e
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD:/tmp/pydeps:${PYTHONPATH:-}"
@@ -11,14 +15,29 @@ if [ -d .carry/wheels ] && [ ! -d /tmp/pydeps/gguf ]; then
   python3 -m pip install -q --no-deps --target /tmp/pydeps .carry/wheels/*.whl >/dev/null 2>&1 || true
 fi
 mkdir -p /tmp/models
-for part in .carry/smol1/* .carry/smol2/*; do
-  [ -f "$part" ] && cp -n "$part" /tmp/models/ || true
+for part in .carry/smol[0-9]*/* .carry/gem[0-9]*/*; do
+  [ -f "$part" ] && cp -n "$part" /tmp/models/ 2>/dev/null || true
 done
-if [ -f /tmp/models/smolchunk_aa ] && [ -f /tmp/models/smolchunk_ab ] && [ ! -f /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
-  cat /tmp/models/smolchunk_aa /tmp/models/smolchunk_ab > /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf
-  (cd /tmp/models && echo "$(cut -d' ' -f1 < "$OLDPWD/scripts/smollm2.sha256")  SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c -) || rm -f /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf
-fi
+
+# _coral_assemble FILE SHA256_FILE PART...: cat the parts into /tmp/models/FILE once all are there
+_coral_assemble() {
+  local file="$1" sha="$2" part
+  shift 2
+  [ -f "/tmp/models/$file" ] && return 0
+  for part in "$@"; do [ -f "/tmp/models/$part" ] || return 0; done
+  (cd /tmp/models && cat "$@" > "$file")
+  (cd /tmp/models && echo "$(cut -d' ' -f1 < "$sha")  $file" | sha256sum -c -) || rm -f "/tmp/models/$file"
+}
+_coral_assemble SmolLM2-135M-Instruct.Q4_1.gguf "$PWD/scripts/smollm2.sha256" smolpart_0 smolpart_1 smolpart_2
+_coral_assemble SmolLM2-135M-Instruct.Q4_1.gguf "$PWD/scripts/smollm2.sha256" smolchunk_aa smolchunk_ab
+_coral_assemble gemma-3-270m-q4_k_m.gguf "$PWD/scripts/gemma3.sha256" gempart_0 gempart_1 gempart_2 gempart_3 gempart_4 gempart_5 gempart_6
+_coral_assemble gemma-3-270m-q4_k_m.gguf "$PWD/scripts/gemma3.sha256" gemchunk_0 gemchunk_1 gemchunk_2 gemchunk_3 gemchunk_4
+unset -f _coral_assemble
 if [ -f /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
   export CORAL_FAST_SMOLLM2_GGUF=/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf
 fi
+if [ -f /tmp/models/gemma-3-270m-q4_k_m.gguf ]; then
+  export CORAL_FAST_GEMMA3_GGUF=/tmp/models/gemma-3-270m-q4_k_m.gguf
+fi
+echo "[device_setup] in /tmp/models: $(ls /tmp/models 2>/dev/null | tr '\n' ' ')"
 set +e

@@ -124,3 +124,41 @@ def test_gemma3_loads():
     model, tok = real_target("gemma3-270m")
     assert model.config.model_type == "gemma3_text" and model.config.vocab_size == 262144
     assert model.config.sliding_window == 512
+
+
+def test_gemma_env_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("CORAL_FAST_GEMMA3_GGUF", str(tmp_path / "nope.gguf"))
+    with pytest.raises(ModelNotAvailable, match="CORAL_FAST_GEMMA3_GGUF.*not a file"):
+        resolve_model("gemma3-270m")
+    f = tmp_path / "gemma-3-270m-q4_k_m.gguf"
+    f.write_bytes(b"GGUF")
+    monkeypatch.setenv("CORAL_FAST_GEMMA3_GGUF", str(f))
+    assert resolve_model("gemma3-270m") == (str(tmp_path), f.name)
+
+
+def test_gemma3_chat_template_renders_gemma_turns():
+    jinja2 = pytest.importorskip("jinja2")
+    text = jinja2.Environment().from_string(models.GEMMA3_CHAT_TEMPLATE).render(
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi "},
+                  {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Why?"}],
+        bos_token="<bos>", add_generation_prompt=True)
+    assert text == ("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+                    "<start_of_turn>user\nWhy?<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_gemma3_chat_setup_adds_template_and_end_of_turn():
+    from types import SimpleNamespace
+
+    class Tok:
+        chat_template = None
+        unk_token_id = 3
+
+        def convert_tokens_to_ids(self, token):
+            return {"<end_of_turn>": 106}.get(token, 3)
+
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=1), config=SimpleNamespace(eos_token_id=1))
+    tok = Tok()
+    models.gemma3_chat_setup(model, tok)
+    assert tok.chat_template == models.GEMMA3_CHAT_TEMPLATE and model.generation_config.eos_token_id == [1, 106]
+    models.gemma3_chat_setup(model, tok)  # idempotent: a tokenizer with a template is left alone
+    assert model.generation_config.eos_token_id == [1, 106]

@@ -207,3 +207,48 @@ def test_shipped_smollm2_draft_predicts_its_target():
         step_acc = [float((draft.logits(h).argmax(-1) == top1)[mask].float().mean()) for h in steps]
     # an untrained draft scores ~0; the shipped one matches the target's next token most of the time
     assert step_acc[0] > 0.4 and step_acc[2] > 0.3, step_acc
+
+
+def test_chunked_token_loss_equals_the_plain_one(seed):
+    """Large vocabularies: the row-chunked, recomputed token loss gives the same value, accuracy and
+    gradients as the one-shot loss."""
+    from coral_fast.training.trainer import token_loss_and_accuracy
+
+    target = tiny_target(vocab=67)
+    draft = tiny_draft(target)
+    h = torch.randn(23, 32, requires_grad=True)
+    ids = torch.randint(0, 67, (23, 4))
+    lps = torch.randn(23, 4).log_softmax(-1)
+    results = []
+    for max_logits in (10**9, 5 * 67):  # one shot; chunks of 5 rows
+        h.grad = None
+        loss, acc = token_loss_and_accuracy(draft, h, ids, lps, "kl", max_logits=max_logits)
+        loss.backward()
+        results.append((loss.detach(), acc, h.grad.clone()))
+    (l1, a1, g1), (l2, a2, g2) = results
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(a1, a2)
+    torch.testing.assert_close(g1, g2)
+
+
+def test_shipped_gemma3_draft_is_small_and_headless():
+    """The shipped Gemma 3 270M draft: Gemma's shapes, fp16, and no copy of the 262144 x 640 LM head
+    (the target's tied embedding serves as the head); `coral-fast generate --model gemma3-270m` uses it."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from coral_fast.generate_cli import shipped_draft
+
+    folder = Path(__import__("coral_fast").__file__).parent / "drafts" / "gemma3-270m"
+    assert shipped_draft("gemma3-270m") == str(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["hidden_size"], config["vocab_size"], config["target"]) == (640, 262144, "gemma3-270m")
+    assert (folder / "model.safetensors").stat().st_size < 16 * 2**20
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        for name in f.keys():
+            shape = f.get_slice(name).get_shape()
+            assert 640 * 262144 > (shape[0] if shape else 1) * (shape[1] if len(shape) > 1 else 1), name
+            if name.startswith(("fc.", "layer.", "head.")):
+                assert f.get_slice(name).get_dtype() == "F16", name

@@ -38,11 +38,12 @@ def head_mode(draft, head: str = "grouped", active_groups: int | None = None):
 
 
 @torch.no_grad()
-def loop_acceptance(target, tokenizer, draft, prompts: list[dict], max_new_tokens: int = 128, head: str = "grouped", active_groups: int | None = None, depth: int = 6, topk: int = 10, total_tokens: int = 60, warmup: int = 1, deadline: float | None = None, loop_mode: dict | None = None) -> dict:
+def loop_acceptance(target, tokenizer, draft, prompts: list[dict], max_new_tokens: int = 128, head: str = "grouped", active_groups: int | None = None, depth: int = 6, topk: int = 10, total_tokens: int = 60, warmup: int = 1, deadline: float | None = None, loop_mode: dict | None = None, timed_s: float | None = None) -> dict:
     """Greedy speculative generation over `prompts` (rows of prompts.jsonl); pooled statistics.
 
     loop_mode: keyword arguments of SpeculativeGenerator (e.g. {"static": False}); default: its fastest
-    mode, falling back to eager ones if that fails."""
+    mode, falling back to eager ones if that fails. No prompt starts after `deadline` (a
+    time.perf_counter() value) nor more than `timed_s` seconds after the untimed warm-up."""
     from coral_fast.generate import SpeculativeGenerator, TreeConfig
     from coral_fast.training.data import prompt_token_ids
 
@@ -64,8 +65,11 @@ def loop_acceptance(target, tokenizer, draft, prompts: list[dict], max_new_token
                 gen = None
         if gen is None:
             raise RuntimeError("the loop failed in every mode: " + " | ".join(errors))
+        timed_start = time.perf_counter()
         for row in prompts:
             if deadline is not None and time.perf_counter() > deadline:
+                break
+            if timed_s is not None and time.perf_counter() - timed_start > timed_s:
                 break
             ids = prompt_token_ids(tokenizer, row["messages"])
             result = gen.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0)

@@ -1,6 +1,6 @@
 """Data + training + evaluation + ablation in one process, inside a fixed time budget.
 
-    python -m coral_fast.training.pipeline --model smollm2 --out OUT [--budget 560]
+    python -m coral_fast.training.pipeline --model smollm2|gemma3-270m --out OUT [--budget 560]
 
 Used by `scripts/gpu_train.sh` for one device call: the target is loaded once, every stage has a
 deadline, and the stages run in order of importance:
@@ -9,7 +9,9 @@ deadline, and the stages run in order of importance:
   3. its acceptance through the real loop (greedy, EAGLE-2 tree depth 6 / top-k 10 / 60 tokens)
   4. ablation at equal iterations: single-step, multi-step, multi-step + CSRA; grouped vs dense
      head; acceptance as fewer groups are active
-Writes OUT/smollm2/{config.json,model.safetensors}, OUT/results.json, OUT/ablation.md, OUT/train_main.jsonl.
+Writes OUT/<model>/{config.json,model.safetensors}, OUT/results.json, OUT/ablation.md, OUT/train_main.jsonl.
+Large vocabularies (Gemma 3: 262144 ids) get smaller batches by default (--batch-tokens, the target's
+forward batch of the data stage) so that the full-vocabulary logits fit.
 """
 from __future__ import annotations
 
@@ -63,14 +65,16 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=11)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--gen-batch", type=int, default=1000)
-    p.add_argument("--batch-tokens", type=int, default=16384)
+    p.add_argument("--batch-tokens", type=int, default=None, help="padded tokens per training batch (default 16384; 8192 above 65536 ids)")
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--main-eval-every", type=int, default=500, help="held-out estimate every N iterations (best kept)")
     p.add_argument("--eval-prompts", type=int, default=40)
     p.add_argument("--ablation-eval-prompts", type=int, default=20)
     p.add_argument("--eval-new-tokens", type=int, default=128)
-    p.add_argument("--main-loop-s", type=float, default=30.0, help="seconds for each loop evaluation of the shipped draft")
-    p.add_argument("--ablation-loop-s", type=float, default=12.0, help="seconds for each ablation loop evaluation")
+    p.add_argument("--main-loop-s", type=float, default=30.0, help="seconds for each loop evaluation of the shipped draft (after its warm-up)")
+    p.add_argument("--ablation-loop-s", type=float, default=12.0, help="seconds for each ablation loop evaluation (after its warm-up)")
+    p.add_argument("--ablation-active-groups", type=int, nargs="*", default=[1, 2, 8], help="loop evaluations of the shipped draft with these a")
+    p.add_argument("--main-from", default=None, help="start the shipped draft from this draft folder (e.g. coral_fast/drafts/smollm2); with --main-budget 0 it is only evaluated")
     p.add_argument("--skip-ablation", action="store_true", help="spend the whole budget on the shipped draft and its evaluation")
     p.add_argument("--limit-prompts", type=int, default=None, help="smoke tests: fewer prompts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -96,13 +100,18 @@ def main(argv=None) -> int:
     else:
         target, tokenizer = load_target(args.model, dtype, args.device)
     target.requires_grad_(False)
-    log("target loaded", seconds=round(clock.elapsed(), 1))
+    vocab_size = target.get_output_embeddings().weight.shape[0]
+    large_vocab = vocab_size > 65536
+    if args.batch_tokens is None:
+        args.batch_tokens = 8192 if large_vocab else 16384
+    results["env"]["vocab_size"] = vocab_size
+    log("target loaded", seconds=round(clock.elapsed(), 1), vocab_size=vocab_size, batch_tokens=args.batch_tokens)
 
     # 1. data ---------------------------------------------------------------------------------------
     prompts = load_prompts()
     if args.limit_prompts:
         prompts = [r for r in prompts if r["split"] == "eval"][: max(2, args.limit_prompts // 8)] + [r for r in prompts if r["split"] == "train"][: args.limit_prompts]
-    settings = DataSettings(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, forward_batch_size=32 if device.type == "cuda" else 8, samples=args.samples, topk=16)
+    settings = DataSettings(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, forward_batch_size=(8 if large_vocab else 32) if device.type == "cuda" else 4, samples=args.samples, topk=16)
     t0 = time.perf_counter()
     stats = generate_dataset(target, tokenizer, prompts, args.data_dir, settings, model_name=args.model, progress=not args.no_progress, deadline=clock.deadline(args.data_budget))
     results["data"] = {**stats, "seconds": round(time.perf_counter() - t0, 1)}
@@ -119,8 +128,8 @@ def main(argv=None) -> int:
     def new_draft():
         return build_draft(target, args.model, "contiguous", 32, 4, data, device)
 
-    def run(name, cfg, budget):
-        draft = new_draft()
+    def run(name, cfg, budget, draft=None):
+        draft = new_draft() if draft is None else draft
         cfg.time_budget_s = budget
         t = time.perf_counter()
         history = train(draft, data, cfg, out_dir=None, progress=not args.no_progress, eval_groups=proxy_groups,
@@ -140,7 +149,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         draft.to(dtype)  # as shipped: from_pretrained puts the draft in the target's dtype
         try:
-            r = loop_acceptance(target, tokenizer, draft, rows, max_new_tokens=args.eval_new_tokens, deadline=clock.deadline(min(allowance or 1e9, clock.left() - 5)), **kw)
+            r = loop_acceptance(target, tokenizer, draft, rows, max_new_tokens=args.eval_new_tokens, deadline=clock.deadline(clock.left() - 5), timed_s=allowance, **kw)
         except Exception as error:  # keep the other stages: the numbers of this one are simply missing
             traceback.print_exc()
             results.setdefault("errors", {})[f"loop {name}"] = repr(error)
@@ -159,14 +168,24 @@ def main(argv=None) -> int:
     with open(out / "train_main.jsonl", "w") as train_log:
         # 2. the shipped draft ---------------------------------------------------------------------
         # everything after the shipped draft needs about this much; the shipped draft gets the rest
-        reserve = 2 * args.main_loop_s + 3 * args.ablation_loop_s + 40
+        # (each loop evaluation also has an untimed warm-up of a few seconds: graph capture)
+        reserve = 2 * (args.main_loop_s + 8) + len(args.ablation_active_groups) * (args.ablation_loop_s + 8) + 35
         if not args.skip_ablation:
-            reserve += 3 * (args.ablation_budget + args.ablation_loop_s)
+            reserve += 3 * (args.ablation_budget + args.ablation_loop_s + 12)
         main_cfg = copy.deepcopy(base_cfg)
         main_cfg.__dict__.update(eval_every=args.main_eval_every, keep_best=True)
         main_budget = max(30.0, min(args.main_budget, clock.left() - reserve))
-        log("main budget", seconds=round(main_budget, 1), reserve=reserve)
-        main_draft = run("main: multi-step 3 + CSRA", main_cfg, main_budget)
+        if args.main_from:
+            main_draft = build_draft(target, args.model, "contiguous", 32, 4, data, device, init_from=args.main_from)
+            start = chain_acceptance(main_draft, data, data.eval[:96], 6, args.batch_tokens, proxy_groups, token_groups_of(main_draft).to(device), device.type == "cuda")
+            results.setdefault("runs", {})[f"from {args.main_from}"] = {"iterations": 0, "train_seconds": 0.0, "proxy": start}
+            log("main draft loaded", path=args.main_from, proxy_tau=start["tau"])
+            if args.main_budget > 0:
+                main_cfg.warmup = 20
+                main_draft = run("main: continued from " + args.main_from, main_cfg, main_budget, main_draft)
+        else:
+            log("main budget", seconds=round(main_budget, 1), reserve=reserve)
+            main_draft = run("main: multi-step 3 + CSRA", main_cfg, main_budget)
         save_small(main_draft, out / args.model)
         # 3. its acceptance through the loop -------------------------------------------------------
         loop_eval("main grouped a=4", main_draft, eval_rows[: args.eval_prompts], args.main_loop_s)
@@ -196,7 +215,7 @@ def main(argv=None) -> int:
         except Exception as error:
             traceback.print_exc()
             results.setdefault("errors", {})["ablation"] = repr(error)
-        for a in (1, 2, 8):
+        for a in args.ablation_active_groups:
             loop_eval(f"main grouped a={a}", main_draft, abl_rows, args.ablation_loop_s, active_groups=a)
     if clock.left() > 20:
         try:
@@ -258,7 +277,7 @@ def _version(name):
 def render_markdown(results: dict) -> str:
     env = results.get("env", {})
     lines = [
-        "# Draft training ablation (SmolLM2-135M-Instruct target)",
+        f"# Draft training and loop evaluation ({results.get('args', {}).get('model')} target)",
         "",
         f"Device: {env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}; {env.get('date')}.",
         "Produced by `scripts/gpu_train.sh` (`python -m coral_fast.training.pipeline`) in one device call.",

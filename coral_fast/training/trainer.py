@@ -224,6 +224,40 @@ def token_groups_of(draft) -> Tensor:
 
 
 # --- losses of one batch ---------------------------------------------------------------------------
+# Above this many logits (rows x vocabulary) a step's token loss runs in row chunks, each recomputed
+# in the backward pass (activation checkpointing): Gemma 3's 262144-id head at 8192 rows would keep
+# 8.6 GB of fp32 log-probabilities per unrolled step otherwise.
+CHUNKED_LOGITS = 1 << 30
+
+
+def token_loss_and_accuracy(draft, h: Tensor, ids: Tensor, lps: Tensor, kind: str, max_logits: int = CHUNKED_LOGITS) -> tuple[Tensor, Tensor]:
+    """Token loss (mean over rows) and top-1 accuracy of the draft's dense logits for rows h [M, H];
+    row chunks with recomputation when M x V exceeds `max_logits` (same values, less memory)."""
+    rows, vocab = h.shape[0], draft.config.vocab_size
+    if rows == 0 or rows * vocab <= max_logits:
+        logits = draft.logits(h)
+        loss = L.token_loss(logits, ids, lps, kind)
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == ids[:, 0]).float().mean() if rows else h.new_zeros((), dtype=torch.float32)
+        return loss, acc
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(h_chunk, ids_chunk, lps_chunk):
+        logits = draft.logits(h_chunk)
+        loss = L.token_loss(logits, ids_chunk, lps_chunk, kind) * h_chunk.shape[0]
+        correct = (logits.argmax(-1) == ids_chunk[:, 0]).sum().detach()
+        return loss, correct
+
+    step = max(1, max_logits // vocab)
+    total, correct = h.new_zeros((), dtype=torch.float32), 0
+    for start in range(0, rows, step):
+        part = slice(start, start + step)
+        loss, hits = checkpoint(chunk_loss, h[part], ids[part], lps[part], use_reentrant=False)
+        total = total + loss
+        correct = correct + hits
+    return total / rows, (correct / rows).float()
+
+
 def compute_losses(draft, batch: dict[str, Tensor], cfg: TrainConfig, token_groups: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
     outputs = unrolled_forward(draft, batch["features"], batch["tokens"], batch["positions"], cfg.unroll_steps, cfg.detach_unroll, cfg.feature_noise)
     mask = batch["mask"]
@@ -239,13 +273,11 @@ def compute_losses(draft, batch: dict[str, Tensor], cfg: TrainConfig, token_grou
         w = cfg.step_decay**step
         weight_sum += w
         f_loss = L.feature_loss(h, batch["target_features"][valid])
-        logits = draft.logits(h)
-        t_loss = L.token_loss(logits, ids, lps, cfg.token_loss)
+        t_loss, acc = token_loss_and_accuracy(draft, h, ids, lps, cfg.token_loss)
         r_logits = draft.router_logits(h)
         r_loss = L.router_loss(r_logits, ids, lps, token_groups, cfg.router_target)
         total = total + w * (cfg.w_feature * f_loss + cfg.w_token * t_loss + cfg.w_router * r_loss)
         with torch.no_grad():
-            acc = (logits.argmax(-1) == ids[:, 0]).float().mean() if h.shape[0] else h.new_zeros(())
             hit = L.router_hit_rate(r_logits.float(), ids[:, 0], token_groups, draft.config.active_groups)
         logs[f"acc{step}"] = float(acc)
         logs[f"hit{step}"] = float(hit)
