@@ -169,7 +169,10 @@ def markdown(rows, args, env):
     ]
     for name in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == name]
-        med = lambda key: statistics.median(r[key] for r in rs if r[key] == r[key])  # noqa: E731 (skip NaN)
+        def med(key):  # NaN rows (a baseline not run) skipped; NaN if none ran
+            values = [r[key] for r in rs if r[key] == r[key]]
+            return statistics.median(values) if values else float("nan")
+
         rounds = [r["new_tokens"] / r["tau"] for r in rs]
         draft_ms = statistics.median(1e3 * r["draft_s"] / n for r, n in zip(rs, rounds))
         verify_ms = statistics.median(1e3 * r["verify_s"] / n for r, n in zip(rs, rounds))
