@@ -47,7 +47,7 @@ SWEEP_SMALL_M = [  # M <= 16
     KernelConfig(16, 64, 64, 4, 3, 4), KernelConfig(16, 128, 64, 4, 3, 4),
 ]
 SWEEP_LARGE_M = [  # M > 16
-    KernelConfig(64, 64, 128, 4, 3, 2), KernelConfig(64, 64, 128, 4, 4, 2),
+    KernelConfig(64, 64, 128, 4, 3, 2), KernelConfig(64, 64, 128, 4, 3, 2, gather=False),
     KernelConfig(64, 128, 64, 8, 3, 2), KernelConfig(32, 64, 128, 4, 4, 2), KernelConfig(32, 128, 64, 4, 3, 3),
     KernelConfig(16, 64, 128, 4, 4, 2), KernelConfig(16, 128, 64, 4, 3, 4), KernelConfig(64, 64, 64, 4, 3, 4),
 ]
@@ -123,7 +123,7 @@ def _copy_bandwidth(device, flush) -> float:
 
 def _cfg_str(c: KernelConfig) -> str:
     return (f"m{c.block_m} v{c.block_v} k{c.block_k} w{c.num_warps} s{c.num_stages} p{c.programs_per_sm}"
-            + (" fused" if c.fuse_merge else ""))
+            + ("" if c.gather else " rows-in-order"))
 
 
 def run_gpu(shapes, cases, sweep: bool, quick: bool, log=print) -> tuple[list[Row], float]:

@@ -35,8 +35,8 @@ except ImportError:  # pragma: no cover - triton is a Linux dependency; the refe
     triton = None
 
 MAX_K = 64  # largest k the Triton path supports (the issue's bound)
-MERGE_BLOCK_P = 1024  # tile partials (max, sum) the merge reads per chunk
-MERGE_BLOCK_C = 4096  # packed candidate keys the merge reads per chunk
+MERGE_BLOCK_P = 1024  # tile partials the merge reads per chunk
+GATHER_MAX_M = 256  # up to this many rows, each work item gathers the rows that chose its group
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -64,92 +64,20 @@ def grouped_head_topk_reference(
 # ---------------------------------------------------------------------------------------------------
 # Triton
 # ---------------------------------------------------------------------------------------------------
-MIN_KEY_HOST = -(2**63)
-
 if triton is not None:
-    MIN_KEY = tl.constexpr(MIN_KEY_HOST)  # below every packed (logit, row) key: "no candidate"
-
-    @triton.jit
-    def _pack_key(val, row):
-        """(fp32 logit, int32 row) -> int64 whose signed order is the logit's order (ties: larger row)."""
-        bits = val.to(tl.int32, bitcast=True)
-        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-        return (ordered.to(tl.int64) << 32) | (row.to(tl.int64) & 0xFFFFFFFF)
-
-    @triton.jit
-    def _unpack_key(key):
-        ordered = (key >> 32).to(tl.int32)
-        bits = tl.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
-        val = tl.where(key == MIN_KEY, float("-inf"), bits.to(tl.float32, bitcast=True))
-        return val, (key & 0xFFFFFFFF).to(tl.int32)
-
-    @triton.jit
-    def _gpu_fence(NUM_THREADS: tl.constexpr):
-        """fence.acq_rel.gpu in every thread of the program (one element per thread); returns 1."""
-        one = tl.inline_asm_elementwise(
-            "fence.acq_rel.gpu;\n\tmov.u32 $0, $1;", "=r,r", [tl.full((NUM_THREADS,), 1, tl.int32)],
-            dtype=tl.int32, is_pure=False, pack=1,
-        )
-        return tl.max(one, axis=0)
-
-    @triton.jit
-    def _merge_row(
-        m, key_ptr, part_max_ptr, part_sum_ptr, order_ptr, ids_ptr, logprobs_ptr, NP, K, V,
-        KT: tl.constexpr, K_POW2: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):
-        """Row m: log-sum-exp over its NP tile partials, top-K over its NP*KT packed candidate keys
-        (K rounds of one int64 max each, chunk by chunk against the running top-K), ids via order."""
-        offs_p = tl.arange(0, BLOCK_P)
-        run_max = tl.full((), -1.0e30, tl.float32)  # finite start: no inf - inf
-        run_sum = tl.full((), 0.0, tl.float32)
-        for p0 in range(0, NP, BLOCK_P):
-            ok = p0 + offs_p < NP
-            pm = tl.load(part_max_ptr + m * NP + p0 + offs_p, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            ps = tl.load(part_sum_ptr + m * NP + p0 + offs_p, mask=ok, other=0.0, cache_modifier=".cg")
-            new_max = tl.maximum(run_max, tl.max(pm, axis=0))
-            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(ps * tl.exp(pm - new_max), axis=0)
-            run_max = new_max
-        lse = run_max + tl.log(run_sum)
-
-        NC = NP * KT
-        slots = tl.arange(0, K_POW2)
-        offs_c = tl.arange(0, BLOCK_C)
-        top = tl.full((K_POW2,), MIN_KEY, tl.int64)
-        for c0 in range(0, NC, BLOCK_C):
-            cand = tl.load(key_ptr + m * NC + c0 + offs_c, mask=c0 + offs_c < NC, other=MIN_KEY, cache_modifier=".cg")
-            nxt = tl.full((K_POW2,), MIN_KEY, tl.int64)
-            for r in range(0, K):
-                best = tl.maximum(tl.max(cand, axis=0), tl.max(top, axis=0))
-                nxt = tl.where(slots == r, best, nxt)
-                cand = tl.where(cand == best, MIN_KEY, cand)
-                top = tl.where(top == best, MIN_KEY, top)
-            top = nxt
-        val, row = _unpack_key(top)
-        out_ok = slots < K
-        # clamp: with check=False and k beyond the active vocabulary, -inf slots carry arbitrary rows
-        safe_row = tl.minimum(tl.maximum(row, 0), V - 1)
-        ids = tl.load(order_ptr + safe_row, mask=out_ok, other=0)
-        tl.store(ids_ptr + m * K + slots, ids, mask=out_ok)
-        tl.store(logprobs_ptr + m * K + slots, val - lse, mask=out_ok)
 
     @triton.jit
     def _grouped_head_partials_kernel(
         hidden_ptr, weight_ptr, groups_ptr, offsets_ptr,
-        key_ptr, part_max_ptr, part_sum_ptr,
-        counter_ptr, order_ptr, ids_ptr, logprobs_ptr,
-        M, H, A, G, NT, NMB, K, V,
+        part_val_ptr, part_row_ptr, part_max_ptr, part_sum_ptr,
+        M, H, A, G, NT, NMB, KT,
         stride_hm, stride_wv, stride_gm,
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
         A_POW2: tl.constexpr, G_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
-        EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr, KT: tl.constexpr,
-        FUSED: tl.constexpr, FENCE: tl.constexpr, NUM_THREADS: tl.constexpr,
-        K_POW2: tl.constexpr, MERGE_BLOCK_P: tl.constexpr, MERGE_BLOCK_C: tl.constexpr,
+        GATHER: tl.constexpr, M_POW2: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
     ):
         """Persistent: work item = (active group j, vocab tile t, row block mb), mb fastest so the
-        programs sharing a weight tile run side by side. (A flat loop over (item, K step), so the
-        pipeline runs across items, was measured: 2% faster at M=1, up to 50% slower at M=64 with many
-        items a program; docs/head.md.) FUSED: the last program to finish merges every row (an
-        atomic count of finished programs, reset by that program), so there is one launch."""
+        programs sharing a weight tile run side by side and all but the first read it from L2."""
         # the union of the rows' groups, compacted: every program derives it from `groups` (M*A ints)
         # itself, so there is no host unique(), no extra launch, and no item for an unused group
         gids = tl.arange(0, G_POW2)
@@ -162,26 +90,42 @@ if triton is not None:
         present = tl.where(gids < G, present, 0)
         rank = tl.where(present > 0, tl.cumsum(present, axis=0) - 1, -1)  # j-th active group has rank j
         n_items = tl.sum(present, axis=0) * NT * NMB
-
-        pid = tl.program_id(0)
-        nprog = tl.num_programs(0)
         offs_k = tl.arange(0, BLOCK_K)
         local = tl.arange(0, BLOCK_V)
         slots = tl.arange(0, A_POW2)
-        lanes = tl.arange(0, BLOCK_M)
-
-        for item in range(pid, n_items, nprog):
+        for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
             mb = item % NMB
             tile = (item // NMB) % NT
             g = tl.sum(tl.where(rank == item // (NMB * NT), gids, 0), axis=0)
-            rows = mb * BLOCK_M + lanes
-            chosen_groups = tl.load(
-                groups_ptr + rows[:, None] * stride_gm + slots[None, :],
-                mask=(rows[:, None] < M) & (slots[None, :] < A), other=-1,
-            )
-            hit = chosen_groups == g
-            chosen = tl.max(hit.to(tl.int32), axis=1) > 0  # [BLOCK_M]: row chose group g
-            slot = tl.sum(tl.where(hit, slots[None, :], 0), axis=1)  # where g sits in the row's list
+
+            if GATHER:
+                # rows that chose g, compacted: block mb takes the mb-th BLOCK_M of them, so the dot
+                # and the epilogue run on chosen rows only (random routing: ~M*A/G rows a group)
+                m_all = tl.arange(0, M_POW2)
+                groups_all = tl.load(
+                    groups_ptr + m_all[:, None] * stride_gm + slots[None, :],
+                    mask=(m_all[:, None] < M) & (slots[None, :] < A), other=-1,
+                )
+                hit_all = groups_all == g
+                chosen_all = tl.max(hit_all.to(tl.int32), axis=1)
+                slot_all = tl.sum(tl.where(hit_all, slots[None, :], 0), axis=1)
+                position = tl.where(chosen_all > 0, tl.cumsum(chosen_all, axis=0) - 1, -1)
+                match = position[None, :] == (mb * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
+                rows = tl.sum(tl.where(match, m_all[None, :], 0), axis=1)
+                slot = tl.sum(tl.where(match, slot_all[None, :], 0), axis=1)
+                chosen = tl.max(match.to(tl.int32), axis=1) > 0
+                row_ok = chosen
+            else:
+                rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+                row_ok = rows < M
+                chosen_groups = tl.load(
+                    groups_ptr + rows[:, None] * stride_gm + slots[None, :],
+                    mask=row_ok[:, None] & (slots[None, :] < A), other=-1,
+                )
+                hit = chosen_groups == g
+                chosen = tl.max(hit.to(tl.int32), axis=1) > 0  # [BLOCK_M]: row chose group g
+                slot = tl.sum(tl.where(hit, slots[None, :], 0), axis=1)  # where g sits in the row's list
+
             group_end = tl.load(offsets_ptr + g + 1).to(tl.int32)
             lo = tl.load(offsets_ptr + g).to(tl.int32) + tile * BLOCK_V
             cols = lo + local
@@ -196,11 +140,11 @@ if triton is not None:
             w_ptrs = weight_ptr + cols[:, None].to(tl.int64) * stride_wv + offs_k[None, :]
             for k0 in range(0, k_end, BLOCK_K):
                 if EVEN_K:
-                    h = tl.load(h_ptrs, mask=chosen[:, None], other=0.0)
+                    h = tl.load(h_ptrs, mask=row_ok[:, None], other=0.0)
                     w = tl.load(w_ptrs, mask=col_ok[:, None], other=0.0)
                 else:
                     k_ok = (k0 + offs_k) < H
-                    h = tl.load(h_ptrs, mask=chosen[:, None] & k_ok[None, :], other=0.0)
+                    h = tl.load(h_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                     w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
                 if DOT_FP32:  # interpreter: bf16 tl.dot is wrong there (triton issue 11584)
                     h = h.to(tl.float32)
@@ -216,39 +160,79 @@ if triton is not None:
             part = (rows * A + slot) * NT + tile  # [BLOCK_M] index of (row, slot, tile)
             tl.store(part_max_ptr + part, tile_max, mask=chosen)
             tl.store(part_sum_ptr + part, tile_sum, mask=chosen)
-            # the tile's top-KT as packed (logit, row) keys, by rounds of argmax
+
+            # the tile's top-KT by rounds of argmax: KT <= 64, cheap next to streaming the tile
             for r in range(0, tl.where(any_chosen, KT, 0)):
                 best, arg = tl.max(logits, axis=1, return_indices=True)
-                tl.store(key_ptr + part * KT + r, _pack_key(best, lo + arg), mask=chosen)
+                tl.store(part_val_ptr + part * KT + r, best, mask=chosen)
+                tl.store(part_row_ptr + part * KT + r, lo + arg, mask=chosen)
                 logits = tl.where(local[None, :] == arg[:, None], float("-inf"), logits)
-
-        if FUSED:
-            # threadFenceReduction pattern: every thread fences its partial stores, barrier, one
-            # counted arrival per program; the last arrival sees all partials
-            if FENCE:
-                one = _gpu_fence(NUM_THREADS)
-            else:
-                one = 1
-            tl.debug_barrier()
-            done = tl.atomic_add(counter_ptr, one, sem="acq_rel", scope="gpu")
-            if done == nprog - 1:
-                if FENCE:
-                    _gpu_fence(NUM_THREADS)
-                tl.debug_barrier()
-                for m in range(0, M):
-                    _merge_row(m, key_ptr, part_max_ptr, part_sum_ptr, order_ptr, ids_ptr, logprobs_ptr,
-                               A * NT, K, V, KT, K_POW2, MERGE_BLOCK_P, MERGE_BLOCK_C)
-                tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
     @triton.jit
     def _merge_topk_kernel(
-        key_ptr, part_max_ptr, part_sum_ptr, order_ptr, ids_ptr, logprobs_ptr,
-        NP, K, V,
-        KT: tl.constexpr, K_POW2: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        part_val_ptr, part_row_ptr, part_max_ptr, part_sum_ptr, order_ptr,
+        ids_ptr, logprobs_ptr,
+        NP, KT, K, V,
+        K_POW2: tl.constexpr, KT_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
-        """One program per row (the unfused path)."""
-        _merge_row(tl.program_id(0), key_ptr, part_max_ptr, part_sum_ptr, order_ptr, ids_ptr, logprobs_ptr,
-                   NP, K, V, KT, K_POW2, BLOCK_P, BLOCK_C)
+        """One program per row. Only the K tiles with the largest maxima can hold the row's top K
+        (K tile maxima are themselves logits at or above the K-th largest), so the top-K search runs
+        over those tiles' K x KT candidates instead of all A*NT*KT of them."""
+        m = tl.program_id(0)
+        slots = tl.arange(0, K_POW2)
+
+        # phase A: log-sum-exp over the row's NP tile partials (online; finite start so no inf - inf)
+        # and the running top-K tiles by maximum, chunk by chunk, by rounds of argmax
+        run_max = tl.full((), -1.0e30, tl.float32)
+        run_sum = tl.full((), 0.0, tl.float32)
+        top_max = tl.full((K_POW2,), float("-inf"), tl.float32)
+        top_tile = tl.zeros((K_POW2,), tl.int32)
+        offs_p = tl.arange(0, BLOCK_P)
+        for p0 in range(0, NP, BLOCK_P):
+            ok = p0 + offs_p < NP
+            pm = tl.load(part_max_ptr + m * NP + p0 + offs_p, mask=ok, other=float("-inf"))
+            ps = tl.load(part_sum_ptr + m * NP + p0 + offs_p, mask=ok, other=0.0)
+            new_max = tl.maximum(run_max, tl.max(pm, axis=0))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(ps * tl.exp(pm - new_max), axis=0)
+            run_max = new_max
+            next_max = tl.full((K_POW2,), float("-inf"), tl.float32)
+            next_tile = tl.zeros((K_POW2,), tl.int32)
+            for r in range(0, K):
+                best_c, arg_c = tl.max(pm, axis=0, return_indices=True)
+                best_t, arg_t = tl.max(top_max, axis=0, return_indices=True)
+                take_c = best_c > best_t
+                tile_t = tl.sum(tl.where(slots == arg_t, top_tile, 0), axis=0)
+                next_max = tl.where(slots == r, tl.where(take_c, best_c, best_t), next_max)
+                next_tile = tl.where(slots == r, tl.where(take_c, p0 + arg_c, tile_t), next_tile)
+                pm = tl.where(offs_p == arg_c, tl.where(take_c, float("-inf"), pm), pm)
+                top_max = tl.where(slots == arg_t, tl.where(take_c, top_max, float("-inf")), top_max)
+            top_max = next_max
+            top_tile = next_tile
+        lse = run_max + tl.log(run_sum)
+
+        # phase B: top-K over the chosen tiles' candidates; a tile picked with max -inf is empty
+        cols = tl.arange(0, KT_POW2)
+        tile_ok = (slots < K) & (top_max > float("-inf"))
+        cand = (m * NP + top_tile[:, None]) * KT + cols[None, :]
+        cand_ok = tile_ok[:, None] & (cols[None, :] < KT)
+        cand_val = tl.reshape(tl.load(part_val_ptr + cand, mask=cand_ok, other=float("-inf")), (K_POW2 * KT_POW2,))
+        cand_row = tl.reshape(tl.load(part_row_ptr + cand, mask=cand_ok, other=0), (K_POW2 * KT_POW2,))
+        flat = tl.arange(0, K_POW2 * KT_POW2)
+        out_val = tl.full((K_POW2,), float("-inf"), tl.float32)
+        out_row = tl.zeros((K_POW2,), tl.int32)
+        for r in range(0, K):
+            best, arg = tl.max(cand_val, axis=0, return_indices=True)
+            row = tl.sum(tl.where(flat == arg, cand_row, 0), axis=0)
+            out_val = tl.where(slots == r, best, out_val)
+            out_row = tl.where(slots == r, row, out_row)
+            cand_val = tl.where(flat == arg, float("-inf"), cand_val)
+
+        out_ok = slots < K
+        # clamp: with check=False and k beyond the active vocabulary, -inf slots carry arbitrary rows
+        safe_row = tl.minimum(tl.maximum(out_row, 0), V - 1)
+        ids = tl.load(order_ptr + safe_row, mask=out_ok, other=0)
+        tl.store(ids_ptr + m * K + slots, ids, mask=out_ok)
+        tl.store(logprobs_ptr + m * K + slots, out_val - lse, mask=out_ok)
 
 
 @dataclass(frozen=True)
@@ -259,20 +243,23 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     programs_per_sm: int = 2  # persistent grid: at most this many programs per multiprocessor
-    fuse_merge: bool = False  # the last program merges (one launch) instead of a merge kernel per row
+    gather: bool = True  # row blocks of chosen rows only (M <= GATHER_MAX_M) rather than rows in order
 
 
 def default_config(M: int, H: int, k: int) -> KernelConfig:
     """Config by a small heuristic on M and H (no autotune: nothing to warm up before graph capture).
 
-    From the H200 sweep and the H100 variants of 2026-11-23 (docs/head.md): 3 stages (4 or 5 were
-    slower at M=1 and much slower at M=64); the fused merge measured no gain, so it is off.
+    Picked from `coral-fast bench head --sweep` (H200, 2026-11-23, docs/head.md): wide vocab tiles
+    for small M; for small H (Gemma's 640) shorter K steps and more programs per SM, because each
+    tile's stream is short and the pipeline fill between tiles must overlap with other programs.
+    For larger M one 64-row block (rows in order) beat gathering the chosen rows into 16/32-row
+    blocks, for shared and random routing alike.
     """
     if M <= 16:
         if H >= 2048:
-            return KernelConfig(16, 128, 128, num_warps=4, num_stages=3, programs_per_sm=2)
-        return KernelConfig(16, 128, 64, num_warps=4, num_stages=3, programs_per_sm=4)
-    return KernelConfig(64, 64, 128, num_warps=4, num_stages=3, programs_per_sm=2)
+            return KernelConfig(16, 128, 128, num_warps=4, num_stages=3, programs_per_sm=2, gather=False)
+        return KernelConfig(16, 128, 64, num_warps=4, num_stages=3, programs_per_sm=4, gather=False)
+    return KernelConfig(64, 64, 128, num_warps=4, num_stages=3, programs_per_sm=2, gather=False)
 
 
 def _next_pow2(n: int) -> int:
@@ -280,7 +267,6 @@ def _next_pow2(n: int) -> int:
 
 
 _SM_COUNT: dict = {}
-_COUNTERS: dict = {}  # device -> int32 [1], zero between launches (the fused merge resets it)
 
 
 def _num_programs_cap(device: torch.device, per_sm: int) -> int:
@@ -292,32 +278,16 @@ def _num_programs_cap(device: torch.device, per_sm: int) -> int:
     return _SM_COUNT[index] * per_sm
 
 
-def _counter(device: torch.device) -> Tensor | None:
-    """The fused merge's arrival counter for `device`, made on the first call outside graph capture
-    (None while capturing before any call: the caller then takes the two-launch path)."""
-    key = (device.type, device.index if device.index is not None else
-           (torch.cuda.current_device() if device.type == "cuda" else 0))
-    counter = _COUNTERS.get(key)
-    if counter is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counter = _COUNTERS[key] = torch.zeros(1, device=device, dtype=torch.int32)
-    return counter
-
-
 def grouped_head_topk_triton(
     hidden: Tensor, weight: Tensor, offsets: Tensor, order: Tensor, groups: Tensor, k: int,
     max_group_size: int, config: KernelConfig | None = None, out: tuple[Tensor, Tensor] | None = None,
     _merge: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Launch the kernels; inputs are assumed valid (GroupedLMHead.topk checks them).
+    """Launch the two kernels (`_merge=False`: the first only, for the benchmark's breakdown); inputs are assumed valid (GroupedLMHead.topk checks them).
 
     hidden: [M, H] (weight's dtype); weight: [V, H] re-laid, rows contiguous; offsets: [G+1] int64;
     order: [V] int64; groups: [M, A] int32/int64, contiguous rows; max_group_size: host int.
     out: optional (ids [M, k] int64, logprobs [M, k] fp32) to write into.
-    `_merge=False` (benchmark breakdown): the partials only, no merge of either kind.
-    The fused path counts finished programs in one counter per device: calls on one device must not
-    run concurrently on different streams (calls in stream order, graphs included, are fine).
     """
     if triton is None:
         raise RuntimeError("impl='triton' needs the triton package")
@@ -333,50 +303,44 @@ def grouped_head_topk_triton(
     NMB = triton.cdiv(M, cfg.block_m)
     KT = min(k, cfg.block_v)
     device = hidden.device
-    # one workspace (fewer allocator calls on the hot path): packed candidate keys, tile max, tile sum
+    # one workspace (fewer allocator calls on the hot path): candidates' values and rows, tile max, sum
     NP, NC = M * A * NT, M * A * NT * KT
-    work = torch.empty(NC + NP, device=device, dtype=torch.int64)
-    keys = work[:NC]
-    part_max = work[NC:].view(torch.float32)[:NP]
-    part_sum = work[NC:].view(torch.float32)[NP:]
+    work = torch.empty(2 * NC + 2 * NP, device=device, dtype=torch.float32)
+    part_val = work[:NC]
+    part_row = work[NC : 2 * NC].view(torch.int32)
+    part_max = work[2 * NC : 2 * NC + NP]
+    part_sum = work[2 * NC + NP :]
     if out is None:
         ids = torch.empty((M, k), device=device, dtype=torch.int64)
         logprobs = torch.empty((M, k), device=device, dtype=torch.float32)
     else:
         ids, logprobs = out
 
-    fused = cfg.fuse_merge and _merge
-    counter = _counter(device) if fused else None
-    fused = counter is not None
     MA = M * A
     G_POW2 = max(16, _next_pow2(G))
+    gather = cfg.gather and M <= GATHER_MAX_M
     # at most min(G, M*A) groups are active: known on the host, so the grid needs no sync
     max_items = min(G, MA) * NT * NMB
     grid = (min(max_items, _num_programs_cap(device, cfg.programs_per_sm)),)
-    merge_meta = dict(
-        K_POW2=max(16, _next_pow2(k)),
-        MERGE_BLOCK_P=min(MERGE_BLOCK_P, max(16, _next_pow2(A * NT))),
-        MERGE_BLOCK_C=min(MERGE_BLOCK_C, max(16, _next_pow2(A * NT * KT))),
-    )
     _grouped_head_partials_kernel[grid](
         hidden, weight, groups, offsets,
-        keys, part_max, part_sum,
-        counter if fused else ids, order, ids, logprobs,
-        M, H, A, G, NT, NMB, k, V,
+        part_val, part_row, part_max, part_sum,
+        M, H, A, G, NT, NMB, KT,
         hidden.stride(0), weight.stride(0), groups.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=block_k,
         A_POW2=_next_pow2(A), G_POW2=G_POW2, BLOCK_P=min(max(16, _next_pow2(MA)), max(16, 8192 // G_POW2)),
-        EVEN_K=(H % block_k == 0), DOT_FP32=dot_needs_fp32(device), KT=KT,
-        FUSED=fused, FENCE=device.type == "cuda", NUM_THREADS=32 * cfg.num_warps, **merge_meta,
+        GATHER=gather, M_POW2=max(16, _next_pow2(M)),
+        EVEN_K=(H % block_k == 0), DOT_FP32=dot_needs_fp32(device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if fused or not _merge:
+    if not _merge:
         return ids, logprobs
     _merge_topk_kernel[(M,)](
-        keys, part_max, part_sum, order, ids, logprobs,
-        A * NT, k, V,
-        KT=KT, K_POW2=merge_meta["K_POW2"], BLOCK_P=merge_meta["MERGE_BLOCK_P"],
-        BLOCK_C=merge_meta["MERGE_BLOCK_C"],
+        part_val, part_row, part_max, part_sum, order,
+        ids, logprobs,
+        A * NT, KT, k, V,
+        K_POW2=max(16, _next_pow2(k)), KT_POW2=max(16, _next_pow2(KT)),
+        BLOCK_P=min(MERGE_BLOCK_P, max(16, _next_pow2(A * NT))),
         num_warps=4,
     )
     return ids, logprobs
