@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree-depth", type=int, default=None, help="draft tree depth (default 6 GPU, 4 CPU)")
     p.add_argument("--tree-topk", type=int, default=None, help="children per expanded node (default 10 GPU, 4 CPU)")
     p.add_argument("--tree-tokens", type=int, default=None, help="tree size verified per round (default 60 GPU, 16 CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="GPU: torch.compile the draft and verify steps before capturing them (minutes once)")
     return p
 
 
@@ -90,6 +92,9 @@ def main(argv=None) -> int:
     if args.temperature < 0:
         print("coral-fast generate: error: --temperature must be >= 0", file=sys.stderr)
         return 2
+    if args.compile and args.device != "cuda":
+        print("coral-fast generate: error: --compile needs --device cuda (it compiles the GPU engine)", file=sys.stderr)
+        return 2
     if args.draft and not os.path.isfile(os.path.join(args.draft, "config.json")):
         print(f"coral-fast generate: error: no draft at {args.draft!r}: config.json not found", file=sys.stderr)
         return 2
@@ -135,7 +140,7 @@ def main(argv=None) -> int:
         topk=args.tree_topk or (10 if on_gpu else 4),
         total_tokens=args.tree_tokens or (60 if on_gpu else 16),
     )
-    generator = SpeculativeGenerator(model, draft, tree)
+    generator = SpeculativeGenerator(model, draft, tree, compile=args.compile)
     prompt_ids = encode_prompt(tokenizer, args.prompt, args.chat, note)
     if not prompt_ids:
         print("coral-fast generate: error: the prompt encodes to no tokens", file=sys.stderr)
