@@ -144,16 +144,21 @@ class SpeculativeGenerator:
         self.compile = compile and self.static
         if self.cuda_graphs and not on_cuda:
             raise ValueError("cuda_graphs needs the model on a CUDA device")
-        self.engine: StaticEngine | None = None
+        self.engine: StaticEngine | None = None  # the last one used
+        self.engines: dict[bool, StaticEngine] = {}
 
-    def _engine_for(self, ids: Tensor, needed: int) -> StaticEngine:
-        if self.engine is None or self.engine.capacity < needed:
+    def _engine_for(self, ids: Tensor, needed: int, sampling: bool = False) -> StaticEngine:
+        """The engine of this mode (greedy or sampling: each has its own captured verify step)."""
+        engine = self.engines.get(sampling)
+        if engine is None or engine.capacity < needed:
             capacity = max(needed, 1024)
-            self.engine = StaticEngine(self, capacity, self.cuda_graphs, compile=self.compile)
+            engine = StaticEngine(self, capacity, self.cuda_graphs, compile=self.compile, sampling=sampling)
             if self.cuda_graphs:
-                self.engine.prefill(ids)  # a valid state to warm up and capture from
-                self.engine.capture()
-        return self.engine
+                engine.prefill(ids)  # a valid state to warm up and capture from
+                engine.capture()
+            self.engines[sampling] = engine
+        self.engine = engine
+        return engine
 
     # --- the draft side -------------------------------------------------------------------------------
     def _draft_extend(self, dcache: DraftKVCache, features: Tensor, next_tokens: Tensor) -> Tensor:
@@ -253,8 +258,8 @@ class SpeculativeGenerator:
                 return int(torch.multinomial(p.cpu(), 1, generator=generator))
             return int(logits_row.argmax())
 
-        if self.static and temperature == 0:
-            return self._generate_static(ids, max_new_tokens, result, emit)
+        if self.static:
+            return self._generate_static(ids, max_new_tokens, result, emit, temperature, generator)
 
         _synchronize(self.device)
         t0 = time.perf_counter()
@@ -306,8 +311,12 @@ class SpeculativeGenerator:
         self.last_caches = (tcache, dcache)  # for inspection (tests): committed slots [0, length)
         return result
 
-    def _generate_static(self, ids: Tensor, max_new_tokens: int, result: GenerationResult, emit) -> GenerationResult:
-        engine = self._engine_for(ids, ids.shape[0] + max_new_tokens + self.tree.depth + 1)
+    def _generate_static(self, ids: Tensor, max_new_tokens: int, result: GenerationResult, emit,
+                         temperature: float = 0.0, generator: torch.Generator | None = None) -> GenerationResult:
+        sampling = temperature > 0
+        engine = self._engine_for(ids, ids.shape[0] + max_new_tokens + self.tree.depth + 1, sampling)
+        if sampling:
+            engine.set_sampling(temperature, generator)
         timer = _EventTimer() if engine.graphs is not None else None
         _synchronize(self.device)
         t0 = time.perf_counter()
@@ -318,6 +327,7 @@ class SpeculativeGenerator:
         while not done:
             if timer is None:
                 ta = time.perf_counter()
+                engine.next_uniforms()
                 engine.draft_step()
                 _synchronize(self.device)
                 tb = time.perf_counter()
@@ -357,13 +367,74 @@ def accept_greedy_static(logits: Tensor, tokens: Tensor, tree, max_depth: int):
     path = torch.where(best_depth >= 0, path, torch.full_like(path, -1))
     valid = path >= 0
     count = valid.sum(dim=0, keepdim=True) + 1
-    zero = torch.zeros(1, dtype=torch.int64, device=logits.device)
+    last_row = torch.where(count > 1, path.gather(0, (count - 2).clamp(min=0)) + 1, torch.zeros_like(count))
+    return _accepted_outputs(path, target.gather(0, last_row), tokens)
+
+
+def _accepted_outputs(path: Tensor, bonus: Tensor, tokens: Tensor):
+    """path [D] accepted node ids root first, -1 padded; bonus [1] -> (rows [D+1], count [1], out_tokens [D+1])
+    as accept_greedy_static returns them."""
+    valid = path >= 0
+    count = valid.sum(dim=0, keepdim=True) + 1
+    zero = torch.zeros(1, dtype=torch.int64, device=path.device)
     rows = torch.cat([zero, torch.where(valid, path + 1, torch.zeros_like(path))])
-    bonus = target.gather(0, rows.gather(0, count - 1))
-    idx = torch.arange(max_depth + 1, device=logits.device)
+    idx = torch.arange(path.shape[0] + 1, device=path.device)
     path_tokens = torch.cat([torch.where(valid, tokens[path.clamp(min=0)], torch.zeros_like(path)), zero])
     out_tokens = torch.where(idx == count - 1, bonus, torch.where(idx < count - 1, path_tokens, torch.zeros_like(idx)))
     return rows, count, out_tokens
+
+
+def _sample_from(weights: Tensor, uniform: Tensor) -> Tensor:
+    """Inverse-CDF draw from unnormalised weights [V] (float64) with uniform [1] in [0, 1) -> [1] int64."""
+    cdf = weights.cumsum(0)
+    return torch.searchsorted(cdf, uniform * cdf[-1:], right=True).clamp(max=weights.shape[0] - 1)
+
+
+def accept_sampling_static(logits: Tensor, tokens: Tensor, parents: Tensor, max_depth: int, topk: int,
+                           temperature: Tensor, uniforms: Tensor):
+    """verify_sampling without host syncs: the same tree rejection sampling, exact for top-k drafts.
+
+    logits [T+1, V]; tokens, parents [T]; temperature [1] (> 0); uniforms [max_depth + 1, topk + 1] in
+    [0, 1) (drawn on the host from the caller's generator). Returns what accept_greedy_static returns.
+
+    At each level the children of the current node (parents == node, in index order, at most `topk`) are
+    tried in order: child j (token x_j) is accepted with probability p(x_j) / (1 - p(x_0) - ... - p(x_{j-1}))
+    (the residual after rejecting the earlier ones, sibling tokens being distinct); the first success is the
+    next node. When none is accepted, the bonus is drawn from p with the children's tokens removed.
+    """
+    T = tokens.shape[0]
+    dev = logits.device
+    node_ids = torch.arange(T, device=dev)
+    k = min(topk, T)
+    earlier = torch.ones(k, k, dtype=torch.bool, device=dev).tril(-1)  # earlier[j, i]: i < j
+    current = torch.full((1,), -1, dtype=torch.int64, device=dev)
+    done = torch.zeros(1, dtype=torch.bool, device=dev)
+    path = torch.full((max_depth,), -1, dtype=torch.int64, device=dev)
+    bonus = torch.zeros(1, dtype=torch.int64, device=dev)
+    for level in range(max_depth + 1):
+        p = torch.softmax(logits.index_select(0, current + 1)[0].double() / temperature.double(), dim=-1)
+        is_child = parents == current
+        order = torch.where(is_child, node_ids, node_ids + T).argsort()[:k]  # children first, in index order
+        valid = is_child.index_select(0, order)
+        x = tokens.index_select(0, order)
+        repeated = ((x[:, None] == x[None, :]) & earlier & valid[None, :]).any(dim=1)  # p(x) already zeroed
+        px = torch.where(valid & ~repeated, p.index_select(0, x), torch.zeros_like(p[:1]))
+        residual = 1.0 - (px.cumsum(0) - px)  # mass left before trying child j
+        take = valid & (uniforms[level, :k] * residual < px)
+        first = torch.where(take, torch.arange(k, device=dev), torch.full_like(order, k)).min(dim=0, keepdim=True).values
+        accepted = (first < k) & ~done
+        child = order.gather(0, first.clamp(max=k - 1))
+        if level < max_depth:
+            path[level : level + 1] = torch.where(accepted, child, path[level : level + 1])
+        rejected = valid & (torch.arange(k, device=dev) < first)  # every child tried before the success
+        # the residual: rejected tokens removed (accumulate: padding entries may repeat a token)
+        removed = torch.zeros_like(p).index_put((x,), rejected.double(), accumulate=True) > 0
+        p = torch.where(removed, torch.zeros_like(p), p)
+        stop = ~done & ~accepted
+        bonus = torch.where(stop, _sample_from(p, uniforms[level, k:k + 1].double()), bonus)
+        done = done | stop
+        current = torch.where(accepted, child, current)
+    return _accepted_outputs(path, bonus, tokens)
 
 
 class StaticEngine:
@@ -376,7 +447,7 @@ class StaticEngine:
     """
 
     def __init__(self, gen: "SpeculativeGenerator", capacity: int, use_graphs: bool, compile: bool = False,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, sampling: bool = False):
         self.gen = gen
         model, draft, cfg = gen.model, gen.draft, gen.tree
         dev = gen.device
@@ -408,6 +479,12 @@ class StaticEngine:
         self.p_count = torch.ones(1, **i64)
         self.p_mask = torch.ones(self.C, self.C, dtype=torch.bool, device=dev).tril()
         self.p_depth = torch.arange(self.C, device=dev)
+        # sampling (temperature > 0): the temperature and the round's uniforms are inputs of the graphs;
+        # the uniforms come from the caller's generator on the host (reproducible, CPU == GPU)
+        self.sampling = sampling
+        self.temperature = torch.ones(1, dtype=torch.float64, device=dev)
+        self.uniforms = torch.zeros(self.depth + 1, self.topk + 1, dtype=torch.float64, device=dev)
+        self.rng: torch.Generator | None = None
         self.use_graphs = use_graphs
         self.graphs = None
         self.head_check = not use_graphs and not compile
@@ -488,8 +565,12 @@ class StaticEngine:
         model, tc = self.gen.model, self.tcache
         hidden, logits = static_tree_forward(model, tc, self.v_tokens, self.v_mask, self.v_depth, self.n,
                                              self.gen.impl, switch_attention=False)
-        tree = DraftTree(self.t_parents, self.v_mask[1:, 1:], self.v_depth[1:] - 1)
-        rows, count, out_tokens = accept_greedy_static(logits, self.v_tokens[1:], tree, self.depth)
+        if self.sampling:
+            rows, count, out_tokens = accept_sampling_static(logits, self.v_tokens[1:], self.t_parents, self.depth,
+                                                             self.topk, self.temperature, self.uniforms)
+        else:
+            tree = DraftTree(self.t_parents, self.v_mask[1:, 1:], self.v_depth[1:] - 1)
+            rows, count, out_tokens = accept_greedy_static(logits, self.v_tokens[1:], tree, self.depth)
         # commit: the kept rows' keys/values to contiguous slots n .. n + A - 1 (past n + count: garbage,
         # beyond the committed length)
         src = self.n + rows
@@ -544,7 +625,11 @@ class StaticEngine:
         hidden, _ = static_tree_forward(gen.model, self.tcache, self.p_tokens, self.p_mask, self.p_depth, self.n,
                                         gen.impl, switch_attention=False, logits=False)
         last = hidden.index_select(0, self.p_count - 1)  # [1, H]
-        first = final_logits(gen.model, last).argmax(dim=-1)  # [1]
+        logits = final_logits(gen.model, last)[0]
+        if self.sampling:
+            first = _sample_from(torch.softmax(logits.double() / self.temperature, dim=-1), self.uniforms[0, :1])
+        else:
+            first = logits.argmax(dim=-1, keepdim=True)  # [1]
         # the draft at the same slots (slot == position); rows past p_count write slots that later
         # steps overwrite before anything reads them, and the chunk's last row is redone as the pending row
         slots = self.n + torch.arange(self.C, device=dev)
@@ -570,13 +655,24 @@ class StaticEngine:
             nxt = ids[start + 1 : start + count + 1]
             self.p_next[: nxt.shape[0]].copy_(nxt)
             self.p_count.fill_(count)
+            self.next_uniforms()
             if self.graphs is not None:
                 self.graphs[2].replay()
             else:
                 self.prefill_step()
         return int(self.root)
 
+    def set_sampling(self, temperature: float, generator: torch.Generator | None) -> None:
+        self.temperature.fill_(temperature)
+        self.rng = generator
+
+    def next_uniforms(self) -> None:
+        """The next round's uniforms (sampling only), drawn on the host from the caller's generator."""
+        if self.sampling:
+            self.uniforms.copy_(torch.rand(self.uniforms.shape, generator=self.rng, dtype=torch.float64))
+
     def round(self, timer=None) -> list[int]:
+        self.next_uniforms()
         if self.graphs is not None:
             if timer:
                 timer.mark(0)

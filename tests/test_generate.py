@@ -141,8 +141,8 @@ def install_static_oracle(gen: SpeculativeGenerator, truth: list, vocab: int, rn
 
     original_engine_for = gen._engine_for
 
-    def engine_for(ids, needed):
-        engine = original_engine_for(ids, needed)
+    def engine_for(ids, needed, sampling=False):
+        engine = original_engine_for(ids, needed, sampling)
         if probe.get("engine") is not engine:
             patch(engine)
         return engine
@@ -309,6 +309,21 @@ def test_cuda_graphs_greedy_identical(make_target):
         out = gen.generate(prompt, n)
         assert out.token_ids == plain_greedy(model, prompt, n), (P, n)
     assert gen.engine.graphs is not None
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_sampling_matches_the_eager_engine():
+    """Sampling through the captured graphs draws the same tokens as the same engine run eagerly with the
+    same generator (the uniforms come from the host; fp32 reference attention: identical logits)."""
+    model = tiny_llama(hidden=64).cuda()
+    tree = TreeConfig(depth=4, topk=4, total_tokens=16)
+    prompt = torch.randint(0, model.config.vocab_size, (9,), device="cuda")
+    outs = []
+    for graphs in (True, False):
+        gen = SpeculativeGenerator(model, None, tree, impl="reference", cuda_graphs=graphs)
+        outs.append(gen.generate(prompt, 40, temperature=0.8, generator=torch.Generator().manual_seed(5)).token_ids)
+        assert (gen.engine.graphs is not None) == graphs and gen.engine.sampling
+    assert outs[0] == outs[1] and len(outs[0]) == 40
 
 
 @pytest.mark.cuda

@@ -4,6 +4,7 @@ The first new token comes from the prefill (plain sampling); the second and thir
 rejection sampling (accepted draft candidates or the bonus), so their joint distribution, given the
 prompt, is what the test checks against the exact one computed from the target.
 """
+import pytest
 import torch
 
 from coral_fast import SpeculativeGenerator
@@ -26,13 +27,15 @@ def exact_joint(model, prompt, temperature):
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def test_sampled_tokens_follow_the_target(one_thread):
+@pytest.mark.parametrize("static", [False, True])
+def test_sampled_tokens_follow_the_target(static, one_thread):
+    """static=True: the fixed-shape engine's device-side sampler (what the GPU captures), run eagerly."""
     model = tiny_llama(vocab=V, hidden=32, seed=3)
     with torch.no_grad():  # a peakier target: acceptances happen often, and so do rejections
         model.lm_head.weight.mul_(8.0)
     temperature = 0.9
     prompt = torch.tensor([3, 7, 1])
-    gen = SpeculativeGenerator(model, None, TreeConfig(depth=2, topk=3, total_tokens=6))
+    gen = SpeculativeGenerator(model, None, TreeConfig(depth=2, topk=3, total_tokens=6), static=static)
     counts = torch.zeros(V, V)  # (t2, t3)
     rng = torch.Generator().manual_seed(0)
     accepted_draft_tokens = 0

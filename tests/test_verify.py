@@ -102,3 +102,37 @@ def test_sampling_rejects_bad_temperature():
     tree = DraftTree.from_parents([-1])
     with pytest.raises(ValueError, match="temperature"):
         verify_sampling(torch.randn(2, 4), torch.tensor([1]), tree.parents, 0.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_static_sampler_first_two_tokens_have_the_target_distribution(temperature):
+    """The device-side sampler of the fixed-shape engine (accept_sampling_static), on a tree whose
+    candidates are the target's own top tokens (a good draft: acceptances and rejections both frequent,
+    so a wrong residual shows). Children listed out of order with a non-child between them."""
+    from coral_fast.generate import accept_sampling_static
+
+    V, N = 7, 6000
+    gen = torch.Generator().manual_seed(99)
+    logits = torch.randn(6, V, generator=gen) * 2.0
+    parents = torch.tensor([-1, 0, -1, 0, -1])  # root: nodes 0, 2, 4; node 0: nodes 1, 3
+    top0 = logits[0].topk(3).indices
+    top1 = logits[1].topk(2).indices
+    tokens = torch.tensor([int(top0[0]), int(top1[0]), int(top0[1]), int(top1[1]), int(top0[2])])
+    temp = torch.tensor([temperature], dtype=torch.float64)
+    first, second = torch.zeros(V), torch.zeros(V)
+    for _ in range(N):
+        uniforms = torch.rand(3, 4, generator=gen, dtype=torch.float64)
+        rows, count, out = accept_sampling_static(logits, tokens, parents, 2, 3, temp, uniforms)
+        emitted = out[: int(count)].tolist()
+        path = (rows[1 : int(count)] - 1).tolist()  # accepted nodes, each the child of the one before
+        assert [int(parents[n]) for n in path] == ([-1] + path)[: len(path)]
+        assert emitted[:-1] == tokens[path].tolist()
+        first[emitted[0]] += 1
+        if emitted[0] == int(tokens[0]):  # node 0 accepted: the next token follows row 1
+            second[emitted[1]] += 1
+    p0 = torch.softmax(logits[0].double() / temperature, -1)
+    p1 = torch.softmax(logits[1].double() / temperature, -1)
+    assert chi_square_p(first, p0) > 1e-3
+    assert chi_square_p(second, p1) > 1e-3
+    assert second.sum() > N / 10
+    assert chi_square_p(first, p1) < 1e-6
