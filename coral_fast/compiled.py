@@ -3,7 +3,8 @@
 The loop's two steps (StaticEngine.draft_step / verify_step) are ~30 small PyTorch ops per layer: with
 CUDA graphs alone each one is still its own kernel. Compiling the steps lets Inductor fuse the
 norms, rotary embeddings, activations and tree bookkeeping; our own Triton kernels stay as they are
-behind these custom ops (Dynamo does not trace into their Python launch code). The ops take only
+behind these custom ops (Dynamo does not trace into their Python launch code): the kernels' own
+dispatch functions call them when `torch.compiler.is_compiling()`. The ops take only
 tensors and plain numbers and never read device values back, so the compiled steps can still be
 captured in a CUDA graph.
 """
@@ -14,17 +15,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["tree_attention_op", "grouped_head_topk_op", "is_compiling"]
-
-
-def is_compiling() -> bool:
-    return torch.compiler.is_compiling()
+__all__ = ["tree_attention_op", "grouped_head_topk_op"]
 
 
 @torch.library.custom_op("coral_fast::tree_attention", mutates_args=())
-def tree_attention_op(q: Tensor, k: Tensor, v: Tensor, mask_bits: Tensor, kv_len: Tensor, scale: float,
+def tree_attention_op(q: Tensor, k: Tensor, v: Tensor, mask_bits: Tensor, kv_len: Optional[Tensor], scale: float,
                       window: int, query_positions: Optional[Tensor]) -> Tensor:
-    """q [B, Hq, T, D]; k, v [B, Hkv, S, D] static buffers; mask_bits [1, T, W] int32; kv_len [B] int64;
+    """q [B, Hq, T, D]; k, v [B, Hkv, S, D]; mask_bits [1 or B, T, W] int32; kv_len [B] int64 or None;
     window 0 = none. -> [B, Hq, T, D] (see kernels.tree_attention)."""
     from coral_fast.kernels.tree_attention import _tree_attention_triton
 

@@ -319,14 +319,7 @@ class DraftModel(nn.Module):
 
     def topk(self, hidden: Tensor, k: int, impl: str = "auto", check: bool = True):
         """hidden: [M, H] -> (ids [M, k] int64, logprobs [M, k] fp32) of the routed grouped head."""
-        head = self.head
-        if torch.compiler.is_compiling() and hasattr(head, "relaid_weight") and _triton_path(impl, hidden.device):
-            from coral_fast.compiled import grouped_head_topk_op  # opaque to Dynamo (see coral_fast.compiled)
-
-            weight = head.weight if head.relaid_weight is None else head.relaid_weight
-            return grouped_head_topk_op(hidden, weight, head.offsets, head.order, head.select_groups(hidden), k,
-                                        head.max_group_size)
-        return head.topk(hidden, k, impl=impl, check=check)
+        return self.head.topk(hidden, k, impl=impl, check=check)
 
     # --- state ------------------------------------------------------------------------------------
     def state_dict(self, *args, **kwargs):
@@ -394,12 +387,6 @@ class DraftModel(nn.Module):
                 nn.init.normal_(module.weight, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-
-
-def _triton_path(impl: str, device) -> bool:
-    from coral_fast.kernels._dispatch import resolve_impl
-
-    return resolve_impl(impl, device) == "triton"
 
 
 def _lm_head_weight(target_model) -> Tensor:

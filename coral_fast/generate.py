@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from coral_fast.hf_attention import (ATTN_NAME, TreeKVCache, attention_implementation, causal_forward, default_impl,
-                                     register, static_tree_forward, tree_forward)
+                                     final_logits, register, static_tree_forward, tree_forward)
 from coral_fast.tree import DraftTree, build_dynamic_tree
 from coral_fast.verify import verify_greedy, verify_sampling
 
@@ -365,23 +365,25 @@ def accept_greedy_static(logits: Tensor, tokens: Tensor, tree, max_depth: int):
     best_depth, best = score.max(dim=0, keepdim=True)
     path = tree.ancestor_paths(max_depth).index_select(0, best)[0]  # [max_depth] root-to-best ids, -1 padded
     path = torch.where(best_depth >= 0, path, torch.full_like(path, -1))
-    valid = path >= 0
-    count = valid.sum(dim=0, keepdim=True) + 1
-    last_row = torch.where(count > 1, path.gather(0, (count - 2).clamp(min=0)) + 1, torch.zeros_like(count))
-    return _accepted_outputs(path, target.gather(0, last_row), tokens)
+    rows, count = _accepted_rows(path)
+    bonus = target.gather(0, rows.gather(0, count - 1))
+    return rows, count, _accepted_tokens(path, count, bonus, tokens)
 
 
-def _accepted_outputs(path: Tensor, bonus: Tensor, tokens: Tensor):
-    """path [D] accepted node ids root first, -1 padded; bonus [1] -> (rows [D+1], count [1], out_tokens [D+1])
-    as accept_greedy_static returns them."""
+def _accepted_rows(path: Tensor):
+    """path [D] accepted node ids root first, -1 padded -> (rows [D+1]: verify rows to keep, root first,
+    0-padded; count [1]: valid rows)."""
     valid = path >= 0
-    count = valid.sum(dim=0, keepdim=True) + 1
-    zero = torch.zeros(1, dtype=torch.int64, device=path.device)
-    rows = torch.cat([zero, torch.where(valid, path + 1, torch.zeros_like(path))])
+    rows = torch.cat([torch.zeros_like(path[:1]), torch.where(valid, path + 1, torch.zeros_like(path))])
+    return rows, valid.sum(dim=0, keepdim=True) + 1
+
+
+def _accepted_tokens(path: Tensor, count: Tensor, bonus: Tensor, tokens: Tensor) -> Tensor:
+    """The accepted nodes' tokens then the bonus [1], 0-padded to [D+1]."""
     idx = torch.arange(path.shape[0] + 1, device=path.device)
-    path_tokens = torch.cat([torch.where(valid, tokens[path.clamp(min=0)], torch.zeros_like(path)), zero])
-    out_tokens = torch.where(idx == count - 1, bonus, torch.where(idx < count - 1, path_tokens, torch.zeros_like(idx)))
-    return rows, count, out_tokens
+    path_tokens = torch.cat([torch.where(path >= 0, tokens[path.clamp(min=0)], torch.zeros_like(path)),
+                             torch.zeros_like(path[:1])])
+    return torch.where(idx == count - 1, bonus, torch.where(idx < count - 1, path_tokens, torch.zeros_like(idx)))
 
 
 def _sample_from(weights: Tensor, uniform: Tensor) -> Tensor:
@@ -434,7 +436,8 @@ def accept_sampling_static(logits: Tensor, tokens: Tensor, parents: Tensor, max_
         bonus = torch.where(stop, _sample_from(p, uniforms[level, k:k + 1].double()), bonus)
         done = done | stop
         current = torch.where(accepted, child, current)
-    return _accepted_outputs(path, bonus, tokens)
+    rows, count = _accepted_rows(path)
+    return rows, count, _accepted_tokens(path, count, bonus, tokens)
 
 
 class StaticEngine:
@@ -619,8 +622,6 @@ class StaticEngine:
             self._prefill_body()
 
     def _prefill_body(self) -> None:
-        from coral_fast.hf_attention import final_logits
-
         gen, dev = self.gen, self.gen.device
         hidden, _ = static_tree_forward(gen.model, self.tcache, self.p_tokens, self.p_mask, self.p_depth, self.n,
                                         gen.impl, switch_attention=False, logits=False)

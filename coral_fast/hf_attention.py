@@ -138,11 +138,6 @@ def _static_attention(call: _TreeCall, layer, query, key, value, scaling, window
 
         out = tree_attention_reference(query, k_layer, v_layer, mask, scaling, call.kv_len, window,
                                        call.positions if window else None)
-    elif torch.compiler.is_compiling():  # an opaque op: Inductor fuses around it (coral_fast.compiled)
-        from coral_fast.compiled import tree_attention_op
-
-        out = tree_attention_op(query, k_layer, v_layer, tree.mask_bits[None], call.kv_len, float(scaling),
-                                int(window or 0), call.positions if window else None)
     else:
         from coral_fast.kernels.tree_attention import tree_attention
 

@@ -100,8 +100,8 @@ def test_static_prefill_chunks_fill_both_caches_like_one_pass(monkeypatch, seed,
 
 def test_compiled_static_engine_greedy_identical(seed, one_thread):
     """torch.compile'd draft/verify steps with both Triton kernels behind their custom ops (run by the
-    interpreter here) give exactly `generate`'s tokens."""
-    model = tiny_llama()
+    interpreter here) give exactly `generate`'s tokens. Head dim 16: the tree-attention kernel's path."""
+    model = tiny_llama(hidden=64)
     V = model.config.vocab_size
     gen = SpeculativeGenerator(model, None, TreeConfig(depth=3, topk=3, total_tokens=8), static=True, compile=True,
                                impl="triton", head_impl="triton")

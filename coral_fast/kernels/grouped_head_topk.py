@@ -353,6 +353,16 @@ def grouped_head_topk(
 ) -> tuple[Tensor, Tensor]:
     """Dispatch: impl "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference"."""
     if resolve_impl(impl, hidden.device) == "triton":
+        if torch.compiler.is_compiling() and config is None:
+            # under torch.compile the launches are one opaque custom op (Inductor fuses around it)
+            from coral_fast.compiled import grouped_head_topk_op
+
+            ids, logprobs = grouped_head_topk_op(hidden, weight, offsets, order, groups, k, max_group_size)
+            if out is None:
+                return ids, logprobs
+            out[0].copy_(ids)
+            out[1].copy_(logprobs)
+            return out
         return grouped_head_topk_triton(hidden, weight, offsets, order, groups, k, max_group_size, config, out)
     ids, logprobs = grouped_head_topk_reference(hidden, weight, offsets, order, groups, k)
     if out is not None:

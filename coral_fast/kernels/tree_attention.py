@@ -522,4 +522,10 @@ def tree_attention(
         return result
     if mask_bits is None:
         mask_bits = pack_tree_mask(tree_mask)
+    if torch.compiler.is_compiling() and not isinstance(kv_len, int):
+        # under torch.compile the launch is an opaque custom op (Inductor fuses around it)
+        from coral_fast.compiled import tree_attention_op
+
+        result = tree_attention_op(q, k, v, mask_bits, kv_len, scale, window or 0, query_positions)
+        return result if out is None else out.copy_(result)
     return _tree_attention_triton(q, k, v, mask_bits, scale, kv_len, window, query_positions, out=out)
