@@ -114,11 +114,13 @@ class SpeculativeGenerator:
 
     def __init__(self, model, draft=None, tree: TreeConfig | None = None, eos_token_id=None, impl: str | None = None,
                  head_impl: str = "auto", static: bool | None = None, cuda_graphs: bool | None = None,
-                 compile: bool = False):
+                 compile: bool = False, fuse: bool | None = None):
         """static: run greedy rounds through StaticEngine (fixed shapes, device-side state; default on CUDA).
         cuda_graphs: capture its two steps in CUDA graphs (default: on CUDA).
         compile: torch.compile the two steps before capturing them (fuses the small ops between our
-        kernels; costs a one-time compilation)."""
+        kernels; costs a one-time compilation).
+        fuse: one product for q/k/v and one for gate/up in every layer of the target and the draft
+        (coral_fast.fusion: in place, same weights and results; default: with CUDA graphs)."""
         from coral_fast.draft import DraftModel, _check_matches_target
 
         self.model = model
@@ -144,6 +146,12 @@ class SpeculativeGenerator:
         self.compile = compile and self.static
         if self.cuda_graphs and not on_cuda:
             raise ValueError("cuda_graphs needs the model on a CUDA device")
+        self.fuse = self.cuda_graphs if fuse is None else fuse
+        if self.fuse:
+            from coral_fast.fusion import fuse_projections
+
+            fuse_projections(self.model)
+            fuse_projections(self.draft)
         self.engine: StaticEngine | None = None  # the last one used
         self.engines: dict[bool, StaticEngine] = {}
 

@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,memory.used --format=csv,noheader | tee "$OUT/gpu.tx
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
 echo "smollm2 gguf: ${CORAL_FAST_SMOLLM2_GGUF:-missing}" | tee -a "$OUT/gpu.txt"
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_generate.py -k cuda 2>&1 | tail -30 | tee "$OUT/tests.log"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_generate.py tests/test_sampling.py tests/test_fusion.py -k cuda 2>&1 | tail -30 | tee "$OUT/tests.log"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   # MODELS overrides; Gemma 3 runs on its real weights when its GGUF was assembled, else random weights
@@ -20,6 +20,6 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   [ -n "${CORAL_FAST_GEMMA3_GGUF:-}" ] && gemma_random=
   # --compile: the draft/verify steps go through torch.compile before capture (~2 min per model)
   timeout ${BENCH_TIMEOUT:-540} python3 -m coral_fast bench e2e --models "$models" $gemma_random --compile \
-    --max-new-tokens 128 --prompts ${PROMPTS:-4} --out "$OUT/e2e_h100.md" --json "$OUT/e2e_h100.json" \
+    --max-new-tokens 128 --prompts ${PROMPTS:-8} --prompt-set ${PROMPT_SET:-builtin,heldout} --out "$OUT/e2e_h100.md" --json "$OUT/e2e_h100.json" \
     ${BENCH_ARGS:-} 2>&1 | grep -v -E "Converting and de-quantizing|Loading weights" | tee "$OUT/bench.log"
 fi

@@ -2,6 +2,7 @@
 plain captured engine and the compiled one, plus a tree-shape sweep. Device-tool script:
 
     source scripts/device_setup.sh && python scripts/profile_loop.py --out $OUT
+    python scripts/profile_loop.py --attn-sweep --variants "" --out $OUT     # tree-attention configs only
 """
 import argparse
 import json
@@ -48,57 +49,59 @@ def kernel_table(engine, ids, log, rows=14):
         log(f"    {e.self_device_time_total / 3:9.1f} us  x{e.count / 3:5.0f}  {e.key[:110]}")
 
 
-def attn_sweep(log, shapes=((9, 3, 64), (4, 1, 256)), T=61, S=1088, kv_lens=(160, 400, 1000)):
-    """Tree-attention launch configs at the loop's shapes (static buffer S, prefix kv_len on the device)."""
+def _graph_us(fn, calls=20, reps=7):
+    """Median us per call of `calls` back-to-back calls captured in one CUDA graph."""
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); g.replay(); b.record(); torch.cuda.synchronize()  # noqa: E702
+        ts.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(ts)
+
+
+def attn_sweep(log, shapes=((9, 3, 64), (4, 1, 256)), T=61, S=1088, kv_lens=(100, 200, 400, 1000)):
+    """Tree-attention launch configs at the loop's shapes: the engine's static buffer S (capacity 1024 +
+    64), the prefix length kv_len a device tensor. `default` is the shipped rule (dynamic_len: one key
+    block a split), `static rule` what the rule for a known length would pick (the loop's choice before)."""
     from coral_fast.kernels.tree_attention import TreeAttentionConfig, _tree_attention_triton
-    from coral_fast.tree import pack_mask_bits
+    from coral_fast.tree import ancestor_mask, pack_mask_bits
 
     torch.manual_seed(0)
     parents = torch.tensor([-1] * 10 + [i // 5 for i in range(T - 10)])
-    from coral_fast.tree import ancestor_mask
-
     bits = pack_mask_bits(ancestor_mask(parents).cuda())[None]
     for hq, hkv, d in shapes:
         q = torch.randn(1, hq, T, d, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, hkv, S, d, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
-        ref_cfg = TreeAttentionConfig.for_shape(1, hkv, hq // hkv * T, S, d, q.device)
-        log(f"attn sweep Hq={hq} Hkv={hkv} D={d} T={T} S={S}: default {ref_cfg}")
+        new_cfg = TreeAttentionConfig.for_shape(1, hkv, hq // hkv * T, S, d, q.device, True)
+        old_cfg = TreeAttentionConfig.for_shape(1, hkv, hq // hkv * T, S, d, q.device, False)
+        old = dict(block_m=old_cfg.block_m, block_n=old_cfg.block_n, num_warps=old_cfg.num_warps,
+                   num_stages=old_cfg.num_stages, num_splits=old_cfg.num_splits)
+        log(f"attn sweep Hq={hq} Hkv={hkv} D={d} T={T} S={S}: default {new_cfg}; static rule {old_cfg}")
         for kv in kv_lens:
             kv_len = torch.tensor([kv], device="cuda")
             ref = _tree_attention_triton(q, k, v, bits, d**-0.5, kv_len, None, None)
             line = []
             for bm in (16, 32, 64):
-                for splits in (1, 2, 4, 8, 16):
-                    for bn, nw in ((64, 4), (32, 2)):
+                for splits in (1, 4, 8, 17, 34):
+                    for bn, nw in ((64, 4), (32, 4)):
                         cfg = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=2, num_splits=splits)
                         try:
                             out = _tree_attention_triton(q, k, v, bits, d**-0.5, kv_len, None, None, **cfg)
                             err = (out.float() - ref.float()).abs().max().item()
-                            g = torch.cuda.CUDAGraph()
-                            with torch.cuda.graph(g):
-                                for _ in range(20):
-                                    _tree_attention_triton(q, k, v, bits, d**-0.5, kv_len, None, None, **cfg)
-                            ts = []
-                            for _ in range(7):
-                                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                                a.record(); g.replay(); b.record(); torch.cuda.synchronize()
-                                ts.append(a.elapsed_time(b) * 1e3 / 20)
-                            line.append((statistics.median(ts), bm, bn, nw, splits, err))
+                            t = _graph_us(lambda: _tree_attention_triton(q, k, v, bits, d**-0.5, kv_len, None, None, **cfg))
+                            line.append((t, bm, bn, nw, splits, err))
                         except Exception as e:  # noqa: BLE001
                             log(f"  cfg {cfg} failed: {str(e)[:80]}")
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for _ in range(20):
-                    _tree_attention_triton(q, k, v, bits, d**-0.5, kv_len, None, None)
-            ts = []
-            for _ in range(7):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record(); g.replay(); b.record(); torch.cuda.synchronize()
-                ts.append(a.elapsed_time(b) * 1e3 / 20)
+            t_new = _graph_us(lambda: _tree_attention_triton(q, k, v, bits, d**-0.5, kv_len, None, None))
+            t_old = _graph_us(lambda: _tree_attention_triton(q, k, v, bits, d**-0.5, kv_len, None, None, **old))
             line.sort()
-            log(f"  kv_len={kv}: default {statistics.median(ts):.1f} us; best: " + "; ".join(
-                f"{t:.1f}us bm{bm} bn{bn} w{nw} s{sp} err{e:.0e}" for t, bm, bn, nw, sp, e in line[:6]))
+            log(f"  kv_len={kv}: default {t_new:.1f} us, static rule {t_old:.1f} us; best: " + "; ".join(
+                f"{t:.1f}us bm{bm} bn{bn} w{nw} s{sp} err{e:.0e}" for t, bm, bn, nw, sp, e in line[:5]))
 
 
 def main():
@@ -122,10 +125,13 @@ def main():
 
     if args.attn_sweep:
         attn_sweep(log)
+        if not args.variants:  # the sweep alone: no model needed
+            return
     from coral_fast.benchmarks.e2e import PROMPTS, prompt_ids
     from coral_fast.draft import DraftModel
     from coral_fast.generate import SpeculativeGenerator, TreeConfig
     from coral_fast.generate_cli import shipped_draft
+    from coral_fast.fusion import unfuse_projections
     from coral_fast.models import load_target
 
     model, tok = load_target(args.model, dtype=torch.bfloat16, device="cuda")
@@ -138,7 +144,13 @@ def main():
     def run(variant, tree, profile_it):
         d, k, t = tree
         t0 = time.perf_counter()
-        gen = SpeculativeGenerator(model, draft, TreeConfig(d, k, t), eos_token_id=[], compile=variant == "compile")
+        # variant: graphs | compile, "-nofuse": q/k/v and gate/up as separate products (coral_fast.fusion)
+        fuse = not variant.endswith("-nofuse")
+        if not fuse:
+            unfuse_projections(model)
+            unfuse_projections(draft)
+        gen = SpeculativeGenerator(model, draft, TreeConfig(d, k, t), eos_token_id=[],
+                                   compile=variant.startswith("compile"), fuse=fuse)
         gen.generate(prompts[0], 16)
         setup = time.perf_counter() - t0
         eng = gen.engine

@@ -100,11 +100,12 @@ def test_static_prefill_chunks_fill_both_caches_like_one_pass(monkeypatch, seed,
 
 def test_compiled_static_engine_greedy_identical(seed, one_thread):
     """torch.compile'd draft/verify steps with both Triton kernels behind their custom ops (run by the
-    interpreter here) give exactly `generate`'s tokens. Head dim 16: the tree-attention kernel's path."""
+    interpreter here) and fused projections give exactly `generate`'s tokens. Head dim 16: the
+    tree-attention kernel's path."""
     model = tiny_llama(hidden=64)
     V = model.config.vocab_size
     gen = SpeculativeGenerator(model, None, TreeConfig(depth=3, topk=3, total_tokens=8), static=True, compile=True,
-                               impl="triton", head_impl="triton")
+                               impl="triton", head_impl="triton", fuse=True)
     for prompt_len, n in [(7, 20), (1, 6)]:
         prompt = torch.randint(0, V, (prompt_len,))
         assert gen.generate(prompt, n).token_ids == plain_greedy(model, prompt, n), prompt_len
@@ -309,21 +310,6 @@ def test_cuda_graphs_greedy_identical(make_target):
         out = gen.generate(prompt, n)
         assert out.token_ids == plain_greedy(model, prompt, n), (P, n)
     assert gen.engine.graphs is not None
-
-
-@pytest.mark.cuda
-def test_cuda_graphs_sampling_matches_the_eager_engine():
-    """Sampling through the captured graphs draws the same tokens as the same engine run eagerly with the
-    same generator (the uniforms come from the host; fp32 reference attention: identical logits)."""
-    model = tiny_llama(hidden=64).cuda()
-    tree = TreeConfig(depth=4, topk=4, total_tokens=16)
-    prompt = torch.randint(0, model.config.vocab_size, (9,), device="cuda")
-    outs = []
-    for graphs in (True, False):
-        gen = SpeculativeGenerator(model, None, tree, impl="reference", cuda_graphs=graphs)
-        outs.append(gen.generate(prompt, 40, temperature=0.8, generator=torch.Generator().manual_seed(5)).token_ids)
-        assert (gen.engine.graphs is not None) == graphs and gen.engine.sampling
-    assert outs[0] == outs[1] and len(outs[0]) == 40
 
 
 @pytest.mark.cuda

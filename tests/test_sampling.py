@@ -27,15 +27,22 @@ def exact_joint(model, prompt, temperature):
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("static", [False, True, pytest.param("cuda-graphs", marks=pytest.mark.cuda)])
 def test_sampled_tokens_follow_the_target(static, one_thread):
-    """static=True: the fixed-shape engine's device-side sampler (what the GPU captures), run eagerly."""
-    model = tiny_llama(vocab=V, hidden=32, seed=3)
+    """static=True: the fixed-shape engine's device-side sampler, run eagerly (CPU). "cuda-graphs": the same
+    sampler captured in CUDA graphs on the GPU with the Triton kernels (head dim 16), what users run."""
+    cuda = static == "cuda-graphs"
+    model = tiny_llama(vocab=V, hidden=64 if cuda else 32, seed=3)
     with torch.no_grad():  # a peakier target: acceptances happen often, and so do rejections
         model.lm_head.weight.mul_(8.0)
     temperature = 0.9
     prompt = torch.tensor([3, 7, 1])
-    gen = SpeculativeGenerator(model, None, TreeConfig(depth=2, topk=3, total_tokens=6), static=static)
+    tree = TreeConfig(depth=2, topk=3, total_tokens=6)
+    if cuda:
+        gen = SpeculativeGenerator(model.cuda(), None, tree, cuda_graphs=True)
+        prompt = prompt.cuda()
+    else:
+        gen = SpeculativeGenerator(model, None, tree, static=static)
     counts = torch.zeros(V, V)  # (t2, t3)
     rng = torch.Generator().manual_seed(0)
     accepted_draft_tokens = 0
@@ -43,6 +50,9 @@ def test_sampled_tokens_follow_the_target(static, one_thread):
         out = gen.generate(prompt, 3, temperature=temperature, generator=rng)
         counts[out.token_ids[1], out.token_ids[2]] += 1
         accepted_draft_tokens += sum(out.accepted_lengths) - len(out.accepted_lengths)
+    if cuda:
+        assert gen.engine.graphs is not None and gen.engine.sampling
+        model, prompt = model.cpu(), prompt.cpu()
     joint = exact_joint(model, prompt, temperature).sum(0)  # marginal of (t2, t3)
     assert accepted_draft_tokens > 300  # the rejection sampler's accept branch was exercised
     p = chi_square_p(counts.flatten(), joint.flatten())

@@ -26,6 +26,16 @@ PROMPTS = [
     "What is the difference between a list and a tuple in Python?",
 ]
 
+PROMPT_SETS = ("builtin", "heldout")
+
+
+def heldout_prompts(n: int) -> list[str]:
+    """The first n held-out chat prompts of the shipped prompt set (no draft was trained on them)."""
+    from coral_fast.training.prompts import load_prompts
+
+    return [row["messages"][-1]["content"] for row in load_prompts(split="eval")[:n]]
+
+
 GEMMA3_270M_CONFIG = dict(
     vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
     num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512, rms_norm_eps=1e-6,
@@ -40,7 +50,10 @@ def build_parser():
     p = argparse.ArgumentParser(prog="coral-fast bench e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="smollm2,gemma3-270m")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--prompts", type=int, default=4, help="how many of the built-in prompts")
+    p.add_argument("--prompts", type=int, default=4, help="how many prompts of each set")
+    p.add_argument("--prompt-set", default="builtin",
+                   help="comma list of: builtin (the 4 prompts above), heldout (held-out chat prompts of the "
+                        "shipped prompt set, coral_fast/data/prompts.jsonl)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda")
     p.add_argument("--draft", default=None, help="draft folder (default: the shipped draft, else random)")
@@ -121,7 +134,14 @@ def bench_model(name, args, log):
     log(f"{name}: loop set up in {time.perf_counter() - t0:.1f} s (capture{' + compile' if args.compile else ''})")
     N = args.max_new_tokens
     rows = []
-    for i, text in enumerate(PROMPTS[: args.prompts]):
+    prompts = []
+    for set_name in args.prompt_set.split(","):
+        if set_name not in PROMPT_SETS:
+            raise ValueError(f"unknown prompt set {set_name!r}; known: {', '.join(PROMPT_SETS)}")
+        texts = PROMPTS[: args.prompts] if set_name == "builtin" else heldout_prompts(args.prompts)
+        prompts += [(set_name, text) for text in texts]
+    compiled_s = float("nan")
+    for i, (set_name, text) in enumerate(prompts):
         ids = prompt_ids(tok, text, V, args.device, seed=i)
         mask = torch.ones(1, len(ids), dtype=torch.int64, device=ids.device)
         plain_kwargs = dict(max_new_tokens=N, do_sample=False, attention_mask=mask)
@@ -131,8 +151,8 @@ def bench_model(name, args, log):
         ref, eager_s = timed(lambda: model.generate(ids[None], **plain_kwargs)[0, len(ids):].tolist(), args.device)
         if i == 0:  # warm the eager path too (first call pays allocations)
             ref, eager_s = timed(lambda: model.generate(ids[None], **plain_kwargs)[0, len(ids):].tolist(), args.device)
-        compiled_s = float("nan")
-        # the compiled baseline recompiles for every new cache length: measured on the first prompt only
+        # the compiled baseline recompiles for every new cache length: measured on the first prompt only,
+        # and that rate stands beside every prompt of the model (its cost per token hardly depends on it)
         if not args.no_compiled and i == 0:
             static_kwargs = dict(plain_kwargs, cache_implementation="static")
             for _ in range(2):  # compile + warm-up
@@ -143,7 +163,7 @@ def bench_model(name, args, log):
             if a != b:
                 break
             same += 1
-        row = dict(model=name, prompt=i, prompt_len=len(ids), new_tokens=len(res.token_ids),
+        row = dict(model=name, prompt_set=set_name, prompt=i, prompt_len=len(ids), new_tokens=len(res.token_ids),
                    loop_tok_s=len(res.token_ids) / loop_s, eager_tok_s=N / eager_s, compiled_tok_s=N / compiled_s,
                    tau=res.mean_accepted_length, draft_s=res.draft_time_s, verify_s=res.verify_time_s,
                    prefill_s=res.prefill_time_s, loop_s=loop_s, agree_prefix=same, draft=draft_label)
@@ -160,15 +180,15 @@ def markdown(rows, args, env):
         f"tree depth,topk,tokens = {args.tree}, {args.dtype}. Loop: StaticEngine, prefill (64-token chunks), draft "
         f"and verify steps in CUDA graphs{', the draft and verify steps torch.compiled first' if args.compile else ''}, "
         "one host sync per round. tok/s = new tokens / wall time including prefill; medians over "
-        "prompts (the compiled baseline: first prompt only, it recompiles per cache length). tau = tokens per verify round (accepted + bonus). draft/verify = share of the rounds' GPU "
+        "prompts (the compiled baseline: first prompt only, it recompiles per cache length; that rate stands beside every prompt set). prompts: builtin = the 4 prompts of this module, heldout = held-out chat prompts of coral_fast/data/prompts.jsonl. tau = tokens per verify round (accepted + bonus). draft/verify = share of the rounds' GPU "
         "time (CUDA events). agree = tokens equal to plain `generate` before the first difference "
         "(bf16: tree and incremental decoding round differently, so near-ties can flip).",
         "",
-        "| model | weights | draft | loop tok/s | generate eager tok/s | generate static+compile tok/s | loop / eager | loop / compiled | tau | prefill ms | draft ms/round | verify ms/round | agree |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | weights | draft | prompts | loop tok/s | generate eager tok/s | generate static+compile tok/s | loop / eager | loop / compiled | tau | prefill ms | draft ms/round | verify ms/round | agree |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in dict.fromkeys(r["model"] for r in rows):
-        rs = [r for r in rows if r["model"] == name]
+    for name, set_name in dict.fromkeys((r["model"], r.get("prompt_set", "builtin")) for r in rows):
+        rs = [r for r in rows if r["model"] == name and r.get("prompt_set", "builtin") == set_name]
         def med(key):  # NaN rows (a baseline not run) skipped; NaN if none ran
             values = [r[key] for r in rs if r[key] == r[key]]
             return statistics.median(values) if values else float("nan")
@@ -178,7 +198,7 @@ def markdown(rows, args, env):
         verify_ms = statistics.median(1e3 * r["verify_s"] / n for r, n in zip(rs, rounds))
         weights = "random (real config)" if (name == "gemma3-270m" and args.gemma_random) else "GGUF"
         lines.append(
-            f"| {name} | {weights} | {rs[0]['draft']} | {med('loop_tok_s'):.0f} | {med('eager_tok_s'):.0f} | "
+            f"| {name} | {weights} | {rs[0]['draft']} | {set_name} ({len(rs)}) | {med('loop_tok_s'):.0f} | {med('eager_tok_s'):.0f} | "
             f"{med('compiled_tok_s'):.0f} | {med('loop_tok_s') / med('eager_tok_s'):.2f}x | "
             f"{med('loop_tok_s') / med('compiled_tok_s'):.2f}x | {med('tau'):.2f} | {1e3 * med('prefill_s'):.1f} | {draft_ms:.2f} | {verify_ms:.2f} | "
             f"{min(r['agree_prefix'] for r in rs)}-{max(r['agree_prefix'] for r in rs)}/{args.max_new_tokens} |"

@@ -108,8 +108,10 @@ class TreeAttentionConfig:
         )
 
     @staticmethod
-    def for_shape(batch, num_kv_heads, rows, num_slots, head_dim, device, block_m=None, block_n=None,
-                  num_warps=None, num_stages=None, num_splits=None, min_split_keys=None):
+    def for_shape(batch, num_kv_heads, rows, num_slots, head_dim, device, dynamic_len=False, block_m=None,
+                  block_n=None, num_warps=None, num_stages=None, num_splits=None, min_split_keys=None):
+        """dynamic_len: the key count is a device tensor (`kv_len`) and `num_slots` the static buffer it
+        lies in, so the grid covers the whole buffer and the programs past the length exit at once."""
         programs_64 = batch * num_kv_heads * triton.cdiv(rows, 64)
         if (block_m is None and num_warps is None and rows >= 128 and head_dim <= 128
                 and programs_64 >= _num_sms(device) and num_slots >= 4096):
@@ -129,9 +131,17 @@ class TreeAttentionConfig:
             # one wave: splits only until every SM has a program (measured on the H100: more splits
             # than that cost a second wave and a bigger merge)
             programs = batch * num_kv_heads * triton.cdiv(rows, block_m)
-            min_keys = min_split_keys or 4 * block_n
+            if dynamic_len:
+                # the length is unknown here and often far below the buffer (a loop's static cache):
+                # one key block a split, so that a short prefix is spread over programs too, and up to
+                # two waves of the buffer's splits, since those past the length return at once
+                min_keys = min_split_keys or block_n
+                waves = 2
+            else:
+                min_keys = min_split_keys or 4 * block_n
+                waves = 1
             max_splits = max(1, triton.cdiv(num_slots, min_keys))
-            num_splits = max(1, min(max_splits, _num_sms(device) // programs))
+            num_splits = max(1, min(max_splits, waves * _num_sms(device) // programs))
         split_keys = triton.cdiv(triton.cdiv(num_slots, num_splits), block_n) * block_n
         num_splits = triton.cdiv(num_slots, split_keys)
         cfg = TreeAttentionConfig(block_m, block_n, num_warps, num_stages, num_splits)
@@ -359,8 +369,8 @@ def _tree_attention_triton(q, k, v, mask_bits, scale, kv_len, window, query_posi
         v = v.contiguous()
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    cfg = _config_for_shape(batch, num_kv_heads, rows, num_slots, head_dim, q.device, **config)
     has_kv_len = isinstance(kv_len, torch.Tensor)
+    cfg = _config_for_shape(batch, num_kv_heads, rows, num_slots, head_dim, q.device, has_kv_len, **config)
     num_keys_static = num_slots if kv_len is None else (kv_len if isinstance(kv_len, int) else num_slots)
     kv_len_arg = kv_len if has_kv_len else mask_bits  # any pointer; unused when HAS_KV_LEN is off
     has_window = window is not None
