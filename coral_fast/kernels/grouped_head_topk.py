@@ -66,21 +66,48 @@ def grouped_head_topk_reference(
 # ---------------------------------------------------------------------------------------------------
 if triton is not None:
 
+    # Packed candidate keys: a logit's fp32 bits mapped to an int32 of the same order in the high half,
+    # 0x7FFFFFFF - row in the low half (ties: lower row first). One int64 max picks the largest logit
+    # and names its row at once (one reduction instead of a value/index pair); keys are distinct.
+    NO_KEY = tl.constexpr(-9223372036854775807)  # below every key, -inf's included
+
+    @triton.jit
+    def _pack_key(val, row):
+        bits = val.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - row).to(tl.int64)
+
+    @triton.jit
+    def _key_value(key):
+        ordered = (key >> 32).to(tl.int32)
+        bits = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _key_row(key):
+        return 0x7FFFFFFF - (key & 0x7FFFFFFF).to(tl.int32)
+
     @triton.jit
     def _grouped_head_partials_kernel(
         hidden_ptr, weight_ptr, groups_ptr, offsets_ptr,
-        part_val_ptr, part_row_ptr, part_max_ptr, part_sum_ptr,
+        part_val_ptr, part_row_ptr, part_key_ptr, part_max_ptr, part_sum_ptr,
         M, H, A, G, NT, NMB, KT,
         stride_hm, stride_wv, stride_gm,
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
         A_POW2: tl.constexpr, G_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
         GATHER: tl.constexpr, M_POW2: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
+        EPILOGUE: tl.constexpr, KT_POW2: tl.constexpr, PREFETCH_OFFSETS: tl.constexpr,
     ):
         """Persistent: work item = (active group j, vocab tile t, row block mb), mb fastest so the
         programs sharing a weight tile run side by side and all but the first read it from L2."""
         # the union of the rows' groups, compacted: every program derives it from `groups` (M*A ints)
         # itself, so there is no host unique(), no extra launch, and no item for an unused group
         gids = tl.arange(0, G_POW2)
+        if PREFETCH_OFFSETS:
+            # every group's [start, end) now, in parallel with the `groups` load below, so the first
+            # weight load waits for one memory round trip (groups) instead of two (groups, offsets)
+            g_start = tl.load(offsets_ptr + gids, mask=gids < G, other=0).to(tl.int32)
+            g_end = tl.load(offsets_ptr + gids + 1, mask=gids < G, other=0).to(tl.int32)
         present = tl.zeros((G_POW2,), tl.int32)
         offs_p = tl.arange(0, BLOCK_P)
         for p0 in range(0, M * A, BLOCK_P):
@@ -96,7 +123,8 @@ if triton is not None:
         for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
             mb = item % NMB
             tile = (item // NMB) % NT
-            g = tl.sum(tl.where(rank == item // (NMB * NT), gids, 0), axis=0)
+            is_g = rank == item // (NMB * NT)
+            g = tl.sum(tl.where(is_g, gids, 0), axis=0)
 
             if GATHER:
                 # rows that chose g, compacted: block mb takes the mb-th BLOCK_M of them, so the dot
@@ -126,8 +154,12 @@ if triton is not None:
                 chosen = tl.max(hit.to(tl.int32), axis=1) > 0  # [BLOCK_M]: row chose group g
                 slot = tl.sum(tl.where(hit, slots[None, :], 0), axis=1)  # where g sits in the row's list
 
-            group_end = tl.load(offsets_ptr + g + 1).to(tl.int32)
-            lo = tl.load(offsets_ptr + g).to(tl.int32) + tile * BLOCK_V
+            if PREFETCH_OFFSETS:
+                group_end = tl.sum(tl.where(is_g, g_end, 0), axis=0)
+                lo = tl.sum(tl.where(is_g, g_start, 0), axis=0) + tile * BLOCK_V
+            else:
+                group_end = tl.load(offsets_ptr + g + 1).to(tl.int32)
+                lo = tl.load(offsets_ptr + g).to(tl.int32) + tile * BLOCK_V
             cols = lo + local
             col_ok = cols < group_end
             # a row block with no chosen row, or a tile past the end of a smaller group, skips the
@@ -161,12 +193,26 @@ if triton is not None:
             tl.store(part_max_ptr + part, tile_max, mask=chosen)
             tl.store(part_sum_ptr + part, tile_sum, mask=chosen)
 
-            # the tile's top-KT by rounds of argmax: KT <= 64, cheap next to streaming the tile
-            for r in range(0, tl.where(any_chosen, KT, 0)):
-                best, arg = tl.max(logits, axis=1, return_indices=True)
-                tl.store(part_val_ptr + part * KT + r, best, mask=chosen)
-                tl.store(part_row_ptr + part * KT + r, lo + arg, mask=chosen)
-                logits = tl.where(local[None, :] == arg[:, None], float("-inf"), logits)
+            if EPILOGUE == 0:
+                # (old) the tile's top-KT by rounds of argmax, values and rows stored apart
+                for r in range(0, tl.where(any_chosen, KT, 0)):
+                    best, arg = tl.max(logits, axis=1, return_indices=True)
+                    tl.store(part_val_ptr + part * KT + r, best, mask=chosen)
+                    tl.store(part_row_ptr + part * KT + r, lo + arg, mask=chosen)
+                    logits = tl.where(local[None, :] == arg[:, None], float("-inf"), logits)
+            elif EPILOGUE == 1:
+                # the tile's top-KT as packed (logit, row) int64 keys: one max a round, one store
+                key = _pack_key(logits, lo + local[None, :])
+                for r in range(0, tl.where(any_chosen, KT, 0)):
+                    best = tl.max(key, axis=1)
+                    tl.store(part_key_ptr + part * KT + r, best, mask=chosen)
+                    key = tl.where(key == best[:, None], NO_KEY, key)
+            else:
+                # the tile's top-KT_POW2 keys by one bitonic top-k along the tile (no rounds)
+                top = tl.topk(_pack_key(logits, lo + local[None, :]), KT_POW2)
+                cols_t = tl.arange(0, KT_POW2)
+                tl.store(part_key_ptr + part[:, None] * KT + cols_t[None, :], top,
+                         mask=chosen[:, None] & (cols_t[None, :] < KT))
 
     @triton.jit
     def _merge_topk_kernel(
@@ -234,6 +280,74 @@ if triton is not None:
         tl.store(ids_ptr + m * K + slots, ids, mask=out_ok)
         tl.store(logprobs_ptr + m * K + slots, out_val - lse, mask=out_ok)
 
+    @triton.jit
+    def _merge_topk_packed_kernel(
+        part_key_ptr, part_max_ptr, part_sum_ptr, order_ptr,
+        ids_ptr, logprobs_ptr,
+        NP, KT, K, V,
+        K_POW2: tl.constexpr, KT_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
+        ONE_CHUNK: tl.constexpr, USE_TOPK: tl.constexpr,
+    ):
+        """One program per row (meant for one warp: every reduction is warp shuffles, no shared
+        memory, no barriers). Same plan as `_merge_topk_kernel` on packed keys: phase A picks the K
+        tiles with the largest maxima, phase B the top K of their K x KT candidates, each by rounds of
+        one int64 max (or one bitonic tl.topk with USE_TOPK)."""
+        m = tl.program_id(0)
+        slots = tl.arange(0, K_POW2)
+        run_max = tl.full((), -1.0e30, tl.float32)
+        run_sum = tl.full((), 0.0, tl.float32)
+        top_key = tl.full((K_POW2,), NO_KEY, tl.int64)
+        offs_p = tl.arange(0, BLOCK_P)
+        for p0 in range(0, NP, BLOCK_P):
+            ok = p0 + offs_p < NP
+            pm = tl.load(part_max_ptr + m * NP + p0 + offs_p, mask=ok, other=float("-inf"))
+            ps = tl.load(part_sum_ptr + m * NP + p0 + offs_p, mask=ok, other=0.0)
+            new_max = tl.maximum(run_max, tl.max(pm, axis=0))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(ps * tl.exp(pm - new_max), axis=0)
+            run_max = new_max
+            chunk = tl.where(ok, _pack_key(pm, p0 + offs_p), NO_KEY)  # tile index in the low half
+            if ONE_CHUNK:
+                if USE_TOPK:
+                    top_key = tl.topk(chunk, K_POW2)
+                else:
+                    for r in range(0, K):
+                        best = tl.max(chunk, axis=0)
+                        top_key = tl.where(slots == r, best, top_key)
+                        chunk = tl.where(chunk == best, NO_KEY, chunk)
+            else:
+                next_key = tl.full((K_POW2,), NO_KEY, tl.int64)
+                for r in range(0, K):
+                    best = tl.maximum(tl.max(chunk, axis=0), tl.max(top_key, axis=0))
+                    next_key = tl.where(slots == r, best, next_key)
+                    chunk = tl.where(chunk == best, NO_KEY, chunk)
+                    top_key = tl.where(top_key == best, NO_KEY, top_key)
+                top_key = next_key
+        lse = run_max + tl.log(run_sum)
+
+        # phase B: a tile picked with max -inf (fewer than K non-empty tiles) is empty
+        cols = tl.arange(0, KT_POW2)
+        tile = _key_row(top_key)
+        tile_ok = (slots < K) & (top_key != NO_KEY) & (_key_value(top_key) > float("-inf"))
+        cand = (m * NP + tile[:, None]) * KT + cols[None, :]
+        cand_key = tl.load(part_key_ptr + cand, mask=tile_ok[:, None] & (cols[None, :] < KT), other=NO_KEY)
+        flat = tl.reshape(cand_key, (K_POW2 * KT_POW2,))
+        if USE_TOPK:
+            out_key = tl.topk(flat, K_POW2)
+        else:
+            out_key = tl.full((K_POW2,), NO_KEY, tl.int64)
+            for r in range(0, K):
+                best = tl.max(flat, axis=0)
+                out_key = tl.where(slots == r, best, out_key)
+                flat = tl.where(flat == best, NO_KEY, flat)
+
+        out_ok = slots < K
+        # clamp: with check=False and k beyond the active vocabulary, -inf slots carry arbitrary rows
+        safe_row = tl.minimum(tl.maximum(_key_row(out_key), 0), V - 1)
+        ids = tl.load(order_ptr + safe_row, mask=out_ok, other=0)
+        tl.store(ids_ptr + m * K + slots, ids, mask=out_ok)
+        out_val = tl.where(out_key == NO_KEY, float("-inf"), _key_value(out_key))
+        tl.store(logprobs_ptr + m * K + slots, out_val - lse, mask=out_ok)
+
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -244,6 +358,13 @@ class KernelConfig:
     num_stages: int
     programs_per_sm: int = 2  # persistent grid: at most this many programs per multiprocessor
     gather: bool = True  # row blocks of chosen rows only (M <= GATHER_MAX_M) rather than rows in order
+    # epilogue / merge variants (issue 2, M=1 latency), kept side by side until measured on the GPU:
+    # epilogue "argmax" (old: rounds of tl.max with indices, value and row stored apart), "packed"
+    # (rounds of one int64 max over packed keys), "topk" (one bitonic tl.topk over packed keys)
+    epilogue: str = "packed"
+    merge: str = "packed"  # "rounds" (old kernel, needs epilogue "argmax"), "packed", "topk"
+    merge_warps: int = 0  # 0: one warp where the row's candidates fit in registers, else 4
+    prefetch_offsets: bool = True  # load all group offsets up front, beside the `groups` load
 
 
 def default_config(M: int, H: int, k: int) -> KernelConfig:
@@ -260,6 +381,9 @@ def default_config(M: int, H: int, k: int) -> KernelConfig:
             return KernelConfig(16, 128, 128, num_warps=4, num_stages=3, programs_per_sm=2, gather=False)
         return KernelConfig(16, 128, 64, num_warps=4, num_stages=3, programs_per_sm=4, gather=False)
     return KernelConfig(64, 64, 128, num_warps=4, num_stages=3, programs_per_sm=2, gather=False)
+
+
+OLD_VARIANT = dict(epilogue="argmax", merge="rounds", merge_warps=4, prefetch_offsets=False)
 
 
 def _next_pow2(n: int) -> int:
@@ -302,12 +426,20 @@ def grouped_head_topk_triton(
     NT = triton.cdiv(max_group_size, cfg.block_v)
     NMB = triton.cdiv(M, cfg.block_m)
     KT = min(k, cfg.block_v)
+    K_POW2, KT_POW2 = max(16, _next_pow2(k)), max(16, _next_pow2(KT))
+    packed = cfg.epilogue != "argmax"
+    if packed == (cfg.merge == "rounds"):
+        raise ValueError(f"merge {cfg.merge!r} does not read the candidates of epilogue {cfg.epilogue!r}")
+    if "topk" in (cfg.epilogue, cfg.merge) and not hasattr(tl, "topk"):
+        raise RuntimeError(f"this triton ({triton.__version__}) has no tl.topk")
     device = hidden.device
-    # one workspace (fewer allocator calls on the hot path): candidates' values and rows, tile max, sum
+    # one workspace (fewer allocator calls on the hot path): candidates (values and rows, or packed
+    # int64 keys: the same bytes), tile max, tile sum
     NP, NC = M * A * NT, M * A * NT * KT
     work = torch.empty(2 * NC + 2 * NP, device=device, dtype=torch.float32)
     part_val = work[:NC]
     part_row = work[NC : 2 * NC].view(torch.int32)
+    part_key = work[: 2 * NC].view(torch.int64)
     part_max = work[2 * NC : 2 * NC + NP]
     part_sum = work[2 * NC + NP :]
     if out is None:
@@ -324,24 +456,39 @@ def grouped_head_topk_triton(
     grid = (min(max_items, _num_programs_cap(device, cfg.programs_per_sm)),)
     _grouped_head_partials_kernel[grid](
         hidden, weight, groups, offsets,
-        part_val, part_row, part_max, part_sum,
+        part_val, part_row, part_key, part_max, part_sum,
         M, H, A, G, NT, NMB, KT,
         hidden.stride(0), weight.stride(0), groups.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=block_k,
         A_POW2=_next_pow2(A), G_POW2=G_POW2, BLOCK_P=min(max(16, _next_pow2(MA)), max(16, 8192 // G_POW2)),
         GATHER=gather, M_POW2=max(16, _next_pow2(M)),
         EVEN_K=(H % block_k == 0), DOT_FP32=dot_needs_fp32(device),
+        EPILOGUE={"argmax": 0, "packed": 1, "topk": 2}[cfg.epilogue], KT_POW2=max(2, _next_pow2(KT)),
+        PREFETCH_OFFSETS=cfg.prefetch_offsets,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not _merge:
         return ids, logprobs
-    _merge_topk_kernel[(M,)](
-        part_val, part_row, part_max, part_sum, order,
+    block_p = min(MERGE_BLOCK_P, max(16, _next_pow2(A * NT)))
+    if not packed:
+        _merge_topk_kernel[(M,)](
+            part_val, part_row, part_max, part_sum, order,
+            ids, logprobs,
+            A * NT, KT, k, V,
+            K_POW2=K_POW2, KT_POW2=KT_POW2, BLOCK_P=block_p,
+            num_warps=cfg.merge_warps or 4,
+        )
+        return ids, logprobs
+    block_p = max(block_p, K_POW2)  # tl.topk needs k <= the length
+    # one warp (shuffles only) while the largest vector is at most 16 int64 keys a lane
+    merge_warps = cfg.merge_warps or (1 if max(block_p, K_POW2 * KT_POW2) <= 512 else 4)
+    _merge_topk_packed_kernel[(M,)](
+        part_key, part_max, part_sum, order,
         ids, logprobs,
         A * NT, KT, k, V,
-        K_POW2=max(16, _next_pow2(k)), KT_POW2=max(16, _next_pow2(KT)),
-        BLOCK_P=min(MERGE_BLOCK_P, max(16, _next_pow2(A * NT))),
-        num_warps=4,
+        K_POW2=K_POW2, KT_POW2=KT_POW2, BLOCK_P=block_p,
+        ONE_CHUNK=A * NT <= block_p, USE_TOPK=cfg.merge == "topk",
+        num_warps=merge_warps,
     )
     return ids, logprobs
 
