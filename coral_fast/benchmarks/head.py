@@ -41,6 +41,7 @@ CPU_SHAPES = {"llama2-like/2": (16000, 1024), "gemma3/16": (16384, 640)}
 NUM_GROUPS, ACTIVE, TOP_K, NSETS = 32, 4, 10, 8
 # (M, routing): "random" = each row draws A of G groups; "shared" = rows draw A of the same 6
 CASES = [(1, "random"), (16, "shared"), (16, "random"), (64, "shared"), (64, "random")]
+NCHAIN = 16  # calls in one graph for the chained timing
 SWEEP_SMALL_M = [  # M <= 16
     KernelConfig(16, 64, 128, 4, 4, 2), KernelConfig(16, 32, 128, 4, 4, 4), KernelConfig(16, 64, 256, 4, 3, 2),
     KernelConfig(16, 128, 128, 4, 3, 2), KernelConfig(16, 128, 64, 4, 4, 2), KernelConfig(16, 256, 64, 4, 3, 1),
@@ -69,10 +70,20 @@ class Row:
     best_us: float | None = None
     best_config: str = ""
     dobench_us: float | None = None  # ours, graph, timed by triton's do_bench (zeroing flush)
+    chain_us: float | None = None  # ours: one graph of NCHAIN calls on NCHAIN input sets, time / NCHAIN
 
 
-def _groups(M, routing, gen, device):
-    pool = torch.randperm(NUM_GROUPS, generator=gen)[:6] if routing == "shared" else torch.arange(NUM_GROUPS)
+def _groups(M, routing, gen, device, avoid=()):
+    """[M, ACTIVE] group ids; `avoid`: groups to leave out where enough others remain (the chained
+    timing keeps consecutive calls off each other's groups, so none finds its weights in L2)."""
+    allowed = torch.tensor([g for g in range(NUM_GROUPS) if g not in set(avoid)], dtype=torch.long)
+    needed = 6 if routing == "shared" else (ACTIVE if M == 1 else NUM_GROUPS)
+    if allowed.numel() < needed:
+        allowed = torch.arange(NUM_GROUPS)
+    if routing == "shared":
+        pool = allowed[torch.randperm(allowed.numel(), generator=gen)[:6]]
+    else:
+        pool = allowed if M == 1 else torch.arange(NUM_GROUPS)
     rows = [pool[torch.randperm(pool.numel(), generator=gen)[:ACTIVE]] for _ in range(M)]
     return torch.stack(rows).to(device)
 
@@ -176,10 +187,13 @@ def run_gpu(shapes, cases, sweep: bool, quick: bool, log=print) -> tuple[list[Ro
             ours_graph_us = bench(ours_graphs)
             ours_us = bench(_rotating(ours))
             ours_dobench_us = triton.testing.do_bench(ours_graphs, warmup=10, rep=100, return_mode="median") * 1e3
+            chain_h, chain_g = _chain_inputs(M, H, routing, gen, device)
+            chain_us = _time_chain_us(
+                lambda i: head.topk(chain_h[i], chain_g[i], TOP_K, impl="triton", check=False), NCHAIN, flush)
             dense_us = bench(_rotating(_graphs(dense)))
             naive_us = None if (quick and M > 1) else bench(_rotating(naive), reps=20)
             row = Row(name, M, routing, ours_graph_us, ours_us, dense_us, naive_us, floor_union, floor_all,
-                      max_err, _cfg_str(cfg), dobench_us=ours_dobench_us)
+                      max_err, _cfg_str(cfg), dobench_us=ours_dobench_us, chain_us=chain_us)
             if sweep:
                 timings = []
                 for c in (SWEEP_SMALL_M if M <= 16 else SWEEP_LARGE_M):
@@ -230,6 +244,36 @@ def _rotating(fn):
     return call
 
 
+def _chain_inputs(M, H, routing, gen, device, n=NCHAIN):
+    """n input sets (hidden, groups), each set's groups kept off the previous two sets' groups."""
+    hiddens, groups, recent = [], [], []
+    for _ in range(n):
+        g = _groups(M, routing, gen, device, avoid=[x for r in recent[-2:] for x in r])
+        recent.append(g.unique().tolist())
+        hiddens.append(torch.randn(M, H, device=device).to(torch.bfloat16))
+        groups.append(g)
+    return hiddens, groups
+
+
+def _time_chain_us(fn, n, flush, reps=30) -> float:
+    """One CUDA graph of fn(0) .. fn(n-1) back to back (each on its own input set), replayed after an
+    L2 flush (256 MiB read); median graph time / n. Counts the launch gaps inside a graph (as the draft
+    loop's graph sees them) but the event and graph-launch overhead only once per n calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(n):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n):
+            fn(i)
+    us = _time_us(graph.replay, flush, reps=reps)
+    del graph
+    return us / n
+
+
 def _active_mask(grouping, groups, V, device):
     group_of = grouping.group_of.to(device)
     return (group_of[None, None, :] == groups[:, :, None]).any(dim=1)
@@ -264,12 +308,173 @@ def run_cpu(log=print) -> list[Row]:
             rows.append(row)
     return rows
 
+# ---------------------------------------------------------------------------------------------------
+# Variants side by side (issue 2: the M=1 latency): `coral-fast bench head --variants old,packed,...`
+# ---------------------------------------------------------------------------------------------------
+VARIANTS = {  # name -> KernelConfig fields over default_config(M, H, k)
+    "old": dict(epilogue="argmax", merge="rounds", merge_warps=4, prefetch_offsets=False),
+    "old-merge-1warp": dict(epilogue="argmax", merge="rounds", merge_warps=1, prefetch_offsets=False),
+    "packed": dict(epilogue="packed", merge="packed"),
+    "packed-merge-4warps": dict(epilogue="packed", merge="packed", merge_warps=4),
+    "packed-no-prefetch": dict(epilogue="packed", merge="packed", prefetch_offsets=False),
+    "topk": dict(epilogue="topk", merge="topk"),
+    "packed-epi-topk-merge": dict(epilogue="packed", merge="topk"),
+    "topk-epi-packed-merge": dict(epilogue="topk", merge="packed"),
+}
+M1_ONLY = ("old-merge-1warp", "packed-merge-4warps", "packed-no-prefetch", "topk", "packed-epi-topk-merge",
+           "topk-epi-packed-merge")  # timed at M=1 only (compile time: the run must fit a device call)
+NCHECK = 4  # fresh input sets checked per variant and case
+
+
+try:
+    import triton as _triton
+    import triton.language as _tl
+
+    @_triton.jit
+    def _empty_kernel(x_ptr):
+        _tl.store(x_ptr + _tl.program_id(0), 1.0)
+except ImportError:  # pragma: no cover
+    _empty_kernel = None
+
+
+def _probe_empty_kernel(flush) -> tuple[float, float]:
+    """An empty Triton kernel in a graph: one call timed like ours, and chained NCHAIN a graph."""
+    x = torch.empty(1, device="cuda")
+    single = _time_us(_rotating(_graphs(lambda i: _empty_kernel[(1,)](x))), flush)
+    chained = _time_chain_us(lambda i: _empty_kernel[(1,)](x), NCHAIN, flush)
+    return single, chained
+
+
+def _check_variant(head, weight, grouping, cfg, M, H, routing, gen, device) -> float:
+    """Fresh inputs, poisoned outputs, against the fp32 reference: max |logprob error|; raises on
+    unwritten outputs, bad ids, or an id whose own log-prob is not the one returned."""
+    V = weight.shape[0]
+    worst = 0.0
+    for _ in range(NCHECK):
+        h = torch.randn(M, H, device=device).to(torch.bfloat16)
+        g = _groups(M, routing, gen, device)
+        ids = torch.full((M, TOP_K), -7, dtype=torch.int64, device=device)
+        lp = torch.full((M, TOP_K), float("nan"), device=device)
+        grouped_head_topk_triton(h, weight, head.offsets, head.order, g, TOP_K, head.max_group_size, cfg,
+                                 out=(ids, lp))
+        torch.cuda.synchronize()
+        if not bool(torch.isfinite(lp).all()) or bool((ids < 0).any()) or bool((ids >= V).any()):
+            raise AssertionError("unwritten, non-finite or out-of-range outputs")
+        if not bool((lp[:, 1:] <= lp[:, :-1] + 1e-6).all()):
+            raise AssertionError("not sorted descending")
+        _, ref_lp = grouped_head_topk_reference(h, weight, head.offsets, head.order, g, TOP_K)
+        logits = (h.float() @ weight.float().T).masked_fill(~_active_mask(grouping, g, V, device), float("-inf"))
+        full = torch.log_softmax(logits, dim=-1)
+        err = max(float((lp - ref_lp).abs().max()), float((full.gather(1, ids) - lp).abs().max()))
+        if any(ids[m].unique().numel() != TOP_K for m in range(M)):
+            raise AssertionError("repeated ids in a row")
+        worst = max(worst, err)
+    return worst
+
+
+def run_variants(shapes, cases, names, log=print, table_path=None) -> list[str]:
+    """Each variant of each case: checked (NCHECK fresh input sets), then timed twice both ways (one
+    call a graph replay; NCHAIN calls a graph, per call), partials kernel alone once; a failure of one
+    variant is logged and the run goes on. Returns the summary table's lines."""
+    import dataclasses
+    import traceback
+
+    device = torch.device("cuda")
+    flush = torch.empty(FLUSH_BYTES // 4, device=device).uniform_()
+    bw = _copy_bandwidth(device, flush)
+    log(f"device-to-device copy bandwidth: {bw / 1e12:.2f} TB/s")
+    try:
+        e1, ec = _probe_empty_kernel(flush)
+        log(f"empty triton kernel: one call a graph {e1:.1f} us; {NCHAIN} calls a graph {ec:.2f} us a call")
+    except Exception as exc:  # noqa: BLE001
+        log(f"empty kernel probe failed: {type(exc).__name__}: {exc}")
+    table = ["| case | floor (us) | dense (us) | variant | err | graph 1 call (us), x2 | / floor "
+             f"| {NCHAIN}-call graph per call (us), x2 | / floor | partials alone (us) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    gen = torch.Generator().manual_seed(0)
+
+    def save():  # the table so far, so a run cut short by a timeout keeps its finished cases
+        if table_path:
+            with open(table_path, "w") as f:
+                f.write("\n".join(table) + "\n")
+
+    for name in shapes:
+        V, H = SHAPES[name]
+        weight = (torch.randn(V, H, device=device) / H**0.5).to(torch.bfloat16)
+        grouping = VocabGrouping.contiguous(V, NUM_GROUPS)
+        head = GroupedLMHead(weight, grouping)
+        sizes = grouping.group_sizes
+        for M, routing in cases:
+            save()
+            case = f"{name} M={M} {routing}"
+            hiddens = [torch.randn(M, H, device=device).to(torch.bfloat16) for _ in range(NSETS)]
+            groups = [_groups(M, routing, gen, device) for _ in range(NSETS)]
+            chain_h, chain_g = _chain_inputs(M, H, routing, gen, device)
+            floor = statistics.mean(int(sizes[g.unique().cpu()].sum()) for g in groups) * H * 2 / bw * 1e6
+            dense_us = _time_us(_rotating(_graphs(lambda i: torch.topk(hiddens[i] @ weight.T, TOP_K, dim=-1))), flush)
+            log(f"== {case}: floor {floor:.1f} us, dense {dense_us:.1f} us")
+            base = default_config(M, H, TOP_K)
+            results = {}
+            todo = [v for v in names if M == 1 or v not in M1_ONLY]
+            for v in todo:  # check and build graphs first, then time all in two interleaved passes
+                try:
+                    cfg = dataclasses.replace(base, **VARIANTS[v])
+                    t0 = time.perf_counter()
+                    err = _check_variant(head, weight, grouping, cfg, M, H, routing, gen, device)
+                    if not err <= MAX_ERR:
+                        raise AssertionError(f"max err {err:.2e} > {MAX_ERR}")
+
+                    def call(i, cfg=cfg, hs=hiddens, gs=groups, merge=True):
+                        return grouped_head_topk_triton(hs[i], weight, head.offsets, head.order, gs[i], TOP_K,
+                                                        head.max_group_size, cfg, _merge=merge)
+
+                    results[v] = dict(cfg=cfg, err=err, single=_rotating(_graphs(call)), call=call, t=[], c=[],
+                                      build_s=time.perf_counter() - t0)
+                except Exception as exc:  # noqa: BLE001
+                    log(f"  {v:24s}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+                    log("    " + traceback.format_exc(limit=3).replace("\n", "\n    ")[-1500:])
+                    table.append(f"| {case} | {floor:.1f} | {dense_us:.1f} | {v} | FAILED: {type(exc).__name__} "
+                                 "| - | - | - | - | - |")
+            for _ in range(2):
+                for v, r in results.items():
+                    try:
+                        r["t"].append(_time_us(r["single"], flush))
+                        r["c"].append(_time_chain_us(
+                            lambda i, call=r["call"]: call(i % NCHAIN, hs=chain_h, gs=chain_g), NCHAIN, flush))
+                    except Exception as exc:  # noqa: BLE001
+                        log(f"  {v:24s}: timing FAILED {type(exc).__name__}: {str(exc)[:300]}")
+            for v, r in results.items():
+                partials = "-"
+                if M == 1 or v in ("old", "packed"):
+                    try:
+                        partials = f"{_time_us(_rotating(_graphs(lambda i, call=r['call']: call(i, merge=False))), flush):.1f}"
+                    except Exception as exc:  # noqa: BLE001
+                        partials = f"failed ({type(exc).__name__})"
+                if len(r["t"]) < 2 or len(r["c"]) < 2:
+                    table.append(f"| {case} | {floor:.1f} | {dense_us:.1f} | {v} | {r['err']:.1e} | timing failed "
+                                 "| - | - | - | - |")
+                    continue
+                t, c = r["t"], r["c"]
+                line = (f"| {case} | {floor:.1f} | {dense_us:.1f} | {v} | {r['err']:.1e} | {t[0]:.1f} / {t[1]:.1f} "
+                        f"| {min(t) / floor:.2f} | {c[0]:.1f} / {c[1]:.1f} | {min(c) / floor:.2f} | {partials} |")
+                log(f"  {v:24s}: graph {t[0]:6.1f} / {t[1]:6.1f} us ({min(t) / floor:.2f}x)  chained "
+                    f"{c[0]:6.1f} / {c[1]:6.1f} us ({min(c) / floor:.2f}x)  partials {partials}  err {r['err']:.1e}  "
+                    f"[check+capture {r['build_s']:.1f}s]")
+                table.append(line)
+            del results
+        del weight, head
+        torch.cuda.empty_cache()
+    save()
+    return table
+
+
 
 HEADER = (
     "| shape (V x H) | M | routing | ours, graph (us) | ours, eager (us) | dense cuBLAS + topk, graph (us) "
     "| naive gather, eager (us) | floor, union (us) | floor, all rows (us) | ours / floor | dense / ours "
-    "| ours, graph, do_bench (us) | max err | config |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    f"| ours, graph, do_bench (us) | ours, {NCHAIN} calls a graph, per call (us) | chained / floor "
+    "| max err | config |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -277,12 +482,14 @@ def format_row(r: Row) -> str:
     V, H = SHAPES.get(r.shape, CPU_SHAPES.get(r.shape, (0, 0)))
     naive = f"{r.naive_us:.1f}" if r.naive_us is not None else "-"
     dob = f"{r.dobench_us:.1f}" if r.dobench_us is not None else "-"
+    chain = f"{r.chain_us:.1f}" if r.chain_us is not None else "-"
+    chain_ratio = f"{r.chain_us / r.floor_union_us:.2f}" if r.chain_us is not None else "-"
     cfg = r.config + (f" (best {r.best_config}: {r.best_us:.1f})" if r.best_us is not None else "")
     return (
         f"| {r.shape} {V} x {H} | {r.M} | {r.routing} | {r.ours_us:.1f} | {r.ours_eager_us:.1f} | {r.dense_us:.1f} "
         f"| {naive} "
         f"| {r.floor_union_us:.1f} | {r.floor_all_us:.1f} | {r.ours_us / r.floor_union_us:.2f} "
-        f"| {r.dense_us / r.ours_us:.2f} | {dob} | {r.max_err:.1e} | {cfg} |"
+        f"| {r.dense_us / r.ours_us:.2f} | {dob} | {chain} | {chain_ratio} | {r.max_err:.1e} | {cfg} |"
     )
 
 
@@ -316,18 +523,39 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ",".join(SHAPES))
     parser.add_argument("--sweep", action="store_true", help="also time a list of kernel configs per case")
     parser.add_argument("--quick", action="store_true", help="skip the slow naive gather for M > 1")
+    parser.add_argument("--variants", help="compare kernel variants instead (comma list of "
+                        + ",".join(VARIANTS) + "); --cases M:routing,... narrows the cases")
+    parser.add_argument("--cases", help="comma list of M:routing (default: all five)")
     args = parser.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]
     for s in shapes:
         if s not in SHAPES:
             parser.error(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
+    cases = CASES
+    if args.cases:
+        cases = [(int(c.split(":")[0]), c.split(":")[1]) for c in args.cases.split(",") if c]
+    if args.variants:
+        names = [v for v in args.variants.split(",") if v]
+        for v in names:
+            if v not in VARIANTS:
+                parser.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+        if not torch.cuda.is_available():
+            parser.error("--variants needs a CUDA device")
+        table = run_variants(shapes, cases, names, table_path=args.out)
+        text = "\n".join([f"# grouped LM head variants: G={NUM_GROUPS}, {ACTIVE} active, top-{TOP_K}, bf16", "",
+                          environment(), "", *table]) + "\n"
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        return 1 if "FAILED" in text else 0
     lines = [f"# grouped LM head: G={NUM_GROUPS}, {ACTIVE} active, top-{TOP_K}, bf16", "", environment(), ""]
     lines += ["`ours` runs `GroupedLMHead.topk(..., check=False)` with the default config (heuristic, no "
               "autotune); graph = CUDA-graph replay, as the draft loop calls it. Routing: `random` = each row "
               "draws 4 of 32 groups; `shared` = rows draw 4 of the same 6 groups (siblings in a draft tree). "
               "Floor = bytes of the union of the rows' active groups / copy bandwidth.", ""]
     if torch.cuda.is_available():
-        rows, bw = run_gpu(shapes, CASES, args.sweep, args.quick)
+        rows, bw = run_gpu(shapes, cases, args.sweep, args.quick)
         lines += [f"copy bandwidth (floor): {bw / 1e12:.2f} TB/s; medians of CUDA-event timings, L2 flushed "
                   f"by a 256 MiB read before every call, {NSETS} rotating input sets", ""]
     else:
