@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm --format=csv > 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'tl.topk', hasattr(triton.language, 'topk'))" >> "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 status=0
-ALL=old,packed,old-merge-1warp,packed-merge-4warps,packed-no-prefetch,topk,packed-epi-topk-merge,topk-epi-packed-merge
+ALL=old,packed,packed-pdl,old-merge-1warp,packed-merge-4warps,packed-no-prefetch,topk,packed-epi-topk-merge,topk-epi-packed-merge
 run() {  # run SHAPE TIMEOUT VARIANTS [CASES]
   local shape=$1 limit=$2 variants=$3 cases=${4:-}
   timeout "$limit" python3 -m coral_fast bench head --variants "$variants" --shapes "$shape" \
@@ -24,8 +24,8 @@ run() {  # run SHAPE TIMEOUT VARIANTS [CASES]
   grep -E "^(device|empty|==|  )" "$OUT/variants_$shape.log" | cut -c1-200
 }
 run llama3 125 "$ALL"
-run qwen2.5 55 old,packed,topk,packed-epi-topk-merge 1:random,16:shared,64:shared,64:random
-run gemma3 55 old,packed,topk,packed-epi-topk-merge 1:random,16:shared,64:shared,16:random
+run qwen2.5 55 old,packed,packed-pdl,packed-epi-topk-merge 1:random,16:shared,64:shared,64:random
+run gemma3 55 old,packed,packed-pdl,packed-epi-topk-merge 1:random,16:shared,64:shared,16:random
 # bf16 correctness of the default path at the test suite's odd shapes, and the key/chunked-merge tests
 timeout 45 python3 -m pytest -q tests/test_grouped_head.py tests/test_grouped_head_variants.py \
   -k "bf16_gpu or roundtrip or chunked" > "$OUT/tests.log" 2>&1 || { echo "tests: exit $? (see tests.log)"; status=1; }

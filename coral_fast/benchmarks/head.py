@@ -320,9 +320,10 @@ VARIANTS = {  # name -> KernelConfig fields over default_config(M, H, k)
     "topk": dict(epilogue="topk", merge="topk"),
     "packed-epi-topk-merge": dict(epilogue="packed", merge="topk"),
     "topk-epi-packed-merge": dict(epilogue="topk", merge="packed"),
+    "packed-pdl": dict(epilogue="packed", merge="packed", pdl=True),
 }
 M1_ONLY = ("old-merge-1warp", "packed-merge-4warps", "packed-no-prefetch", "topk", "packed-epi-topk-merge",
-           "topk-epi-packed-merge")  # timed at M=1 only (compile time: the run must fit a device call)
+           "topk-epi-packed-merge", "packed-pdl")  # timed at M=1 only (compile time: the run must fit a device call)
 NCHECK = 4  # fresh input sets checked per variant and case
 
 

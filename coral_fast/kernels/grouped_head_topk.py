@@ -71,6 +71,23 @@ if triton is not None:
     # and names its row at once (one reduction instead of a value/index pair); keys are distinct.
     NO_KEY = tl.constexpr(-9223372036854775807)  # below every key, -inf's included
 
+    # programmatic dependent launch (KernelConfig.pdl, experimental): the merge launches while the
+    # partials kernel runs and waits on the device (griddepcontrol) instead of the stream
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+        HAS_PDL = True
+    except ImportError:  # pragma: no cover - older triton: the variant is refused at launch
+        HAS_PDL = False
+
+        @triton.jit
+        def gdc_launch_dependents():
+            pass
+
+        @triton.jit
+        def gdc_wait():
+            pass
+
     @triton.jit
     def _pack_key(val, row):
         bits = val.to(tl.int32, bitcast=True)
@@ -96,12 +113,14 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
         A_POW2: tl.constexpr, G_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
         GATHER: tl.constexpr, M_POW2: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
-        EPILOGUE: tl.constexpr, KT_POW2: tl.constexpr, PREFETCH_OFFSETS: tl.constexpr,
+        EPILOGUE: tl.constexpr, KT_POW2: tl.constexpr, PREFETCH_OFFSETS: tl.constexpr, PDL: tl.constexpr,
     ):
         """Persistent: work item = (active group j, vocab tile t, row block mb), mb fastest so the
         programs sharing a weight tile run side by side and all but the first read it from L2."""
         # the union of the rows' groups, compacted: every program derives it from `groups` (M*A ints)
         # itself, so there is no host unique(), no extra launch, and no item for an unused group
+        if PDL:
+            gdc_launch_dependents()
         gids = tl.arange(0, G_POW2)
         if PREFETCH_OFFSETS:
             # every group's [start, end) now, in parallel with the `groups` load below, so the first
@@ -286,12 +305,14 @@ if triton is not None:
         ids_ptr, logprobs_ptr,
         NP, KT, K, V,
         K_POW2: tl.constexpr, KT_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
-        ONE_CHUNK: tl.constexpr, USE_TOPK: tl.constexpr,
+        ONE_CHUNK: tl.constexpr, USE_TOPK: tl.constexpr, PDL: tl.constexpr,
     ):
         """One program per row (meant for one warp: every reduction is warp shuffles, no shared
         memory, no barriers). Same plan as `_merge_topk_kernel` on packed keys: phase A picks the K
         tiles with the largest maxima, phase B the top K of their K x KT candidates, each by rounds of
         one int64 max (or one bitonic tl.topk with USE_TOPK)."""
+        if PDL:
+            gdc_wait()  # every partial written and visible
         m = tl.program_id(0)
         slots = tl.arange(0, K_POW2)
         run_max = tl.full((), -1.0e30, tl.float32)
@@ -365,6 +386,7 @@ class KernelConfig:
     merge: str = "packed"  # "rounds" (old kernel, needs epilogue "argmax"), "packed", "topk"
     merge_warps: int = 0  # 0: one warp where the row's candidates fit in registers, else 4
     prefetch_offsets: bool = True  # load all group offsets up front, beside the `groups` load
+    pdl: bool = False  # packed merge by programmatic dependent launch (CUDA only; experimental)
 
 
 def default_config(M: int, H: int, k: int) -> KernelConfig:
@@ -430,6 +452,9 @@ def grouped_head_topk_triton(
     packed = cfg.epilogue != "argmax"
     if packed == (cfg.merge == "rounds"):
         raise ValueError(f"merge {cfg.merge!r} does not read the candidates of epilogue {cfg.epilogue!r}")
+    pdl = cfg.pdl and hidden.device.type == "cuda"
+    if pdl and (not HAS_PDL or not packed):
+        raise RuntimeError("pdl needs triton.language.extra.cuda.gdc_wait and the packed merge")
     if "topk" in (cfg.epilogue, cfg.merge) and not hasattr(tl, "topk"):
         raise RuntimeError(f"this triton ({triton.__version__}) has no tl.topk")
     device = hidden.device
@@ -464,8 +489,8 @@ def grouped_head_topk_triton(
         GATHER=gather, M_POW2=max(16, _next_pow2(M)),
         EVEN_K=(H % block_k == 0), DOT_FP32=dot_needs_fp32(device),
         EPILOGUE={"argmax": 0, "packed": 1, "topk": 2}[cfg.epilogue], KT_POW2=max(2, _next_pow2(KT)),
-        PREFETCH_OFFSETS=cfg.prefetch_offsets,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PREFETCH_OFFSETS=cfg.prefetch_offsets, PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}),
     )
     if not _merge:
         return ids, logprobs
@@ -487,8 +512,8 @@ def grouped_head_topk_triton(
         ids, logprobs,
         A * NT, KT, k, V,
         K_POW2=K_POW2, KT_POW2=KT_POW2, BLOCK_P=block_p,
-        ONE_CHUNK=A * NT <= block_p, USE_TOPK=cfg.merge == "topk",
-        num_warps=merge_warps,
+        ONE_CHUNK=A * NT <= block_p, USE_TOPK=cfg.merge == "topk", PDL=pdl,
+        num_warps=merge_warps, **({"launch_pdl": True} if pdl else {}),
     )
     return ids, logprobs
 
