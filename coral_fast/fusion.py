@@ -33,23 +33,39 @@ class _FusedLinears:
         if any(has_bias) and not all(has_bias):  # mixed: a zero bias where one is missing keeps it exact
             self.bias = torch.cat([lin.bias.detach() if lin.bias is not None else first.new_zeros(lin.out_features)
                                    for lin in linears])
-        start = 0
-        for lin, size in zip(linears, self.sizes):  # re-point the modules at slices of the fused tensors
-            lin.weight = nn.Parameter(self.weight[start : start + size], requires_grad=first.requires_grad)
-            if lin.bias is not None:
-                lin.bias = nn.Parameter(self.bias[start : start + size], requires_grad=first.requires_grad)
-            start += size
+        self._point_linears_at_fused()
         self.input: Tensor | None = None
         self.parts: tuple[Tensor, ...] | None = None
         for i, lin in enumerate(linears):
             lin.forward = self._forward_fn(i)
             lin._coral_fused = self
 
+    def _refuse(self) -> None:
+        """Rebuild the fused tensors from the modules' current weights (after .to(device / dtype))."""
+        linears = self.linears
+        self.weight = torch.cat([lin.weight.detach() for lin in linears])
+        if self.bias is not None:
+            self.bias = torch.cat([lin.bias.detach() if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                                   for lin in linears])
+        self.input = self.parts = None
+        self._point_linears_at_fused()
+
+    def _point_linears_at_fused(self) -> None:
+        first = self.linears[0].weight
+        start = 0
+        for lin, size in zip(self.linears, self.sizes):  # re-point the modules at slices of the fused tensors
+            lin.weight = nn.Parameter(self.weight[start : start + size], requires_grad=first.requires_grad)
+            if lin.bias is not None:
+                lin.bias = nn.Parameter(self.bias[start : start + size], requires_grad=first.requires_grad)
+            start += size
+
     def _forward_fn(self, i: int):
         lin = self.linears[i]
         last = len(self.linears) - 1
 
         def forward(x: Tensor) -> Tensor:
+            if lin.weight.device != self.weight.device or lin.weight.dtype != self.weight.dtype:
+                self._refuse()  # the model was moved or cast (module.to() replaces each weight apart)
             if i == 0:
                 out = F.linear(x, self.weight, self.bias)
                 self.input, self.parts = x, out.split(self.sizes, dim=-1)

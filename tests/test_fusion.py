@@ -85,3 +85,17 @@ def test_fused_draft_and_loop_identical_to_generate():
     assert hasattr(model.model.layers[1].mlp.up_proj, "_coral_fused")
     prompt = torch.randint(0, 97, (7,))
     assert gen.generate(prompt, 16).token_ids == plain_greedy(model, prompt, 16)
+
+
+def test_moved_or_cast_model_refuses():
+    """module.to() replaces each weight apart (the views are lost): the fused tensors follow on the next call."""
+    model = tiny_qwen2()
+    ids = torch.randint(0, model.config.vocab_size, (1, 7))
+    ref = model.double()(ids).logits
+    model.float()
+    fuse_projections(model)
+    out = model.double()(ids).logits  # would raise a dtype mismatch with stale fp32 fused weights
+    torch.testing.assert_close(out, ref)
+    fused = model.model.layers[1].self_attn.q_proj._coral_fused
+    assert fused.weight.dtype == torch.float64
+    assert model.model.layers[1].self_attn.v_proj.weight.data_ptr() == fused.weight[-fused.sizes[-1]:].data_ptr()

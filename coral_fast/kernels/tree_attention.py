@@ -119,6 +119,12 @@ class TreeAttentionConfig:
             # with 8 warps were 24% faster at B=8, T=64, L=8192 on the H100 (shorter prefixes not
             # measured with them yet: kept at 64)
             block_m, num_warps = 128, 8
+        short = dynamic_len and programs_64 * 4 <= _num_sms(device)
+        if short and block_m is None and num_warps is None:
+            # a draft tree over a loop's static cache (batch 1, few KV heads): few programs, so 16-row
+            # tiles to have more of them, and two stages (H100 sweep at the SmolLM2 and Gemma 3 shapes,
+            # T=61, S=1088, kv 100-1000, bench/results/attention_loop_h100.md: 5-9 us vs 13-23 us)
+            block_m, block_n, num_stages = 16, block_n or 64, num_stages or 2
         if block_m is None:
             block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
         if block_n is None:
@@ -133,10 +139,11 @@ class TreeAttentionConfig:
             programs = batch * num_kv_heads * triton.cdiv(rows, block_m)
             if dynamic_len:
                 # the length is unknown here and often far below the buffer (a loop's static cache):
-                # one key block a split, so that a short prefix is spread over programs too, and up to
-                # two waves of the buffer's splits, since those past the length return at once
-                min_keys = min_split_keys or block_n
-                waves = 2
+                # short splits (about 8K key elements: 128 keys at D=64, one block at D=256) so that a
+                # short prefix is spread over programs too, and up to four waves of the buffer's
+                # splits, since those past the length return at once
+                min_keys = min_split_keys or max(block_n, triton.cdiv(8192 // head_dim, block_n) * block_n)
+                waves = 4
             else:
                 min_keys = min_split_keys or 4 * block_n
                 waves = 1
