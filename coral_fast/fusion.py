@@ -24,30 +24,25 @@ class _FusedLinears:
     """One product for several nn.Linear that share their input; installed as their `forward`s."""
 
     def __init__(self, linears: list[nn.Linear]):
-        first = linears[0].weight
         self.linears = linears
         self.sizes = [lin.out_features for lin in linears]
-        self.weight = torch.cat([lin.weight.detach() for lin in linears])
-        has_bias = [lin.bias is not None for lin in linears]
-        self.bias = torch.cat([lin.bias.detach() for lin in linears]) if all(has_bias) else None
-        if any(has_bias) and not all(has_bias):  # mixed: a zero bias where one is missing keeps it exact
-            self.bias = torch.cat([lin.bias.detach() if lin.bias is not None else first.new_zeros(lin.out_features)
-                                   for lin in linears])
-        self._point_linears_at_fused()
-        self.input: Tensor | None = None
-        self.parts: tuple[Tensor, ...] | None = None
+        self.has_bias = any(lin.bias is not None for lin in linears)
+        self._fuse()
         for i, lin in enumerate(linears):
             lin.forward = self._forward_fn(i)
             lin._coral_fused = self
 
-    def _refuse(self) -> None:
-        """Rebuild the fused tensors from the modules' current weights (after .to(device / dtype))."""
+    def _fuse(self) -> None:
+        """Concatenate the modules' current weights (and biases: zeros where one has none, which keeps
+        the product exact) and point the modules at slices of the result. Run again after .to()."""
         linears = self.linears
         self.weight = torch.cat([lin.weight.detach() for lin in linears])
-        if self.bias is not None:
+        self.bias = None
+        if self.has_bias:
             self.bias = torch.cat([lin.bias.detach() if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
                                    for lin in linears])
-        self.input = self.parts = None
+        self.input: Tensor | None = None
+        self.parts: tuple[Tensor, ...] | None = None
         self._point_linears_at_fused()
 
     def _point_linears_at_fused(self) -> None:
@@ -65,7 +60,7 @@ class _FusedLinears:
 
         def forward(x: Tensor) -> Tensor:
             if lin.weight.device != self.weight.device or lin.weight.dtype != self.weight.dtype:
-                self._refuse()  # the model was moved or cast (module.to() replaces each weight apart)
+                self._fuse()  # the model was moved or cast (module.to() replaces each weight apart)
             if i == 0:
                 out = F.linear(x, self.weight, self.bias)
                 self.input, self.parts = x, out.split(self.sizes, dim=-1)
