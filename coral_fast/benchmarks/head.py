@@ -1,12 +1,15 @@
 """`coral-fast bench head`: the grouped LM head with fused top-k against dense cuBLAS + torch.topk
 and against the naive gather, with the bytes floor beside each row.
 
-    coral-fast bench head [--out FILE.md] [--shapes llama3,qwen2.5,gemma3] [--sweep] [--quick]
+    coral-fast bench head [--out FILE.md] [--shapes llama3,qwen2.5,gemma3] [--cases M:routing,...] [--quick]
+    coral-fast bench head --sweep [--out FILE.md] [--shapes ...] [--cases ...]
 
-One call checks every variant against the reference (bf16, same inputs) and times it with
-CUDA events (L2 flushed by a 256 MiB read before every call, median), rotating 8 input sets (hidden
-rows and group choices). The floor is the bytes of the weight rows that must be read once (the union
-of the active groups over all rows) over the device-to-device copy bandwidth measured in the same run.
+The table checks the kernel against the reference (bf16, same inputs) and times it with CUDA events
+(L2 flushed by a 256 MiB read before every call, median), rotating 8 input sets (hidden rows and group
+choices): one call a CUDA-graph replay, and one graph of 16 back-to-back calls on 16 input sets / 16.
+The floor is the bytes of the weight rows that must be read once (the union of the active groups over
+all rows) over the device-to-device copy bandwidth measured in the same run. `--sweep` instead times
+the default config against the candidate configs of SWEEP_PLAN side by side (each checked first).
 Without a GPU it times the PyTorch reference on scaled-down shapes (CPU smoke run).
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ from coral_fast.grouping import VocabGrouping
 from coral_fast.head import GroupedLMHead
 from coral_fast.kernels.grouped_head_topk import (
     KernelConfig,
+    _num_programs_cap,
     default_config,
     grouped_head_topk_reference,
     grouped_head_topk_triton,
@@ -42,16 +46,6 @@ NUM_GROUPS, ACTIVE, TOP_K, NSETS = 32, 4, 10, 8
 # (M, routing): "random" = each row draws A of G groups; "shared" = rows draw A of the same 6
 CASES = [(1, "random"), (16, "shared"), (16, "random"), (64, "shared"), (64, "random")]
 NCHAIN = 16  # calls in one graph for the chained timing
-SWEEP_SMALL_M = [  # M <= 16
-    KernelConfig(16, 64, 128, 4, 4, 2), KernelConfig(16, 32, 128, 4, 4, 4), KernelConfig(16, 64, 256, 4, 3, 2),
-    KernelConfig(16, 128, 128, 4, 3, 2), KernelConfig(16, 128, 64, 4, 4, 2), KernelConfig(16, 256, 64, 4, 3, 1),
-    KernelConfig(16, 64, 64, 4, 3, 4), KernelConfig(16, 128, 64, 4, 3, 4),
-]
-SWEEP_LARGE_M = [  # M > 16
-    KernelConfig(64, 64, 128, 4, 3, 2), KernelConfig(64, 64, 128, 4, 3, 2, gather=False),
-    KernelConfig(64, 128, 64, 8, 3, 2), KernelConfig(32, 64, 128, 4, 4, 2), KernelConfig(32, 128, 64, 4, 3, 3),
-    KernelConfig(16, 64, 128, 4, 4, 2), KernelConfig(16, 128, 64, 4, 3, 4), KernelConfig(64, 64, 64, 4, 3, 4),
-]
 
 
 @dataclass
@@ -67,8 +61,6 @@ class Row:
     floor_all_us: float
     max_err: float
     config: str
-    best_us: float | None = None
-    best_config: str = ""
     dobench_us: float | None = None  # ours, graph, timed by triton's do_bench (zeroing flush)
     chain_us: float | None = None  # ours: one graph of NCHAIN calls on NCHAIN input sets, time / NCHAIN
 
@@ -137,7 +129,7 @@ def _cfg_str(c: KernelConfig) -> str:
             + ("" if c.gather else " rows-in-order"))
 
 
-def run_gpu(shapes, cases, sweep: bool, quick: bool, log=print) -> tuple[list[Row], float]:
+def run_gpu(shapes, cases, quick: bool, log=print) -> tuple[list[Row], float]:
     import triton.testing
 
     device = torch.device("cuda")
@@ -171,11 +163,8 @@ def run_gpu(shapes, cases, sweep: bool, quick: bool, log=print) -> tuple[list[Ro
                 err = max(float((lp - ref_lp).abs().max()), float((full.gather(1, ids) - lp).abs().max()))
                 max_err = max(max_err, err)
 
-            def ours(i, config=None, merge=True):
-                if config is None:
-                    return head.topk(hiddens[i], groups[i], TOP_K, impl="triton", check=False)
-                return grouped_head_topk_triton(hiddens[i], weight, head.offsets, head.order, groups[i], TOP_K,
-                                                head.max_group_size, config, _merge=merge)
+            def ours(i):
+                return head.topk(hiddens[i], groups[i], TOP_K, impl="triton", check=False)
 
             def dense(i):
                 return torch.topk(hiddens[i] @ weight.T, TOP_K, dim=-1)
@@ -194,21 +183,6 @@ def run_gpu(shapes, cases, sweep: bool, quick: bool, log=print) -> tuple[list[Ro
             naive_us = None if (quick and M > 1) else bench(_rotating(naive), reps=20)
             row = Row(name, M, routing, ours_graph_us, ours_us, dense_us, naive_us, floor_union, floor_all,
                       max_err, _cfg_str(cfg), dobench_us=ours_dobench_us, chain_us=chain_us)
-            if sweep:
-                timings = []
-                for c in (SWEEP_SMALL_M if M <= 16 else SWEEP_LARGE_M):
-                    try:
-                        timings.append((bench(_rotating(_graphs(lambda i, c=c: ours(i, c)))), c))
-                    except Exception as exc:  # a config that does not fit (shared memory) is skipped
-                        log(f"  config {_cfg_str(c)} failed: {type(exc).__name__}: {str(exc)[:120]}")
-                partials_us = bench(_rotating(_graphs(lambda i: ours(i, cfg, merge=False))))
-                log(f"  breakdown {name} M={M} {routing}: partials kernel alone {partials_us:.1f} us "
-                    f"of {ours_graph_us:.1f} us (default config)")
-                for t, c in sorted(timings, key=lambda x: x[0]):
-                    log(f"  sweep {name} M={M} {routing}: {_cfg_str(c)} {t:.1f} us")
-                if timings:
-                    row.best_us, best = min(timings, key=lambda x: x[0])
-                    row.best_config = _cfg_str(best)
             log(format_row(row))
             rows.append(row)
         del weight, head
@@ -309,49 +283,57 @@ def run_cpu(log=print) -> list[Row]:
     return rows
 
 # ---------------------------------------------------------------------------------------------------
-# Variants side by side (issue 2: the M=1 latency): `coral-fast bench head --variants old,packed,...`
+# Configs side by side: `coral-fast bench head --sweep` (the cases the default still misses)
 # ---------------------------------------------------------------------------------------------------
-VARIANTS = {  # name -> KernelConfig fields over default_config(M, H, k)
-    "old": dict(epilogue="argmax", merge="rounds", merge_warps=4, prefetch_offsets=False),
-    "old-merge-1warp": dict(epilogue="argmax", merge="rounds", merge_warps=1, prefetch_offsets=False),
-    "packed": dict(epilogue="packed", merge="packed"),
-    "packed-merge-4warps": dict(epilogue="packed", merge="packed", merge_warps=4),
-    "packed-no-prefetch": dict(epilogue="packed", merge="packed", prefetch_offsets=False),
-    "topk": dict(epilogue="topk", merge="topk"),
-    "packed-epi-topk-merge": dict(epilogue="packed", merge="topk"),
-    "topk-epi-packed-merge": dict(epilogue="topk", merge="packed"),
-    "packed-pdl": dict(epilogue="packed", merge="packed", pdl=True),
+def _kc(m, v, k, stages, per_sm, warps=4):
+    return KernelConfig(m, v, k, warps, stages, per_sm, gather=False)
+
+
+# Work items of the partials kernel = active groups x ceil(group size / block_v) x ceil(M / block_m),
+# run by min(items, 132 SMs x programs_per_sm) persistent programs (H100; shared memory a program:
+# stages x (block_m + block_v) x block_k x 2 bytes, 228 KB an SM). Llama-3: groups of 4008 rows,
+# Gemma-3: 8192; shared routing: 6 active groups, M=1 random: 4. "default" and "default, pdl off"
+# run in every case (the latter: what programmatic dependent launch is worth there).
+SWEEP_PLAN = {  # shape -> [(M, routing, [candidate configs])]
+    "llama3": [
+        (1, "random", []),  # default 4 x 32 = 128 items: checks the new default (tl.topk merge + pdl)
+        (16, "shared", [
+            _kc(16, 64, 64, 3, 4),  # 6 x 63 = 378 items <= 528 programs: one round (H200 sweep: best)
+            _kc(16, 64, 128, 3, 3),  # 378 items <= 396 programs (61 KB smem each): one round, 95% full
+            _kc(16, 32, 128, 3, 6),  # 6 x 126 = 756 <= 792 (37 KB each): one round, 95% full, small tiles
+        ]),  # default 16x128: 6 x 32 = 192 items on 264 programs: one round, but 60 SMs hold 2, 72 hold 1
+        (64, "shared", [
+            _kc(64, 64, 64, 3, 4),  # 378 items <= 528 programs (48 KB each): one round
+            _kc(64, 64, 64, 4, 3),  # 378 <= 396 (64 KB each): one round, 95% full
+            _kc(64, 128, 64, 3, 2, warps=8),  # 6 x 32 = 192 <= 264: one round, hidden re-read from L2 halved
+        ]),  # default 64x64 k128 p2: 378 items on 264 programs: 1.43 rounds (the last 43% full)
+        (64, "random", [  # the same candidates where all 32 groups are active: must not regress
+            _kc(64, 64, 64, 3, 4), _kc(64, 64, 64, 4, 3), _kc(64, 128, 64, 3, 2, warps=8),
+        ]),
+    ],
+    "gemma3": [
+        (1, "random", [  # default 16x128 k64 p4: 4 x 64 = 256 items on 528 slots, ~2 a SM
+            _kc(16, 64, 64, 3, 4),  # 512 items <= 528: one round, half the epilogue an item
+            _kc(16, 256, 64, 3, 2),  # 128 items < 132 SMs: one a SM, a quarter of the tiles to merge
+            _kc(16, 128, 128, 2, 2),  # 256 items <= 264: 5 K steps of 128 instead of 10 of 64
+            _kc(16, 32, 64, 3, 8),  # 1024 items <= 1056 (18 KB each): many short streams in flight
+        ]),
+        (64, "shared", [  # default 64x64 k128 p2: 6 x 128 = 768 items on 264: 2.9 rounds
+            _kc(64, 64, 64, 3, 3),  # 768 on 396 (48 KB each): 1.94 rounds, 3 programs an SM overlap tiles
+            _kc(64, 64, 64, 3, 4),  # 768 on 528: 1.45 rounds (control: more programs, emptier last round)
+            _kc(64, 64, 128, 2, 3),  # 768 on 396 (64 KB each): 5 K steps of 128, 2 stages
+            _kc(64, 128, 64, 3, 3, warps=8),  # 6 x 64 = 384 <= 396 (72 KB each): one round, 97% full
+        ]),
+    ],
 }
-M1_ONLY = ("old-merge-1warp", "packed-merge-4warps", "packed-no-prefetch", "topk", "packed-epi-topk-merge",
-           "topk-epi-packed-merge", "packed-pdl")  # timed at M=1 only (compile time: the run must fit a device call)
-NCHECK = 4  # fresh input sets checked per variant and case
 
 
-try:
-    import triton as _triton
-    import triton.language as _tl
-
-    @_triton.jit
-    def _empty_kernel(x_ptr):
-        _tl.store(x_ptr + _tl.program_id(0), 1.0)
-except ImportError:  # pragma: no cover
-    _empty_kernel = None
-
-
-def _probe_empty_kernel(flush) -> tuple[float, float]:
-    """An empty Triton kernel in a graph: one call timed like ours, and chained NCHAIN a graph."""
-    x = torch.empty(1, device="cuda")
-    single = _time_us(_rotating(_graphs(lambda i: _empty_kernel[(1,)](x))), flush)
-    chained = _time_chain_us(lambda i: _empty_kernel[(1,)](x), NCHAIN, flush)
-    return single, chained
-
-
-def _check_variant(head, weight, grouping, cfg, M, H, routing, gen, device) -> float:
+def _check_config(head, weight, grouping, cfg, M, H, routing, gen, device, nsets=4) -> float:
     """Fresh inputs, poisoned outputs, against the fp32 reference: max |logprob error|; raises on
     unwritten outputs, bad ids, or an id whose own log-prob is not the one returned."""
     V = weight.shape[0]
     worst = 0.0
-    for _ in range(NCHECK):
+    for _ in range(nsets):
         h = torch.randn(M, H, device=device).to(torch.bfloat16)
         g = _groups(M, routing, gen, device)
         ids = torch.full((M, TOP_K), -7, dtype=torch.int64, device=device)
@@ -373,23 +355,19 @@ def _check_variant(head, weight, grouping, cfg, M, H, routing, gen, device) -> f
     return worst
 
 
-def run_variants(shapes, cases, names, log=print, table_path=None) -> list[str]:
-    """Each variant of each case: checked (NCHECK fresh input sets), then timed twice both ways (one
-    call a graph replay; NCHAIN calls a graph, per call), partials kernel alone once; a failure of one
-    variant is logged and the run goes on. Returns the summary table's lines."""
+def run_sweep(plan, cases=None, log=print, table_path=None, device="cuda") -> list[str]:
+    """Each config of each case of `plan` (shape -> [(M, routing, configs)]; the default and the
+    default without pdl first): checked on fresh inputs, then timed twice both ways (one call a graph
+    replay; NCHAIN calls a graph, per call) in two interleaved passes, and the partials kernel alone
+    once. A failing config is logged and skipped. Returns the table's lines (saved after every case)."""
     import dataclasses
     import traceback
 
-    device = torch.device("cuda")
+    device = torch.device(device)
     flush = torch.empty(FLUSH_BYTES // 4, device=device).uniform_()
     bw = _copy_bandwidth(device, flush)
     log(f"device-to-device copy bandwidth: {bw / 1e12:.2f} TB/s")
-    try:
-        e1, ec = _probe_empty_kernel(flush)
-        log(f"empty triton kernel: one call a graph {e1:.1f} us; {NCHAIN} calls a graph {ec:.2f} us a call")
-    except Exception as exc:  # noqa: BLE001
-        log(f"empty kernel probe failed: {type(exc).__name__}: {exc}")
-    table = ["| case | floor (us) | dense (us) | variant | err | graph 1 call (us), x2 | / floor "
+    table = ["| case | floor (us) | config | items / programs | err | graph 1 call (us), x2 | / floor "
              f"| {NCHAIN}-call graph per call (us), x2 | / floor | partials alone (us) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     gen = torch.Generator().manual_seed(0)
@@ -399,29 +377,33 @@ def run_variants(shapes, cases, names, log=print, table_path=None) -> list[str]:
             with open(table_path, "w") as f:
                 f.write("\n".join(table) + "\n")
 
-    for name in shapes:
+    for name, shape_cases in plan.items():
         V, H = SHAPES[name]
         weight = (torch.randn(V, H, device=device) / H**0.5).to(torch.bfloat16)
         grouping = VocabGrouping.contiguous(V, NUM_GROUPS)
         head = GroupedLMHead(weight, grouping)
         sizes = grouping.group_sizes
-        for M, routing in cases:
+        for M, routing, candidates in shape_cases:
+            if cases is not None and (M, routing) not in cases:
+                continue
             save()
             case = f"{name} M={M} {routing}"
             hiddens = [torch.randn(M, H, device=device).to(torch.bfloat16) for _ in range(NSETS)]
             groups = [_groups(M, routing, gen, device) for _ in range(NSETS)]
             chain_h, chain_g = _chain_inputs(M, H, routing, gen, device)
             floor = statistics.mean(int(sizes[g.unique().cpu()].sum()) for g in groups) * H * 2 / bw * 1e6
-            dense_us = _time_us(_rotating(_graphs(lambda i: torch.topk(hiddens[i] @ weight.T, TOP_K, dim=-1))), flush)
-            log(f"== {case}: floor {floor:.1f} us, dense {dense_us:.1f} us")
+            active = statistics.mean(g.unique().numel() for g in groups)
+            log(f"== {case}: floor {floor:.1f} us")
             base = default_config(M, H, TOP_K)
+            configs = [("default " + _cfg_str(base), base), ("default, pdl off", dataclasses.replace(base, pdl=False))]
+            configs += [(_cfg_str(c), c) for c in candidates]
             results = {}
-            todo = [v for v in names if M == 1 or v not in M1_ONLY]
-            for v in todo:  # check and build graphs first, then time all in two interleaved passes
+            for label, cfg in configs:  # check and build graphs first, then time in two interleaved passes
+                items = round(active * -(-head.max_group_size // cfg.block_v) * -(-M // cfg.block_m))
+                shape = f"{items} / {min(items, _num_programs_cap(device, cfg.programs_per_sm))}"
                 try:
-                    cfg = dataclasses.replace(base, **VARIANTS[v])
                     t0 = time.perf_counter()
-                    err = _check_variant(head, weight, grouping, cfg, M, H, routing, gen, device)
+                    err = _check_config(head, weight, grouping, cfg, M, H, routing, gen, device)
                     if not err <= MAX_ERR:
                         raise AssertionError(f"max err {err:.2e} > {MAX_ERR}")
 
@@ -429,45 +411,42 @@ def run_variants(shapes, cases, names, log=print, table_path=None) -> list[str]:
                         return grouped_head_topk_triton(hs[i], weight, head.offsets, head.order, gs[i], TOP_K,
                                                         head.max_group_size, cfg, _merge=merge)
 
-                    results[v] = dict(cfg=cfg, err=err, single=_rotating(_graphs(call)), call=call, t=[], c=[],
-                                      build_s=time.perf_counter() - t0)
+                    results[label] = dict(err=err, single=_rotating(_graphs(call)), call=call, t=[], c=[],
+                                          shape=shape, build_s=time.perf_counter() - t0)
                 except Exception as exc:  # noqa: BLE001
-                    log(f"  {v:24s}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+                    log(f"  {label:34s}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
                     log("    " + traceback.format_exc(limit=3).replace("\n", "\n    ")[-1500:])
-                    table.append(f"| {case} | {floor:.1f} | {dense_us:.1f} | {v} | FAILED: {type(exc).__name__} "
+                    table.append(f"| {case} | {floor:.1f} | {label} | {shape} | FAILED: {type(exc).__name__} "
                                  "| - | - | - | - | - |")
             for _ in range(2):
-                for v, r in results.items():
+                for label, r in results.items():
                     try:
                         r["t"].append(_time_us(r["single"], flush))
                         r["c"].append(_time_chain_us(
                             lambda i, call=r["call"]: call(i % NCHAIN, hs=chain_h, gs=chain_g), NCHAIN, flush))
                     except Exception as exc:  # noqa: BLE001
-                        log(f"  {v:24s}: timing FAILED {type(exc).__name__}: {str(exc)[:300]}")
-            for v, r in results.items():
-                partials = "-"
-                if M == 1 or v in ("old", "packed"):
-                    try:
-                        partials = f"{_time_us(_rotating(_graphs(lambda i, call=r['call']: call(i, merge=False))), flush):.1f}"
-                    except Exception as exc:  # noqa: BLE001
-                        partials = f"failed ({type(exc).__name__})"
+                        log(f"  {label:34s}: timing FAILED {type(exc).__name__}: {str(exc)[:300]}")
+            for label, r in results.items():
+                try:
+                    partials = f"{_time_us(_rotating(_graphs(lambda i, call=r['call']: call(i, merge=False))), flush):.1f}"
+                except Exception as exc:  # noqa: BLE001
+                    partials = f"failed ({type(exc).__name__})"
                 if len(r["t"]) < 2 or len(r["c"]) < 2:
-                    table.append(f"| {case} | {floor:.1f} | {dense_us:.1f} | {v} | {r['err']:.1e} | timing failed "
+                    table.append(f"| {case} | {floor:.1f} | {label} | {r['shape']} | {r['err']:.1e} | timing failed "
                                  "| - | - | - | - |")
                     continue
                 t, c = r["t"], r["c"]
-                line = (f"| {case} | {floor:.1f} | {dense_us:.1f} | {v} | {r['err']:.1e} | {t[0]:.1f} / {t[1]:.1f} "
-                        f"| {min(t) / floor:.2f} | {c[0]:.1f} / {c[1]:.1f} | {min(c) / floor:.2f} | {partials} |")
-                log(f"  {v:24s}: graph {t[0]:6.1f} / {t[1]:6.1f} us ({min(t) / floor:.2f}x)  chained "
-                    f"{c[0]:6.1f} / {c[1]:6.1f} us ({min(c) / floor:.2f}x)  partials {partials}  err {r['err']:.1e}  "
-                    f"[check+capture {r['build_s']:.1f}s]")
-                table.append(line)
+                table.append(f"| {case} | {floor:.1f} | {label} | {r['shape']} | {r['err']:.1e} "
+                             f"| {t[0]:.1f} / {t[1]:.1f} | {min(t) / floor:.2f} | {c[0]:.1f} / {c[1]:.1f} "
+                             f"| {min(c) / floor:.2f} | {partials} |")
+                log(f"  {label:34s}: graph {t[0]:6.1f} / {t[1]:6.1f} us ({min(t) / floor:.2f}x)  chained "
+                    f"{c[0]:6.1f} / {c[1]:6.1f} us ({min(c) / floor:.2f}x)  partials {partials}  "
+                    f"items/programs {r['shape']}  err {r['err']:.1e}  [check+capture {r['build_s']:.1f}s]")
             del results
         del weight, head
         torch.cuda.empty_cache()
     save()
     return table
-
 
 
 HEADER = (
@@ -485,7 +464,7 @@ def format_row(r: Row) -> str:
     dob = f"{r.dobench_us:.1f}" if r.dobench_us is not None else "-"
     chain = f"{r.chain_us:.1f}" if r.chain_us is not None else "-"
     chain_ratio = f"{r.chain_us / r.floor_union_us:.2f}" if r.chain_us is not None else "-"
-    cfg = r.config + (f" (best {r.best_config}: {r.best_us:.1f})" if r.best_us is not None else "")
+    cfg = r.config
     return (
         f"| {r.shape} {V} x {H} | {r.M} | {r.routing} | {r.ours_us:.1f} | {r.ours_eager_us:.1f} | {r.dense_us:.1f} "
         f"| {naive} "
@@ -521,29 +500,26 @@ def environment() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="coral-fast bench head", description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="write the table (markdown, with device/versions/date) to this file")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ",".join(SHAPES))
-    parser.add_argument("--sweep", action="store_true", help="also time a list of kernel configs per case")
+    parser.add_argument("--shapes", help="comma list of " + ",".join(SHAPES) + " (default: all; the sweep: "
+                        + ",".join(SWEEP_PLAN) + ")")
+    parser.add_argument("--sweep", action="store_true", help="time the default against SWEEP_PLAN's configs "
+                        "instead of the table (shapes: llama3,gemma3 unless --shapes)")
     parser.add_argument("--quick", action="store_true", help="skip the slow naive gather for M > 1")
-    parser.add_argument("--variants", help="compare kernel variants instead (comma list of "
-                        + ",".join(VARIANTS) + "); --cases M:routing,... narrows the cases")
-    parser.add_argument("--cases", help="comma list of M:routing (default: all five)")
+    parser.add_argument("--cases", help="comma list of M:routing (default: all five; the sweep: its own)")
     args = parser.parse_args(argv)
-    shapes = [s for s in args.shapes.split(",") if s]
+    shapes = [s for s in (args.shapes or ",".join(SWEEP_PLAN if args.sweep else SHAPES)).split(",") if s]
     for s in shapes:
         if s not in SHAPES:
             parser.error(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
     cases = CASES
     if args.cases:
         cases = [(int(c.split(":")[0]), c.split(":")[1]) for c in args.cases.split(",") if c]
-    if args.variants:
-        names = [v for v in args.variants.split(",") if v]
-        for v in names:
-            if v not in VARIANTS:
-                parser.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    if args.sweep:
         if not torch.cuda.is_available():
-            parser.error("--variants needs a CUDA device")
-        table = run_variants(shapes, cases, names, table_path=args.out)
-        text = "\n".join([f"# grouped LM head variants: G={NUM_GROUPS}, {ACTIVE} active, top-{TOP_K}, bf16", "",
+            parser.error("--sweep needs a CUDA device")
+        plan = {s: SWEEP_PLAN[s] for s in shapes if s in SWEEP_PLAN}
+        table = run_sweep(plan, cases if args.cases else None, table_path=args.out)
+        text = "\n".join([f"# grouped LM head configs: G={NUM_GROUPS}, {ACTIVE} active, top-{TOP_K}, bf16", "",
                           environment(), "", *table]) + "\n"
         print(text)
         if args.out:
@@ -556,7 +532,7 @@ def main(argv=None) -> int:
               "draws 4 of 32 groups; `shared` = rows draw 4 of the same 6 groups (siblings in a draft tree). "
               "Floor = bytes of the union of the rows' active groups / copy bandwidth.", ""]
     if torch.cuda.is_available():
-        rows, bw = run_gpu(shapes, cases, args.sweep, args.quick)
+        rows, bw = run_gpu(shapes, cases, args.quick)
         lines += [f"copy bandwidth (floor): {bw / 1e12:.2f} TB/s; medians of CUDA-event timings, L2 flushed "
                   f"by a 256 MiB read before every call, {NSETS} rotating input sets", ""]
     else:

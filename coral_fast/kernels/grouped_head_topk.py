@@ -14,13 +14,16 @@ Kernel plan (two launches, no host synchronisation, nothing the size of the logi
    row block); each program first derives the union of the rows' groups from `groups` itself, row blocks fastest so the programs that share a weight tile run together. An item
    finds in `groups` which rows of its block chose its group, streams its [BLOCK_V, H] weight tile
    once for all of them (tl.dot, fp32 accumulation), and in the epilogue writes per chosen row the
-   tile's (max, sum of exp) and its top-KT logits with their re-laid row ids, sorted descending.
-2. `_merge_topk_kernel`, one program per row: log-sum-exp over the row's tile partials, the k tiles
-   with the largest maxima (only they can hold the top k), top-k over their k*KT candidates, then
-   `logit - lse` and `order[row]` -> original ids.
+   tile's (max, sum of exp) and its top-KT logits as packed (logit, re-laid row) int64 keys.
+2. `_merge_topk_kernel`, one program per row (one warp): log-sum-exp over the row's tile partials,
+   the k tiles with the largest maxima (only they can hold the top k), top-k over their k*KT
+   candidate keys (bitonic `tl.topk`), then `logit - lse` and `order[row]` -> original ids. On Hopper
+   it is launched by programmatic dependent launch: it starts while the first kernel runs and waits
+   on the device (`griddepcontrol.wait`), not on the stream.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -71,13 +74,13 @@ if triton is not None:
     # and names its row at once (one reduction instead of a value/index pair); keys are distinct.
     NO_KEY = tl.constexpr(-9223372036854775807)  # below every key, -inf's included
 
-    # programmatic dependent launch (KernelConfig.pdl, experimental): the merge launches while the
-    # partials kernel runs and waits on the device (griddepcontrol) instead of the stream
+    # programmatic dependent launch (KernelConfig.pdl): the merge launches while the partials kernel
+    # runs and waits on the device (griddepcontrol, sm_90+) instead of the stream
     try:
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
         HAS_PDL = True
-    except ImportError:  # pragma: no cover - older triton: the variant is refused at launch
+    except ImportError:  # pragma: no cover - older triton: the merge is launched the plain way
         HAS_PDL = False
 
         @triton.jit
@@ -87,6 +90,11 @@ if triton is not None:
         @triton.jit
         def gdc_wait():
             pass
+
+    HAS_TOPK = hasattr(tl, "topk")  # bitonic top-k (triton >= 3.3); without it the merge uses rounds
+    # the interpreter runs a bitonic network slowly (seconds a row for k=64's 4096 candidates), so on
+    # CPU tensors the merge takes the rounds unless this is set (the tests set it for small cases)
+    INTERPRETER_TOPK = False
 
     @triton.jit
     def _pack_key(val, row):
@@ -107,26 +115,25 @@ if triton is not None:
     @triton.jit
     def _grouped_head_partials_kernel(
         hidden_ptr, weight_ptr, groups_ptr, offsets_ptr,
-        part_val_ptr, part_row_ptr, part_key_ptr, part_max_ptr, part_sum_ptr,
+        part_key_ptr, part_max_ptr, part_sum_ptr,
         M, H, A, G, NT, NMB, KT,
         stride_hm, stride_wv, stride_gm,
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
         A_POW2: tl.constexpr, G_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
         GATHER: tl.constexpr, M_POW2: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
-        EPILOGUE: tl.constexpr, KT_POW2: tl.constexpr, PREFETCH_OFFSETS: tl.constexpr, PDL: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Persistent: work item = (active group j, vocab tile t, row block mb), mb fastest so the
         programs sharing a weight tile run side by side and all but the first read it from L2."""
         # the union of the rows' groups, compacted: every program derives it from `groups` (M*A ints)
         # itself, so there is no host unique(), no extra launch, and no item for an unused group
         if PDL:
-            gdc_launch_dependents()
+            gdc_launch_dependents()  # the merge may launch now; it waits for this grid on the device
         gids = tl.arange(0, G_POW2)
-        if PREFETCH_OFFSETS:
-            # every group's [start, end) now, in parallel with the `groups` load below, so the first
-            # weight load waits for one memory round trip (groups) instead of two (groups, offsets)
-            g_start = tl.load(offsets_ptr + gids, mask=gids < G, other=0).to(tl.int32)
-            g_end = tl.load(offsets_ptr + gids + 1, mask=gids < G, other=0).to(tl.int32)
+        # every group's [start, end) now, in parallel with the `groups` load below, so the first
+        # weight load waits for one memory round trip (groups) instead of two (groups, offsets)
+        g_start = tl.load(offsets_ptr + gids, mask=gids < G, other=0).to(tl.int32)
+        g_end = tl.load(offsets_ptr + gids + 1, mask=gids < G, other=0).to(tl.int32)
         present = tl.zeros((G_POW2,), tl.int32)
         offs_p = tl.arange(0, BLOCK_P)
         for p0 in range(0, M * A, BLOCK_P):
@@ -173,12 +180,8 @@ if triton is not None:
                 chosen = tl.max(hit.to(tl.int32), axis=1) > 0  # [BLOCK_M]: row chose group g
                 slot = tl.sum(tl.where(hit, slots[None, :], 0), axis=1)  # where g sits in the row's list
 
-            if PREFETCH_OFFSETS:
-                group_end = tl.sum(tl.where(is_g, g_end, 0), axis=0)
-                lo = tl.sum(tl.where(is_g, g_start, 0), axis=0) + tile * BLOCK_V
-            else:
-                group_end = tl.load(offsets_ptr + g + 1).to(tl.int32)
-                lo = tl.load(offsets_ptr + g).to(tl.int32) + tile * BLOCK_V
+            group_end = tl.sum(tl.where(is_g, g_end, 0), axis=0)
+            lo = tl.sum(tl.where(is_g, g_start, 0), axis=0) + tile * BLOCK_V
             cols = lo + local
             col_ok = cols < group_end
             # a row block with no chosen row, or a tile past the end of a smaller group, skips the
@@ -212,109 +215,47 @@ if triton is not None:
             tl.store(part_max_ptr + part, tile_max, mask=chosen)
             tl.store(part_sum_ptr + part, tile_sum, mask=chosen)
 
-            if EPILOGUE == 0:
-                # (old) the tile's top-KT by rounds of argmax, values and rows stored apart
-                for r in range(0, tl.where(any_chosen, KT, 0)):
-                    best, arg = tl.max(logits, axis=1, return_indices=True)
-                    tl.store(part_val_ptr + part * KT + r, best, mask=chosen)
-                    tl.store(part_row_ptr + part * KT + r, lo + arg, mask=chosen)
-                    logits = tl.where(local[None, :] == arg[:, None], float("-inf"), logits)
-            elif EPILOGUE == 1:
-                # the tile's top-KT as packed (logit, row) int64 keys: one max a round, one store
-                key = _pack_key(logits, lo + local[None, :])
-                for r in range(0, tl.where(any_chosen, KT, 0)):
-                    best = tl.max(key, axis=1)
-                    tl.store(part_key_ptr + part * KT + r, best, mask=chosen)
-                    key = tl.where(key == best[:, None], NO_KEY, key)
-            else:
-                # the tile's top-KT_POW2 keys by one bitonic top-k along the tile (no rounds)
-                top = tl.topk(_pack_key(logits, lo + local[None, :]), KT_POW2)
-                cols_t = tl.arange(0, KT_POW2)
-                tl.store(part_key_ptr + part[:, None] * KT + cols_t[None, :], top,
-                         mask=chosen[:, None] & (cols_t[None, :] < KT))
+            # the tile's top-KT as packed (logit, row) int64 keys: one max a round, one store a round
+            # (a bitonic tl.topk here was measured slower: 61.6 vs 54.2 us for the kernel, H100)
+            key = _pack_key(logits, lo + local[None, :])
+            for r in range(0, tl.where(any_chosen, KT, 0)):
+                best = tl.max(key, axis=1)
+                tl.store(part_key_ptr + part * KT + r, best, mask=chosen)
+                key = tl.where(key == best[:, None], NO_KEY, key)
+
+    @triton.jit
+    def _top_keys(x, K, K_POW2: tl.constexpr, USE_TOPK: tl.constexpr):
+        """The K_POW2 largest keys of the 1-D int64 vector x, descending (x at least K_POW2 long).
+        Without tl.topk: K rounds of one max, the slots past K left NO_KEY (only K are read)."""
+        if USE_TOPK:
+            top = tl.topk(x, K_POW2)
+        else:
+            slots = tl.arange(0, K_POW2)
+            top = tl.full((K_POW2,), NO_KEY, tl.int64)
+            for r in range(0, K):
+                best = tl.max(x, axis=0)
+                top = tl.where(slots == r, best, top)
+                x = tl.where(x == best, NO_KEY, x)
+        return top
 
     @triton.jit
     def _merge_topk_kernel(
-        part_val_ptr, part_row_ptr, part_max_ptr, part_sum_ptr, order_ptr,
-        ids_ptr, logprobs_ptr,
-        NP, KT, K, V,
-        K_POW2: tl.constexpr, KT_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
-    ):
-        """One program per row. Only the K tiles with the largest maxima can hold the row's top K
-        (K tile maxima are themselves logits at or above the K-th largest), so the top-K search runs
-        over those tiles' K x KT candidates instead of all A*NT*KT of them."""
-        m = tl.program_id(0)
-        slots = tl.arange(0, K_POW2)
-
-        # phase A: log-sum-exp over the row's NP tile partials (online; finite start so no inf - inf)
-        # and the running top-K tiles by maximum, chunk by chunk, by rounds of argmax
-        run_max = tl.full((), -1.0e30, tl.float32)
-        run_sum = tl.full((), 0.0, tl.float32)
-        top_max = tl.full((K_POW2,), float("-inf"), tl.float32)
-        top_tile = tl.zeros((K_POW2,), tl.int32)
-        offs_p = tl.arange(0, BLOCK_P)
-        for p0 in range(0, NP, BLOCK_P):
-            ok = p0 + offs_p < NP
-            pm = tl.load(part_max_ptr + m * NP + p0 + offs_p, mask=ok, other=float("-inf"))
-            ps = tl.load(part_sum_ptr + m * NP + p0 + offs_p, mask=ok, other=0.0)
-            new_max = tl.maximum(run_max, tl.max(pm, axis=0))
-            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(ps * tl.exp(pm - new_max), axis=0)
-            run_max = new_max
-            next_max = tl.full((K_POW2,), float("-inf"), tl.float32)
-            next_tile = tl.zeros((K_POW2,), tl.int32)
-            for r in range(0, K):
-                best_c, arg_c = tl.max(pm, axis=0, return_indices=True)
-                best_t, arg_t = tl.max(top_max, axis=0, return_indices=True)
-                take_c = best_c > best_t
-                tile_t = tl.sum(tl.where(slots == arg_t, top_tile, 0), axis=0)
-                next_max = tl.where(slots == r, tl.where(take_c, best_c, best_t), next_max)
-                next_tile = tl.where(slots == r, tl.where(take_c, p0 + arg_c, tile_t), next_tile)
-                pm = tl.where(offs_p == arg_c, tl.where(take_c, float("-inf"), pm), pm)
-                top_max = tl.where(slots == arg_t, tl.where(take_c, top_max, float("-inf")), top_max)
-            top_max = next_max
-            top_tile = next_tile
-        lse = run_max + tl.log(run_sum)
-
-        # phase B: top-K over the chosen tiles' candidates; a tile picked with max -inf is empty
-        cols = tl.arange(0, KT_POW2)
-        tile_ok = (slots < K) & (top_max > float("-inf"))
-        cand = (m * NP + top_tile[:, None]) * KT + cols[None, :]
-        cand_ok = tile_ok[:, None] & (cols[None, :] < KT)
-        cand_val = tl.reshape(tl.load(part_val_ptr + cand, mask=cand_ok, other=float("-inf")), (K_POW2 * KT_POW2,))
-        cand_row = tl.reshape(tl.load(part_row_ptr + cand, mask=cand_ok, other=0), (K_POW2 * KT_POW2,))
-        flat = tl.arange(0, K_POW2 * KT_POW2)
-        out_val = tl.full((K_POW2,), float("-inf"), tl.float32)
-        out_row = tl.zeros((K_POW2,), tl.int32)
-        for r in range(0, K):
-            best, arg = tl.max(cand_val, axis=0, return_indices=True)
-            row = tl.sum(tl.where(flat == arg, cand_row, 0), axis=0)
-            out_val = tl.where(slots == r, best, out_val)
-            out_row = tl.where(slots == r, row, out_row)
-            cand_val = tl.where(flat == arg, float("-inf"), cand_val)
-
-        out_ok = slots < K
-        # clamp: with check=False and k beyond the active vocabulary, -inf slots carry arbitrary rows
-        safe_row = tl.minimum(tl.maximum(out_row, 0), V - 1)
-        ids = tl.load(order_ptr + safe_row, mask=out_ok, other=0)
-        tl.store(ids_ptr + m * K + slots, ids, mask=out_ok)
-        tl.store(logprobs_ptr + m * K + slots, out_val - lse, mask=out_ok)
-
-    @triton.jit
-    def _merge_topk_packed_kernel(
         part_key_ptr, part_max_ptr, part_sum_ptr, order_ptr,
         ids_ptr, logprobs_ptr,
         NP, KT, K, V,
         K_POW2: tl.constexpr, KT_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
         ONE_CHUNK: tl.constexpr, USE_TOPK: tl.constexpr, PDL: tl.constexpr,
     ):
-        """One program per row (meant for one warp: every reduction is warp shuffles, no shared
-        memory, no barriers). Same plan as `_merge_topk_kernel` on packed keys: phase A picks the K
-        tiles with the largest maxima, phase B the top K of their K x KT candidates, each by rounds of
-        one int64 max (or one bitonic tl.topk with USE_TOPK)."""
+        """One program per row (one warp where the vectors fit: every reduction is warp shuffles).
+        Only the K tiles with the largest maxima can hold the row's top K (K tile maxima are
+        themselves logits at or above the K-th largest), so phase A picks those tiles (their packed
+        (max, tile) keys) while it sums the log-sum-exp, and phase B takes the top K of their K x KT
+        candidate keys instead of all A*NT*KT of them."""
         if PDL:
             gdc_wait()  # every partial written and visible
         m = tl.program_id(0)
         slots = tl.arange(0, K_POW2)
+        # phase A: online log-sum-exp over the row's NP tile partials (finite start: no inf - inf)
         run_max = tl.full((), -1.0e30, tl.float32)
         run_sum = tl.full((), 0.0, tl.float32)
         top_key = tl.full((K_POW2,), NO_KEY, tl.int64)
@@ -326,23 +267,11 @@ if triton is not None:
             new_max = tl.maximum(run_max, tl.max(pm, axis=0))
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(ps * tl.exp(pm - new_max), axis=0)
             run_max = new_max
-            chunk = tl.where(ok, _pack_key(pm, p0 + offs_p), NO_KEY)  # tile index in the low half
+            chunk_top = _top_keys(tl.where(ok, _pack_key(pm, p0 + offs_p), NO_KEY), K, K_POW2, USE_TOPK)
             if ONE_CHUNK:
-                if USE_TOPK:
-                    top_key = tl.topk(chunk, K_POW2)
-                else:
-                    for r in range(0, K):
-                        best = tl.max(chunk, axis=0)
-                        top_key = tl.where(slots == r, best, top_key)
-                        chunk = tl.where(chunk == best, NO_KEY, chunk)
-            else:
-                next_key = tl.full((K_POW2,), NO_KEY, tl.int64)
-                for r in range(0, K):
-                    best = tl.maximum(tl.max(chunk, axis=0), tl.max(top_key, axis=0))
-                    next_key = tl.where(slots == r, best, next_key)
-                    chunk = tl.where(chunk == best, NO_KEY, chunk)
-                    top_key = tl.where(top_key == best, NO_KEY, top_key)
-                top_key = next_key
+                top_key = chunk_top
+            else:  # more tiles than one chunk: the running top and this chunk's, side by side
+                top_key = _top_keys(tl.reshape(tl.join(top_key, chunk_top), (2 * K_POW2,)), K, K_POW2, USE_TOPK)
         lse = run_max + tl.log(run_sum)
 
         # phase B: a tile picked with max -inf (fewer than K non-empty tiles) is empty
@@ -351,15 +280,7 @@ if triton is not None:
         tile_ok = (slots < K) & (top_key != NO_KEY) & (_key_value(top_key) > float("-inf"))
         cand = (m * NP + tile[:, None]) * KT + cols[None, :]
         cand_key = tl.load(part_key_ptr + cand, mask=tile_ok[:, None] & (cols[None, :] < KT), other=NO_KEY)
-        flat = tl.reshape(cand_key, (K_POW2 * KT_POW2,))
-        if USE_TOPK:
-            out_key = tl.topk(flat, K_POW2)
-        else:
-            out_key = tl.full((K_POW2,), NO_KEY, tl.int64)
-            for r in range(0, K):
-                best = tl.max(flat, axis=0)
-                out_key = tl.where(slots == r, best, out_key)
-                flat = tl.where(flat == best, NO_KEY, flat)
+        out_key = _top_keys(tl.reshape(cand_key, (K_POW2 * KT_POW2,)), K, K_POW2, USE_TOPK)
 
         out_ok = slots < K
         # clamp: with check=False and k beyond the active vocabulary, -inf slots carry arbitrary rows
@@ -379,14 +300,9 @@ class KernelConfig:
     num_stages: int
     programs_per_sm: int = 2  # persistent grid: at most this many programs per multiprocessor
     gather: bool = True  # row blocks of chosen rows only (M <= GATHER_MAX_M) rather than rows in order
-    # epilogue / merge variants (issue 2, M=1 latency), kept side by side until measured on the GPU:
-    # epilogue "argmax" (old: rounds of tl.max with indices, value and row stored apart), "packed"
-    # (rounds of one int64 max over packed keys), "topk" (one bitonic tl.topk over packed keys)
-    epilogue: str = "packed"
-    merge: str = "packed"  # "rounds" (old kernel, needs epilogue "argmax"), "packed", "topk"
-    merge_warps: int = 0  # 0: one warp where the row's candidates fit in registers, else 4
-    prefetch_offsets: bool = True  # load all group offsets up front, beside the `groups` load
-    pdl: bool = False  # packed merge by programmatic dependent launch (CUDA only; experimental)
+    # merge by programmatic dependent launch where supported (CUDA sm_90+, triton with gdc_wait; off
+    # with CORAL_FAST_HEAD_PDL=0): measured 0.2-0.8 us less a call (1.1 us chained) on the H100, in graphs
+    pdl: bool = True
 
 
 def default_config(M: int, H: int, k: int) -> KernelConfig:
@@ -405,23 +321,34 @@ def default_config(M: int, H: int, k: int) -> KernelConfig:
     return KernelConfig(64, 64, 128, num_warps=4, num_stages=3, programs_per_sm=2, gather=False)
 
 
-OLD_VARIANT = dict(epilogue="argmax", merge="rounds", merge_warps=4, prefetch_offsets=False)
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-_SM_COUNT: dict = {}
+_DEVICE_PROPS: dict = {}
+
+
+def _props(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_PROPS:
+        _DEVICE_PROPS[index] = torch.cuda.get_device_properties(index)
+    return _DEVICE_PROPS[index]
 
 
 def _num_programs_cap(device: torch.device, per_sm: int) -> int:
     if device.type != "cuda":
         return 3  # interpreter: few programs, so the persistent loop runs several items each
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index] * per_sm
+    return _props(device).multi_processor_count * per_sm
+
+
+def _use_pdl(cfg: KernelConfig, device: torch.device) -> bool:
+    """Programmatic dependent launch: CUDA (not ROCm, not the interpreter), sm_90+, a triton with
+    gdc_wait / launch_pdl, not switched off by CORAL_FAST_HEAD_PDL=0. Anything else: plain launch."""
+    if not (cfg.pdl and HAS_PDL and device.type == "cuda" and torch.version.hip is None):
+        return False
+    if os.environ.get("CORAL_FAST_HEAD_PDL", "1") == "0":
+        return False
+    return _props(device).major >= 9
 
 
 def grouped_head_topk_triton(
@@ -449,21 +376,12 @@ def grouped_head_topk_triton(
     NMB = triton.cdiv(M, cfg.block_m)
     KT = min(k, cfg.block_v)
     K_POW2, KT_POW2 = max(16, _next_pow2(k)), max(16, _next_pow2(KT))
-    packed = cfg.epilogue != "argmax"
-    if packed == (cfg.merge == "rounds"):
-        raise ValueError(f"merge {cfg.merge!r} does not read the candidates of epilogue {cfg.epilogue!r}")
-    pdl = cfg.pdl and hidden.device.type == "cuda"
-    if pdl and (not HAS_PDL or not packed):
-        raise RuntimeError("pdl needs triton.language.extra.cuda.gdc_wait and the packed merge")
-    if "topk" in (cfg.epilogue, cfg.merge) and not hasattr(tl, "topk"):
-        raise RuntimeError(f"this triton ({triton.__version__}) has no tl.topk")
     device = hidden.device
-    # one workspace (fewer allocator calls on the hot path): candidates (values and rows, or packed
-    # int64 keys: the same bytes), tile max, tile sum
+    pdl = _use_pdl(cfg, device)
+    # one workspace (fewer allocator calls on the hot path): packed int64 candidate keys, tile max,
+    # tile sum
     NP, NC = M * A * NT, M * A * NT * KT
     work = torch.empty(2 * NC + 2 * NP, device=device, dtype=torch.float32)
-    part_val = work[:NC]
-    part_row = work[NC : 2 * NC].view(torch.int32)
     part_key = work[: 2 * NC].view(torch.int64)
     part_max = work[2 * NC : 2 * NC + NP]
     part_sum = work[2 * NC + NP :]
@@ -481,38 +399,29 @@ def grouped_head_topk_triton(
     grid = (min(max_items, _num_programs_cap(device, cfg.programs_per_sm)),)
     _grouped_head_partials_kernel[grid](
         hidden, weight, groups, offsets,
-        part_val, part_row, part_key, part_max, part_sum,
+        part_key, part_max, part_sum,
         M, H, A, G, NT, NMB, KT,
         hidden.stride(0), weight.stride(0), groups.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=block_k,
         A_POW2=_next_pow2(A), G_POW2=G_POW2, BLOCK_P=min(max(16, _next_pow2(MA)), max(16, 8192 // G_POW2)),
         GATHER=gather, M_POW2=max(16, _next_pow2(M)),
         EVEN_K=(H % block_k == 0), DOT_FP32=dot_needs_fp32(device),
-        EPILOGUE={"argmax": 0, "packed": 1, "topk": 2}[cfg.epilogue], KT_POW2=max(2, _next_pow2(KT)),
-        PREFETCH_OFFSETS=cfg.prefetch_offsets, PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"launch_pdl": True} if pdl else {}),
+        PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not _merge:
         return ids, logprobs
-    block_p = min(MERGE_BLOCK_P, max(16, _next_pow2(A * NT)))
-    if not packed:
-        _merge_topk_kernel[(M,)](
-            part_val, part_row, part_max, part_sum, order,
-            ids, logprobs,
-            A * NT, KT, k, V,
-            K_POW2=K_POW2, KT_POW2=KT_POW2, BLOCK_P=block_p,
-            num_warps=cfg.merge_warps or 4,
-        )
-        return ids, logprobs
-    block_p = max(block_p, K_POW2)  # tl.topk needs k <= the length
-    # one warp (shuffles only) while the largest vector is at most 16 int64 keys a lane
-    merge_warps = cfg.merge_warps or (1 if max(block_p, K_POW2 * KT_POW2) <= 512 else 4)
-    _merge_topk_packed_kernel[(M,)](
+    # tl.topk needs k <= the vector's length; one warp (shuffles only) while the largest vector is at
+    # most 16 int64 keys a lane (measured: 4 warps cost ~1.3 us more at M=1), else 4 warps
+    block_p = max(min(MERGE_BLOCK_P, max(16, _next_pow2(A * NT))), K_POW2)
+    merge_warps = 1 if max(block_p, K_POW2 * KT_POW2) <= 512 else 4
+    # the merge alone is launched as a programmatic dependent (the attribute sits on the dependent
+    # launch): the partials kernel is launched plainly, so it never starts before its own producer
+    _merge_topk_kernel[(M,)](
         part_key, part_max, part_sum, order,
         ids, logprobs,
         A * NT, KT, k, V,
         K_POW2=K_POW2, KT_POW2=KT_POW2, BLOCK_P=block_p,
-        ONE_CHUNK=A * NT <= block_p, USE_TOPK=cfg.merge == "topk", PDL=pdl,
+        ONE_CHUNK=A * NT <= block_p, USE_TOPK=HAS_TOPK and (device.type == "cuda" or INTERPRETER_TOPK), PDL=pdl,
         num_warps=merge_warps, **({"launch_pdl": True} if pdl else {}),
     )
     return ids, logprobs

@@ -1,0 +1,149 @@
+"""Grouped LM head: the kernel pair at small tile configs (odd sizes, k=1 and k = BLOCK_V = 64, k
+above a small group's size, a chunked merge with heavy ties), the merge's fallback without tl.topk
+(which the interpreter also runs for speed, except where a test sets INTERPRETER_TOPK),
+programmatic dependent launch on and off (GPU), against the fp64 oracle: through the interpreter on the
+CPU and in bf16 on the GPU. Also the packed key's order on hand-picked values."""
+import dataclasses
+
+import pytest
+import torch
+
+from coral_fast import GroupedLMHead, VocabGrouping
+from coral_fast.kernels._dispatch import interpreter_enabled
+
+from test_grouped_head import _assert_topk_matches, _grouping, _random_groups
+
+kernel = pytest.importorskip("coral_fast.kernels.grouped_head_topk")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+needs_triton = pytest.mark.skipif(
+    not (interpreter_enabled() or torch.cuda.is_available()), reason="Triton needs TRITON_INTERPRET=1 or a GPU"
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (V, H, G, M, A, k, grouping, block_v): odd sizes, k=1 and 64 (k = BLOCK_V: whole-tile top-k),
+# M=1 and many rows, A=1 and A=G, k above a small group's size
+CASES = [
+    (1001, 40, 7, 1, 1, 1, "contiguous", 32),
+    (1001, 40, 7, 1, 7, 64, "contiguous", 64),
+    (777, 24, 5, 33, 2, 64, "counts", 32),
+    (613, 16, 3, 19, 3, 10, "contiguous", 16),
+    (2999, 24, 11, 2, 4, 10, "counts", 64),
+]
+# PDL is CUDA only (sm_90+; elsewhere the plain launch): both ways on the GPU, one on the CPU
+PDL = [True, False] if DEVICE == "cuda" else [True]
+MATRIX = [(pdl, c) for pdl in PDL for c in CASES]
+
+
+def _run(case_fields, cfg, k, dtype, weight=None, grouping=None):
+    V, H, G, M, A = case_fields
+    grouping = grouping or _grouping("contiguous", V, G)
+    if weight is None:
+        weight = (torch.randn(V, H, device=DEVICE) / H**0.5).to(dtype)
+    hidden = torch.randn(M, H, device=DEVICE).to(dtype)
+    groups = _random_groups(M, A, G, DEVICE)
+    head = GroupedLMHead(weight, grouping)
+    ids = torch.full((M, k), -7, dtype=torch.int64, device=DEVICE)  # poisoned: unwritten slots fail
+    logprobs = torch.full((M, k), float("nan"), device=DEVICE)
+    kernel.grouped_head_topk_triton(hidden, head.weight, head.offsets, head.order, groups, k,
+                                    head.max_group_size, cfg, out=(ids, logprobs))
+    return ids, logprobs, hidden, weight, grouping, groups
+
+
+@needs_triton
+@pytest.mark.parametrize("pdl,case", MATRIX, ids=[f"pdl{int(p)}-{i}" for i, (p, _) in enumerate(MATRIX)])
+def test_config_matches_oracle(pdl, case, monkeypatch, seed):
+    V, H, G, M, A, k, kind, block_v = case
+    if M * k <= 64:  # the interpreter's bitonic tl.topk is slow: the merge's tl.topk path where small
+        monkeypatch.setattr(kernel, "INTERPRETER_TOPK", True)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    cfg = kernel.KernelConfig(16, block_v, 16, 4, 2, 2, gather=False, pdl=pdl)
+    ids, logprobs, hidden, weight, grouping, groups = _run((V, H, G, M, A), cfg, k, dtype,
+                                                           grouping=_grouping(kind, V, G))
+    atol = 2e-3 if dtype == torch.bfloat16 else 1e-4
+    _assert_topk_matches(ids, logprobs, hidden.float(), weight.float(), grouping, groups, k, atol=atol)
+
+
+@needs_triton
+@pytest.mark.parametrize("use_topk", [True, False])
+def test_chunked_merge_with_ties(use_topk, monkeypatch, seed):
+    """More tiles than one merge chunk (the running top merged with each chunk's), k above the tile
+    width, heavy ties (5 distinct weight rows), gathered row blocks; the merge with tl.topk and with
+    its fallback (rounds of one max, for a triton without tl.topk)."""
+    monkeypatch.setattr(kernel, "MERGE_BLOCK_P", 16)
+    monkeypatch.setattr(kernel, "INTERPRETER_TOPK", True)
+    if not use_topk:
+        monkeypatch.setattr(kernel, "HAS_TOPK", False)
+    elif not kernel.HAS_TOPK:
+        pytest.skip("this triton has no tl.topk")
+    V, H, G, M, A, k = 701, 16, 4, 3, 3, 37
+    grouping = VocabGrouping.from_token_counts(torch.rand(V), G)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # not fp32 on the GPU: tf32 dot
+    weight = torch.randn(5, H)[torch.randint(0, 5, (V,))].to(DEVICE, dtype)
+    cfg = kernel.KernelConfig(16, 16, 16, 4, 2, 2, gather=True)
+    ids, logprobs, hidden, weight, grouping, groups = _run((V, H, G, M, A), cfg, k, dtype, weight, grouping)
+    _assert_topk_matches(ids, logprobs, hidden.float(), weight.float(), grouping, groups, k,
+                         atol=1e-4 if DEVICE == "cpu" else 2e-3)
+
+
+@needs_triton
+def test_merge_fallback_without_topk(monkeypatch, seed):
+    """The merge's rounds fallback on one chunk (k=1 and k = BLOCK_V)."""
+    monkeypatch.setattr(kernel, "HAS_TOPK", False)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    for V, H, G, M, A, k, kind, block_v in (CASES[0], CASES[3]):
+        cfg = kernel.KernelConfig(16, block_v, 16, 4, 2, 2, gather=False)
+        ids, logprobs, hidden, weight, grouping, groups = _run((V, H, G, M, A), cfg, k, dtype,
+                                                               grouping=_grouping(kind, V, G))
+        _assert_topk_matches(ids, logprobs, hidden.float(), weight.float(), grouping, groups, k,
+                             atol=2e-3 if dtype == torch.bfloat16 else 1e-4)
+
+
+def test_pdl_only_where_supported(monkeypatch):
+    """PDL only where the device can run it: never on CPU tensors (interpreter), nor when switched off
+    (config field or CORAL_FAST_HEAD_PDL=0); on CUDA exactly for sm_90+."""
+    cfg = kernel.default_config(1, 64, 10)
+    assert cfg.pdl
+    assert not kernel._use_pdl(cfg, torch.device("cpu"))
+    assert not kernel._use_pdl(dataclasses.replace(cfg, pdl=False), torch.device("cpu"))
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        want = kernel.HAS_PDL and torch.version.hip is None and torch.cuda.get_device_capability()[0] >= 9
+        assert kernel._use_pdl(cfg, cuda) == want
+        monkeypatch.setenv("CORAL_FAST_HEAD_PDL", "0")
+        assert not kernel._use_pdl(cfg, cuda)
+
+
+if kernel.triton is not None:
+
+    @triton.jit
+    def _roundtrip_kernel(val_ptr, row_ptr, key_ptr, val_out_ptr, row_out_ptr, N, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        ok = offs < N
+        key = kernel._pack_key(tl.load(val_ptr + offs, mask=ok), tl.load(row_ptr + offs, mask=ok))
+        tl.store(key_ptr + offs, key, mask=ok)
+        tl.store(val_out_ptr + offs, kernel._key_value(key), mask=ok)
+        tl.store(row_out_ptr + offs, kernel._key_row(key), mask=ok)
+
+
+@needs_triton
+def test_packed_key_order_and_roundtrip(seed):
+    """Keys order as (value, then lower row first); value and row come back bit for bit."""
+    special = [float("-inf"), float("inf"), -0.0, 0.0, 1e-45, -1e-45, 3.4e38, -3.4e38, 1.0, -1.0, 1.0, 1.0]
+    vals = torch.cat([torch.tensor(special), torch.randn(50) * 30, torch.randn(2).repeat(5)]).float()
+    rows = torch.randint(0, 2**31 - 1, (vals.numel(),), dtype=torch.int32)
+    rows[:3] = torch.tensor([0, 2**31 - 1, 5], dtype=torch.int32)
+    vals, rows = vals.to(DEVICE), rows.to(DEVICE)
+    N = vals.numel()
+    key = torch.empty(N, dtype=torch.int64, device=DEVICE)
+    val_out = torch.full((N,), float("nan"), device=DEVICE)
+    row_out = torch.full((N,), -7, dtype=torch.int32, device=DEVICE)
+    _roundtrip_kernel[(1,)](vals, rows, key, val_out, row_out, N, BLOCK=128)
+    assert torch.equal(val_out.view(torch.int32), vals.view(torch.int32))  # -0.0 stays -0.0
+    assert torch.equal(row_out, rows)
+    key, vals, rows = key.cpu(), vals.cpu().double(), rows.cpu().long()
+    for i in range(N):
+        for j in range(N):
+            if (vals[i], -rows[i]) > (vals[j], -rows[j]) and not (vals[i] == 0 and vals[j] == 0):
+                assert key[i] > key[j], (vals[i], rows[i], vals[j], rows[j])
