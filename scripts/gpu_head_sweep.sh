@@ -28,7 +28,7 @@ run() {  # run SHAPE TIMEOUT: each shape its own process (a CUDA error or a time
 run llama3 60
 run gemma3 40
 # the default's path (pdl on; pdl off is the sweep's "default, pdl off" check) at the tests' odd shapes
-timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_grouped_head.py tests/test_grouped_head_configs.py \
+timeout 70 python3 -m pytest -q -p no:cacheprovider tests/test_grouped_head.py tests/test_grouped_head_configs.py \
   -k "bf16_gpu or pdl1 or chunked or fallback or roundtrip or pdl_only" > "$OUT/tests.log" 2>&1 \
   || { echo "tests: exit $? (see tests.log)"; status=1; }
 tail -2 "$OUT/tests.log"
