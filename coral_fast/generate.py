@@ -325,7 +325,7 @@ class SpeculativeGenerator:
         engine = self._engine_for(ids, ids.shape[0] + max_new_tokens + self.tree.depth + 1, sampling)
         if sampling:
             engine.set_sampling(temperature, generator)
-        timer = _EventTimer() if engine.graphs is not None else None
+        timer = _EventTimer() if engine.graphs is not None else _HostTimer(self.device)
         _synchronize(self.device)
         t0 = time.perf_counter()
         done = emit([engine.prefill(ids)])
@@ -333,25 +333,12 @@ class SpeculativeGenerator:
         t1 = time.perf_counter()
         result.prefill_time_s = t1 - t0
         while not done:
-            if timer is None:
-                ta = time.perf_counter()
-                engine.next_uniforms()
-                engine.draft_step()
-                _synchronize(self.device)
-                tb = time.perf_counter()
-                engine.verify_step()
-                values = engine.result.tolist()
-                tokens = values[1 : 1 + values[0]]
-                result.draft_time_s += tb - ta
-                result.verify_time_s += time.perf_counter() - tb
-            else:
-                tokens = engine.round(timer)
+            tokens = engine.round(timer)
             result.rounds += 1
             result.accepted_lengths.append(len(tokens))
             done = emit(tokens)
         result.total_time_s = time.perf_counter() - t0
-        if timer is not None:
-            result.draft_time_s, result.verify_time_s = timer.split()
+        result.draft_time_s, result.verify_time_s = timer.split()
         self.last_caches = (engine.tcache, engine.dcache)
         return result
 
@@ -680,22 +667,42 @@ class StaticEngine:
         if self.sampling:
             self.uniforms.copy_(torch.rand(self.uniforms.shape, generator=self.rng, dtype=torch.float64))
 
-    def round(self, timer=None) -> list[int]:
+    def round(self, timer) -> list[int]:
+        """One draft step and one verify step (graph replays when captured); returns the emitted tokens.
+        timer: _EventTimer with graphs, _HostTimer without (marks 0, 1, 2 around the two steps)."""
         self.next_uniforms()
+        timer.mark(0)
         if self.graphs is not None:
-            if timer:
-                timer.mark(0)
             self.graphs[0].replay()
-            if timer:
-                timer.mark(1)
-            self.graphs[1].replay()
-            if timer:
-                timer.mark(2)
         else:
             self.draft_step()
+        timer.mark(1)
+        if self.graphs is not None:
+            self.graphs[1].replay()
+        else:
             self.verify_step()
+        timer.mark(2)
         result = self.result.tolist()
         return result[1 : 1 + result[0]]
+
+
+class _HostTimer:
+    """Draft/verify split from the host clock, synchronising at each mark (the eager engine)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.totals = [0.0, 0.0]
+        self.last = 0.0
+
+    def mark(self, i):
+        _synchronize(self.device)
+        now = time.perf_counter()
+        if i > 0:
+            self.totals[i - 1] += now - self.last
+        self.last = now
+
+    def split(self):
+        return self.totals[0], self.totals[1]
 
 
 class _EventTimer:
