@@ -36,6 +36,17 @@ def heldout_prompts(n: int) -> list[str]:
     return [row["messages"][-1]["content"] for row in load_prompts(split="eval")[:n]]
 
 
+def prompt_texts(prompt_sets: str, n: int) -> list[tuple[str, str]]:
+    """(set name, text) for the first n prompts of each named set; ValueError on an unknown set."""
+    prompts = []
+    for set_name in prompt_sets.split(","):
+        if set_name not in PROMPT_SETS:
+            raise ValueError(f"unknown prompt set {set_name!r}; known: {', '.join(PROMPT_SETS)}")
+        texts = PROMPTS[:n] if set_name == "builtin" else heldout_prompts(n)
+        prompts += [(set_name, text) for text in texts]
+    return prompts
+
+
 GEMMA3_270M_CONFIG = dict(
     vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
     num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512, rms_norm_eps=1e-6,
@@ -107,7 +118,7 @@ def timed(fn, device):
     return out, time.perf_counter() - t
 
 
-def bench_model(name, args, log):
+def bench_model(name, args, log, prompts):
     import torch
 
     from coral_fast.draft import DraftModel
@@ -134,12 +145,6 @@ def bench_model(name, args, log):
     log(f"{name}: loop set up in {time.perf_counter() - t0:.1f} s (capture{' + compile' if args.compile else ''})")
     N = args.max_new_tokens
     rows = []
-    prompts = []
-    for set_name in args.prompt_set.split(","):
-        if set_name not in PROMPT_SETS:
-            raise ValueError(f"unknown prompt set {set_name!r}; known: {', '.join(PROMPT_SETS)}")
-        texts = PROMPTS[: args.prompts] if set_name == "builtin" else heldout_prompts(args.prompts)
-        prompts += [(set_name, text) for text in texts]
     compiled_s = float("nan")
     for i, (set_name, text) in enumerate(prompts):
         ids = prompt_ids(tok, text, V, args.device, seed=i)
@@ -187,8 +192,8 @@ def markdown(rows, args, env):
         "| model | weights | draft | prompts | loop tok/s | generate eager tok/s | generate static+compile tok/s | loop / eager | loop / compiled | tau | prefill ms | draft ms/round | verify ms/round | agree |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, set_name in dict.fromkeys((r["model"], r.get("prompt_set", "builtin")) for r in rows):
-        rs = [r for r in rows if r["model"] == name and r.get("prompt_set", "builtin") == set_name]
+    for name, set_name in dict.fromkeys((r["model"], r["prompt_set"]) for r in rows):
+        rs = [r for r in rows if r["model"] == name and r["prompt_set"] == set_name]
         def med(key):  # NaN rows (a baseline not run) skipped; NaN if none ran
             values = [r[key] for r in rs if r[key] == r[key]]
             return statistics.median(values) if values else float("nan")
@@ -208,6 +213,11 @@ def markdown(rows, args, env):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    try:  # before any model loads: a typo in --prompt-set fails at once, not after minutes of compiling
+        prompts = prompt_texts(args.prompt_set, args.prompts)
+    except ValueError as e:
+        print(f"bench e2e: {e}", file=sys.stderr)
+        return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     import triton
@@ -227,7 +237,7 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models.split(","):
         try:
-            rows += bench_model(name, args, log)
+            rows += bench_model(name, args, log, prompts)
         except Exception as e:  # keep the other model's numbers
             import traceback
 
