@@ -123,7 +123,7 @@ class TreeAttentionConfig:
         if short and block_m is None and num_warps is None:
             # a draft tree over a loop's static cache (batch 1, few KV heads): few programs, so 16-row
             # tiles to have more of them, and two stages (H100 sweep at the SmolLM2 and Gemma 3 shapes,
-            # T=61, S=1088, kv 100-1000, bench/results/attention_loop_h100.md: 5-9 us vs 13-23 us)
+            # T=61, S=1088, kv 100-1000, bench/results/e2e_h100_fused.md: 7-12 us vs 16-20 us)
             block_m, block_n, num_stages = 16, block_n or 64, num_stages or 2
         if block_m is None:
             block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
