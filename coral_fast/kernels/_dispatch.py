@@ -1,4 +1,5 @@
 """Choosing between a Triton kernel and its PyTorch reference (`impl="auto"|"triton"|"reference"`)."""
+import functools
 import os
 
 import torch
@@ -32,3 +33,14 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 def dot_needs_fp32(device: torch.device) -> bool:
     """The interpreter's bf16 `tl.dot` multiplies raw bit patterns (triton issue 11584): upcast there."""
     return device.type != "cuda"
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def cuda_properties(device: torch.device):
+    """The CUDA device's properties (SM count, compute capability), read once per device: the kernels'
+    launch rules ask on every call."""
+    return _cuda_properties(device.index if device.index is not None else torch.cuda.current_device())

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from coral_fast.kernels._dispatch import dot_needs_fp32, resolve_impl
+from coral_fast.kernels._dispatch import cuda_properties, dot_needs_fp32, resolve_impl
 
 try:
     import triton
@@ -325,20 +325,12 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-_DEVICE_PROPS: dict = {}
-
-
-def _props(device: torch.device):
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _DEVICE_PROPS:
-        _DEVICE_PROPS[index] = torch.cuda.get_device_properties(index)
-    return _DEVICE_PROPS[index]
 
 
 def _num_programs_cap(device: torch.device, per_sm: int) -> int:
     if device.type != "cuda":
         return 3  # interpreter: few programs, so the persistent loop runs several items each
-    return _props(device).multi_processor_count * per_sm
+    return cuda_properties(device).multi_processor_count * per_sm
 
 
 def _use_pdl(cfg: KernelConfig, device: torch.device) -> bool:
@@ -348,7 +340,7 @@ def _use_pdl(cfg: KernelConfig, device: torch.device) -> bool:
         return False
     if os.environ.get("CORAL_FAST_HEAD_PDL", "1") == "0":
         return False
-    return _props(device).major >= 9
+    return cuda_properties(device).major >= 9
 
 
 def grouped_head_topk_triton(

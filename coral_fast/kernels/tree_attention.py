@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from coral_fast.kernels._dispatch import dot_needs_fp32, resolve_impl
+from coral_fast.kernels._dispatch import cuda_properties, dot_needs_fp32, resolve_impl
 
 __all__ = ["tree_attention", "tree_attention_reference", "pack_tree_mask", "TreeAttentionConfig"]
 
@@ -159,17 +159,13 @@ class TreeAttentionConfig:
 # the rule depends on static shapes only: decide once per shape (saves host time on eager calls)
 _config_for_shape = functools.lru_cache(maxsize=1024)(TreeAttentionConfig.for_shape)
 
-_SM_COUNT = {}
 _LAST_KERNEL = None
 
 
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 2
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
+    return cuda_properties(device).multi_processor_count
 
 
 # ----------------------------------------------------------------------------------------------
