@@ -88,12 +88,14 @@ def test_triton_matches_reference_cpu(V, H, G, M, A, k, kind, seed):
 
 
 @needs_triton
+@pytest.mark.parametrize("M", [1, 37])
 @pytest.mark.parametrize("gather", [True, False])
-def test_triton_row_block_modes(gather, seed):
-    """Several row blocks per group (M=37 > BLOCK_M=16, rows sharing groups), both row layouts."""
+def test_triton_row_block_modes(gather, M, seed):
+    """Several row blocks per group (M=37 > BLOCK_M=16, rows sharing groups), both row layouts; and
+    M=1, whose epilogue runs on the one real row of the 16-row block."""
     from coral_fast.kernels.grouped_head_topk import KernelConfig, grouped_head_topk_triton
 
-    V, H, G, M, A, k = 389, 24, 5, 37, 2, 7
+    V, H, G, A, k = 389, 24, 5, 2, 7
     grouping = VocabGrouping.contiguous(V, G)
     weight, hidden = torch.randn(V, H), torch.randn(M, H)
     groups = _random_groups(M, A, G, "cpu", shared_pool=3)

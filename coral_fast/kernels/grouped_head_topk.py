@@ -11,10 +11,12 @@ original token id of re-laid row `row` (see coral_fast.grouping).
 
 Kernel plan (two launches, no host synchronisation, nothing the size of the logits hits memory):
 1. `_grouped_head_partials_kernel`, a persistent grid over work items (active group, vocab tile,
-   row block); each program first derives the union of the rows' groups from `groups` itself, row blocks fastest so the programs that share a weight tile run together. An item
-   finds in `groups` which rows of its block chose its group, streams its [BLOCK_V, H] weight tile
-   once for all of them (tl.dot, fp32 accumulation), and in the epilogue writes per chosen row the
-   tile's (max, sum of exp) and its top-KT logits as packed (logit, re-laid row) int64 keys.
+   row block); each program first derives the union of the rows' groups from `groups` itself, row
+   blocks fastest so the programs that share a weight tile run together. An item finds in `groups`
+   which rows of its block chose its group, streams its [BLOCK_V, H] weight tile once for all of
+   them (tl.dot, fp32 accumulation), and in the epilogue writes per chosen row the tile's (max, sum
+   of exp) and its top-KT logits as packed (logit, re-laid row) int64 keys. At M=1 the epilogue
+   runs on the one real row of the 16-row dot.
 2. `_merge_topk_kernel`, one program per row (one warp): log-sum-exp over the row's tile partials,
    the k tiles with the largest maxima (only they can hold the top k), top-k over their k*KT
    candidate keys (bitonic `tl.topk`), then `logit - lse` and `order[row]` -> original ids. On Hopper
@@ -113,6 +115,28 @@ if triton is not None:
         return 0x7FFFFFFF - (key & 0x7FFFFFFF).to(tl.int32)
 
     @triton.jit
+    def _write_tile_partials(
+        acc, col_ok, lo, part, chosen, part_key_ptr, part_max_ptr, part_sum_ptr, KT, BLOCK_V: tl.constexpr,
+    ):
+        """Epilogue of one tile for R rows: acc [R, BLOCK_V] fp32 logits, col_ok [BLOCK_V], lo = the
+        tile's first re-laid row, part [R] = the (row, slot, tile) partial index, chosen [R]. Writes
+        per chosen row the tile's (max, sum of exp) and its top-KT logits as packed (logit, row) int64
+        keys, one max a round and one store a round (measured against: a bitonic tl.topk, 61.6 vs 54.2
+        us for the kernel; int32 keys with the column in the low bits, 99.5 vs 90.3 us at M=64: more
+        live registers; H100, bench/results/head_breakdown_h100.md)."""
+        logits = tl.where(col_ok[None, :], acc, float("-inf"))
+        tile_max = tl.max(logits, axis=1)
+        shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+        tile_sum = tl.sum(tl.exp(logits - shift[:, None]), axis=1)
+        tl.store(part_max_ptr + part, tile_max, mask=chosen)
+        tl.store(part_sum_ptr + part, tile_sum, mask=chosen)
+        key = _pack_key(logits, lo + tl.arange(0, BLOCK_V)[None, :])
+        for r in range(0, tl.where(tl.max(chosen.to(tl.int32), axis=0) > 0, KT, 0)):
+            best = tl.max(key, axis=1)
+            tl.store(part_key_ptr + part * KT + r, best, mask=chosen)
+            key = tl.where(key == best[:, None], NO_KEY, key)
+
+    @triton.jit
     def _grouped_head_partials_kernel(
         hidden_ptr, weight_ptr, groups_ptr, offsets_ptr,
         part_key_ptr, part_max_ptr, part_sum_ptr,
@@ -121,7 +145,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
         A_POW2: tl.constexpr, G_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
         GATHER: tl.constexpr, M_POW2: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
-        PDL: tl.constexpr,
+        PDL: tl.constexpr, ONE_ROW: tl.constexpr,
     ):
         """Persistent: work item = (active group j, vocab tile t, row block mb), mb fastest so the
         programs sharing a weight tile run side by side and all but the first read it from L2."""
@@ -207,21 +231,19 @@ if triton is not None:
                 h_ptrs += BLOCK_K
                 w_ptrs += BLOCK_K
 
-            logits = tl.where(col_ok[None, :], acc, float("-inf"))
-            tile_max = tl.max(logits, axis=1)
-            shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
-            tile_sum = tl.sum(tl.exp(logits - shift[:, None]), axis=1)
             part = (rows * A + slot) * NT + tile  # [BLOCK_M] index of (row, slot, tile)
-            tl.store(part_max_ptr + part, tile_max, mask=chosen)
-            tl.store(part_sum_ptr + part, tile_sum, mask=chosen)
-
-            # the tile's top-KT as packed (logit, row) int64 keys: one max a round, one store a round
-            # (a bitonic tl.topk here was measured slower: 61.6 vs 54.2 us for the kernel, H100)
-            key = _pack_key(logits, lo + local[None, :])
-            for r in range(0, tl.where(any_chosen, KT, 0)):
-                best = tl.max(key, axis=1)
-                tl.store(part_key_ptr + part * KT + r, best, mask=chosen)
-                key = tl.where(key == best[:, None], NO_KEY, key)
+            if ONE_ROW:
+                # M == 1: rows 1.. of the 16-row dot are padding; the epilogue runs on row 0 alone
+                first = (tl.arange(0, BLOCK_M) == 0)
+                _write_tile_partials(
+                    tl.sum(tl.where(first[:, None], acc, 0.0), axis=0, keep_dims=True), col_ok, lo,
+                    tl.sum(tl.where(first, part, 0), axis=0, keep_dims=True),
+                    tl.max(tl.where(first, chosen.to(tl.int32), 0), axis=0, keep_dims=True) > 0,
+                    part_key_ptr, part_max_ptr, part_sum_ptr, KT, BLOCK_V,
+                )
+            else:
+                _write_tile_partials(acc, col_ok, lo, part, chosen, part_key_ptr, part_max_ptr, part_sum_ptr, KT,
+                                     BLOCK_V)
 
     @triton.jit
     def _top_keys(x, K, K_POW2: tl.constexpr, USE_TOPK: tl.constexpr):
@@ -398,7 +420,8 @@ def grouped_head_topk_triton(
         A_POW2=_next_pow2(A), G_POW2=G_POW2, BLOCK_P=min(max(16, _next_pow2(MA)), max(16, 8192 // G_POW2)),
         GATHER=gather, M_POW2=max(16, _next_pow2(M)),
         EVEN_K=(H % block_k == 0), DOT_FP32=dot_needs_fp32(device),
-        PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PDL=pdl, ONE_ROW=(M == 1),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not _merge:
         return ids, logprobs

@@ -1,0 +1,131 @@
+"""Versions of the grouped head's kernel file side by side on the GPU (one device call): each
+version's default config on the bench's shapes, checked against the fp32 reference, then timed in
+interleaved passes (one call a CUDA graph after an L2 flush, 16 calls a graph / 16, the partials
+kernel alone), as `coral-fast bench head --sweep` times configs.
+Usage: python scripts/head_diag.py --versions old.py,tree [--shapes llama3,gemma3] [--out DIR]
+
+(The first run of this script, 2026-11-23, instead switched parts of the shipped epilogue off to see
+where the time goes: bench/results/head_breakdown_h100.md.)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import pathlib
+import statistics
+import sys
+import tempfile
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from coral_fast import GroupedLMHead, VocabGrouping  # noqa: E402
+from coral_fast.benchmarks import head as hb  # noqa: E402
+from coral_fast.kernels.grouped_head_topk import KernelConfig, default_config  # noqa: E402
+
+
+def load_module(src: str, name: str):
+    path = pathlib.Path(tempfile.mkdtemp()) / f"{name}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def version_source(rev: str) -> str:
+    """The kernel file at a git revision, "tree" (the working tree), or a path to a .py file."""
+    import subprocess
+
+    if rev == "tree":
+        return (ROOT / "coral_fast/kernels/grouped_head_topk.py").read_text()
+    if rev.endswith(".py"):
+        return pathlib.Path(rev).read_text()
+    return subprocess.run(["git", "show", f"{rev}:coral_fast/kernels/grouped_head_topk.py"], cwd=ROOT,
+                          check=True, capture_output=True, text=True).stdout
+
+
+CASES = [("llama3", 1, "random"), ("llama3", 16, "shared"), ("llama3", 64, "shared"), ("llama3", 64, "random"),
+         ("qwen2.5", 1, "random"), ("qwen2.5", 64, "shared"),
+         ("gemma3", 1, "random"), ("gemma3", 16, "shared"), ("gemma3", 16, "random"), ("gemma3", 64, "shared"),
+         ("gemma3", 64, "random")]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="out")
+    ap.add_argument("--shapes", default="llama3,qwen2.5,gemma3")
+    ap.add_argument("--versions", default="tree", help="comma-separated: kernel .py files, git revs, or tree")
+    args = ap.parse_args()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = [(pathlib.Path(v).stem, load_module(version_source(v), f"ghk_v{i}"), None)
+                for i, v in enumerate(args.versions.split(","))]
+    device = torch.device("cuda")
+    flush = torch.empty(hb.FLUSH_BYTES // 4, device=device).uniform_()
+    bw = hb._copy_bandwidth(device, flush)
+    lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s; {torch.cuda.get_device_name()}; torch {torch.__version__}",
+             "| case | floor | version | config | err | partials 1 call | full 1 call (x2) | / floor | full chained (x2) | / floor |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    print(lines[0], flush=True)
+    gen = torch.Generator().manual_seed(0)
+    for name in args.shapes.split(","):
+        V, H = hb.SHAPES[name]
+        weight = (torch.randn(V, H, device=device) / H**0.5).to(torch.bfloat16)
+        grouping = VocabGrouping.contiguous(V, hb.NUM_GROUPS)
+        head = GroupedLMHead(weight, grouping)
+        for shape, M, routing in CASES:
+            if shape != name:
+                continue
+            hiddens = [torch.randn(M, H, device=device).to(torch.bfloat16) for _ in range(hb.NSETS)]
+            groups = [hb._groups(M, routing, gen, device) for _ in range(hb.NSETS)]
+            chain_h, chain_g = hb._chain_inputs(M, H, routing, gen, device)
+            floor = statistics.mean(int(grouping.group_sizes[g.unique().cpu()].sum()) for g in groups) * H * 2 / bw * 1e6
+            built = []
+            for label, mod, mode in variants:
+                if mode is not None:
+                    mod._DIAG = mode
+                cfg = mod.default_config(M, H, hb.TOP_K)
+
+                def call(i, mod=mod, cfg=cfg, hs=hiddens, gs=groups, merge=True):
+                    return mod.grouped_head_topk_triton(hs[i], weight, head.offsets, head.order, gs[i], hb.TOP_K,
+                                                        head.max_group_size, cfg, _merge=merge)
+                try:
+                    worst = 0.0
+                    for i in range(4):
+                        ids, lp = call(i)
+                        _, ref = hb.grouped_head_topk_reference(hiddens[i], weight, head.offsets, head.order,
+                                                                groups[i], hb.TOP_K)
+                        worst = max(worst, float((lp - ref).abs().max()))
+                    if not worst <= hb.MAX_ERR and mode in (None, 0):
+                        raise AssertionError(f"max err {worst:.2e}")
+                    built.append((label, cfg, worst, call, hb._rotating(hb._graphs(call)),
+                                  hb._rotating(hb._graphs(lambda i, call=call: call(i, merge=False)))))
+                except Exception as exc:  # noqa: BLE001
+                    line = f"| {name} M={M} {routing} | {floor:.1f} | {label} | {hb._cfg_str(cfg)} | FAILED {type(exc).__name__}: {str(exc)[:200]} | | | | | |"
+                    print(line, flush=True)
+                    lines.append(line)
+            times = {label: ([], []) for label, *_ in built}
+            for _ in range(2):  # interleaved passes: drift hits every version alike
+                for label, cfg, worst, call, single, part in built:
+                    times[label][0].append(hb._time_us(single, flush))
+                    times[label][1].append(hb._time_chain_us(
+                        lambda i, call=call: call(i % hb.NCHAIN, hs=chain_h, gs=chain_g), hb.NCHAIN, flush))
+            for label, cfg, worst, call, single, part in built:
+                p = hb._time_us(part, flush)
+                t, c = times[label]
+                line = (f"| {name} M={M} {routing} | {floor:.1f} | {label} | {hb._cfg_str(cfg)} | {worst:.1e} "
+                        f"| {p:.1f} | {t[0]:.1f} / {t[1]:.1f} | {min(t) / floor:.2f} | {c[0]:.1f} / {c[1]:.1f} "
+                        f"| {min(c) / floor:.2f} |")
+                print(line, flush=True)
+                lines.append(line)
+            (out / "head_diag.md").write_text("\n".join(lines) + "\n")
+        del weight, head
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
