@@ -48,8 +48,9 @@ def version_source(rev: str) -> str:
                           check=True, capture_output=True, text=True).stdout
 
 
-CASES = [("llama3", 1, "random"), ("llama3", 16, "shared"), ("llama3", 64, "shared"), ("llama3", 64, "random"),
-         ("qwen2.5", 1, "random"), ("qwen2.5", 64, "shared"),
+CASES = [("llama3", 1, "random"), ("llama3", 16, "shared"), ("llama3", 16, "random"), ("llama3", 64, "shared"),
+         ("llama3", 64, "random"),
+         ("qwen2.5", 1, "random"), ("qwen2.5", 16, "shared"), ("qwen2.5", 16, "random"), ("qwen2.5", 64, "shared"),
          ("gemma3", 1, "random"), ("gemma3", 16, "shared"), ("gemma3", 16, "random"), ("gemma3", 64, "shared"),
          ("gemma3", 64, "random")]
 
@@ -58,6 +59,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out")
     ap.add_argument("--shapes", default="llama3,qwen2.5,gemma3")
+    ap.add_argument("--cases", default="", help="comma-separated M:routing to run (default: all)")
     ap.add_argument("--versions", default="tree", help="comma-separated: kernel .py files, git revs, or tree")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
@@ -78,7 +80,7 @@ def main():
         grouping = VocabGrouping.contiguous(V, hb.NUM_GROUPS)
         head = GroupedLMHead(weight, grouping)
         for shape, M, routing in CASES:
-            if shape != name:
+            if shape != name or (args.cases and f"{M}:{routing}" not in args.cases.split(",")):
                 continue
             hiddens = [torch.randn(M, H, device=device).to(torch.bfloat16) for _ in range(hb.NSETS)]
             groups = [hb._groups(M, routing, gen, device) for _ in range(hb.NSETS)]
