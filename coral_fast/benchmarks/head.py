@@ -328,9 +328,11 @@ SWEEP_PLAN = {  # shape -> [(M, routing, [candidate configs])]
 }
 
 
-def _check_config(head, weight, grouping, cfg, M, H, routing, gen, device, nsets=4) -> float:
+def _check_config(head, weight, grouping, cfg, M, H, routing, gen, device, nsets=4,
+                  kernel=grouped_head_topk_triton) -> float:
     """Fresh inputs, poisoned outputs, against the fp32 reference: max |logprob error|; raises on
-    unwritten outputs, bad ids, or an id whose own log-prob is not the one returned."""
+    unwritten outputs, bad ids, or an id whose own log-prob is not the one returned. `kernel`: the
+    launcher to check (scripts/head_diag.py passes other versions of it)."""
     V = weight.shape[0]
     worst = 0.0
     for _ in range(nsets):
@@ -338,8 +340,7 @@ def _check_config(head, weight, grouping, cfg, M, H, routing, gen, device, nsets
         g = _groups(M, routing, gen, device)
         ids = torch.full((M, TOP_K), -7, dtype=torch.int64, device=device)
         lp = torch.full((M, TOP_K), float("nan"), device=device)
-        grouped_head_topk_triton(h, weight, head.offsets, head.order, g, TOP_K, head.max_group_size, cfg,
-                                 out=(ids, lp))
+        kernel(h, weight, head.offsets, head.order, g, TOP_K, head.max_group_size, cfg, out=(ids, lp))
         torch.cuda.synchronize()
         if not bool(torch.isfinite(lp).all()) or bool((ids < 0).any()) or bool((ids >= V).any()):
             raise AssertionError("unwritten, non-finite or out-of-range outputs")
