@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm --format=csv | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 status=0
 if [[ $STEPS == *tests* ]]; then
-  timeout ${HEAD_TEST_TIMEOUT:-150} python3 -m pytest -q -rs tests/test_grouped_head.py tests/test_grouping.py 2>&1 | tee "$OUT/tests.log" || status=1
+  timeout ${HEAD_TEST_TIMEOUT:-200} python3 -m pytest -q -rs tests/test_grouped_head.py tests/test_grouped_head_configs.py tests/test_grouping.py 2>&1 | tee "$OUT/tests.log" || status=1
 fi
 if [[ $STEPS == *table* ]]; then
   timeout ${HEAD_TABLE_TIMEOUT:-380} python3 -m coral_fast bench head --out "$OUT/head.md" "$@" 2>&1 | tee "$OUT/bench.log" || status=1

@@ -100,6 +100,36 @@ def test_merge_fallback_without_topk(monkeypatch, seed):
                              atol=2e-3 if dtype == torch.bfloat16 else 1e-4)
 
 
+@needs_triton
+@pytest.mark.parametrize("use_topk", [True, False])
+def test_merge_tail_chunk(use_topk, monkeypatch, seed):
+    """A row's tile count just past a power of two (4 groups x 18 tiles = 72): the merge's phase A runs
+    a 64-tile chunk, then a 16-tile tail chunk, and folds the k=10 candidate triangle."""
+    monkeypatch.setattr(kernel, "INTERPRETER_TOPK", True)
+    if not use_topk:
+        monkeypatch.setattr(kernel, "HAS_TOPK", False)
+    elif not kernel.HAS_TOPK:
+        pytest.skip("this triton has no tl.topk")
+    V, H, G, M, A, k, block_v = 1420, 24, 5, 3, 4, 10, 16
+    assert kernel._merge_chunks(A * -(-(V // G) // block_v), 16) == (64, 64, 16)
+    assert kernel._fold_shape(k, 16, 16) == (8, 16)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    cfg = kernel.KernelConfig(16, block_v, 16, 4, 2, 2, gather=False)
+    ids, logprobs, hidden, weight, grouping, groups = _run((V, H, G, M, A), cfg, k, dtype)
+    _assert_topk_matches(ids, logprobs, hidden.float(), weight.float(), grouping, groups, k,
+                         atol=2e-3 if dtype == torch.bfloat16 else 1e-4)
+
+
+def test_merge_chunks_cover_every_tile():
+    """The phase-A chunking covers [0, n) exactly once, with power-of-two chunks of at least k_pow2."""
+    for k_pow2 in (16, 64):
+        for n in list(range(1, 300)) + [1000, 1023, 1025, 1100, 2100, 4000]:
+            block, main, tail = kernel._merge_chunks(n, k_pow2)
+            assert block >= k_pow2 and block & (block - 1) == 0 and main % block == 0 and main >= block
+            assert tail == 0 or (tail >= k_pow2 and tail & (tail - 1) == 0 and tail < block)
+            assert main < n + block and main + tail >= n and (tail == 0 or main < n)
+
+
 def test_pdl_only_where_supported(monkeypatch):
     """PDL only where the device can run it: never on CPU tensors (interpreter), nor when switched off
     (config field or CORAL_FAST_HEAD_PDL=0); on CUDA exactly for sm_90+."""

@@ -18,8 +18,9 @@ Kernel plan (two launches, no host synchronisation, nothing the size of the logi
    of exp) and its top-KT logits as packed (logit, re-laid row) int64 keys. At M=1 the epilogue
    runs on the one real row of the 16-row dot.
 2. `_merge_topk_kernel`, one program per row (one warp): log-sum-exp over the row's tile partials,
-   the k tiles with the largest maxima (only they can hold the top k), top-k over their k*KT
-   candidate keys (bitonic `tl.topk`), then `logit - lse` and `order[row]` -> original ids. On Hopper
+   the k tiles with the largest maxima (only they can hold the top k), top-k (bitonic `tl.topk`) over
+   the k(k+1)/2 of their candidate keys that can still be in it, then `logit - lse` and `order[row]`
+   -> original ids. At M=1 the partials kernel takes the row's groups as they are (no union). On Hopper
    it is launched by programmatic dependent launch: it starts while the first kernel runs and waits
    on the device (`griddepcontrol.wait`), not on the stream.
 """
@@ -145,7 +146,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
         A_POW2: tl.constexpr, G_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
         GATHER: tl.constexpr, M_POW2: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
-        PDL: tl.constexpr, ONE_ROW: tl.constexpr,
+        PDL: tl.constexpr, ONE_ROW: tl.constexpr, ONE_BLOCK: tl.constexpr,
     ):
         """Persistent: work item = (active group j, vocab tile t, row block mb), mb fastest so the
         programs sharing a weight tile run side by side and all but the first read it from L2."""
@@ -158,23 +159,38 @@ if triton is not None:
         # weight load waits for one memory round trip (groups) instead of two (groups, offsets)
         g_start = tl.load(offsets_ptr + gids, mask=gids < G, other=0).to(tl.int32)
         g_end = tl.load(offsets_ptr + gids + 1, mask=gids < G, other=0).to(tl.int32)
-        present = tl.zeros((G_POW2,), tl.int32)
-        offs_p = tl.arange(0, BLOCK_P)
-        for p0 in range(0, M * A, BLOCK_P):
-            pair = p0 + offs_p
-            chosen_g = tl.load(groups_ptr + (pair // A) * stride_gm + pair % A, mask=pair < M * A, other=-1)
-            present = tl.maximum(present, tl.max((chosen_g[None, :] == gids[:, None]).to(tl.int32), axis=1))
-        present = tl.where(gids < G, present, 0)
-        rank = tl.where(present > 0, tl.cumsum(present, axis=0) - 1, -1)  # j-th active group has rank j
-        n_items = tl.sum(present, axis=0) * NT * NMB
         offs_k = tl.arange(0, BLOCK_K)
         local = tl.arange(0, BLOCK_V)
         slots = tl.arange(0, A_POW2)
+        if ONE_ROW:
+            # M == 1: the union is the row's own (distinct) groups, item = (slot, tile)
+            n_items = A * NT
+        else:
+            present = tl.zeros((G_POW2,), tl.int32)
+            offs_p = tl.arange(0, BLOCK_P)
+            for p0 in range(0, M * A, BLOCK_P):
+                pair = p0 + offs_p
+                chosen_g = tl.load(groups_ptr + (pair // A) * stride_gm + pair % A, mask=pair < M * A, other=-1)
+                present = tl.maximum(present, tl.max((chosen_g[None, :] == gids[:, None]).to(tl.int32), axis=1))
+            present = tl.where(gids < G, present, 0)
+            rank = tl.where(present > 0, tl.cumsum(present, axis=0) - 1, -1)  # j-th active group has rank j
+            n_items = tl.sum(present, axis=0) * NT * NMB
+        if ONE_BLOCK:
+            # one row block: its rows' group lists are loaded once, not once an item, and every active
+            # group has a chooser in it, so the weight loads need not wait for them
+            block_groups = tl.load(
+                groups_ptr + tl.arange(0, BLOCK_M)[:, None] * stride_gm + slots[None, :],
+                mask=(tl.arange(0, BLOCK_M)[:, None] < M) & (slots[None, :] < A), other=-1,
+            )
         for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
             mb = item % NMB
             tile = (item // NMB) % NT
-            is_g = rank == item // (NMB * NT)
-            g = tl.sum(tl.where(is_g, gids, 0), axis=0)
+            if ONE_ROW:
+                g = tl.load(groups_ptr + item // NT).to(tl.int32)
+                is_g = gids == g
+            else:
+                is_g = rank == item // (NMB * NT)
+                g = tl.sum(tl.where(is_g, gids, 0), axis=0)
 
             if GATHER:
                 # rows that chose g, compacted: block mb takes the mb-th BLOCK_M of them, so the dot
@@ -196,10 +212,13 @@ if triton is not None:
             else:
                 rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
                 row_ok = rows < M
-                chosen_groups = tl.load(
-                    groups_ptr + rows[:, None] * stride_gm + slots[None, :],
-                    mask=row_ok[:, None] & (slots[None, :] < A), other=-1,
-                )
+                if ONE_BLOCK:
+                    chosen_groups = block_groups
+                else:
+                    chosen_groups = tl.load(
+                        groups_ptr + rows[:, None] * stride_gm + slots[None, :],
+                        mask=row_ok[:, None] & (slots[None, :] < A), other=-1,
+                    )
                 hit = chosen_groups == g
                 chosen = tl.max(hit.to(tl.int32), axis=1) > 0  # [BLOCK_M]: row chose group g
                 slot = tl.sum(tl.where(hit, slots[None, :], 0), axis=1)  # where g sits in the row's list
@@ -210,8 +229,11 @@ if triton is not None:
             col_ok = cols < group_end
             # a row block with no chosen row, or a tile past the end of a smaller group, skips the
             # dot; the latter still writes (-inf, 0) partials because the merge reads all NT tiles
-            any_chosen = tl.max(chosen.to(tl.int32), axis=0) > 0
-            k_end = tl.where(any_chosen & (lo < group_end), H, 0)
+            if ONE_BLOCK:
+                k_end = tl.where(lo < group_end, H, 0)
+            else:
+                any_chosen = tl.max(chosen.to(tl.int32), axis=0) > 0
+                k_end = tl.where(any_chosen & (lo < group_end), H, 0)
 
             acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
             h_ptrs = hidden_ptr + rows[:, None] * stride_hm + offs_k[None, :]
@@ -261,12 +283,32 @@ if triton is not None:
         return top
 
     @triton.jit
+    def _lse_top_chunk(part_max_ptr, part_sum_ptr, row_base, p0, NP, run_max, run_sum, top_key, K,
+                       K_POW2: tl.constexpr, CHUNK: tl.constexpr, ONLY: tl.constexpr, USE_TOPK: tl.constexpr):
+        """One chunk of the merge's phase A: tile partials [p0, p0 + CHUNK) of a row (masked at NP) folded
+        into the running (max, sum of exp) and the running top K_POW2 packed (tile max, tile) keys.
+        ONLY: this is the row's one chunk (its top is the top; nothing to merge with)."""
+        offs = p0 + tl.arange(0, CHUNK)
+        ok = offs < NP
+        pm = tl.load(part_max_ptr + row_base + offs, mask=ok, other=float("-inf"))
+        ps = tl.load(part_sum_ptr + row_base + offs, mask=ok, other=0.0)
+        new_max = tl.maximum(run_max, tl.max(pm, axis=0))
+        new_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(ps * tl.exp(pm - new_max), axis=0)
+        chunk_top = _top_keys(tl.where(ok, _pack_key(pm, offs), NO_KEY), K, K_POW2, USE_TOPK)
+        if ONLY:
+            new_top = chunk_top
+        else:  # the running top and this chunk's, side by side
+            new_top = _top_keys(tl.reshape(tl.join(top_key, chunk_top), (2 * K_POW2,)), K, K_POW2, USE_TOPK)
+        return new_max, new_sum, new_top
+
+    @triton.jit
     def _merge_topk_kernel(
         part_key_ptr, part_max_ptr, part_sum_ptr, order_ptr,
         ids_ptr, logprobs_ptr,
-        NP, KT, K, V,
-        K_POW2: tl.constexpr, KT_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
+        NP, NP_MAIN, KT, K, V,
+        K_POW2: tl.constexpr, KT_POW2: tl.constexpr, BLOCK_P: tl.constexpr, TAIL_P: tl.constexpr,
         ONE_CHUNK: tl.constexpr, USE_TOPK: tl.constexpr, PDL: tl.constexpr,
+        FOLD_ROWS: tl.constexpr, FOLD_COLS: tl.constexpr,
     ):
         """One program per row (one warp where the vectors fit: every reduction is warp shuffles).
         Only the K tiles with the largest maxima can hold the row's top K (K tile maxima are
@@ -277,32 +319,47 @@ if triton is not None:
             gdc_wait()  # every partial written and visible
         m = tl.program_id(0)
         slots = tl.arange(0, K_POW2)
-        # phase A: online log-sum-exp over the row's NP tile partials (finite start: no inf - inf)
+        # phase A: online log-sum-exp over the row's NP tile partials (finite start: no inf - inf), in
+        # chunks of BLOCK_P, then one TAIL_P chunk (300 tiles: 256 + 64, not one chunk of 512)
         run_max = tl.full((), -1.0e30, tl.float32)
         run_sum = tl.full((), 0.0, tl.float32)
         top_key = tl.full((K_POW2,), NO_KEY, tl.int64)
-        offs_p = tl.arange(0, BLOCK_P)
-        for p0 in range(0, NP, BLOCK_P):
-            ok = p0 + offs_p < NP
-            pm = tl.load(part_max_ptr + m * NP + p0 + offs_p, mask=ok, other=float("-inf"))
-            ps = tl.load(part_sum_ptr + m * NP + p0 + offs_p, mask=ok, other=0.0)
-            new_max = tl.maximum(run_max, tl.max(pm, axis=0))
-            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(ps * tl.exp(pm - new_max), axis=0)
-            run_max = new_max
-            chunk_top = _top_keys(tl.where(ok, _pack_key(pm, p0 + offs_p), NO_KEY), K, K_POW2, USE_TOPK)
-            if ONE_CHUNK:
-                top_key = chunk_top
-            else:  # more tiles than one chunk: the running top and this chunk's, side by side
-                top_key = _top_keys(tl.reshape(tl.join(top_key, chunk_top), (2 * K_POW2,)), K, K_POW2, USE_TOPK)
+        for p0 in range(0, NP_MAIN, BLOCK_P):
+            run_max, run_sum, top_key = _lse_top_chunk(part_max_ptr, part_sum_ptr, m * NP, p0, NP, run_max, run_sum,
+                                                       top_key, K, K_POW2, BLOCK_P, ONE_CHUNK, USE_TOPK)
+        if TAIL_P > 0:
+            run_max, run_sum, top_key = _lse_top_chunk(part_max_ptr, part_sum_ptr, m * NP, NP_MAIN, NP, run_max,
+                                                       run_sum, top_key, K, K_POW2, TAIL_P, ONE_CHUNK, USE_TOPK)
         lse = run_max + tl.log(run_sum)
 
         # phase B: a tile picked with max -inf (fewer than K non-empty tiles) is empty
-        cols = tl.arange(0, KT_POW2)
         tile = _key_row(top_key)
         tile_ok = (slots < K) & (top_key != NO_KEY) & (_key_value(top_key) > float("-inf"))
-        cand = (m * NP + tile[:, None]) * KT + cols[None, :]
-        cand_key = tl.load(part_key_ptr + cand, mask=tile_ok[:, None] & (cols[None, :] < KT), other=NO_KEY)
-        out_key = _top_keys(tl.reshape(cand_key, (K_POW2 * KT_POW2,)), K, K_POW2, USE_TOPK)
+        if FOLD_ROWS == 0:
+            cols = tl.arange(0, KT_POW2)
+            cand = (m * NP + tile[:, None]) * KT + cols[None, :]
+            cand_key = tl.load(part_key_ptr + cand, mask=tile_ok[:, None] & (cols[None, :] < KT), other=NO_KEY)
+            out_key = _top_keys(tl.reshape(cand_key, (K_POW2 * KT_POW2,)), K, K_POW2, USE_TOPK)
+        else:
+            # the tiles come in descending order of their maxima and each tile's keys descend, so the
+            # j-th key of the i-th tile has i tile maxima and j keys of its own above it: only i + j < K
+            # can be in the top K. That triangle (K(K+1)/2 keys, 55 for K=10) is folded into
+            # [FOLD_ROWS, FOLD_COLS]: row r holds tile r's first K - r keys, then tile K-1-r's first
+            # r + 1, so the top-k below sorts 128 keys for K=10 instead of 256. Exact in values; among
+            # equal logits in different tiles either id may come out, as with phase A's choice.
+            r = tl.arange(0, FOLD_ROWS)
+            c = tl.arange(0, FOLD_COLS)
+            tile_lo = tl.sum(tl.where(slots[None, :] == r[:, None], tile[None, :], 0), axis=1)
+            tile_hi = tl.sum(tl.where(slots[None, :] == (K - 1 - r)[:, None], tile[None, :], 0), axis=1)
+            ok_lo = tl.max(tl.where(slots[None, :] == r[:, None], tile_ok[None, :], 0), axis=1) > 0
+            ok_hi = tl.max(tl.where(slots[None, :] == (K - 1 - r)[:, None], tile_ok[None, :], 0), axis=1) > 0
+            in_lo = c[None, :] < (K - r)[:, None]
+            j = tl.where(in_lo, c[None, :], c[None, :] - (K - r)[:, None])
+            ok = tl.where(in_lo, ok_lo[:, None] & (r <= K - 1 - r)[:, None], ok_hi[:, None] & (r < K - 1 - r)[:, None])
+            ok = ok & (c[None, :] <= K) & (j < KT)
+            cand = (m * NP + tl.where(in_lo, tile_lo[:, None], tile_hi[:, None])) * KT + j
+            cand_key = tl.load(part_key_ptr + cand, mask=ok, other=NO_KEY)
+            out_key = _top_keys(tl.reshape(cand_key, (FOLD_ROWS * FOLD_COLS,)), K, K_POW2, USE_TOPK)
 
         out_ok = slots < K
         # clamp: with check=False and k beyond the active vocabulary, -inf slots carry arbitrary rows
@@ -347,6 +404,35 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+
+
+def _merge_chunks(n_tiles: int, k_pow2: int) -> tuple[int, int, int]:
+    """The merge's phase-A chunking of a row's n_tiles partials: (BLOCK_P, NP_MAIN, TAIL_P): chunks of
+    BLOCK_P over [0, NP_MAIN) (the last may be padded), then one chunk of TAIL_P (0: none). A bitonic
+    top-k costs about its length, so 152 tiles go as 128 + 32 rather than one padded 256; a tail of
+    more than a quarter chunk is cheaper padded into one chunk."""
+    block = max(k_pow2, min(MERGE_BLOCK_P, 1 << (max(1, n_tiles).bit_length() - 1)))
+    n_main, rem = divmod(n_tiles, block)
+    if n_main == 0:
+        return block, block, 0
+    if rem == 0:
+        return block, n_main * block, 0
+    tail = max(k_pow2, _next_pow2(rem))
+    if n_main == 1 and tail > block // 4 and _next_pow2(n_tiles) <= MERGE_BLOCK_P:
+        return _next_pow2(n_tiles), _next_pow2(n_tiles), 0
+    if tail >= block:
+        return block, (n_main + 1) * block, 0
+    return block, n_main * block, tail
+
+
+def _fold_shape(k: int, k_pow2: int, kt_pow2: int) -> tuple[int, int]:
+    """The merge's folded candidate triangle [rows, cols] (see _merge_topk_kernel), or (0, 0) where
+    folding does not shrink the [k_pow2, kt_pow2] block: k <= 3 (tl.topk needs k_pow2 = 16 keys at
+    least) and k a power of two of 16 or more (the fold is as large)."""
+    rows, cols = _next_pow2((k + 1) // 2), _next_pow2(k + 1)
+    if rows * cols >= k_pow2 * kt_pow2 or rows * cols < k_pow2:
+        return 0, 0
+    return rows, cols
 
 
 def _num_programs_cap(device: torch.device, per_sm: int) -> int:
@@ -420,23 +506,26 @@ def grouped_head_topk_triton(
         A_POW2=_next_pow2(A), G_POW2=G_POW2, BLOCK_P=min(max(16, _next_pow2(MA)), max(16, 8192 // G_POW2)),
         GATHER=gather, M_POW2=max(16, _next_pow2(M)),
         EVEN_K=(H % block_k == 0), DOT_FP32=dot_needs_fp32(device),
-        PDL=pdl, ONE_ROW=(M == 1),
+        PDL=pdl, ONE_ROW=(M == 1), ONE_BLOCK=(NMB == 1 and not gather),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not _merge:
         return ids, logprobs
     # tl.topk needs k <= the vector's length; one warp (shuffles only) while the largest vector is at
     # most 16 int64 keys a lane (measured: 4 warps cost ~1.3 us more at M=1), else 4 warps
-    block_p = max(min(MERGE_BLOCK_P, max(16, _next_pow2(A * NT))), K_POW2)
-    merge_warps = 1 if max(block_p, K_POW2 * KT_POW2) <= 512 else 4
+    block_p, np_main, tail_p = _merge_chunks(A * NT, K_POW2)
+    fold_rows, fold_cols = _fold_shape(k, K_POW2, KT_POW2)
+    merge_warps = 1 if max(block_p, tail_p, fold_rows * fold_cols if fold_rows else K_POW2 * KT_POW2) <= 512 else 4
     # the merge alone is launched as a programmatic dependent (the attribute sits on the dependent
     # launch): the partials kernel is launched plainly, so it never starts before its own producer
     _merge_topk_kernel[(M,)](
         part_key, part_max, part_sum, order,
         ids, logprobs,
-        A * NT, KT, k, V,
-        K_POW2=K_POW2, KT_POW2=KT_POW2, BLOCK_P=block_p,
-        ONE_CHUNK=A * NT <= block_p, USE_TOPK=HAS_TOPK and (device.type == "cuda" or INTERPRETER_TOPK), PDL=pdl,
+        A * NT, np_main, KT, k, V,
+        K_POW2=K_POW2, KT_POW2=KT_POW2, BLOCK_P=block_p, TAIL_P=tail_p,
+        ONE_CHUNK=np_main == block_p and tail_p == 0,
+        USE_TOPK=HAS_TOPK and (device.type == "cuda" or INTERPRETER_TOPK), PDL=pdl,
+        FOLD_ROWS=fold_rows, FOLD_COLS=fold_cols,
         num_warps=merge_warps, **({"launch_pdl": True} if pdl else {}),
     )
     return ids, logprobs
