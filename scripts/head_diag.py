@@ -1,7 +1,8 @@
 """Versions of the grouped head's kernel file side by side on the GPU (one device call): each
-version's default config on the bench's shapes, checked against the fp32 reference, then timed in
-interleaved passes (one call a CUDA graph after an L2 flush, 16 calls a graph / 16, the partials
-kernel alone), as `coral-fast bench head --sweep` times configs.
+version's default config on the bench's shapes, checked and timed by the same driver as `coral-fast
+bench head --sweep` (`coral_fast.benchmarks.head.compare_kernels`: against the fp32 reference, then
+interleaved passes of one call a CUDA graph after an L2 flush, 16 calls a graph / 16, the partials
+kernel alone).
 Usage: python scripts/head_diag.py --versions old.py,tree [--shapes llama3,gemma3] [--out DIR]
 
 (The first run of this script, 2026-11-23, instead switched parts of the shipped epilogue off to see
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import pathlib
-import statistics
 import sys
 import tempfile
 
@@ -23,7 +23,6 @@ sys.path.insert(0, str(ROOT))
 
 from coral_fast import GroupedLMHead, VocabGrouping  # noqa: E402
 from coral_fast.benchmarks import head as hb  # noqa: E402
-from coral_fast.kernels.grouped_head_topk import KernelConfig, default_config  # noqa: E402
 
 
 def load_module(src: str, name: str):
@@ -70,8 +69,7 @@ def main():
     flush = torch.empty(hb.FLUSH_BYTES // 4, device=device).uniform_()
     bw = hb._copy_bandwidth(device, flush)
     lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s; {torch.cuda.get_device_name()}; torch {torch.__version__}",
-             "| case | floor | version | config | err | partials 1 call | full 1 call (x2) | / floor | full chained (x2) | / floor |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             *hb.SIDE_BY_SIDE_HEADER]
     print(lines[0], flush=True)
     gen = torch.Generator().manual_seed(0)
     for name in args.shapes.split(","):
@@ -82,42 +80,14 @@ def main():
         for shape, M, routing in CASES:
             if shape != name or (args.cases and f"{M}:{routing}" not in args.cases.split(",")):
                 continue
-            hiddens = [torch.randn(M, H, device=device).to(torch.bfloat16) for _ in range(hb.NSETS)]
-            groups = [hb._groups(M, routing, gen, device) for _ in range(hb.NSETS)]
-            chain_h, chain_g = hb._chain_inputs(M, H, routing, gen, device)
-            floor = statistics.mean(int(grouping.group_sizes[g.unique().cpu()].sum()) for g in groups) * H * 2 / bw * 1e6
-            built = []
+            inp = hb.case_inputs(head, weight, grouping, M, routing, gen, bw)
+            entries = []
             for label, mod in variants:
                 cfg = mod.default_config(M, H, hb.TOP_K)
-
-                def call(i, mod=mod, cfg=cfg, hs=hiddens, gs=groups, merge=True):
-                    return mod.grouped_head_topk_triton(hs[i], weight, head.offsets, head.order, gs[i], hb.TOP_K,
-                                                        head.max_group_size, cfg, _merge=merge)
-                try:
-                    worst = hb._check_config(head, weight, grouping, cfg, M, H, routing, gen, device,
-                                             kernel=mod.grouped_head_topk_triton)
-                    if not worst <= hb.MAX_ERR:
-                        raise AssertionError(f"max err {worst:.2e}")
-                    built.append((label, cfg, worst, call, hb._rotating(hb._graphs(call)),
-                                  hb._rotating(hb._graphs(lambda i, call=call: call(i, merge=False)))))
-                except Exception as exc:  # noqa: BLE001
-                    line = f"| {name} M={M} {routing} | {floor:.1f} | {label} | {hb._cfg_str(cfg)} | FAILED {type(exc).__name__}: {str(exc)[:200]} | | | | | |"
-                    print(line, flush=True)
-                    lines.append(line)
-            times = {label: ([], []) for label, *_ in built}
-            for _ in range(2):  # interleaved passes: drift hits every version alike
-                for label, cfg, worst, call, single, part in built:
-                    times[label][0].append(hb._time_us(single, flush))
-                    times[label][1].append(hb._time_chain_us(
-                        lambda i, call=call: call(i % hb.NCHAIN, hs=chain_h, gs=chain_g), hb.NCHAIN, flush))
-            for label, cfg, worst, call, single, part in built:
-                p = hb._time_us(part, flush)
-                t, c = times[label]
-                line = (f"| {name} M={M} {routing} | {floor:.1f} | {label} | {hb._cfg_str(cfg)} | {worst:.1e} "
-                        f"| {p:.1f} | {t[0]:.1f} / {t[1]:.1f} | {min(t) / floor:.2f} | {c[0]:.1f} / {c[1]:.1f} "
-                        f"| {min(c) / floor:.2f} |")
-                print(line, flush=True)
-                lines.append(line)
+                entries.append((f"{label} {hb._cfg_str(cfg)}", mod.grouped_head_topk_triton, cfg))
+            rows = hb.compare_kernels(f"{name} M={M} {routing}", inp, entries, flush)
+            print("\n".join(rows), flush=True)
+            lines += rows
             (out / "head_diag.md").write_text("\n".join(lines) + "\n")
         del weight, head
         torch.cuda.empty_cache()

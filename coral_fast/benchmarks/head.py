@@ -356,24 +356,118 @@ def _check_config(head, weight, grouping, cfg, M, H, routing, gen, device, nsets
     return worst
 
 
+SIDE_BY_SIDE_HEADER = [
+    "| case | floor (us) | version / config | items / programs | err | graph 1 call (us), x2 | / floor "
+    f"| {NCHAIN}-call graph per call (us), x2 | / floor | partials alone (us) |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+@dataclass
+class CaseInputs:
+    """One case's inputs, shared by every kernel timed on it (see `compare_kernels`)."""
+
+    head: GroupedLMHead
+    weight: torch.Tensor
+    grouping: VocabGrouping
+    M: int
+    H: int
+    routing: str
+    gen: torch.Generator
+    hiddens: list  # NSETS x [M, H] bf16, rotated through by the one-call timing
+    groups: list  # NSETS x [M, ACTIVE]
+    chain_h: list  # NCHAIN x [M, H], for the chained timing (no call finds its weights in L2)
+    chain_g: list
+    floor_us: float
+    active: float  # mean number of active groups
+
+
+def case_inputs(head, weight, grouping, M, routing, gen, bw) -> CaseInputs:
+    H = weight.shape[1]
+    device = weight.device
+    hiddens = [torch.randn(M, H, device=device).to(torch.bfloat16) for _ in range(NSETS)]
+    groups = [_groups(M, routing, gen, device) for _ in range(NSETS)]
+    chain_h, chain_g = _chain_inputs(M, H, routing, gen, device)
+    sizes = grouping.group_sizes
+    floor = statistics.mean(int(sizes[g.unique().cpu()].sum()) for g in groups) * H * 2 / bw * 1e6
+    active = statistics.mean(g.unique().numel() for g in groups)
+    return CaseInputs(head, weight, grouping, M, H, routing, gen, hiddens, groups, chain_h, chain_g, floor, active)
+
+
+def compare_kernels(case: str, inp: CaseInputs, entries, flush, log=print) -> list[str]:
+    """Kernels side by side on one case: entries = [(label, kernel, cfg)], `kernel` with the signature of
+    `grouped_head_topk_triton` (another version of it, or the same with another config). Each is checked
+    on fresh inputs against the reference (`_check_config`) and captured, then all are timed in two
+    interleaved passes (one call a graph replay; NCHAIN calls a graph, per call), so drift hits every
+    entry alike, and the partials kernel alone once. A failing entry is logged and gets a FAILED row.
+    Returns the table rows (columns of SIDE_BY_SIDE_HEADER)."""
+    import traceback
+
+    head, device, M = inp.head, inp.weight.device, inp.M
+    rows, results = [], {}
+    for label, kernel, cfg in entries:  # check and build graphs first, then time
+        items = round(inp.active * -(-head.max_group_size // cfg.block_v) * -(-M // cfg.block_m))
+        shape = f"{items} / {min(items, _num_programs_cap(device, cfg.programs_per_sm))}"
+        try:
+            t0 = time.perf_counter()
+            err = _check_config(head, inp.weight, inp.grouping, cfg, M, inp.H, inp.routing, inp.gen, device,
+                                kernel=kernel)
+            if not err <= MAX_ERR:
+                raise AssertionError(f"max err {err:.2e} > {MAX_ERR}")
+
+            def call(i, kernel=kernel, cfg=cfg, hs=inp.hiddens, gs=inp.groups, merge=True):
+                return kernel(hs[i], inp.weight, head.offsets, head.order, gs[i], TOP_K, head.max_group_size, cfg,
+                              _merge=merge)
+
+            results[label] = dict(err=err, single=_rotating(_graphs(call)), call=call, t=[], c=[], shape=shape,
+                                  build_s=time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001
+            log(f"  {label:34s}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
+            log("    " + traceback.format_exc(limit=3).replace("\n", "\n    ")[-1500:])
+            rows.append(f"| {case} | {inp.floor_us:.1f} | {label} | {shape} | FAILED: {type(exc).__name__} "
+                        "| - | - | - | - | - |")
+    for _ in range(2):
+        for label, r in results.items():
+            try:
+                r["t"].append(_time_us(r["single"], flush))
+                r["c"].append(_time_chain_us(
+                    lambda i, call=r["call"]: call(i % NCHAIN, hs=inp.chain_h, gs=inp.chain_g), NCHAIN, flush))
+            except Exception as exc:  # noqa: BLE001
+                log(f"  {label:34s}: timing FAILED {type(exc).__name__}: {str(exc)[:300]}")
+    floor = inp.floor_us
+    for label, r in results.items():
+        try:
+            partials = f"{_time_us(_rotating(_graphs(lambda i, call=r['call']: call(i, merge=False))), flush):.1f}"
+        except Exception as exc:  # noqa: BLE001
+            partials = f"failed ({type(exc).__name__})"
+        if len(r["t"]) < 2 or len(r["c"]) < 2:
+            rows.append(f"| {case} | {floor:.1f} | {label} | {r['shape']} | {r['err']:.1e} | timing failed "
+                        "| - | - | - | - |")
+            continue
+        t, c = r["t"], r["c"]
+        rows.append(f"| {case} | {floor:.1f} | {label} | {r['shape']} | {r['err']:.1e} "
+                    f"| {t[0]:.1f} / {t[1]:.1f} | {min(t) / floor:.2f} | {c[0]:.1f} / {c[1]:.1f} "
+                    f"| {min(c) / floor:.2f} | {partials} |")
+        log(f"  {label:34s}: graph {t[0]:6.1f} / {t[1]:6.1f} us ({min(t) / floor:.2f}x)  chained "
+            f"{c[0]:6.1f} / {c[1]:6.1f} us ({min(c) / floor:.2f}x)  partials {partials}  "
+            f"items/programs {r['shape']}  err {r['err']:.1e}  [check+capture {r['build_s']:.1f}s]")
+    return rows
+
+
 def run_sweep(plan, cases=None, log=print, table_path=None, device="cuda") -> list[str]:
     """Each config of each case of `plan` (shape -> [(M, routing, configs)]; the default and the
-    default without pdl first): checked on fresh inputs, then timed twice both ways (one call a graph
-    replay; NCHAIN calls a graph, per call) in two interleaved passes, and the partials kernel alone
-    once. A failing config is logged and skipped. Returns the table's lines (saved after every case)."""
+    default without pdl first) side by side (`compare_kernels`). Returns the table's lines (saved
+    after every case, so a run cut short by a timeout keeps its finished cases)."""
     import dataclasses
-    import traceback
 
     device = torch.device(device)
     flush = torch.empty(FLUSH_BYTES // 4, device=device).uniform_()
     bw = _copy_bandwidth(device, flush)
     log(f"device-to-device copy bandwidth: {bw / 1e12:.2f} TB/s")
-    table = ["| case | floor (us) | config | items / programs | err | graph 1 call (us), x2 | / floor "
-             f"| {NCHAIN}-call graph per call (us), x2 | / floor | partials alone (us) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    table = list(SIDE_BY_SIDE_HEADER)
     gen = torch.Generator().manual_seed(0)
 
-    def save():  # the table so far, so a run cut short by a timeout keeps its finished cases
+    def save():
         if table_path:
             with open(table_path, "w") as f:
                 f.write("\n".join(table) + "\n")
@@ -383,67 +477,18 @@ def run_sweep(plan, cases=None, log=print, table_path=None, device="cuda") -> li
         weight = (torch.randn(V, H, device=device) / H**0.5).to(torch.bfloat16)
         grouping = VocabGrouping.contiguous(V, NUM_GROUPS)
         head = GroupedLMHead(weight, grouping)
-        sizes = grouping.group_sizes
         for M, routing, candidates in shape_cases:
             if cases is not None and (M, routing) not in cases:
                 continue
             save()
             case = f"{name} M={M} {routing}"
-            hiddens = [torch.randn(M, H, device=device).to(torch.bfloat16) for _ in range(NSETS)]
-            groups = [_groups(M, routing, gen, device) for _ in range(NSETS)]
-            chain_h, chain_g = _chain_inputs(M, H, routing, gen, device)
-            floor = statistics.mean(int(sizes[g.unique().cpu()].sum()) for g in groups) * H * 2 / bw * 1e6
-            active = statistics.mean(g.unique().numel() for g in groups)
-            log(f"== {case}: floor {floor:.1f} us")
+            inp = case_inputs(head, weight, grouping, M, routing, gen, bw)
+            log(f"== {case}: floor {inp.floor_us:.1f} us")
             base = default_config(M, H, TOP_K)
             configs = [("default " + _cfg_str(base), base), ("default, pdl off", dataclasses.replace(base, pdl=False))]
             configs += [(_cfg_str(c), c) for c in candidates]
-            results = {}
-            for label, cfg in configs:  # check and build graphs first, then time in two interleaved passes
-                items = round(active * -(-head.max_group_size // cfg.block_v) * -(-M // cfg.block_m))
-                shape = f"{items} / {min(items, _num_programs_cap(device, cfg.programs_per_sm))}"
-                try:
-                    t0 = time.perf_counter()
-                    err = _check_config(head, weight, grouping, cfg, M, H, routing, gen, device)
-                    if not err <= MAX_ERR:
-                        raise AssertionError(f"max err {err:.2e} > {MAX_ERR}")
-
-                    def call(i, cfg=cfg, hs=hiddens, gs=groups, merge=True):
-                        return grouped_head_topk_triton(hs[i], weight, head.offsets, head.order, gs[i], TOP_K,
-                                                        head.max_group_size, cfg, _merge=merge)
-
-                    results[label] = dict(err=err, single=_rotating(_graphs(call)), call=call, t=[], c=[],
-                                          shape=shape, build_s=time.perf_counter() - t0)
-                except Exception as exc:  # noqa: BLE001
-                    log(f"  {label:34s}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
-                    log("    " + traceback.format_exc(limit=3).replace("\n", "\n    ")[-1500:])
-                    table.append(f"| {case} | {floor:.1f} | {label} | {shape} | FAILED: {type(exc).__name__} "
-                                 "| - | - | - | - | - |")
-            for _ in range(2):
-                for label, r in results.items():
-                    try:
-                        r["t"].append(_time_us(r["single"], flush))
-                        r["c"].append(_time_chain_us(
-                            lambda i, call=r["call"]: call(i % NCHAIN, hs=chain_h, gs=chain_g), NCHAIN, flush))
-                    except Exception as exc:  # noqa: BLE001
-                        log(f"  {label:34s}: timing FAILED {type(exc).__name__}: {str(exc)[:300]}")
-            for label, r in results.items():
-                try:
-                    partials = f"{_time_us(_rotating(_graphs(lambda i, call=r['call']: call(i, merge=False))), flush):.1f}"
-                except Exception as exc:  # noqa: BLE001
-                    partials = f"failed ({type(exc).__name__})"
-                if len(r["t"]) < 2 or len(r["c"]) < 2:
-                    table.append(f"| {case} | {floor:.1f} | {label} | {r['shape']} | {r['err']:.1e} | timing failed "
-                                 "| - | - | - | - |")
-                    continue
-                t, c = r["t"], r["c"]
-                table.append(f"| {case} | {floor:.1f} | {label} | {r['shape']} | {r['err']:.1e} "
-                             f"| {t[0]:.1f} / {t[1]:.1f} | {min(t) / floor:.2f} | {c[0]:.1f} / {c[1]:.1f} "
-                             f"| {min(c) / floor:.2f} | {partials} |")
-                log(f"  {label:34s}: graph {t[0]:6.1f} / {t[1]:6.1f} us ({min(t) / floor:.2f}x)  chained "
-                    f"{c[0]:6.1f} / {c[1]:6.1f} us ({min(c) / floor:.2f}x)  partials {partials}  "
-                    f"items/programs {r['shape']}  err {r['err']:.1e}  [check+capture {r['build_s']:.1f}s]")
-            del results
+            table += compare_kernels(case, inp, [(label, grouped_head_topk_triton, cfg) for label, cfg in configs],
+                                     flush, log)
         del weight, head
         torch.cuda.empty_cache()
     save()
