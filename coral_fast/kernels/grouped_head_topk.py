@@ -15,14 +15,13 @@ Kernel plan (two launches, no host synchronisation, nothing the size of the logi
    blocks fastest so the programs that share a weight tile run together. An item finds in `groups`
    which rows of its block chose its group, streams its [BLOCK_V, H] weight tile once for all of
    them (tl.dot, fp32 accumulation), and in the epilogue writes per chosen row the tile's (max, sum
-   of exp) and its top-KT logits as packed (logit, re-laid row) int64 keys. At M=1 the epilogue
-   runs on the one real row of the 16-row dot.
+   of exp) and its top-KT logits as packed (logit, re-laid row) int64 keys. At M=1 the row's groups
+   are taken as they are (no union) and the epilogue runs on the one real row of the 16-row dot.
 2. `_merge_topk_kernel`, one program per row (one warp): log-sum-exp over the row's tile partials,
    the k tiles with the largest maxima (only they can hold the top k), top-k (bitonic `tl.topk`) over
    the k(k+1)/2 of their candidate keys that can still be in it, then `logit - lse` and `order[row]`
-   -> original ids. At M=1 the partials kernel takes the row's groups as they are (no union). On Hopper
-   it is launched by programmatic dependent launch: it starts while the first kernel runs and waits
-   on the device (`griddepcontrol.wait`), not on the stream.
+   -> original ids. On Hopper it is launched by programmatic dependent launch: it starts while the
+   first kernel runs and waits on the device (`griddepcontrol.wait`), not on the stream.
 """
 from __future__ import annotations
 
