@@ -21,7 +21,6 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coral_fast import GroupedLMHead, VocabGrouping  # noqa: E402
 from coral_fast.benchmarks import head as hb  # noqa: E402
 
 
@@ -73,10 +72,8 @@ def main():
     print(lines[0], flush=True)
     gen = torch.Generator().manual_seed(0)
     for name in args.shapes.split(","):
-        V, H = hb.SHAPES[name]
-        weight = (torch.randn(V, H, device=device) / H**0.5).to(torch.bfloat16)
-        grouping = VocabGrouping.contiguous(V, hb.NUM_GROUPS)
-        head = GroupedLMHead(weight, grouping)
+        H = hb.SHAPES[name][1]
+        weight, grouping, head = hb.shape_head(name, device)
         for shape, M, routing in CASES:
             if shape != name or (args.cases and f"{M}:{routing}" not in args.cases.split(",")):
                 continue

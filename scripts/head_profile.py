@@ -17,7 +17,6 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coral_fast import GroupedLMHead, VocabGrouping  # noqa: E402
 from coral_fast.benchmarks import head as hb  # noqa: E402
 
 
@@ -27,17 +26,15 @@ def main():
     args = ap.parse_args()
     device = torch.device("cuda")
     gen = torch.Generator().manual_seed(0)
-    heads = {}
+    head_name, head = None, None
     for case in args.cases.split(","):
         name, M, routing = case.split(":")
         M = int(M)
-        V, H = hb.SHAPES[name]
-        if name not in heads:
-            heads.clear()
+        H = hb.SHAPES[name][1]
+        if name != head_name:
+            head = None  # one shape's weights on the GPU at a time
             torch.cuda.empty_cache()
-            weight = (torch.randn(V, H, device=device) / H**0.5).to(torch.bfloat16)
-            heads[name] = GroupedLMHead(weight, VocabGrouping.contiguous(V, hb.NUM_GROUPS))
-        head = heads[name]
+            head_name, (_, _, head) = name, hb.shape_head(name, device)
         hidden = torch.randn(M, H, device=device).to(torch.bfloat16)
         groups = hb._groups(M, routing, gen, device)
         for _ in range(3):

@@ -129,6 +129,25 @@ def _cfg_str(c: KernelConfig) -> str:
             + ("" if c.gather else " rows-in-order"))
 
 
+def shape_head(name: str, device) -> tuple[torch.Tensor, VocabGrouping, GroupedLMHead]:
+    """The bench's head for a shape of SHAPES: random bf16 weight [V, H], G=NUM_GROUPS contiguous groups."""
+    V, H = SHAPES[name]
+    weight = (torch.randn(V, H, device=device) / H**0.5).to(torch.bfloat16)
+    grouping = VocabGrouping.contiguous(V, NUM_GROUPS)
+    return weight, grouping, GroupedLMHead(weight, grouping)
+
+
+def _logprob_err(head, weight, grouping, hidden, groups, ids, logprobs) -> float:
+    """Max |log-prob error| of a top-k result against the fp32 reference: the reference's values, and the
+    log-prob that the full fp32 log-softmax gives each returned id."""
+    _, ref_lp = grouped_head_topk_reference(hidden, weight, head.offsets, head.order, groups, TOP_K)
+    V = weight.shape[0]
+    logits = (hidden.float() @ weight.float().T).masked_fill(
+        ~_active_mask(grouping, groups, V, weight.device), float("-inf"))
+    full = torch.log_softmax(logits, dim=-1)
+    return max(float((logprobs - ref_lp).abs().max()), float((full.gather(1, ids) - logprobs).abs().max()))
+
+
 def run_gpu(shapes, cases, quick: bool, log=print) -> tuple[list[Row], float]:
     import triton.testing
 
@@ -141,27 +160,16 @@ def run_gpu(shapes, cases, quick: bool, log=print) -> tuple[list[Row], float]:
     gen = torch.Generator().manual_seed(0)
     for name in shapes:
         V, H = SHAPES[name]
-        weight = (torch.randn(V, H, device=device) / H**0.5).to(torch.bfloat16)
-        grouping = VocabGrouping.contiguous(V, NUM_GROUPS)
-        head = GroupedLMHead(weight, grouping)
-        sizes = grouping.group_sizes
+        weight, grouping, head = shape_head(name, device)
         for M, routing in cases:
-            hiddens = [torch.randn(M, H, device=device).to(torch.bfloat16) for _ in range(NSETS)]
-            groups = [_groups(M, routing, gen, device) for _ in range(NSETS)]
-            union_rows = statistics.mean(int(sizes[g.unique().cpu()].sum()) for g in groups)
-            floor_union = union_rows * H * 2 / bw * 1e6
+            inp = case_inputs(head, weight, grouping, M, routing, gen, bw)
+            hiddens, groups = inp.hiddens, inp.groups
             floor_all = V * H * 2 / bw * 1e6
             cfg = default_config(M, H, TOP_K)
 
             # correctness first, on every input set, same call as timed
-            max_err = 0.0
-            for h, g in zip(hiddens, groups):
-                ids, lp = head.topk(h, g, TOP_K, impl="triton", check=True)
-                _, ref_lp = grouped_head_topk_reference(h, weight, head.offsets, head.order, g, TOP_K)
-                logits = (h.float() @ weight.float().T).masked_fill(~_active_mask(grouping, g, V, device), float("-inf"))
-                full = torch.log_softmax(logits, dim=-1)
-                err = max(float((lp - ref_lp).abs().max()), float((full.gather(1, ids) - lp).abs().max()))
-                max_err = max(max_err, err)
+            max_err = max(_logprob_err(head, weight, grouping, h, g, *head.topk(h, g, TOP_K, impl="triton", check=True))
+                          for h, g in zip(hiddens, groups))
 
             def ours(i):
                 return head.topk(hiddens[i], groups[i], TOP_K, impl="triton", check=False)
@@ -176,12 +184,11 @@ def run_gpu(shapes, cases, quick: bool, log=print) -> tuple[list[Row], float]:
             ours_graph_us = bench(ours_graphs)
             ours_us = bench(_rotating(ours))
             ours_dobench_us = triton.testing.do_bench(ours_graphs, warmup=10, rep=100, return_mode="median") * 1e3
-            chain_h, chain_g = _chain_inputs(M, H, routing, gen, device)
             chain_us = _time_chain_us(
-                lambda i: head.topk(chain_h[i], chain_g[i], TOP_K, impl="triton", check=False), NCHAIN, flush)
+                lambda i: head.topk(inp.chain_h[i], inp.chain_g[i], TOP_K, impl="triton", check=False), NCHAIN, flush)
             dense_us = bench(_rotating(_graphs(dense)))
             naive_us = None if (quick and M > 1) else bench(_rotating(naive), reps=20)
-            row = Row(name, M, routing, ours_graph_us, ours_us, dense_us, naive_us, floor_union, floor_all,
+            row = Row(name, M, routing, ours_graph_us, ours_us, dense_us, naive_us, inp.floor_us, floor_all,
                       max_err, _cfg_str(cfg), dobench_us=ours_dobench_us, chain_us=chain_us)
             log(format_row(row))
             rows.append(row)
@@ -190,14 +197,19 @@ def run_gpu(shapes, cases, quick: bool, log=print) -> tuple[list[Row], float]:
     return rows, bw
 
 
-def _graphs(fn):
-    """One CUDA graph per input set (the draft loop captures the head the same way)."""
+def _warm_up(fn, n):
+    """fn(0) .. fn(n-1) once on a side stream before capture (Triton compiles, allocator pools fill)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for i in range(NSETS):  # compile and warm up outside capture
+        for i in range(n):
             fn(i)
     torch.cuda.current_stream().wait_stream(stream)
+
+
+def _graphs(fn):
+    """One CUDA graph per input set (the draft loop captures the head the same way)."""
+    _warm_up(fn, NSETS)
     graphs = []
     for i in range(NSETS):
         graph = torch.cuda.CUDAGraph()
@@ -233,12 +245,7 @@ def _time_chain_us(fn, n, flush, reps=30) -> float:
     """One CUDA graph of fn(0) .. fn(n-1) back to back (each on its own input set), replayed after an
     L2 flush (256 MiB read); median graph time / n. Counts the launch gaps inside a graph (as the draft
     loop's graph sees them) but the event and graph-launch overhead only once per n calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(n):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
+    _warm_up(fn, n)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for i in range(n):
@@ -346,10 +353,7 @@ def _check_config(head, weight, grouping, cfg, M, H, routing, gen, device, nsets
             raise AssertionError("unwritten, non-finite or out-of-range outputs")
         if not bool((lp[:, 1:] <= lp[:, :-1] + 1e-6).all()):
             raise AssertionError("not sorted descending")
-        _, ref_lp = grouped_head_topk_reference(h, weight, head.offsets, head.order, g, TOP_K)
-        logits = (h.float() @ weight.float().T).masked_fill(~_active_mask(grouping, g, V, device), float("-inf"))
-        full = torch.log_softmax(logits, dim=-1)
-        err = max(float((lp - ref_lp).abs().max()), float((full.gather(1, ids) - lp).abs().max()))
+        err = _logprob_err(head, weight, grouping, h, g, ids, lp)
         if any(ids[m].unique().numel() != TOP_K for m in range(M)):
             raise AssertionError("repeated ids in a row")
         worst = max(worst, err)
@@ -473,10 +477,8 @@ def run_sweep(plan, cases=None, log=print, table_path=None, device="cuda") -> li
                 f.write("\n".join(table) + "\n")
 
     for name, shape_cases in plan.items():
-        V, H = SHAPES[name]
-        weight = (torch.randn(V, H, device=device) / H**0.5).to(torch.bfloat16)
-        grouping = VocabGrouping.contiguous(V, NUM_GROUPS)
-        head = GroupedLMHead(weight, grouping)
+        H = SHAPES[name][1]
+        weight, grouping, head = shape_head(name, device)
         for M, routing, candidates in shape_cases:
             if cases is not None and (M, routing) not in cases:
                 continue

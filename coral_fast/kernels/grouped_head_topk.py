@@ -348,10 +348,12 @@ if triton is not None:
             # equal logits in different tiles either id may come out, as with phase A's choice.
             r = tl.arange(0, FOLD_ROWS)
             c = tl.arange(0, FOLD_COLS)
-            tile_lo = tl.sum(tl.where(slots[None, :] == r[:, None], tile[None, :], 0), axis=1)
-            tile_hi = tl.sum(tl.where(slots[None, :] == (K - 1 - r)[:, None], tile[None, :], 0), axis=1)
-            ok_lo = tl.max(tl.where(slots[None, :] == r[:, None], tile_ok[None, :], 0), axis=1) > 0
-            ok_hi = tl.max(tl.where(slots[None, :] == (K - 1 - r)[:, None], tile_ok[None, :], 0), axis=1) > 0
+            is_lo = slots[None, :] == r[:, None]  # [FOLD_ROWS, K_POW2]: tile r of the ranking
+            is_hi = slots[None, :] == (K - 1 - r)[:, None]  # tile K-1-r
+            tile_lo = tl.sum(tl.where(is_lo, tile[None, :], 0), axis=1)
+            tile_hi = tl.sum(tl.where(is_hi, tile[None, :], 0), axis=1)
+            ok_lo = tl.max(tl.where(is_lo, tile_ok[None, :], 0), axis=1) > 0
+            ok_hi = tl.max(tl.where(is_hi, tile_ok[None, :], 0), axis=1) > 0
             in_lo = c[None, :] < (K - r)[:, None]
             j = tl.where(in_lo, c[None, :], c[None, :] - (K - r)[:, None])
             ok = tl.where(in_lo, ok_lo[:, None] & (r <= K - 1 - r)[:, None], ok_hi[:, None] & (r < K - 1 - r)[:, None])
