@@ -31,9 +31,11 @@ CASES = [
     (613, 16, 3, 19, 3, 10, "contiguous", 16),
     (2999, 24, 11, 2, 4, 10, "counts", 64),
 ]
-# PDL is CUDA only (sm_90+; elsewhere the plain launch): both ways on the GPU, one on the CPU
+# PDL is CUDA only (sm_90+; elsewhere the plain launch): both ways on the GPU, one on the CPU. Keys that
+# carry original token ids or re-laid rows (KernelConfig.ids_in_keys): both everywhere ("counts" cases
+# re-lay the vocabulary, so a row named where an id belongs gives wrong ids)
 PDL = [True, False] if DEVICE == "cuda" else [True]
-MATRIX = [(pdl, c) for pdl in PDL for c in CASES]
+MATRIX = [(pdl, ids, c) for pdl in PDL for ids in (False, True) for c in CASES]
 
 
 def _run(case_fields, cfg, k, dtype, weight=None, grouping=None):
@@ -52,13 +54,14 @@ def _run(case_fields, cfg, k, dtype, weight=None, grouping=None):
 
 
 @needs_triton
-@pytest.mark.parametrize("pdl,case", MATRIX, ids=[f"pdl{int(p)}-{i}" for i, (p, _) in enumerate(MATRIX)])
-def test_config_matches_oracle(pdl, case, monkeypatch, seed):
+@pytest.mark.parametrize("pdl,ids_in_keys,case", MATRIX,
+                         ids=[f"pdl{int(p)}-ids{int(d)}-{i}" for i, (p, d, _) in enumerate(MATRIX)])
+def test_config_matches_oracle(pdl, ids_in_keys, case, monkeypatch, seed):
     V, H, G, M, A, k, kind, block_v = case
     if M * k <= 64:  # the interpreter's bitonic tl.topk is slow: the merge's tl.topk path where small
         monkeypatch.setattr(kernel, "INTERPRETER_TOPK", True)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    cfg = kernel.KernelConfig(16, block_v, 16, 4, 2, 2, gather=False, pdl=pdl)
+    cfg = kernel.KernelConfig(16, block_v, 16, 4, 2, 2, gather=False, pdl=pdl, ids_in_keys=ids_in_keys)
     ids, logprobs, hidden, weight, grouping, groups = _run((V, H, G, M, A), cfg, k, dtype,
                                                            grouping=_grouping(kind, V, G))
     atol = 2e-3 if dtype == torch.bfloat16 else 1e-4
@@ -66,11 +69,12 @@ def test_config_matches_oracle(pdl, case, monkeypatch, seed):
 
 
 @needs_triton
-@pytest.mark.parametrize("use_topk", [True, False])
-def test_chunked_merge_with_ties(use_topk, monkeypatch, seed):
+@pytest.mark.parametrize("use_topk,ids_in_keys", [(True, False), (False, False), (True, True)])
+def test_chunked_merge_with_ties(use_topk, ids_in_keys, monkeypatch, seed):
     """More tiles than one merge chunk (the running top merged with each chunk's), k above the tile
-    width, heavy ties (5 distinct weight rows), gathered row blocks; the merge with tl.topk and with
-    its fallback (rounds of one max, for a triton without tl.topk)."""
+    width, heavy ties (5 distinct weight rows), gathered row blocks, a re-laid vocabulary; the merge
+    with tl.topk and with its fallback (rounds of one max, for a triton without tl.topk); keys naming
+    re-laid rows and original ids."""
     monkeypatch.setattr(kernel, "MERGE_BLOCK_P", 16)
     monkeypatch.setattr(kernel, "INTERPRETER_TOPK", True)
     if not use_topk:
@@ -81,7 +85,7 @@ def test_chunked_merge_with_ties(use_topk, monkeypatch, seed):
     grouping = VocabGrouping.from_token_counts(torch.rand(V), G)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # not fp32 on the GPU: tf32 dot
     weight = torch.randn(5, H)[torch.randint(0, 5, (V,))].to(DEVICE, dtype)
-    cfg = kernel.KernelConfig(16, 16, 16, 4, 2, 2, gather=True)
+    cfg = kernel.KernelConfig(16, 16, 16, 4, 2, 2, gather=True, ids_in_keys=ids_in_keys)
     ids, logprobs, hidden, weight, grouping, groups = _run((V, H, G, M, A), cfg, k, dtype, weight, grouping)
     _assert_topk_matches(ids, logprobs, hidden.float(), weight.float(), grouping, groups, k,
                          atol=1e-4 if DEVICE == "cpu" else 2e-3)

@@ -15,12 +15,13 @@ Kernel plan (two launches, no host synchronisation, nothing the size of the logi
    blocks fastest so the programs that share a weight tile run together. An item finds in `groups`
    which rows of its block chose its group, streams its [BLOCK_V, H] weight tile once for all of
    them (tl.dot, fp32 accumulation), and in the epilogue writes per chosen row the tile's (max, sum
-   of exp) and its top-KT logits as packed (logit, re-laid row) int64 keys. At M=1 the row's groups
+   of exp) and its top-KT logits as packed (logit, re-laid row) int64 keys (with 16-row blocks the key
+   names the original token id instead, so the merge needs no `order` lookup). At M=1 the row's groups
    are taken as they are (no union) and the epilogue runs on the one real row of the 16-row dot.
 2. `_merge_topk_kernel`, one program per row (one warp): log-sum-exp over the row's tile partials,
    the k tiles with the largest maxima (only they can hold the top k), top-k (bitonic `tl.topk`) over
-   the k(k+1)/2 of their candidate keys that can still be in it, then `logit - lse` and `order[row]`
-   -> original ids. On Hopper it is launched by programmatic dependent launch: it starts while the
+   the k(k+1)/2 of their candidate keys that can still be in it, then `logit - lse` and (where the
+   keys name re-laid rows) `order[row]` -> original ids. On Hopper it is launched by programmatic dependent launch: it starts while the
    first kernel runs and waits on the device (`griddepcontrol.wait`), not on the stream.
 """
 from __future__ import annotations
@@ -72,8 +73,9 @@ def grouped_head_topk_reference(
 if triton is not None:
 
     # Packed candidate keys: a logit's fp32 bits mapped to an int32 of the same order in the high half,
-    # 0x7FFFFFFF - row in the low half (ties: lower row first). One int64 max picks the largest logit
-    # and names its row at once (one reduction instead of a value/index pair); keys are distinct.
+    # 0x7FFFFFFF - row in the low half (ties: lower row first; the "row" is the re-laid row, or the
+    # original token id with KernelConfig.ids_in_keys). One int64 max picks the largest logit and names
+    # its row at once (one reduction instead of a value/index pair); a row's keys are distinct.
     NO_KEY = tl.constexpr(-9223372036854775807)  # below every key, -inf's included
 
     # programmatic dependent launch (KernelConfig.pdl): the merge launches while the partials kernel
@@ -116,36 +118,50 @@ if triton is not None:
 
     @triton.jit
     def _write_tile_partials(
-        acc, col_ok, lo, part, chosen, part_key_ptr, part_max_ptr, part_sum_ptr, KT, BLOCK_V: tl.constexpr,
+        acc, col_ok, tok, part, chosen, part_key_ptr, part_max_ptr, part_sum_ptr, KT,
+        BLOCK_V: tl.constexpr, MAX_FROM_KEY: tl.constexpr,
     ):
-        """Epilogue of one tile for R rows: acc [R, BLOCK_V] fp32 logits, col_ok [BLOCK_V], lo = the
-        tile's first re-laid row, part [R] = the (row, slot, tile) partial index, chosen [R]. Writes
-        per chosen row the tile's (max, sum of exp) and its top-KT logits as packed (logit, row) int64
-        keys, one max a round and one store a round (measured against: a bitonic tl.topk, 61.6 vs 54.2
-        us for the kernel; int32 keys with the column in the low bits, 99.5 vs 90.3 us at M=64: more
-        live registers; H100, bench/results/head_breakdown_h100.md)."""
+        """Epilogue of one tile for R rows: acc [R, BLOCK_V] fp32 logits, col_ok [BLOCK_V], tok [BLOCK_V]
+        int32 = what a key names for each column (original token id, or re-laid row), part [R] = the
+        (row, slot, tile) partial index, chosen [R]. Writes per chosen row the tile's (max, sum of exp)
+        and its top-KT logits as packed (logit, tok) int64 keys, one max a round and one store a round
+        (measured against: a bitonic tl.topk, 61.6 vs 54.2 us for the kernel; int32 keys with the column
+        in the low bits, 99.5 vs 90.3 us at M=64: more live registers; H100,
+        bench/results/head_breakdown_h100.md). MAX_FROM_KEY: the tile max is read off the first round's
+        key instead of reduced on its own (fewer registers with 16-row blocks, more with 64)."""
         logits = tl.where(col_ok[None, :], acc, float("-inf"))
-        tile_max = tl.max(logits, axis=1)
+        key = _pack_key(logits, tok[None, :])
+        if MAX_FROM_KEY:
+            best = tl.max(key, axis=1)
+            tile_max = _key_value(best)
+        else:
+            tile_max = tl.max(logits, axis=1)
         shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
         tile_sum = tl.sum(tl.exp(logits - shift[:, None]), axis=1)
         tl.store(part_max_ptr + part, tile_max, mask=chosen)
         tl.store(part_sum_ptr + part, tile_sum, mask=chosen)
-        key = _pack_key(logits, lo + tl.arange(0, BLOCK_V)[None, :])
-        for r in range(0, tl.where(tl.max(chosen.to(tl.int32), axis=0) > 0, KT, 0)):
-            best = tl.max(key, axis=1)
-            tl.store(part_key_ptr + part * KT + r, best, mask=chosen)
-            key = tl.where(key == best[:, None], NO_KEY, key)
+        if MAX_FROM_KEY:
+            tl.store(part_key_ptr + part * KT, best, mask=chosen)
+            for r in range(1, tl.where(tl.max(chosen.to(tl.int32), axis=0) > 0, KT, 0)):
+                key = tl.where(key == best[:, None], NO_KEY, key)
+                best = tl.max(key, axis=1)
+                tl.store(part_key_ptr + part * KT + r, best, mask=chosen)
+        else:
+            for r in range(0, tl.where(tl.max(chosen.to(tl.int32), axis=0) > 0, KT, 0)):
+                best = tl.max(key, axis=1)
+                tl.store(part_key_ptr + part * KT + r, best, mask=chosen)
+                key = tl.where(key == best[:, None], NO_KEY, key)
 
     @triton.jit
     def _grouped_head_partials_kernel(
-        hidden_ptr, weight_ptr, groups_ptr, offsets_ptr,
+        hidden_ptr, weight_ptr, groups_ptr, offsets_ptr, order_ptr,
         part_key_ptr, part_max_ptr, part_sum_ptr,
         M, H, A, G, NT, NMB, KT,
         stride_hm, stride_wv, stride_gm,
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
         A_POW2: tl.constexpr, G_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
         GATHER: tl.constexpr, M_POW2: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
-        PDL: tl.constexpr, ONE_ROW: tl.constexpr, ONE_BLOCK: tl.constexpr,
+        PDL: tl.constexpr, ONE_ROW: tl.constexpr, ONE_BLOCK: tl.constexpr, IDS_IN_KEYS: tl.constexpr,
     ):
         """Persistent: work item = (active group j, vocab tile t, row block mb), mb fastest so the
         programs sharing a weight tile run side by side and all but the first read it from L2."""
@@ -226,6 +242,10 @@ if triton is not None:
             lo = tl.sum(tl.where(is_g, g_start, 0), axis=0) + tile * BLOCK_V
             cols = lo + local
             col_ok = cols < group_end
+            if IDS_IN_KEYS:
+                tok = tl.load(order_ptr + cols, mask=col_ok, other=0).to(tl.int32)
+            else:
+                tok = cols
             # a row block with no chosen row, or a tile past the end of a smaller group, skips the
             # dot; the latter still writes (-inf, 0) partials because the merge reads all NT tiles
             if ONE_BLOCK:
@@ -257,14 +277,14 @@ if triton is not None:
                 # M == 1: rows 1.. of the 16-row dot are padding; the epilogue runs on row 0 alone
                 first = (tl.arange(0, BLOCK_M) == 0)
                 _write_tile_partials(
-                    tl.sum(tl.where(first[:, None], acc, 0.0), axis=0, keep_dims=True), col_ok, lo,
+                    tl.sum(tl.where(first[:, None], acc, 0.0), axis=0, keep_dims=True), col_ok, tok,
                     tl.sum(tl.where(first, part, 0), axis=0, keep_dims=True),
                     tl.max(tl.where(first, chosen.to(tl.int32), 0), axis=0, keep_dims=True) > 0,
-                    part_key_ptr, part_max_ptr, part_sum_ptr, KT, BLOCK_V,
+                    part_key_ptr, part_max_ptr, part_sum_ptr, KT, BLOCK_V, IDS_IN_KEYS,
                 )
             else:
-                _write_tile_partials(acc, col_ok, lo, part, chosen, part_key_ptr, part_max_ptr, part_sum_ptr, KT,
-                                     BLOCK_V)
+                _write_tile_partials(acc, col_ok, tok, part, chosen, part_key_ptr, part_max_ptr, part_sum_ptr, KT,
+                                     BLOCK_V, IDS_IN_KEYS)
 
     @triton.jit
     def _top_keys(x, K, K_POW2: tl.constexpr, USE_TOPK: tl.constexpr):
@@ -307,7 +327,7 @@ if triton is not None:
         NP, NP_MAIN, KT, K, V,
         K_POW2: tl.constexpr, KT_POW2: tl.constexpr, BLOCK_P: tl.constexpr, TAIL_P: tl.constexpr,
         ONE_CHUNK: tl.constexpr, USE_TOPK: tl.constexpr, PDL: tl.constexpr,
-        FOLD_ROWS: tl.constexpr, FOLD_COLS: tl.constexpr,
+        FOLD_ROWS: tl.constexpr, FOLD_COLS: tl.constexpr, IDS_IN_KEYS: tl.constexpr,
     ):
         """One program per row (one warp where the vectors fit: every reduction is warp shuffles).
         Only the K tiles with the largest maxima can hold the row's top K (K tile maxima are
@@ -363,9 +383,12 @@ if triton is not None:
             out_key = _top_keys(tl.reshape(cand_key, (FOLD_ROWS * FOLD_COLS,)), K, K_POW2, USE_TOPK)
 
         out_ok = slots < K
-        # clamp: with check=False and k beyond the active vocabulary, -inf slots carry arbitrary rows
-        safe_row = tl.minimum(tl.maximum(_key_row(out_key), 0), V - 1)
-        ids = tl.load(order_ptr + safe_row, mask=out_ok, other=0)
+        # clamp: with check=False and k beyond the active vocabulary, -inf slots carry arbitrary ids
+        row_or_id = tl.minimum(tl.maximum(_key_row(out_key), 0), V - 1)
+        if IDS_IN_KEYS:
+            ids = row_or_id.to(tl.int64)
+        else:
+            ids = tl.load(order_ptr + row_or_id, mask=out_ok, other=0)
         tl.store(ids_ptr + m * K + slots, ids, mask=out_ok)
         out_val = tl.where(out_key == NO_KEY, float("-inf"), _key_value(out_key))
         tl.store(logprobs_ptr + m * K + slots, out_val - lse, mask=out_ok)
@@ -383,6 +406,11 @@ class KernelConfig:
     # merge by programmatic dependent launch where supported (CUDA sm_90+, triton with gdc_wait; off
     # with CORAL_FAST_HEAD_PDL=0): measured 0.2-0.8 us less a call (1.1 us chained) on the H100, in graphs
     pdl: bool = True
+    # the candidate keys carry original token ids (the partials kernel loads `order` for its tile), so the
+    # merge ends without an `order` lookup, one dependent memory round trip less; and the tile max is read
+    # off the first key, not reduced on its own. H100: -0.6 to -1.5 us at M=1, up to -1 us at M=16 (16-row
+    # blocks: registers 188 -> 168); with 64-row blocks registers rose 192 -> 204-225 and it cost 1-13 us
+    ids_in_keys: bool = False
 
 
 def default_config(M: int, H: int, k: int) -> KernelConfig:
@@ -396,8 +424,9 @@ def default_config(M: int, H: int, k: int) -> KernelConfig:
     """
     if M <= 16:
         if H >= 2048:
-            return KernelConfig(16, 128, 128, num_warps=4, num_stages=3, programs_per_sm=2, gather=False)
-        return KernelConfig(16, 128, 64, num_warps=4, num_stages=3, programs_per_sm=4, gather=False)
+            return KernelConfig(16, 128, 128, num_warps=4, num_stages=3, programs_per_sm=2, gather=False,
+                                ids_in_keys=True)
+        return KernelConfig(16, 128, 64, num_warps=4, num_stages=3, programs_per_sm=4, gather=False, ids_in_keys=True)
     return KernelConfig(64, 64, 128, num_warps=4, num_stages=3, programs_per_sm=2, gather=False)
 
 
@@ -499,7 +528,7 @@ def grouped_head_topk_triton(
     max_items = min(G, MA) * NT * NMB
     grid = (min(max_items, _num_programs_cap(device, cfg.programs_per_sm)),)
     _grouped_head_partials_kernel[grid](
-        hidden, weight, groups, offsets,
+        hidden, weight, groups, offsets, order,
         part_key, part_max, part_sum,
         M, H, A, G, NT, NMB, KT,
         hidden.stride(0), weight.stride(0), groups.stride(0),
@@ -507,7 +536,7 @@ def grouped_head_topk_triton(
         A_POW2=_next_pow2(A), G_POW2=G_POW2, BLOCK_P=min(max(16, _next_pow2(MA)), max(16, 8192 // G_POW2)),
         GATHER=gather, M_POW2=max(16, _next_pow2(M)),
         EVEN_K=(H % block_k == 0), DOT_FP32=dot_needs_fp32(device),
-        PDL=pdl, ONE_ROW=(M == 1), ONE_BLOCK=(NMB == 1 and not gather),
+        PDL=pdl, ONE_ROW=(M == 1), ONE_BLOCK=(NMB == 1 and not gather), IDS_IN_KEYS=cfg.ids_in_keys,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not _merge:
@@ -526,7 +555,7 @@ def grouped_head_topk_triton(
         K_POW2=K_POW2, KT_POW2=KT_POW2, BLOCK_P=block_p, TAIL_P=tail_p,
         ONE_CHUNK=np_main == block_p and tail_p == 0,
         USE_TOPK=HAS_TOPK and (device.type == "cuda" or INTERPRETER_TOPK), PDL=pdl,
-        FOLD_ROWS=fold_rows, FOLD_COLS=fold_cols,
+        FOLD_ROWS=fold_rows, FOLD_COLS=fold_cols, IDS_IN_KEYS=cfg.ids_in_keys,
         num_warps=merge_warps, **({"launch_pdl": True} if pdl else {}),
     )
     return ids, logprobs
