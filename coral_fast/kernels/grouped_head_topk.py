@@ -21,8 +21,9 @@ Kernel plan (two launches, no host synchronisation, nothing the size of the logi
 2. `_merge_topk_kernel`, one program per row (one warp): log-sum-exp over the row's tile partials,
    the k tiles with the largest maxima (only they can hold the top k), top-k (bitonic `tl.topk`) over
    the k(k+1)/2 of their candidate keys that can still be in it, then `logit - lse` and (where the
-   keys name re-laid rows) `order[row]` -> original ids. On Hopper it is launched by programmatic dependent launch: it starts while the
-   first kernel runs and waits on the device (`griddepcontrol.wait`), not on the stream.
+   keys name re-laid rows) `order[row]` -> original ids. On Hopper it is launched by programmatic
+   dependent launch: it starts while the first kernel runs and waits on the device
+   (`griddepcontrol.wait`), not on the stream.
 """
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ if triton is not None:
     # Packed candidate keys: a logit's fp32 bits mapped to an int32 of the same order in the high half,
     # 0x7FFFFFFF - row in the low half (ties: lower row first; the "row" is the re-laid row, or the
     # original token id with KernelConfig.ids_in_keys). One int64 max picks the largest logit and names
-    # its row at once (one reduction instead of a value/index pair); a row's keys are distinct.
+    # its row at once (one reduction instead of a value/index pair); a row's keys of finite logits are
+    # distinct (masked columns may share one -inf key: a round then clears them together, harmlessly).
     NO_KEY = tl.constexpr(-9223372036854775807)  # below every key, -inf's included
 
     # programmatic dependent launch (KernelConfig.pdl): the merge launches while the partials kernel
@@ -118,8 +120,7 @@ if triton is not None:
 
     @triton.jit
     def _write_tile_partials(
-        acc, col_ok, tok, part, chosen, part_key_ptr, part_max_ptr, part_sum_ptr, KT,
-        BLOCK_V: tl.constexpr, MAX_FROM_KEY: tl.constexpr,
+        acc, col_ok, tok, part, chosen, part_key_ptr, part_max_ptr, part_sum_ptr, KT, MAX_FROM_KEY: tl.constexpr,
     ):
         """Epilogue of one tile for R rows: acc [R, BLOCK_V] fp32 logits, col_ok [BLOCK_V], tok [BLOCK_V]
         int32 = what a key names for each column (original token id, or re-laid row), part [R] = the
@@ -280,11 +281,11 @@ if triton is not None:
                     tl.sum(tl.where(first[:, None], acc, 0.0), axis=0, keep_dims=True), col_ok, tok,
                     tl.sum(tl.where(first, part, 0), axis=0, keep_dims=True),
                     tl.max(tl.where(first, chosen.to(tl.int32), 0), axis=0, keep_dims=True) > 0,
-                    part_key_ptr, part_max_ptr, part_sum_ptr, KT, BLOCK_V, IDS_IN_KEYS,
+                    part_key_ptr, part_max_ptr, part_sum_ptr, KT, IDS_IN_KEYS,
                 )
             else:
                 _write_tile_partials(acc, col_ok, tok, part, chosen, part_key_ptr, part_max_ptr, part_sum_ptr, KT,
-                                     BLOCK_V, IDS_IN_KEYS)
+                                     IDS_IN_KEYS)
 
     @triton.jit
     def _top_keys(x, K, K_POW2: tl.constexpr, USE_TOPK: tl.constexpr):
@@ -408,7 +409,7 @@ class KernelConfig:
     pdl: bool = True
     # the candidate keys carry original token ids (the partials kernel loads `order` for its tile), so the
     # merge ends without an `order` lookup, one dependent memory round trip less; and the tile max is read
-    # off the first key, not reduced on its own. H100: -0.6 to -1.5 us at M=1, up to -1 us at M=16 (16-row
+    # off the first key, not reduced on its own. H100: -0.6 to -1.3 us at M=1, up to -1 us at M=16 (16-row
     # blocks: registers 188 -> 168); with 64-row blocks registers rose 192 -> 204-225 and it cost 1-13 us
     ids_in_keys: bool = False
 
@@ -420,13 +421,15 @@ def default_config(M: int, H: int, k: int) -> KernelConfig:
     for small M; for small H (Gemma's 640) shorter K steps and more programs per SM, because each
     tile's stream is short and the pipeline fill between tiles must overlap with other programs.
     For larger M one 64-row block (rows in order) beat gathering the chosen rows into 16/32-row
-    blocks, for shared and random routing alike.
+    blocks, for shared and random routing alike. Original ids in the keys with 16-row blocks only
+    (H100, sixth session: faster there, slower with 64-row blocks; see KernelConfig.ids_in_keys).
     """
     if M <= 16:
         if H >= 2048:
             return KernelConfig(16, 128, 128, num_warps=4, num_stages=3, programs_per_sm=2, gather=False,
                                 ids_in_keys=True)
-        return KernelConfig(16, 128, 64, num_warps=4, num_stages=3, programs_per_sm=4, gather=False, ids_in_keys=True)
+        return KernelConfig(16, 128, 64, num_warps=4, num_stages=3, programs_per_sm=4, gather=False,
+                            ids_in_keys=True)
     return KernelConfig(64, 64, 128, num_warps=4, num_stages=3, programs_per_sm=2, gather=False)
 
 
@@ -486,7 +489,8 @@ def grouped_head_topk_triton(
     max_group_size: int, config: KernelConfig | None = None, out: tuple[Tensor, Tensor] | None = None,
     _merge: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Launch the two kernels (`_merge=False`: the first only, for the benchmark's breakdown); inputs are assumed valid (GroupedLMHead.topk checks them).
+    """Launch the two kernels (`_merge=False`: the first only, for the benchmark's breakdown); inputs
+    are assumed valid (GroupedLMHead.topk checks them).
 
     hidden: [M, H] (weight's dtype); weight: [V, H] re-laid, rows contiguous; offsets: [G+1] int64;
     order: [V] int64; groups: [M, A] int32/int64, contiguous rows; max_group_size: host int.
