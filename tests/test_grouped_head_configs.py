@@ -2,7 +2,8 @@
 above a small group's size, a chunked merge with heavy ties), the merge's fallback without tl.topk
 (which the interpreter also runs for speed, except where a test sets INTERPRETER_TOPK),
 programmatic dependent launch on and off (GPU), against the fp64 oracle: through the interpreter on the
-CPU and in bf16 on the GPU. Also the packed key's order on hand-picked values."""
+CPU and in bf16 on the GPU. Also the packed key's order on hand-picked values, and the merge alone on
+hand-made tile partials with a known answer."""
 import dataclasses
 
 import pytest
@@ -181,3 +182,53 @@ def test_packed_key_order_and_roundtrip(seed):
         for j in range(N):
             if (vals[i], -rows[i]) > (vals[j], -rows[j]) and not (vals[i] == 0 and vals[j] == 0):
                 assert key[i] > key[j], (vals[i], rows[i], vals[j], rows[j])
+
+
+def _pack_keys(vals: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The kernel's own packed (value, id) int64 keys for 1-D fp32 values and int32 ids."""
+    N = vals.numel()
+    key = torch.empty(N, dtype=torch.int64, device=DEVICE)
+    _roundtrip_kernel[(1,)](vals, ids, key, torch.empty_like(vals), torch.empty_like(ids), N,
+                            BLOCK=triton.next_power_of_2(N))
+    return key
+
+
+@needs_triton
+@pytest.mark.parametrize("ids_in_keys", [True, False])
+def test_merge_on_hand_made_partials(ids_in_keys, monkeypatch, seed):
+    """The merge alone, on hand-made tile partials with a known answer. Row 0: tiles 0..5 have maxima
+    1 + 10 t ulp and keys one ulp apart, so tile 5, the largest, holds the row's whole top 10 and the
+    fold must rank the tiles by their exact maxima (ranked sixth, tile 5 would give only 5 keys). Row
+    1: random tiles. The keys name original ids, or re-laid rows that `order` maps to ids."""
+    if not kernel.HAS_TOPK:
+        pytest.skip("this triton has no tl.topk")
+    monkeypatch.setattr(kernel, "INTERPRETER_TOPK", True)
+    M, n_tiles, KT, k = 2, 40, 10, 10
+    ulp = 2.0**-23
+    steps = torch.arange(KT, dtype=torch.float64)
+    tile_max = torch.empty(M, n_tiles, dtype=torch.float64)
+    tile_max[0, :6] = 1.0 + torch.arange(6, dtype=torch.float64) * 10 * ulp
+    tile_max[0, 6:] = torch.rand(n_tiles - 6, dtype=torch.float64) * 0.9
+    tile_max[1] = torch.randn(n_tiles, dtype=torch.float64) * 3
+    gap = torch.full((M, n_tiles), 0.05, dtype=torch.float64)
+    gap[0, :6] = ulp
+    vals = (tile_max[:, :, None] - gap[:, :, None] * steps).float()  # [M, n_tiles, KT], descending
+    assert vals[0, 5].min() > vals[0, 4].max()  # tile 5 holds row 0's top 10
+    V = M * n_tiles * KT
+    rows = torch.randperm(V).view(M, n_tiles, KT).int()  # what the keys name
+    order = torch.randperm(V)  # re-laid row -> original id
+    part_max = vals[:, :, 0].contiguous().reshape(-1)
+    part_sum = torch.exp(vals.double() - vals[:, :, :1].double()).sum(-1).float().reshape(-1)
+    part_key = _pack_keys(vals.reshape(-1).to(DEVICE), rows.reshape(-1).to(DEVICE))
+    out_ids = torch.full((M, k), -7, dtype=torch.int64, device=DEVICE)
+    out_lp = torch.full((M, k), float("nan"), device=DEVICE)
+    kernel.merge_tile_partials(part_key, part_max.to(DEVICE), part_sum.to(DEVICE), order.to(DEVICE), out_ids, out_lp,
+                               n_tiles, KT, V, ids_in_keys=ids_in_keys)
+    flat_vals, flat_rows = vals.reshape(M, -1).double(), rows.reshape(M, -1).long()
+    ref_vals, where = torch.topk(flat_vals, k, dim=-1)
+    ref_ids = torch.gather(flat_rows, 1, where)
+    if not ids_in_keys:
+        ref_ids = order[ref_ids]
+    assert torch.equal(out_ids.cpu(), ref_ids)
+    lse = torch.logsumexp(flat_vals, dim=-1, keepdim=True)
+    torch.testing.assert_close(out_lp.cpu().double(), ref_vals - lse, atol=1e-5, rtol=0)

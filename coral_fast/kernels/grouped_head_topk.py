@@ -509,7 +509,6 @@ def grouped_head_topk_triton(
     NT = triton.cdiv(max_group_size, cfg.block_v)
     NMB = triton.cdiv(M, cfg.block_m)
     KT = min(k, cfg.block_v)
-    K_POW2, KT_POW2 = max(16, _next_pow2(k)), max(16, _next_pow2(KT))
     device = hidden.device
     pdl = _use_pdl(cfg, device)
     # one workspace (fewer allocator calls on the hot path): packed int64 candidate keys, tile max,
@@ -545,9 +544,32 @@ def grouped_head_topk_triton(
     )
     if not _merge:
         return ids, logprobs
+    merge_tile_partials(part_key, part_max, part_sum, order, ids, logprobs, A * NT, KT, V, pdl, cfg.ids_in_keys)
+    return ids, logprobs
+
+
+def merge_tile_partials(
+    part_key: Tensor, part_max: Tensor, part_sum: Tensor, order: Tensor, ids: Tensor, logprobs: Tensor,
+    n_tiles: int, KT: int, V: int, pdl: bool = False, ids_in_keys: bool = False,
+) -> None:
+    """Launch the merge (the second kernel) on tile partials, one program per row; also what the tests
+    call on hand-made partials.
+
+    part_key: [M * n_tiles * KT] int64, each tile's top-KT packed keys in descending order; part_max,
+    part_sum: [M * n_tiles] fp32, each tile's max and sum of exp(logit - max); order: [V] int64 (read
+    only where the keys name re-laid rows, `ids_in_keys=False`). Writes ids [M, k] int64 and logprobs
+    [M, k] fp32, k = ids.shape[1].
+    """
+    M, k = ids.shape
+    device = ids.device
+    for name, t in (("part_key", part_key), ("part_max", part_max), ("part_sum", part_sum), ("ids", ids),
+                    ("logprobs", logprobs)):
+        if not t.is_contiguous():  # the kernel indexes flat memory: a strided view would be misread
+            raise ValueError(f"merge_tile_partials: {name} must be contiguous")
+    K_POW2, KT_POW2 = max(16, _next_pow2(k)), max(16, _next_pow2(KT))
     # tl.topk needs k <= the vector's length; one warp (shuffles only) while the largest vector is at
     # most 16 int64 keys a lane (measured: 4 warps cost ~1.3 us more at M=1), else 4 warps
-    block_p, np_main, tail_p = _merge_chunks(A * NT, K_POW2)
+    block_p, np_main, tail_p = _merge_chunks(n_tiles, K_POW2)
     fold_rows, fold_cols = _fold_shape(k, K_POW2, KT_POW2)
     merge_warps = 1 if max(block_p, tail_p, fold_rows * fold_cols if fold_rows else K_POW2 * KT_POW2) <= 512 else 4
     # the merge alone is launched as a programmatic dependent (the attribute sits on the dependent
@@ -555,14 +577,13 @@ def grouped_head_topk_triton(
     _merge_topk_kernel[(M,)](
         part_key, part_max, part_sum, order,
         ids, logprobs,
-        A * NT, np_main, KT, k, V,
+        n_tiles, np_main, KT, k, V,
         K_POW2=K_POW2, KT_POW2=KT_POW2, BLOCK_P=block_p, TAIL_P=tail_p,
         ONE_CHUNK=np_main == block_p and tail_p == 0,
         USE_TOPK=HAS_TOPK and (device.type == "cuda" or INTERPRETER_TOPK), PDL=pdl,
-        FOLD_ROWS=fold_rows, FOLD_COLS=fold_cols, IDS_IN_KEYS=cfg.ids_in_keys,
+        FOLD_ROWS=fold_rows, FOLD_COLS=fold_cols, IDS_IN_KEYS=ids_in_keys,
         num_warps=merge_warps, **({"launch_pdl": True} if pdl else {}),
     )
-    return ids, logprobs
 
 
 def grouped_head_topk(
