@@ -120,19 +120,23 @@ if triton is not None:
 
     @triton.jit
     def _write_tile_partials(
-        acc, col_ok, tok, part, chosen, part_key_ptr, part_max_ptr, part_sum_ptr, KT, MAX_FROM_KEY: tl.constexpr,
+        acc, col_ok, tok, lo, part, chosen, part_key_ptr, part_max_ptr, part_sum_ptr, KT,
+        BLOCK_V: tl.constexpr, IDS_IN_KEYS: tl.constexpr,
     ):
         """Epilogue of one tile for R rows: acc [R, BLOCK_V] fp32 logits, col_ok [BLOCK_V], tok [BLOCK_V]
-        int32 = what a key names for each column (original token id, or re-laid row), part [R] = the
-        (row, slot, tile) partial index, chosen [R]. Writes per chosen row the tile's (max, sum of exp)
-        and its top-KT logits as packed (logit, tok) int64 keys, one max a round and one store a round
-        (measured against: a bitonic tl.topk, 61.6 vs 54.2 us for the kernel; int32 keys with the column
-        in the low bits, 99.5 vs 90.3 us at M=64: more live registers; H100,
-        bench/results/head_breakdown_h100.md). MAX_FROM_KEY: the tile max is read off the first round's
-        key instead of reduced on its own (fewer registers with 16-row blocks, more with 64)."""
+        int32 = the original token id of each column (IDS_IN_KEYS), lo = the tile's first re-laid row,
+        part [R] = the (row, slot, tile) partial index, chosen [R]. Writes per chosen row the tile's (max,
+        sum of exp) and its top-KT logits as packed int64 keys, one max a round and one store a round
+        (a bitonic tl.topk instead: 61.6 vs 54.2 us for the kernel, H100, head_breakdown_h100.md).
+        IDS_IN_KEYS (16-row blocks): the rounds run on packed (logit, token id) keys, one int64 max a
+        round, and the tile max is read off the first round's key. Otherwise (64-row blocks) they run on
+        the fp32 logits and int32 columns (a max, then the lowest column holding it), the key (logit,
+        re-laid row) packed once a round: half the live registers of int64 keys, 2-3 us faster at M=64
+        shared and 16 us at Gemma-3 M=64 random (head_merge_h100.md, call 6)."""
         logits = tl.where(col_ok[None, :], acc, float("-inf"))
-        key = _pack_key(logits, tok[None, :])
-        if MAX_FROM_KEY:
+        n_rounds = tl.where(tl.max(chosen.to(tl.int32), axis=0) > 0, KT, 0)
+        if IDS_IN_KEYS:
+            key = _pack_key(logits, tok[None, :])
             best = tl.max(key, axis=1)
             tile_max = _key_value(best)
         else:
@@ -141,17 +145,22 @@ if triton is not None:
         tile_sum = tl.sum(tl.exp(logits - shift[:, None]), axis=1)
         tl.store(part_max_ptr + part, tile_max, mask=chosen)
         tl.store(part_sum_ptr + part, tile_sum, mask=chosen)
-        if MAX_FROM_KEY:
+        if IDS_IN_KEYS:
             tl.store(part_key_ptr + part * KT, best, mask=chosen)
-            for r in range(1, tl.where(tl.max(chosen.to(tl.int32), axis=0) > 0, KT, 0)):
+            for r in range(1, n_rounds):
                 key = tl.where(key == best[:, None], NO_KEY, key)
                 best = tl.max(key, axis=1)
                 tl.store(part_key_ptr + part * KT + r, best, mask=chosen)
         else:
-            for r in range(0, tl.where(tl.max(chosen.to(tl.int32), axis=0) > 0, KT, 0)):
-                best = tl.max(key, axis=1)
-                tl.store(part_key_ptr + part * KT + r, best, mask=chosen)
-                key = tl.where(key == best[:, None], NO_KEY, key)
+            cols = tl.arange(0, BLOCK_V)
+            best = tile_max
+            col = tl.min(tl.where(logits == best[:, None], cols[None, :], BLOCK_V), axis=1)
+            tl.store(part_key_ptr + part * KT, _pack_key(best, lo + col), mask=chosen)
+            for r in range(1, n_rounds):
+                logits = tl.where(cols[None, :] == col[:, None], float("-inf"), logits)
+                best = tl.max(logits, axis=1)
+                col = tl.min(tl.where(logits == best[:, None], cols[None, :], BLOCK_V), axis=1)
+                tl.store(part_key_ptr + part * KT + r, _pack_key(best, lo + col), mask=chosen)
 
     @triton.jit
     def _grouped_head_partials_kernel(
@@ -246,7 +255,7 @@ if triton is not None:
             if IDS_IN_KEYS:
                 tok = tl.load(order_ptr + cols, mask=col_ok, other=0).to(tl.int32)
             else:
-                tok = cols
+                tok = cols  # unused: the epilogue packs lo + column itself
             # a row block with no chosen row, or a tile past the end of a smaller group, skips the
             # dot; the latter still writes (-inf, 0) partials because the merge reads all NT tiles
             if ONE_BLOCK:
@@ -278,14 +287,14 @@ if triton is not None:
                 # M == 1: rows 1.. of the 16-row dot are padding; the epilogue runs on row 0 alone
                 first = (tl.arange(0, BLOCK_M) == 0)
                 _write_tile_partials(
-                    tl.sum(tl.where(first[:, None], acc, 0.0), axis=0, keep_dims=True), col_ok, tok,
+                    tl.sum(tl.where(first[:, None], acc, 0.0), axis=0, keep_dims=True), col_ok, tok, lo,
                     tl.sum(tl.where(first, part, 0), axis=0, keep_dims=True),
                     tl.max(tl.where(first, chosen.to(tl.int32), 0), axis=0, keep_dims=True) > 0,
-                    part_key_ptr, part_max_ptr, part_sum_ptr, KT, IDS_IN_KEYS,
+                    part_key_ptr, part_max_ptr, part_sum_ptr, KT, BLOCK_V, IDS_IN_KEYS,
                 )
             else:
-                _write_tile_partials(acc, col_ok, tok, part, chosen, part_key_ptr, part_max_ptr, part_sum_ptr, KT,
-                                     IDS_IN_KEYS)
+                _write_tile_partials(acc, col_ok, tok, lo, part, chosen, part_key_ptr, part_max_ptr, part_sum_ptr,
+                                     KT, BLOCK_V, IDS_IN_KEYS)
 
     @triton.jit
     def _top_keys(x, K, K_POW2: tl.constexpr, USE_TOPK: tl.constexpr):
