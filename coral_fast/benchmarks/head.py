@@ -36,11 +36,14 @@ from coral_fast.kernels.grouped_head_topk import (
 
 MAX_ERR = 2e-3  # bf16 operands, fp32 accumulation: larger log-prob errors fail the run
 
-SHAPES = {  # name -> (V, H)
+SHAPES = {  # name -> (V, H): the issue's three shapes, the table's default
     "llama3": (128256, 4096),
     "qwen2.5": (152064, 3584),
     "gemma3": (262144, 640),
 }
+# the draft loop's own head (SmolLM2-135M: tied embedding, 49152 x 576), for --shapes and the sweep
+EXTRA_SHAPES = {"smollm2": (49152, 576)}
+ALL_SHAPES = {**SHAPES, **EXTRA_SHAPES}
 CPU_SHAPES = {"llama2-like/2": (16000, 1024), "gemma3/16": (16384, 640)}
 NUM_GROUPS, ACTIVE, TOP_K, NSETS = 32, 4, 10, 8
 # (M, routing): "random" = each row draws A of G groups; "shared" = rows draw A of the same 6
@@ -131,7 +134,7 @@ def _cfg_str(c: KernelConfig) -> str:
 
 def shape_head(name: str, device) -> tuple[torch.Tensor, VocabGrouping, GroupedLMHead]:
     """The bench's head for a shape of SHAPES: random bf16 weight [V, H], G=NUM_GROUPS contiguous groups."""
-    V, H = SHAPES[name]
+    V, H = ALL_SHAPES[name]
     weight = (torch.randn(V, H, device=device) / H**0.5).to(torch.bfloat16)
     grouping = VocabGrouping.contiguous(V, NUM_GROUPS)
     return weight, grouping, GroupedLMHead(weight, grouping)
@@ -159,7 +162,7 @@ def run_gpu(shapes, cases, quick: bool, log=print) -> tuple[list[Row], float]:
     rows = []
     gen = torch.Generator().manual_seed(0)
     for name in shapes:
-        V, H = SHAPES[name]
+        V, H = ALL_SHAPES[name]
         weight, grouping, head = shape_head(name, device)
         for M, routing in cases:
             inp = case_inputs(head, weight, grouping, M, routing, gen, bw)
@@ -292,47 +295,54 @@ def run_cpu(log=print) -> list[Row]:
 # ---------------------------------------------------------------------------------------------------
 # Configs side by side: `coral-fast bench head --sweep` (the cases the default still misses)
 # ---------------------------------------------------------------------------------------------------
-def _kc(m, v, k, stages, per_sm, warps=4):
-    return KernelConfig(m, v, k, warps, stages, per_sm, gather=False)
+def _kc(m, v, k, stages, per_sm, warps=4, ids=None):
+    """A candidate config; original ids in the keys with 16-row blocks (as `default_config`)."""
+    return KernelConfig(m, v, k, warps, stages, per_sm, gather=False, ids_in_keys=(m <= 16) if ids is None else ids)
 
 
 # Work items of the partials kernel = active groups x ceil(group size / block_v) x ceil(M / block_m),
-# run by min(items, 132 SMs x programs_per_sm) persistent programs (H100; shared memory a program:
-# stages x (block_m + block_v) x block_k x 2 bytes, 228 KB an SM). Llama-3: groups of 4008 rows,
-# Gemma-3: 8192; shared routing: 6 active groups, M=1 random: 4. "default" and "default, pdl off"
-# run in every case (the latter: what programmatic dependent launch is worth there).
+# run by min(items, 132 SMs x programs_per_sm) persistent programs. Programs an SM that are resident
+# at once: registers (65536 an SM / (128 threads x regs)) and shared memory (228 KB an SM) both bound
+# it; regs and smem below are triton 3.6's for sm_90 (`scripts/head_regs.py`, the kernel of c7c598d).
+# Llama-3 groups: 4008 rows, Qwen2.5: 4752, Gemma-3: 8192; shared routing: 6 active groups, M=1: 4.
+# "default" runs in every case (and "default, pdl off" with `pdl_off=True`).
+_M64_SMALL_H = [  # Gemma-3 (H=640), default (kept after the second call) 64x64 k64 s4 p3: 126 regs, 64 KB
+    _kc(64, 64, 128, 3, 2),  # the old default: 5 K steps, 161 regs, 96 KB: 2 resident
+    _kc(64, 64, 64, 5, 2),  # 126 regs, 80 KB: 2 resident, 5 stages of 64
+    _kc(64, 64, 128, 2, 3),  # 161 regs, 64 KB: 3 resident, 2 stages of 128
+    _kc(64, 64, 64, 3, 3),  # 128 regs, 48 KB: 3 of 4 possible
+]
+_M16_SMALL_H = [  # Gemma-3, default (third call) 16x128 k128 s3 p3: 168-190 regs, 72 KB: 2-3 resident
+    _kc(16, 128, 128, 3, 2, warps=8),  # 8 warps: 128 regs, 72 KB: 2 resident (16 warps an SM)
+    _kc(16, 64, 128, 3, 4),  # 115 regs, 40 KB: 4 resident; twice the items
+    _kc(16, 256, 64, 3, 2),  # 194 regs, 68 KB: 2 resident; half the items and tiles to merge
+]
+# second call: 16x128 k128 s2 p4 / s2 p3 / s3 p3 against the old default 16x128 k64 s3 p4 (s3 p3 kept)
 SWEEP_PLAN = {  # shape -> [(M, routing, [candidate configs])]
     "llama3": [
-        (1, "random", []),  # default 4 x 32 = 128 items: checks the new default (tl.topk merge + pdl)
-        (16, "shared", [
-            _kc(16, 64, 64, 3, 4),  # 6 x 63 = 378 items <= 528 programs: one round (H200 sweep: best)
-            _kc(16, 64, 128, 3, 3),  # 378 items <= 396 programs (61 KB smem each): one round, 95% full
-            _kc(16, 32, 128, 3, 6),  # 6 x 126 = 756 <= 792 (37 KB each): one round, 95% full, small tiles
-        ]),  # default 16x128: 6 x 32 = 192 items on 264 programs: one round, but 60 SMs hold 2, 72 hold 1
-        (64, "shared", [
-            _kc(64, 64, 64, 3, 4),  # 378 items <= 528 programs (48 KB each): one round
-            _kc(64, 64, 64, 4, 3),  # 378 <= 396 (64 KB each): one round, 95% full
-            _kc(64, 128, 64, 3, 2, warps=8),  # 6 x 32 = 192 <= 264: one round, hidden re-read from L2 halved
-        ]),  # default 64x64 k128 p2: 378 items on 264 programs: 1.43 rounds (the last 43% full)
-        (64, "random", [  # the same candidates where all 32 groups are active: must not regress
-            _kc(64, 64, 64, 3, 4), _kc(64, 64, 64, 4, 3), _kc(64, 128, 64, 3, 2, warps=8),
-        ]),
+        (64, "shared", [_kc(64, 64, 64, 3, 3), _kc(64, 64, 64, 3, 2)]),  # first call: k64 s3 p4 -6 us shared,
+        (64, "random", [_kc(64, 64, 64, 3, 3), _kc(64, 64, 64, 3, 2)]),  # +15% random: between the two?
+    ],
+    "qwen2.5": [
+        (64, "shared", [_kc(64, 64, 64, 3, 3), _kc(64, 64, 64, 3, 2)]),
+        (64, "random", [_kc(64, 64, 64, 3, 3), _kc(64, 64, 64, 3, 2)]),
+    ],
+    "smollm2": [  # the loop's head: the root (M=1) and a frontier of 10 siblings; the old M <= 16 default first
+        (1, "random", [_kc(16, 128, 64, 3, 4)] + _M16_SMALL_H),
+        (10, "shared", [_kc(16, 128, 64, 3, 4)] + _M16_SMALL_H),
     ],
     "gemma3": [
-        (1, "random", [  # default 16x128 k64 p4: 4 x 64 = 256 items on 528 slots, ~2 a SM
-            _kc(16, 64, 64, 3, 4),  # 512 items <= 528: one round, half the epilogue an item
-            _kc(16, 256, 64, 3, 2),  # 128 items < 132 SMs: one a SM, a quarter of the tiles to merge
-            _kc(16, 128, 128, 2, 2),  # 256 items <= 264: 5 K steps of 128 instead of 10 of 64
-            _kc(16, 32, 64, 3, 8),  # 1024 items <= 1056 (18 KB each): many short streams in flight
-        ]),
-        (64, "shared", [  # default 64x64 k128 p2: 6 x 128 = 768 items on 264: 2.9 rounds
-            _kc(64, 64, 64, 3, 3),  # 768 on 396 (48 KB each): 1.94 rounds, 3 programs an SM overlap tiles
-            _kc(64, 64, 64, 3, 4),  # 768 on 528: 1.45 rounds (control: more programs, emptier last round)
-            _kc(64, 64, 128, 2, 3),  # 768 on 396 (64 KB each): 5 K steps of 128, 2 stages
-            _kc(64, 128, 64, 3, 3, warps=8),  # 6 x 64 = 384 <= 396 (72 KB each): one round, 97% full
-        ]),
+        (1, "random", _M16_SMALL_H),
+        (16, "shared", _M16_SMALL_H),
+        (16, "random", _M16_SMALL_H),
+        (64, "shared", _M64_SMALL_H),
+        (64, "random", _M64_SMALL_H),
     ],
 }
+# The seventh session's first call (bench/results/head_sweep_h100.md, section 2) ran the 16-row
+# candidates 16x64 k128 s3 p4 / s4 p3 and 16x64 k64 s4 p4 at Llama-3 and Qwen2.5 M=16 (no better than the
+# default: Qwen2.5 M=16 shared +6 to +11 us), and 64x64 k64 s3 p4 / k64 s4 p3 / k128 s2 p3 at M=64
+# (Llama-3 M=64 shared -6 us with k64 s3 p4, but +15% at random routing; Qwen2.5 M=64 shared slower).
 
 
 def _check_config(head, weight, grouping, cfg, M, H, routing, gen, device, nsets=4,
@@ -458,7 +468,7 @@ def compare_kernels(case: str, inp: CaseInputs, entries, flush, log=print) -> li
     return rows
 
 
-def run_sweep(plan, cases=None, log=print, table_path=None, device="cuda") -> list[str]:
+def run_sweep(plan, cases=None, log=print, table_path=None, device="cuda", pdl_off=False) -> list[str]:
     """Each config of each case of `plan` (shape -> [(M, routing, configs)]; the default and the
     default without pdl first) side by side (`compare_kernels`). Returns the table's lines (saved
     after every case, so a run cut short by a timeout keeps its finished cases)."""
@@ -477,7 +487,7 @@ def run_sweep(plan, cases=None, log=print, table_path=None, device="cuda") -> li
                 f.write("\n".join(table) + "\n")
 
     for name, shape_cases in plan.items():
-        H = SHAPES[name][1]
+        H = ALL_SHAPES[name][1]
         weight, grouping, head = shape_head(name, device)
         for M, routing, candidates in shape_cases:
             if cases is not None and (M, routing) not in cases:
@@ -487,7 +497,9 @@ def run_sweep(plan, cases=None, log=print, table_path=None, device="cuda") -> li
             inp = case_inputs(head, weight, grouping, M, routing, gen, bw)
             log(f"== {case}: floor {inp.floor_us:.1f} us")
             base = default_config(M, H, TOP_K)
-            configs = [("default " + _cfg_str(base), base), ("default, pdl off", dataclasses.replace(base, pdl=False))]
+            configs = [("default " + _cfg_str(base), base)]
+            if pdl_off:
+                configs.append(("default, pdl off", dataclasses.replace(base, pdl=False)))
             configs += [(_cfg_str(c), c) for c in candidates]
             table += compare_kernels(case, inp, [(label, grouped_head_topk_triton, cfg) for label, cfg in configs],
                                      flush, log)
@@ -507,7 +519,7 @@ HEADER = (
 
 
 def format_row(r: Row) -> str:
-    V, H = SHAPES.get(r.shape, CPU_SHAPES.get(r.shape, (0, 0)))
+    V, H = {**ALL_SHAPES, **CPU_SHAPES}.get(r.shape, (0, 0))
     naive = f"{r.naive_us:.1f}" if r.naive_us is not None else "-"
     dob = f"{r.dobench_us:.1f}" if r.dobench_us is not None else "-"
     chain = f"{r.chain_us:.1f}" if r.chain_us is not None else "-"
@@ -548,17 +560,18 @@ def environment() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="coral-fast bench head", description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="write the table (markdown, with device/versions/date) to this file")
-    parser.add_argument("--shapes", help="comma list of " + ",".join(SHAPES) + " (default: all; the sweep: "
+    parser.add_argument("--shapes", help="comma list of " + ",".join(ALL_SHAPES)
+                        + " (default: " + ",".join(SHAPES) + "; the sweep: "
                         + ",".join(SWEEP_PLAN) + ")")
     parser.add_argument("--sweep", action="store_true", help="time the default against SWEEP_PLAN's configs "
-                        "instead of the table (shapes: llama3,gemma3 unless --shapes)")
+                        "instead of the table (shapes: SWEEP_PLAN's unless --shapes)")
     parser.add_argument("--quick", action="store_true", help="skip the slow naive gather for M > 1")
     parser.add_argument("--cases", help="comma list of M:routing (default: all five; the sweep: its own)")
     args = parser.parse_args(argv)
     shapes = [s for s in (args.shapes or ",".join(SWEEP_PLAN if args.sweep else SHAPES)).split(",") if s]
     for s in shapes:
-        if s not in SHAPES:
-            parser.error(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
+        if s not in ALL_SHAPES:
+            parser.error(f"unknown shape {s!r}; choose from {', '.join(ALL_SHAPES)}")
     cases = CASES
     if args.cases:
         cases = [(int(c.split(":")[0]), c.split(":")[1]) for c in args.cases.split(",") if c]

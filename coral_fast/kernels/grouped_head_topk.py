@@ -426,20 +426,22 @@ class KernelConfig:
 def default_config(M: int, H: int, k: int) -> KernelConfig:
     """Config by a small heuristic on M and H (no autotune: nothing to warm up before graph capture).
 
-    Picked from `coral-fast bench head --sweep` (H200, 2026-11-23, docs/head.md): wide vocab tiles
-    for small M; for small H (Gemma's 640) shorter K steps and more programs per SM, because each
-    tile's stream is short and the pipeline fill between tiles must overlap with other programs.
-    For larger M one 64-row block (rows in order) beat gathering the chosen rows into 16/32-row
-    blocks, for shared and random routing alike. Original ids in the keys with 16-row blocks only
-    (H100, sixth session: faster there, slower with 64-row blocks; see KernelConfig.ids_in_keys).
+    Picked from `coral-fast bench head --sweep` (H200 sweep, then the H100's: docs/head.md): wide vocab
+    tiles for small M. For larger M one 64-row block (rows in order) beat gathering the chosen rows into
+    16/32-row blocks, for shared and random routing alike. For small H (Gemma's 640) each tile's stream
+    is a few K steps, so more programs an SM must overlap one tile's epilogue with another's stream:
+    three resident at M <= 16 (168-190 registers, 72 KB), and at M > 16 K steps of 64 in 4 stages (126
+    registers, 64 KB: three resident, against two of the 96 KB K-128 config; H100, seventh session:
+    Gemma-3 M=16 shared -3.5 us, M=64 shared -2.4 us, M=64 random -9%). Original ids in the keys with
+    16-row blocks only (H100, sixth session: faster there, slower with 64-row blocks; see
+    KernelConfig.ids_in_keys).
     """
     if M <= 16:
-        if H >= 2048:
-            return KernelConfig(16, 128, 128, num_warps=4, num_stages=3, programs_per_sm=2, gather=False,
-                                ids_in_keys=True)
-        return KernelConfig(16, 128, 64, num_warps=4, num_stages=3, programs_per_sm=4, gather=False,
-                            ids_in_keys=True)
-    return KernelConfig(64, 64, 128, num_warps=4, num_stages=3, programs_per_sm=2, gather=False)
+        return KernelConfig(16, 128, 128, num_warps=4, num_stages=3, programs_per_sm=2 if H >= 2048 else 3,
+                            gather=False, ids_in_keys=True)
+    if H >= 2048:
+        return KernelConfig(64, 64, 128, num_warps=4, num_stages=3, programs_per_sm=2, gather=False)
+    return KernelConfig(64, 64, 64, num_warps=4, num_stages=4, programs_per_sm=3, gather=False)
 
 
 def _next_pow2(n: int) -> int:
