@@ -49,6 +49,7 @@ def version_source(rev: str) -> str:
 CASES = [("llama3", 1, "random"), ("llama3", 16, "shared"), ("llama3", 16, "random"), ("llama3", 64, "shared"),
          ("llama3", 64, "random"),
          ("qwen2.5", 1, "random"), ("qwen2.5", 16, "shared"), ("qwen2.5", 16, "random"), ("qwen2.5", 64, "shared"),
+         ("qwen2.5", 64, "random"),
          ("gemma3", 1, "random"), ("gemma3", 16, "shared"), ("gemma3", 16, "random"), ("gemma3", 64, "shared"),
          ("gemma3", 64, "random")]
 
