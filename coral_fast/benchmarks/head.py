@@ -303,25 +303,29 @@ def _kc(m, v, k, stages, per_sm, warps=4, ids=None):
 # Work items of the partials kernel = active groups x ceil(group size / block_v) x ceil(M / block_m),
 # run by min(items, 132 SMs x programs_per_sm) persistent programs. Programs an SM that are resident
 # at once: registers (65536 an SM / (128 threads x regs)) and shared memory (228 KB an SM) both bound
-# it; regs and smem below are triton 3.6's for sm_90 (`scripts/head_regs.py`, the kernel of c7c598d).
-# Llama-3 groups: 4008 rows, Qwen2.5: 4752, Gemma-3: 8192; shared routing: 6 active groups, M=1: 4.
-# "default" runs in every case (and "default, pdl off" with `pdl_off=True`).
-_M64_SMALL_H = [  # Gemma-3 (H=640), default (kept after the second call) 64x64 k64 s4 p3: 126 regs, 64 KB
-    _kc(64, 64, 128, 3, 2),  # the old default: 5 K steps, 161 regs, 96 KB: 2 resident
-    _kc(64, 64, 64, 5, 2),  # 126 regs, 80 KB: 2 resident, 5 stages of 64
-    _kc(64, 64, 128, 2, 3),  # 161 regs, 64 KB: 3 resident, 2 stages of 128
-    _kc(64, 64, 64, 3, 3),  # 128 regs, 48 KB: 3 of 4 possible
+# it; launched programs beyond that wait for a slot. Registers and shared memory below: triton 3.6 for
+# sm_90 as launched (`scripts/head_regs.py`, kernel of 3898dac). Llama-3 groups: 4008 rows, Qwen2.5:
+# 4752, Gemma-3: 8192; shared routing: 6 active groups, M=1: 4. "default" runs in every case (and
+# "default, pdl off" with `pdl_off=True`).
+_M64_SMALL_H = [  # Gemma-3 (H=640), default (kept after the second call) 64x64 k64 s4 p3: 142 regs, 64 KB: 3
+    _kc(64, 64, 128, 3, 2),  # the old default: 5 K steps, 193 regs, 96 KB: 2 resident
+    _kc(64, 64, 64, 5, 2),  # 142 regs, 80 KB: 2 resident, 5 stages of 64
+    _kc(64, 64, 128, 2, 3),  # 193 regs, 64 KB: 2 resident of 3 launched, 2 stages of 128
+    _kc(64, 64, 64, 3, 3),  # 142 regs, 48 KB: 3 resident
 ]
-_M16_SMALL_H = [  # Gemma-3, default (third call) 16x128 k128 s3 p3: 168-190 regs, 72 KB: 2-3 resident
+_M16_SMALL_H = [  # Gemma-3, default (third call) 16x128 k128 s3 p3: 168 regs (190 at M=1), 72 KB: 3 (2)
     _kc(16, 128, 128, 3, 2, warps=8),  # 8 warps: 128 regs, 72 KB: 2 resident (16 warps an SM)
-    _kc(16, 64, 128, 3, 4),  # 115 regs, 40 KB: 4 resident; twice the items
-    _kc(16, 256, 64, 3, 2),  # 194 regs, 68 KB: 2 resident; half the items and tiles to merge
+    _kc(16, 64, 128, 3, 4),  # 146 regs, 40 KB: 3 resident of 4 launched; twice the items
+    _kc(16, 256, 64, 3, 2),  # 192 regs, 68 KB: 2 resident; half the items and tiles to merge
 ]
-# second call: 16x128 k128 s2 p4 / s2 p3 / s3 p3 against the old default 16x128 k64 s3 p4 (s3 p3 kept)
+# second call: 16x128 k128 s2 p4 / s2 p3 / s3 p3 (168 regs: 3 resident) against the old default
+# 16x128 k64 s3 p4 (128 regs, 36 KB: 4 resident); s3 p3 kept
 SWEEP_PLAN = {  # shape -> [(M, routing, [candidate configs])]
     "llama3": [
-        (64, "shared", [_kc(64, 64, 64, 3, 3), _kc(64, 64, 64, 3, 2)]),  # first call: k64 s3 p4 -6 us shared,
-        (64, "random", [_kc(64, 64, 64, 3, 3), _kc(64, 64, 64, 3, 2)]),  # +15% random: between the two?
+        # K step 64 (142 regs, 48 KB: 3 resident) at 3 and 2 launched an SM; the first call's k64 s3 p4
+        # was 6 us faster at M=64 shared and 15% slower at random routing
+        (64, "shared", [_kc(64, 64, 64, 3, 3), _kc(64, 64, 64, 3, 2)]),
+        (64, "random", [_kc(64, 64, 64, 3, 3), _kc(64, 64, 64, 3, 2)]),
     ],
     "qwen2.5": [
         (64, "shared", [_kc(64, 64, 64, 3, 3), _kc(64, 64, 64, 3, 2)]),
@@ -339,10 +343,11 @@ SWEEP_PLAN = {  # shape -> [(M, routing, [candidate configs])]
         (64, "random", _M64_SMALL_H),
     ],
 }
-# The seventh session's first call (bench/results/head_sweep_h100.md, section 2) ran the 16-row
-# candidates 16x64 k128 s3 p4 / s4 p3 and 16x64 k64 s4 p4 at Llama-3 and Qwen2.5 M=16 (no better than the
-# default: Qwen2.5 M=16 shared +6 to +11 us), and 64x64 k64 s3 p4 / k64 s4 p3 / k128 s2 p3 at M=64
-# (Llama-3 M=64 shared -6 us with k64 s3 p4, but +15% at random routing; Qwen2.5 M=64 shared slower).
+# The seventh session's first call (bench/results/head_sweep_h100.md, "Seventh session") ran the 16-row
+# candidates 16x64 k128 s3 p4 / s4 p3 (146 regs: 3 resident) and 16x64 k64 s4 p4 (96 regs, 30 KB: 4 of 5)
+# at Llama-3 and Qwen2.5 M=16 (no better than the default: Qwen2.5 M=16 shared +6 to +11 us), and 64x64
+# k64 s3 p4 / k64 s4 p3 / k128 s2 p3 at M=64 (Llama-3 M=64 shared -6 us with k64 s3 p4, but +15% at
+# random routing; Qwen2.5 M=64 shared slower).
 
 
 def _check_config(head, weight, grouping, cfg, M, H, routing, gen, device, nsets=4,
