@@ -19,12 +19,13 @@ status=0
 run() {  # run SHAPE TIMEOUT: each shape its own process (a CUDA error or a timeout costs that shape only)
   local shape=$1 limit=$2
   timeout "$limit" python3 -m coral_fast bench head --sweep --shapes "$shape" --out "$OUT/sweep_$shape.md" \
+    ${SWEEP_CASES:+--cases "$SWEEP_CASES"} \
     > "$OUT/sweep_$shape.log" 2>&1
   local rc=$?
   [ $rc -eq 0 ] || { echo "[$shape] exit $rc (124 = timed out; 1 = a config failed)"; status=1; }
   grep -E "FAILED" "$OUT/sweep_$shape.log" | cut -c1-200
 }
-# SWEEP_SHAPES: shape:limit_seconds pairs (SWEEP_PLAN's shapes)
+# SWEEP_SHAPES: shape:limit_seconds pairs (SWEEP_PLAN's shapes); SWEEP_CASES: M:routing,... (all)
 for pair in ${SWEEP_SHAPES:-llama3:120 qwen2.5:120 smollm2:60 gemma3:200}; do
   run "${pair%%:*}" "${pair##*:}"
 done

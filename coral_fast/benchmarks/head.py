@@ -295,9 +295,11 @@ def run_cpu(log=print) -> list[Row]:
 # ---------------------------------------------------------------------------------------------------
 # Configs side by side: `coral-fast bench head --sweep` (the cases the default still misses)
 # ---------------------------------------------------------------------------------------------------
-def _kc(m, v, k, stages, per_sm, warps=4, ids=None):
-    """A candidate config; original ids in the keys with 16-row blocks (as `default_config`)."""
-    return KernelConfig(m, v, k, warps, stages, per_sm, gather=False, ids_in_keys=(m <= 16) if ids is None else ids)
+def _kc(m, v, k, stages, per_sm, warps=4, ids=None, gather=False):
+    """A candidate config; original ids in the keys with 16-row blocks (as `default_config`); `gather`:
+    row blocks of the rows that chose the item's group, not rows in order."""
+    return KernelConfig(m, v, k, warps, stages, per_sm, gather=gather,
+                        ids_in_keys=(m <= 16) if ids is None else ids)
 
 
 # Work items of the partials kernel = active groups x ceil(group size / block_v) x ceil(M / block_m),
@@ -320,17 +322,16 @@ _M16_SMALL_H = [  # Gemma-3, default (third call) 16x128 k128 s3 p3: 168 regs (1
 ]
 # second call: 16x128 k128 s2 p4 / s2 p3 / s3 p3 (168 regs: 3 resident) against the old default
 # 16x128 k64 s3 p4 (128 regs, 36 KB: 4 resident); s3 p3 kept
+_M64_GATHERED = [  # M=64: rows that chose the group, compacted into 16/32-row blocks (random routing:
+    # ~8 of 64 rows a group, one block; shared: ~43, three 16-row blocks reading one weight tile from L2).
+    # Seventh session, fourth call: 1.2-2.1x slower than rows in order in every case, random routing too
+    _kc(16, 128, 128, 3, 2, gather=True), _kc(32, 128, 128, 3, 2, gather=True), _kc(32, 64, 128, 3, 2, gather=True),
+]
+_M64_GATHERED_SMALL_H = [_kc(16, 128, 128, 3, 3, gather=True), _kc(32, 128, 64, 3, 3, gather=True),
+                         _kc(32, 64, 64, 4, 3, gather=True)]
 SWEEP_PLAN = {  # shape -> [(M, routing, [candidate configs])]
-    "llama3": [
-        # K step 64 (142 regs, 48 KB: 3 resident) at 3 and 2 launched an SM; the first call's k64 s3 p4
-        # was 6 us faster at M=64 shared and 15% slower at random routing
-        (64, "shared", [_kc(64, 64, 64, 3, 3), _kc(64, 64, 64, 3, 2)]),
-        (64, "random", [_kc(64, 64, 64, 3, 3), _kc(64, 64, 64, 3, 2)]),
-    ],
-    "qwen2.5": [
-        (64, "shared", [_kc(64, 64, 64, 3, 3), _kc(64, 64, 64, 3, 2)]),
-        (64, "random", [_kc(64, 64, 64, 3, 3), _kc(64, 64, 64, 3, 2)]),
-    ],
+    "llama3": [(64, "shared", _M64_GATHERED), (64, "random", _M64_GATHERED)],
+    "qwen2.5": [(64, "shared", _M64_GATHERED), (64, "random", _M64_GATHERED)],
     "smollm2": [  # the loop's head: the root (M=1) and a frontier of 10 siblings; the old M <= 16 default first
         (1, "random", [_kc(16, 128, 64, 3, 4)] + _M16_SMALL_H),
         (10, "shared", [_kc(16, 128, 64, 3, 4)] + _M16_SMALL_H),
@@ -339,10 +340,13 @@ SWEEP_PLAN = {  # shape -> [(M, routing, [candidate configs])]
         (1, "random", _M16_SMALL_H),
         (16, "shared", _M16_SMALL_H),
         (16, "random", _M16_SMALL_H),
-        (64, "shared", _M64_SMALL_H),
-        (64, "random", _M64_SMALL_H),
+        (64, "shared", _M64_SMALL_H + _M64_GATHERED_SMALL_H),
+        (64, "random", _M64_SMALL_H + _M64_GATHERED_SMALL_H),
     ],
 }
+# The seventh session's second call had at Llama-3 / Qwen2.5 M=64 K step 64 at 3 and 2 launched an SM
+# (142 regs, 48 KB: 3 resident); the first call's k64 s3 p4 was 6 us faster at Llama-3 M=64 shared and
+# 15% slower at random routing.
 # The seventh session's first call (bench/results/head_sweep_h100.md, "Seventh session") ran the 16-row
 # candidates 16x64 k128 s3 p4 / s4 p3 (146 regs: 3 resident) and 16x64 k64 s4 p4 (96 regs, 30 KB: 4 of 5)
 # at Llama-3 and Qwen2.5 M=16 (no better than the default: Qwen2.5 M=16 shared +6 to +11 us), and 64x64
