@@ -329,9 +329,18 @@ _M64_GATHERED = [  # M=64: rows that chose the group, compacted into 16/32-row b
 ]
 _M64_GATHERED_SMALL_H = [_kc(16, 128, 128, 3, 3, gather=True), _kc(32, 128, 64, 3, 3, gather=True),
                          _kc(32, 64, 64, 4, 3, gather=True)]
+# Llama-3 / Qwen2.5 M <= 16, default 16x128 k128 s3 p2 (190 regs at M=1, 168 at M=16; 72 KB); seventh session,
+# fifth call: none faster (equal at best, Qwen2.5 M=1 +3 to +6 us)
+_M16_DEEPER = [
+    _kc(16, 128, 128, 4, 2),  # a third load in flight a program: 108 KB, 2 resident
+    _kc(16, 128, 64, 5, 2),  # four loads of K 64 in flight: 128 regs, 72 KB (3 resident possible)
+    _kc(16, 128, 64, 3, 2),  # 128 regs, 36 KB: the small-K stream at the same program count
+]
 SWEEP_PLAN = {  # shape -> [(M, routing, [candidate configs])]
-    "llama3": [(64, "shared", _M64_GATHERED), (64, "random", _M64_GATHERED)],
-    "qwen2.5": [(64, "shared", _M64_GATHERED), (64, "random", _M64_GATHERED)],
+    "llama3": [(1, "random", _M16_DEEPER), (16, "shared", _M16_DEEPER),
+               (64, "shared", _M64_GATHERED), (64, "random", _M64_GATHERED)],
+    "qwen2.5": [(1, "random", _M16_DEEPER), (16, "shared", _M16_DEEPER),
+                (64, "shared", _M64_GATHERED), (64, "random", _M64_GATHERED)],
     "smollm2": [  # the loop's head: the root (M=1) and a frontier of 10 siblings; the old M <= 16 default first
         (1, "random", [_kc(16, 128, 64, 3, 4)] + _M16_SMALL_H),
         (10, "shared", [_kc(16, 128, 64, 3, 4)] + _M16_SMALL_H),
