@@ -30,7 +30,7 @@ for pair in ${SWEEP_SHAPES:-llama3:120 qwen2.5:120 smollm2:60 gemma3:200}; do
   run "${pair%%:*}" "${pair##*:}"
 done
 [ "${SWEEP_TESTS:-1}" = 1 ] && {
-# the default's path (pdl on; pdl off is the sweep's "default, pdl off" check) at the tests' odd shapes
+# the default's path at the tests' odd shapes (pdl on and off: the tests' pdl0/pdl1 cases)
 timeout 70 python3 -m pytest -q -p no:cacheprovider tests/test_grouped_head.py tests/test_grouped_head_configs.py \
   -k "bf16_gpu or pdl1 or chunked or fallback or roundtrip or pdl_only" > "$OUT/tests.log" 2>&1 \
   || { echo "tests: exit $? (see tests.log)"; status=1; }

@@ -7,8 +7,8 @@ the Triton that runs this script: the GPU stack runs triton 3.6, whose counts di
 190 vs 160 registers), so for exact numbers run it with 3.6, which needs no torch here:
     python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0
     /tmp/t36/bin/python scripts/head_regs.py [--version tree|REV|file.py] [--cases ...]
-Cases: NAME:M:H:BLOCK_M:BLOCK_V:BLOCK_K:STAGES[:WARPS], or "default" (default_config at the bench's
-shapes, M = 1, 16, 64).
+Cases: NAME:M:H:BLOCK_M:BLOCK_V:BLOCK_K:STAGES[:WARPS] (groups of 8192 rows, as Gemma-3's), or
+"default" (default_config at the bench's shapes, M = 1, 16, 64, with their group sizes).
 """
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def load_kernel_module(version: str):
     return mod
 
 
-def compile_partials(mod, M, H, block_m, block_v, block_k, stages, warps=4, ids_in_keys=None, A=4, G=32):
+def compile_partials(mod, M, H, block_m, block_v, block_k, stages, warps=4, ids_in_keys=None, A=4, G=32,
+                     group_rows=8192):
     """Compile as `grouped_head_topk_triton` would launch it (bf16, int64 groups, EVEN_K, PDL on), with
     the launcher's specialisations of integer arguments: a 1 becomes a constant (NMB at M <= BLOCK_M, M
     at M=1), a multiple of 16 is marked divisible. Without the former the M=64 kernel compiles to 161
@@ -73,7 +74,7 @@ def compile_partials(mod, M, H, block_m, block_v, block_k, stages, warps=4, ids_
 
     kernel = mod._grouped_head_partials_kernel
     ids_in_keys = block_m <= 16 if ids_in_keys is None else ids_in_keys
-    nt = -(-8192 // block_v)
+    nt = -(-group_rows // block_v)  # NT: its divisibility by 16 is specialised on too
     pointers = dict(hidden_ptr="*bf16", weight_ptr="*bf16", groups_ptr="*i64", offsets_ptr="*i64",
                     order_ptr="*i64", part_key_ptr="*i64", part_max_ptr="*fp32", part_sum_ptr="*fp32")
     ints = dict(M=M, H=H, A=A, G=G, NT=nt, NMB=-(-M // block_m), KT=10, stride_hm=H, stride_wv=H, stride_gm=A)
@@ -115,18 +116,19 @@ def main():
     cases = []
     for spec in args.cases.split(","):
         if spec == "default":
-            for shape, H in (("llama3", 4096), ("qwen2.5", 3584), ("gemma3", 640)):
+            for shape, H, group_rows in (("llama3", 4096, 4008), ("qwen2.5", 3584, 4752), ("gemma3", 640, 8192)):
                 for M in (1, 16, 64):
                     c = mod.default_config(M, H, 10)
                     cases.append((f"{shape} M={M} default", M, H, c.block_m, c.block_v, c.block_k, c.num_stages,
-                                  c.num_warps, c.ids_in_keys, c.programs_per_sm))
+                                  c.num_warps, c.ids_in_keys, c.programs_per_sm, group_rows))
         else:
             name, *nums = spec.split(":")
             M, H, bm, bv, bk, stages, *warps = map(int, nums)
-            cases.append((name, M, H, bm, bv, min(bk, H), stages, warps[0] if warps else 4, None, None))
+            cases.append((name, M, H, bm, bv, min(bk, H), stages, warps[0] if warps else 4, None, None, 8192))
     print(f"triton {triton.__version__}, sm_90; resident = min(registers, shared memory) programs an SM")
-    for name, M, H, bm, bv, bk, stages, warps, ids, per_sm in cases:
-        regs, stack, smem, resident = compile_partials(mod, M, H, bm, bv, bk, stages, warps, ids)
+    for name, M, H, bm, bv, bk, stages, warps, ids, per_sm, group_rows in cases:
+        regs, stack, smem, resident = compile_partials(mod, M, H, bm, bv, bk, stages, warps, ids,
+                                                       group_rows=group_rows)
         launched = f", launched {per_sm}" if per_sm else ""
         print(f"{name:26s} m{bm} v{bv} k{bk} s{stages} w{warps}: {regs} regs, stack {stack} B, "
               f"smem {smem / 1024:.0f} KB -> {resident} resident{launched}")

@@ -133,7 +133,7 @@ def _cfg_str(c: KernelConfig) -> str:
 
 
 def shape_head(name: str, device) -> tuple[torch.Tensor, VocabGrouping, GroupedLMHead]:
-    """The bench's head for a shape of SHAPES: random bf16 weight [V, H], G=NUM_GROUPS contiguous groups."""
+    """The bench's head for a shape of ALL_SHAPES: random bf16 weight [V, H], G=NUM_GROUPS contiguous groups."""
     V, H = ALL_SHAPES[name]
     weight = (torch.randn(V, H, device=device) / H**0.5).to(torch.bfloat16)
     grouping = VocabGrouping.contiguous(V, NUM_GROUPS)
@@ -308,7 +308,7 @@ def _kc(m, v, k, stages, per_sm, warps=4, ids=None, gather=False):
 # it; launched programs beyond that wait for a slot. Registers and shared memory below: triton 3.6 for
 # sm_90 as launched (`scripts/head_regs.py`, kernel of 3898dac). Llama-3 groups: 4008 rows, Qwen2.5:
 # 4752, Gemma-3: 8192; shared routing: 6 active groups, M=1: 4. "default" runs in every case (and
-# "default, pdl off" with `pdl_off=True`).
+# "default, pdl off" with `--pdl-off`).
 _M64_SMALL_H = [  # Gemma-3 (H=640), default (kept after the second call) 64x64 k64 s4 p3: 142 regs, 64 KB: 3
     _kc(64, 64, 128, 3, 2),  # the old default: 5 K steps, 193 regs, 96 KB: 2 resident
     _kc(64, 64, 64, 5, 2),  # 142 regs, 80 KB: 2 resident, 5 stages of 64
@@ -487,8 +487,8 @@ def compare_kernels(case: str, inp: CaseInputs, entries, flush, log=print) -> li
 
 
 def run_sweep(plan, cases=None, log=print, table_path=None, device="cuda", pdl_off=False) -> list[str]:
-    """Each config of each case of `plan` (shape -> [(M, routing, configs)]; the default and the
-    default without pdl first) side by side (`compare_kernels`). Returns the table's lines (saved
+    """Each config of each case of `plan` (shape -> [(M, routing, configs)]; the default first, then
+    with `pdl_off` the default without pdl) side by side (`compare_kernels`). Returns the table's lines (saved
     after every case, so a run cut short by a timeout keeps its finished cases)."""
     import dataclasses
 
@@ -583,6 +583,8 @@ def main(argv=None) -> int:
                         + ",".join(SWEEP_PLAN) + ")")
     parser.add_argument("--sweep", action="store_true", help="time the default against SWEEP_PLAN's configs "
                         "instead of the table (shapes: SWEEP_PLAN's unless --shapes)")
+    parser.add_argument("--pdl-off", action="store_true", help="the sweep also times the default without "
+                        "programmatic dependent launch")
     parser.add_argument("--quick", action="store_true", help="skip the slow naive gather for M > 1")
     parser.add_argument("--cases", help="comma list of M:routing (default: all five; the sweep: its own)")
     args = parser.parse_args(argv)
@@ -597,7 +599,7 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             parser.error("--sweep needs a CUDA device")
         plan = {s: SWEEP_PLAN[s] for s in shapes if s in SWEEP_PLAN}
-        table = run_sweep(plan, cases if args.cases else None, table_path=args.out)
+        table = run_sweep(plan, cases if args.cases else None, table_path=args.out, pdl_off=args.pdl_off)
         text = "\n".join([f"# grouped LM head configs: G={NUM_GROUPS}, {ACTIVE} active, top-{TOP_K}, bf16", "",
                           environment(), "", *table]) + "\n"
         print(text)

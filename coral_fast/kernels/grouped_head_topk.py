@@ -131,8 +131,9 @@ if triton is not None:
         IDS_IN_KEYS (16-row blocks): the rounds run on packed (logit, token id) keys, one int64 max a
         round, and the tile max is read off the first round's key. Otherwise (64-row blocks) they run on
         the fp32 logits and int32 columns (a max, then the lowest column holding it), the key (logit,
-        re-laid row) packed once a round: half the live registers of int64 keys, 2-3 us faster at M=64
-        shared and 16 us at Gemma-3 M=64 random (head_merge_h100.md, call 6)."""
+        re-laid row) packed once a round: half the live values of int64 keys in the rounds (the launched
+        M=64 kernel still allocates 193 registers), 2-3 us faster at M=64 shared and 16 us at Gemma-3
+        M=64 random (head_merge_h100.md, call 6)."""
         logits = tl.where(col_ok[None, :], acc, float("-inf"))
         n_rounds = tl.where(tl.max(chosen.to(tl.int32), axis=0) > 0, KT, 0)
         if IDS_IN_KEYS:
@@ -430,11 +431,11 @@ def default_config(M: int, H: int, k: int) -> KernelConfig:
     tiles for small M. For larger M one 64-row block (rows in order) beat gathering the chosen rows into
     16/32-row blocks, for shared and random routing alike. For small H (Gemma's 640) each tile's stream
     is a few K steps, so more programs an SM must overlap one tile's epilogue with another's stream:
-    three resident at M <= 16 (168-190 registers, 72 KB), and at M > 16 K steps of 64 in 4 stages (126
-    registers, 64 KB: three resident, against two of the 96 KB K-128 config; H100, seventh session:
-    Gemma-3 M=16 shared -3.5 us, M=64 shared -2.4 us, M=64 random -9%). Original ids in the keys with
-    16-row blocks only (H100, sixth session: faster there, slower with 64-row blocks; see
-    KernelConfig.ids_in_keys).
+    three resident at M <= 16 (168 registers, 72 KB; 190 at M=1: two), and at M > 16 K steps of 64 in
+    4 stages (142 registers, 64 KB: three resident, against two of the 193-register, 96 KB K-128
+    config; H100, seventh session: Gemma-3 M=16 shared -3.5 us, M=64 shared -2.4 us, M=64 random -9%).
+    Original ids in the keys with 16-row blocks only (H100, sixth session: faster there, slower with
+    64-row blocks; see KernelConfig.ids_in_keys).
     """
     if M <= 16:
         return KernelConfig(16, 128, 128, num_warps=4, num_stages=3, programs_per_sm=2 if H >= 2048 else 3,
