@@ -82,6 +82,8 @@ def compile_partials(mod, M, H, block_m, block_v, block_k, stages, warps=4, ids_
                   G_POW2=max(16, triton.next_power_of_2(G)), BLOCK_P=max(16, triton.next_power_of_2(M * A)),
                   GATHER=False, M_POW2=max(16, triton.next_power_of_2(M)), EVEN_K=H % block_k == 0,
                   DOT_FP32=False, PDL=True, ONE_ROW=M == 1, ONE_BLOCK=M <= block_m, IDS_IN_KEYS=ids_in_keys)
+    if "KEPT_SLOTS" in kernel.arg_names:  # versions with the epilogue's register buffer of round keys
+        consts["KEPT_SLOTS"] = mod._kept_slots(ints["KT"])
     consts.update({p.name: ints[p.name] for p in kernel.params if p.is_constexpr and p.name in ints})
     unspecialised = {p.name for p in kernel.params if p.do_not_specialize}
     consts.update({name: 1 for name, value in ints.items() if value == 1 and name not in unspecialised})

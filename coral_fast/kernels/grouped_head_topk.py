@@ -121,13 +121,14 @@ if triton is not None:
     @triton.jit
     def _write_tile_partials(
         acc, col_ok, tok, lo, part, chosen, part_key_ptr, part_max_ptr, part_sum_ptr, KT,
-        BLOCK_V: tl.constexpr, IDS_IN_KEYS: tl.constexpr,
+        BLOCK_V: tl.constexpr, IDS_IN_KEYS: tl.constexpr, KEPT_SLOTS: tl.constexpr,
     ):
         """Epilogue of one tile for R rows: acc [R, BLOCK_V] fp32 logits, col_ok [BLOCK_V], tok [BLOCK_V]
         int32 = the original token id of each column (IDS_IN_KEYS), lo = the tile's first re-laid row,
         part [R] = the (row, slot, tile) partial index, chosen [R]. Writes per chosen row the tile's (max,
-        sum of exp) and its top-KT logits as packed int64 keys, one max a round and one store a round
-        (a bitonic tl.topk instead: 61.6 vs 54.2 us for the kernel, H100, head_breakdown_h100.md).
+        sum of exp) and its top-KT logits as packed int64 keys, one max a round (a bitonic tl.topk
+        instead: 61.6 vs 54.2 us for the kernel, H100, head_breakdown_h100.md), stored a round or, with
+        16-row blocks and KT <= KEPT_SLOTS, all at once.
         IDS_IN_KEYS (16-row blocks): the rounds run on packed (logit, token id) keys, one int64 max a
         round, and the tile max is read off the first round's key. Otherwise (64-row blocks) they run on
         the fp32 logits and int32 columns (a max, then the lowest column holding it), the key (logit,
@@ -146,7 +147,19 @@ if triton is not None:
         tile_sum = tl.sum(tl.exp(logits - shift[:, None]), axis=1)
         tl.store(part_max_ptr + part, tile_max, mask=chosen)
         tl.store(part_sum_ptr + part, tile_sum, mask=chosen)
-        if IDS_IN_KEYS:
+        if IDS_IN_KEYS and KEPT_SLOTS > 0:
+            # the rounds' keys gather in registers and leave in one store: a store a round moves each
+            # round's [R] keys into the store's layout through shared memory, a barrier a round (Gemma-3
+            # M=16 random 128.2 -> 124.5 us on the H100; the 64-row rounds below lost 1-3 us this way)
+            slots = tl.arange(0, KEPT_SLOTS)
+            kept = tl.where(slots[None, :] == 0, best[:, None], NO_KEY)
+            for r in range(1, n_rounds):
+                key = tl.where(key == best[:, None], NO_KEY, key)
+                best = tl.max(key, axis=1)
+                kept = tl.where(slots[None, :] == r, best[:, None], kept)
+            tl.store(part_key_ptr + part[:, None] * KT + slots[None, :], kept,
+                     mask=chosen[:, None] & (slots[None, :] < KT))
+        elif IDS_IN_KEYS:
             tl.store(part_key_ptr + part * KT, best, mask=chosen)
             for r in range(1, n_rounds):
                 key = tl.where(key == best[:, None], NO_KEY, key)
@@ -164,6 +177,28 @@ if triton is not None:
                 tl.store(part_key_ptr + part * KT + r, _pack_key(best, lo + col), mask=chosen)
 
     @triton.jit
+    def _write_row_partials(logits, col_ok, tok, part, part_key_ptr, part_max_ptr, part_sum_ptr, KT):
+        """Epilogue of one tile for one row (M == 1): logits [BLOCK_V] fp32, tok [BLOCK_V] int32 = the
+        original token id of each column, part = the row's (slot, tile) partial index. The tile's top KT
+        by rank instead of KT rounds: a column's slot is the number of columns that beat it (larger
+        logit, or equal logit and smaller id), found in one pass of independent compares rather than
+        KT dependent block-wide reductions (at one row a value a thread, every round of those crosses
+        the warps through shared memory): 0.4-1.0 us less a call at M=1 on the H100 (eighth session,
+        head_merge_h100.md)."""
+        logits = tl.where(col_ok, logits, float("-inf"))
+        # padding columns get distinct negative ids so that every column has its own rank (the slots
+        # past the tile's valid columns are then written, with NO_KEY, not left stale)
+        tie = tl.where(col_ok, tok, -1 - tl.arange(0, logits.shape[0]))
+        beats = (logits[None, :] > logits[:, None]) | ((logits[None, :] == logits[:, None]) & (tie[None, :] < tie[:, None]))
+        rank = tl.sum(beats.to(tl.int32), axis=1)
+        tile_max = tl.max(logits, axis=0)
+        shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+        tl.store(part_max_ptr + part, tile_max)
+        tl.store(part_sum_ptr + part, tl.sum(tl.exp(logits - shift), axis=0))
+        key = tl.where(col_ok, _pack_key(logits, tok), NO_KEY)
+        tl.store(part_key_ptr + part * KT + rank, key, mask=rank < KT)
+
+    @triton.jit
     def _grouped_head_partials_kernel(
         hidden_ptr, weight_ptr, groups_ptr, offsets_ptr, order_ptr,
         part_key_ptr, part_max_ptr, part_sum_ptr,
@@ -173,6 +208,7 @@ if triton is not None:
         A_POW2: tl.constexpr, G_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
         GATHER: tl.constexpr, M_POW2: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
         PDL: tl.constexpr, ONE_ROW: tl.constexpr, ONE_BLOCK: tl.constexpr, IDS_IN_KEYS: tl.constexpr,
+        KEPT_SLOTS: tl.constexpr,
     ):
         """Persistent: work item = (active group j, vocab tile t, row block mb), mb fastest so the
         programs sharing a weight tile run side by side and all but the first read it from L2."""
@@ -287,15 +323,20 @@ if triton is not None:
             if ONE_ROW:
                 # M == 1: rows 1.. of the 16-row dot are padding; the epilogue runs on row 0 alone
                 first = (tl.arange(0, BLOCK_M) == 0)
-                _write_tile_partials(
-                    tl.sum(tl.where(first[:, None], acc, 0.0), axis=0, keep_dims=True), col_ok, tok, lo,
-                    tl.sum(tl.where(first, part, 0), axis=0, keep_dims=True),
-                    tl.max(tl.where(first, chosen.to(tl.int32), 0), axis=0, keep_dims=True) > 0,
-                    part_key_ptr, part_max_ptr, part_sum_ptr, KT, BLOCK_V, IDS_IN_KEYS,
-                )
+                if IDS_IN_KEYS:
+                    _write_row_partials(tl.sum(tl.where(first[:, None], acc, 0.0), axis=0), col_ok, tok,
+                                        tl.sum(tl.where(first, part, 0), axis=0),
+                                        part_key_ptr, part_max_ptr, part_sum_ptr, KT)
+                else:
+                    _write_tile_partials(
+                        tl.sum(tl.where(first[:, None], acc, 0.0), axis=0, keep_dims=True), col_ok, tok, lo,
+                        tl.sum(tl.where(first, part, 0), axis=0, keep_dims=True),
+                        tl.max(tl.where(first, chosen.to(tl.int32), 0), axis=0, keep_dims=True) > 0,
+                        part_key_ptr, part_max_ptr, part_sum_ptr, KT, BLOCK_V, IDS_IN_KEYS, KEPT_SLOTS,
+                    )
             else:
                 _write_tile_partials(acc, col_ok, tok, lo, part, chosen, part_key_ptr, part_max_ptr, part_sum_ptr,
-                                     KT, BLOCK_V, IDS_IN_KEYS)
+                                     KT, BLOCK_V, IDS_IN_KEYS, KEPT_SLOTS)
 
     @triton.jit
     def _top_keys(x, K, K_POW2: tl.constexpr, USE_TOPK: tl.constexpr):
@@ -480,6 +521,13 @@ def _fold_shape(k: int, k_pow2: int, kt_pow2: int) -> tuple[int, int]:
     return rows, cols
 
 
+def _kept_slots(kt: int) -> int:
+    """Slots of the tile epilogue's register buffer of round keys: KT rounded up to a power of two, or
+    0 (a store a round) above 16, where the buffer's registers would cost more than the stores."""
+    slots = max(2, _next_pow2(kt))
+    return slots if slots <= 16 else 0
+
+
 def _num_programs_cap(device: torch.device, per_sm: int) -> int:
     if device.type != "cuda":
         return 3  # interpreter: few programs, so the persistent loop runs several items each
@@ -552,6 +600,7 @@ def grouped_head_topk_triton(
         GATHER=gather, M_POW2=max(16, _next_pow2(M)),
         EVEN_K=(H % block_k == 0), DOT_FP32=dot_needs_fp32(device),
         PDL=pdl, ONE_ROW=(M == 1), ONE_BLOCK=(NMB == 1 and not gather), IDS_IN_KEYS=cfg.ids_in_keys,
+        KEPT_SLOTS=_kept_slots(KT),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not _merge:
