@@ -63,7 +63,7 @@ def load_kernel_module(version: str):
 
 
 def compile_partials(mod, M, H, block_m, block_v, block_k, stages, warps=4, ids_in_keys=None, A=4, G=32,
-                     group_rows=8192):
+                     group_rows=8192, tma=None):
     """Compile as `grouped_head_topk_triton` would launch it (bf16, int64 groups, EVEN_K, PDL on), with
     the launcher's specialisations of integer arguments: a 1 becomes a constant (NMB at M <= BLOCK_M, M
     at M=1), a multiple of 16 is marked divisible. Without the former the M=64 kernel compiles to 161
@@ -84,13 +84,21 @@ def compile_partials(mod, M, H, block_m, block_v, block_k, stages, warps=4, ids_
                   DOT_FP32=False, PDL=True, ONE_ROW=M == 1, ONE_BLOCK=M <= block_m, IDS_IN_KEYS=ids_in_keys)
     if "KEPT_SLOTS" in kernel.arg_names:  # versions with the epilogue's register buffer of round keys
         consts["KEPT_SLOTS"] = mod._kept_slots(ints["KT"])
+    if "TMA" in kernel.arg_names:  # versions with TMA tiles: 64-row blocks (bf16 rows are 16-byte aligned)
+        tma = block_m >= 64 if tma is None else tma
+        consts["TMA"] = tma
+        if tma:
+            pointers.update(h_desc=f"tensordesc<bf16[{block_m}, {block_k}]>",
+                            w_desc=f"tensordesc<bf16[{block_v}, {block_k}]>")
+        else:
+            consts.update(h_desc=None, w_desc=None)
     consts.update({p.name: ints[p.name] for p in kernel.params if p.is_constexpr and p.name in ints})
     unspecialised = {p.name for p in kernel.params if p.do_not_specialize}
     consts.update({name: 1 for name, value in ints.items() if value == 1 and name not in unspecialised})
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         signature[name] = pointers.get(name) or ("constexpr" if name in consts else "i32")
-        if name in pointers or (name in ints and name not in consts.keys() | unspecialised and ints[name] % 16 == 0):
+        if (name in pointers and not name.endswith("_desc")) or (name in ints and name not in consts.keys() | unspecialised and ints[name] % 16 == 0):
             attrs[(i,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(ASTSource(kernel, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=warps, num_stages=stages))
@@ -122,17 +130,17 @@ def main():
                 for M in (1, 16, 64):
                     c = mod.default_config(M, H, 10)
                     cases.append((f"{shape} M={M} default", M, H, c.block_m, c.block_v, c.block_k, c.num_stages,
-                                  c.num_warps, c.ids_in_keys, c.programs_per_sm, group_rows))
+                                  c.num_warps, c.ids_in_keys, c.programs_per_sm, group_rows, getattr(c, "tma", False)))
         else:
             name, *nums = spec.split(":")
             M, H, bm, bv, bk, stages, *warps = map(int, nums)
-            cases.append((name, M, H, bm, bv, min(bk, H), stages, warps[0] if warps else 4, None, None, 8192))
+            cases.append((name, M, H, bm, bv, min(bk, H), stages, warps[0] if warps else 4, None, None, 8192, None))
     print(f"triton {triton.__version__}, sm_90; resident = min(registers, shared memory) programs an SM")
-    for name, M, H, bm, bv, bk, stages, warps, ids, per_sm, group_rows in cases:
+    for name, M, H, bm, bv, bk, stages, warps, ids, per_sm, group_rows, tma in cases:
         regs, stack, smem, resident = compile_partials(mod, M, H, bm, bv, bk, stages, warps, ids,
-                                                       group_rows=group_rows)
+                                                       group_rows=group_rows, tma=tma)
         launched = f", launched {per_sm}" if per_sm else ""
-        print(f"{name:26s} m{bm} v{bv} k{bk} s{stages} w{warps}: {regs} regs, stack {stack} B, "
+        print(f"{name:26s} m{bm} v{bv} k{bk} s{stages} w{warps}{' tma' if tma or (tma is None and bm >= 64) else ''}: {regs} regs, stack {stack} B, "
               f"smem {smem / 1024:.0f} KB -> {resident} resident{launched}")
 
 

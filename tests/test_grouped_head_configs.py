@@ -125,6 +125,51 @@ def test_merge_tail_chunk(use_topk, monkeypatch, seed):
                          atol=2e-3 if dtype == torch.bfloat16 else 1e-4)
 
 
+# Row blocks of rows in order (16 and 64 rows), tiles by TMA descriptor (the interpreter runs them too)
+# and by pointer loads: H not a multiple of the K step (a K tail the descriptor reads as zeros), V not
+# a multiple of the tile (tiles past a smaller group's end), more rows than one block (M=70: the last
+# block's hidden tile runs past the last row), M=1, k=1 and k above the tile
+TMA_CASES = [(1001, 40, 7, 1, 3, 10), (613, 24, 3, 70, 2, 33), (777, 56, 5, 64, 5, 1)]
+
+
+@needs_triton
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("case", TMA_CASES, ids=[f"V{c[0]}-H{c[1]}-M{c[3]}-k{c[5]}" for c in TMA_CASES])
+def test_tma_tiles_match_oracle(tma, block_m, case, seed):
+    V, H, G, M, A, k = case
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    cfg = kernel.KernelConfig(block_m, 32, 32, 4, 2, 2, gather=False, tma=tma, ids_in_keys=block_m == 16)
+    ids, logprobs, hidden, weight, grouping, groups = _run((V, H, G, M, A), cfg, k, dtype)
+    assert kernel._tma_ok(cfg, False, hidden, weight) is tma  # the path under test is the one taken
+    _assert_topk_matches(ids, logprobs, hidden.float(), weight.float(), grouping, groups, k,
+                         atol=2e-3 if dtype == torch.bfloat16 else 1e-4)
+
+
+@needs_triton
+def test_tma_falls_back_where_a_descriptor_cannot_describe(seed):
+    """Rows that are not 16-byte aligned (a hidden sliced out of a wider buffer) and gathered rows take
+    the pointer loads, with the same answer."""
+    V, H, G, M, A, k = 613, 24, 3, 9, 2, 5
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    grouping = _grouping("contiguous", V, G)
+    weight = (torch.randn(V, H, device=DEVICE) / H**0.5).to(dtype)
+    hidden = torch.randn(M, H + 1, device=DEVICE).to(dtype)[:, :H]  # row stride H + 1: not aligned
+    groups = _random_groups(M, A, G, DEVICE)
+    cfg = kernel.KernelConfig(64, 32, 32, 4, 2, 2, gather=False)
+    assert not kernel._tma_ok(cfg, False, hidden, weight)
+    assert kernel._tma_ok(cfg, False, hidden.contiguous(), weight)
+    assert not kernel._tma_ok(dataclasses.replace(cfg, tma=False), False, hidden.contiguous(), weight)
+    assert not kernel._tma_ok(cfg, True, hidden.contiguous(), weight)
+    head = GroupedLMHead(weight, grouping)
+    ids = torch.full((M, k), -7, dtype=torch.int64, device=DEVICE)
+    logprobs = torch.full((M, k), float("nan"), device=DEVICE)
+    kernel.grouped_head_topk_triton(hidden, head.weight, head.offsets, head.order, groups, k,
+                                    head.max_group_size, cfg, out=(ids, logprobs))
+    _assert_topk_matches(ids, logprobs, hidden.float(), weight.float(), grouping, groups, k,
+                         atol=2e-3 if dtype == torch.bfloat16 else 1e-4)
+
+
 def test_merge_chunks_cover_every_tile():
     """The phase-A chunking covers [0, n) exactly once, with power-of-two chunks of at least k_pow2."""
     for k_pow2 in (16, 64):

@@ -129,7 +129,8 @@ def _copy_bandwidth(device, flush) -> float:
 
 def _cfg_str(c: KernelConfig) -> str:
     return (f"m{c.block_m} v{c.block_v} k{c.block_k} w{c.num_warps} s{c.num_stages} p{c.programs_per_sm}"
-            + ("" if c.gather else " rows-in-order") + (" ids-in-keys" if getattr(c, "ids_in_keys", False) else ""))
+            + ("" if c.gather else " rows-in-order") + (" ids-in-keys" if getattr(c, "ids_in_keys", False) else "")
+            + (" tma" if getattr(c, "tma", False) and c.block_m >= 64 and not c.gather else ""))
 
 
 def shape_head(name: str, device) -> tuple[torch.Tensor, VocabGrouping, GroupedLMHead]:
@@ -295,11 +296,12 @@ def run_cpu(log=print) -> list[Row]:
 # ---------------------------------------------------------------------------------------------------
 # Configs side by side: `coral-fast bench head --sweep` (the cases the default still misses)
 # ---------------------------------------------------------------------------------------------------
-def _kc(m, v, k, stages, per_sm, warps=4, ids=None, gather=False):
+def _kc(m, v, k, stages, per_sm, warps=4, ids=None, gather=False, tma=True):
     """A candidate config; original ids in the keys with 16-row blocks (as `default_config`); `gather`:
-    row blocks of the rows that chose the item's group, not rows in order."""
+    row blocks of the rows that chose the item's group, not rows in order; `tma=False`: pointer loads
+    where the default would take TMA descriptors (64-row blocks)."""
     return KernelConfig(m, v, k, warps, stages, per_sm, gather=gather,
-                        ids_in_keys=(m <= 16) if ids is None else ids)
+                        ids_in_keys=(m <= 16) if ids is None else ids, tma=tma)
 
 
 # Work items of the partials kernel = active groups x ceil(group size / block_v) x ceil(M / block_m),
@@ -336,23 +338,36 @@ _M16_DEEPER = [
     _kc(16, 128, 64, 5, 2),  # four loads of K 64 in flight: 128 regs, 72 KB (3 resident possible)
     _kc(16, 128, 64, 3, 2),  # 128 regs, 36 KB: the small-K stream at the same program count
 ]
+# Eighth session: 64-row blocks load by TMA (120 registers instead of 193 / 142; shared memory: 16 KB a
+# stage at K 64, 32 KB at K 128), so the program count an SM is bound by shared memory alone, four at
+# K 64 in 3 stages: one round of Llama-3's 378 and Qwen2.5's 450 shared-routing items (528 programs)
+_M64_TMA = [
+    _kc(64, 64, 128, 3, 2, tma=False),  # the default by pointer loads (193 regs, 96 KB: 2): TMA's gain
+    _kc(64, 64, 64, 3, 4),  # 48 KB: 4 resident
+    _kc(64, 64, 64, 4, 3),  # 64 KB: 3
+    _kc(64, 64, 128, 2, 3),  # 64 KB: 3
+    _kc(64, 64, 64, 3, 3),  # 48 KB: 3 launched (4 fit)
+]
+_M64_TMA_SMALL_H = [
+    _kc(64, 64, 64, 4, 3, tma=False),  # the default by pointer loads (142 regs, 64 KB: 3)
+    _kc(64, 64, 64, 3, 4),  # 48 KB: 4
+    _kc(64, 64, 64, 2, 4),  # 32 KB: 4 (6 fit by shared memory, 4 by registers)
+    _kc(64, 64, 128, 3, 2),  # 96 KB: 2
+    _kc(64, 64, 128, 2, 3),  # 64 KB: 3
+]
 SWEEP_PLAN = {  # shape -> [(M, routing, [candidate configs])]
-    "llama3": [(1, "random", _M16_DEEPER), (16, "shared", _M16_DEEPER),
-               (64, "shared", _M64_GATHERED), (64, "random", _M64_GATHERED)],
-    "qwen2.5": [(1, "random", _M16_DEEPER), (16, "shared", _M16_DEEPER),
-                (64, "shared", _M64_GATHERED), (64, "random", _M64_GATHERED)],
-    "smollm2": [  # the loop's head: the root (M=1) and a frontier of 10 siblings; the old M <= 16 default first
-        (1, "random", [_kc(16, 128, 64, 3, 4)] + _M16_SMALL_H),
-        (10, "shared", [_kc(16, 128, 64, 3, 4)] + _M16_SMALL_H),
+    "llama3": [(64, "shared", _M64_TMA), (64, "random", _M64_TMA)],
+    "qwen2.5": [(64, "shared", _M64_TMA), (64, "random", _M64_TMA)],
+    "smollm2": [  # the loop's head: the root (M=1) and a frontier of 10 siblings; the default (TMA tiles
+        # at small H since the eighth session) against the same config by pointer loads
+        (1, "random", [_kc(16, 128, 128, 3, 3, tma=False)]),
+        (10, "shared", [_kc(16, 128, 128, 3, 3, tma=False)]),
     ],
-    "gemma3": [
-        (1, "random", _M16_SMALL_H),
-        (16, "shared", _M16_SMALL_H),
-        (16, "random", _M16_SMALL_H),
-        (64, "shared", _M64_SMALL_H + _M64_GATHERED_SMALL_H),
-        (64, "random", _M64_SMALL_H + _M64_GATHERED_SMALL_H),
-    ],
+    "gemma3": [(64, "shared", _M64_TMA_SMALL_H), (64, "random", _M64_TMA_SMALL_H)],
 }
+# The seventh session's plan: M <= 16 deeper streams (_M16_DEEPER) at Llama-3 / Qwen2.5 M=1 and M=16
+# shared, gathered row blocks (_M64_GATHERED) at M=64, and at Gemma-3 _M16_SMALL_H at M <= 16,
+# _M64_SMALL_H + _M64_GATHERED_SMALL_H at M=64; SmolLM2 the old 16x128 k64 s3 p4 + _M16_SMALL_H.
 # The seventh session's second call had at Llama-3 / Qwen2.5 M=64 K step 64 at 3 and 2 launched an SM
 # (142 regs, 48 KB: 3 resident); the first call's k64 s3 p4 was 6 us faster at Llama-3 M=64 shared and
 # 15% slower at random routing.

@@ -40,6 +40,10 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - triton is a Linux dependency; the reference still works
     triton = None
+try:  # host-side TMA descriptors (triton >= 3.4; the interpreter runs them too)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
 
 MAX_K = 64  # largest k the Triton path supports (the issue's bound)
 MERGE_BLOCK_P = 1024  # tile partials the merge reads per chunk
@@ -208,10 +212,13 @@ if triton is not None:
         A_POW2: tl.constexpr, G_POW2: tl.constexpr, BLOCK_P: tl.constexpr,
         GATHER: tl.constexpr, M_POW2: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
         PDL: tl.constexpr, ONE_ROW: tl.constexpr, ONE_BLOCK: tl.constexpr, IDS_IN_KEYS: tl.constexpr,
-        KEPT_SLOTS: tl.constexpr,
+        KEPT_SLOTS: tl.constexpr, h_desc, w_desc, TMA: tl.constexpr,
     ):
         """Persistent: work item = (active group j, vocab tile t, row block mb), mb fastest so the
-        programs sharing a weight tile run side by side and all but the first read it from L2."""
+        programs sharing a weight tile run side by side and all but the first read it from L2.
+        TMA: the hidden and weight tiles come through the descriptors h_desc [BLOCK_M, BLOCK_K] and
+        w_desc [BLOCK_V, BLOCK_K] (rows and columns past the tensors read as zeros; a tile's rows past
+        its group belong to the next group and are masked in the epilogue) instead of pointer loads."""
         # the union of the rows' groups, compacted: every program derives it from `groups` (M*A ints)
         # itself, so there is no host unique(), no extra launch, and no item for an unused group
         if PDL:
@@ -305,7 +312,10 @@ if triton is not None:
             h_ptrs = hidden_ptr + rows[:, None] * stride_hm + offs_k[None, :]
             w_ptrs = weight_ptr + cols[:, None].to(tl.int64) * stride_wv + offs_k[None, :]
             for k0 in range(0, k_end, BLOCK_K):
-                if EVEN_K:
+                if TMA:
+                    h = h_desc.load([mb * BLOCK_M, k0])
+                    w = w_desc.load([lo, k0])
+                elif EVEN_K:
                     h = tl.load(h_ptrs, mask=row_ok[:, None], other=0.0)
                     w = tl.load(w_ptrs, mask=col_ok[:, None], other=0.0)
                 else:
@@ -463,6 +473,11 @@ class KernelConfig:
     # off the first key, not reduced on its own. H100: -0.6 to -1.3 us at M=1, up to -1 us at M=16 (16-row
     # blocks: registers 188 -> 168); with 64-row blocks registers rose 192 -> 204-225 and it cost 1-13 us
     ids_in_keys: bool = False
+    # row blocks of rows in order load their tiles by TMA where the tensors allow it (16-byte aligned
+    # rows): no address arithmetic in the K loop; 193 -> 120 registers a thread with 64-row blocks
+    # (sm_90). H100, eighth session: 1-8 us less a call at M=64, ~1 us at Gemma-3 M <= 16, 0.3-3 us
+    # more at Llama-3 / Qwen2.5 M <= 16 (default_config leaves it off there)
+    tma: bool = True
 
 
 def default_config(M: int, H: int, k: int) -> KernelConfig:
@@ -472,18 +487,20 @@ def default_config(M: int, H: int, k: int) -> KernelConfig:
     tiles for small M. For larger M one 64-row block (rows in order) beat gathering the chosen rows into
     16/32-row blocks, for shared and random routing alike. For small H (Gemma's 640) each tile's stream
     is a few K steps, so more programs an SM must overlap one tile's epilogue with another's stream:
-    three resident at M <= 16 (168 registers, 72 KB; 190 at M=1: two), and at M > 16 K steps of 64 in
-    4 stages (142 registers, 64 KB: three resident, against two of the 193-register, 96 KB K-128
-    config; H100, seventh session: Gemma-3 M=16 shared -3.5 us, M=64 shared -2.4 us, M=64 random -9%).
+    three resident at M <= 16 (168 registers, 72 KB; H100, seventh session: Gemma-3 M=16 shared
+    -3.5 us against K 64, four an SM), and three at M > 16 (below).
     Original ids in the keys with 16-row blocks only (H100, sixth session: faster there, slower with
-    64-row blocks; see KernelConfig.ids_in_keys).
+    64-row blocks; see KernelConfig.ids_in_keys). With TMA tiles (eighth session: 120 registers, so
+    shared memory alone bounds the programs an SM) small H at M > 16 takes K steps of 128 in 2 stages,
+    3 an SM (64 KB; H100: Gemma-3 M=64 random 166 -> 164 us, shared 48.2 -> 47.6 against K 64 in 4
+    stages); at large H no candidate beat K 128 in 3 stages, 2 an SM, at both routings.
     """
     if M <= 16:
         return KernelConfig(16, 128, 128, num_warps=4, num_stages=3, programs_per_sm=2 if H >= 2048 else 3,
-                            gather=False, ids_in_keys=True)
+                            gather=False, ids_in_keys=True, tma=H < 2048)
     if H >= 2048:
         return KernelConfig(64, 64, 128, num_warps=4, num_stages=3, programs_per_sm=2, gather=False)
-    return KernelConfig(64, 64, 64, num_warps=4, num_stages=4, programs_per_sm=3, gather=False)
+    return KernelConfig(64, 64, 128, num_warps=4, num_stages=2, programs_per_sm=3, gather=False)
 
 
 def _next_pow2(n: int) -> int:
@@ -526,6 +543,18 @@ def _kept_slots(kt: int) -> int:
     0 (a store a round) above 16, where the buffer's registers would cost more than the stores."""
     slots = max(2, _next_pow2(kt))
     return slots if slots <= 16 else 0
+
+
+def _tma_ok(cfg: KernelConfig, gather: bool, hidden: Tensor, weight: Tensor) -> bool:
+    """Whether the partials kernel loads its tiles by TMA: asked for, row blocks of rows in order (TMA
+    cannot gather rows), and tensors a descriptor can describe (unit inner stride, 16-byte aligned
+    base and rows)."""
+    if not (cfg.tma and not gather and TensorDescriptor is not None):
+        return False
+    for t in (hidden, weight):
+        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return True
 
 
 def _num_programs_cap(device: torch.device, per_sm: int) -> int:
@@ -590,6 +619,10 @@ def grouped_head_topk_triton(
     # at most min(G, M*A) groups are active: known on the host, so the grid needs no sync
     max_items = min(G, MA) * NT * NMB
     grid = (min(max_items, _num_programs_cap(device, cfg.programs_per_sm)),)
+    h_desc = w_desc = None
+    if _tma_ok(cfg, gather, hidden, weight):
+        h_desc = TensorDescriptor.from_tensor(hidden, [cfg.block_m, block_k])
+        w_desc = TensorDescriptor.from_tensor(weight, [cfg.block_v, block_k])
     _grouped_head_partials_kernel[grid](
         hidden, weight, groups, offsets, order,
         part_key, part_max, part_sum,
@@ -600,7 +633,7 @@ def grouped_head_topk_triton(
         GATHER=gather, M_POW2=max(16, _next_pow2(M)),
         EVEN_K=(H % block_k == 0), DOT_FP32=dot_needs_fp32(device),
         PDL=pdl, ONE_ROW=(M == 1), ONE_BLOCK=(NMB == 1 and not gather), IDS_IN_KEYS=cfg.ids_in_keys,
-        KEPT_SLOTS=_kept_slots(KT),
+        KEPT_SLOTS=_kept_slots(KT), h_desc=h_desc, w_desc=w_desc, TMA=h_desc is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not _merge:
