@@ -130,7 +130,7 @@ def _copy_bandwidth(device, flush) -> float:
 def _cfg_str(c: KernelConfig) -> str:
     return (f"m{c.block_m} v{c.block_v} k{c.block_k} w{c.num_warps} s{c.num_stages} p{c.programs_per_sm}"
             + ("" if c.gather else " rows-in-order") + (" ids-in-keys" if getattr(c, "ids_in_keys", False) else "")
-            + (" tma" if getattr(c, "tma", False) and c.block_m >= 64 and not c.gather else ""))
+            + (" tma" if getattr(c, "tma", False) and not c.gather else ""))
 
 
 def shape_head(name: str, device) -> tuple[torch.Tensor, VocabGrouping, GroupedLMHead]:
