@@ -187,7 +187,7 @@ if triton is not None:
         by rank instead of KT rounds: a column's slot is the number of columns that beat it (larger
         logit, or equal logit and smaller id), found in one pass of independent compares rather than
         KT dependent block-wide reductions (at one row a value a thread, every round of those crosses
-        the warps through shared memory): 0.4-1.0 us less a call at M=1 on the H100 (eighth session,
+        the warps through shared memory): 0.3-0.7 us less a call at M=1 on the H100 (eighth session,
         head_merge_h100.md)."""
         logits = tl.where(col_ok, logits, float("-inf"))
         # padding columns get distinct negative ids so that every column has its own rank (the slots
