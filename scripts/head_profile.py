@@ -41,7 +41,7 @@ def main():
         name, M, routing, *spec = case.split(":")
         M = int(M)
         cfg = parse_config(spec[0]) if spec else None
-        H = hb.SHAPES[name][1]
+        H = hb.ALL_SHAPES[name][1]
         if name != head_name:
             head = None  # one shape's weights on the GPU at a time
             torch.cuda.empty_cache()

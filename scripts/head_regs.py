@@ -84,7 +84,7 @@ def compile_partials(mod, M, H, block_m, block_v, block_k, stages, warps=4, ids_
                   DOT_FP32=False, PDL=True, ONE_ROW=M == 1, ONE_BLOCK=M <= block_m, IDS_IN_KEYS=ids_in_keys)
     if "KEPT_SLOTS" in kernel.arg_names:  # versions with the epilogue's register buffer of round keys
         consts["KEPT_SLOTS"] = mod._kept_slots(ints["KT"])
-    if "TMA" in kernel.arg_names:  # versions with TMA tiles: 64-row blocks (bf16 rows are 16-byte aligned)
+    if "TMA" in kernel.arg_names:  # versions with TMA tiles: as told, else 64-row blocks (bf16 rows: 16-byte aligned)
         tma = block_m >= 64 if tma is None else tma
         consts["TMA"] = tma
         if tma:

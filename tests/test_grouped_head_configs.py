@@ -39,12 +39,13 @@ PDL = [True, False] if DEVICE == "cuda" else [True]
 MATRIX = [(pdl, ids, c) for pdl in PDL for ids in (False, True) for c in CASES]
 
 
-def _run(case_fields, cfg, k, dtype, weight=None, grouping=None):
+def _run(case_fields, cfg, k, dtype, weight=None, grouping=None, hidden=None):
     V, H, G, M, A = case_fields
     grouping = grouping or _grouping("contiguous", V, G)
     if weight is None:
         weight = (torch.randn(V, H, device=DEVICE) / H**0.5).to(dtype)
-    hidden = torch.randn(M, H, device=DEVICE).to(dtype)
+    if hidden is None:
+        hidden = torch.randn(M, H, device=DEVICE).to(dtype)
     groups = _random_groups(M, A, G, DEVICE)
     head = GroupedLMHead(weight, grouping)
     ids = torch.full((M, k), -7, dtype=torch.int64, device=DEVICE)  # poisoned: unwritten slots fail
@@ -152,20 +153,15 @@ def test_tma_falls_back_where_a_descriptor_cannot_describe(seed):
     the pointer loads, with the same answer."""
     V, H, G, M, A, k = 613, 24, 3, 9, 2, 5
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    grouping = _grouping("contiguous", V, G)
     weight = (torch.randn(V, H, device=DEVICE) / H**0.5).to(dtype)
     hidden = torch.randn(M, H + 1, device=DEVICE).to(dtype)[:, :H]  # row stride H + 1: not aligned
-    groups = _random_groups(M, A, G, DEVICE)
     cfg = kernel.KernelConfig(64, 32, 32, 4, 2, 2, gather=False)
     assert not kernel._tma_ok(cfg, False, hidden, weight)
     assert kernel._tma_ok(cfg, False, hidden.contiguous(), weight)
     assert not kernel._tma_ok(dataclasses.replace(cfg, tma=False), False, hidden.contiguous(), weight)
     assert not kernel._tma_ok(cfg, True, hidden.contiguous(), weight)
-    head = GroupedLMHead(weight, grouping)
-    ids = torch.full((M, k), -7, dtype=torch.int64, device=DEVICE)
-    logprobs = torch.full((M, k), float("nan"), device=DEVICE)
-    kernel.grouped_head_topk_triton(hidden, head.weight, head.offsets, head.order, groups, k,
-                                    head.max_group_size, cfg, out=(ids, logprobs))
+    ids, logprobs, hidden, weight, grouping, groups = _run((V, H, G, M, A), cfg, k, dtype, weight=weight,
+                                                           hidden=hidden)
     _assert_topk_matches(ids, logprobs, hidden.float(), weight.float(), grouping, groups, k,
                          atol=2e-3 if dtype == torch.bfloat16 else 1e-4)
 

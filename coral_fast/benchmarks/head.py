@@ -299,7 +299,8 @@ def run_cpu(log=print) -> list[Row]:
 def _kc(m, v, k, stages, per_sm, warps=4, ids=None, gather=False, tma=True):
     """A candidate config; original ids in the keys with 16-row blocks (as `default_config`); `gather`:
     row blocks of the rows that chose the item's group, not rows in order; `tma=False`: pointer loads
-    where the default would take TMA descriptors (64-row blocks)."""
+    instead of TMA descriptors (rows in order; default_config itself asks for TMA with 16-row blocks at
+    small H only)."""
     return KernelConfig(m, v, k, warps, stages, per_sm, gather=gather,
                         ids_in_keys=(m <= 16) if ids is None else ids, tma=tma)
 

@@ -151,24 +151,26 @@ if triton is not None:
         tile_sum = tl.sum(tl.exp(logits - shift[:, None]), axis=1)
         tl.store(part_max_ptr + part, tile_max, mask=chosen)
         tl.store(part_sum_ptr + part, tile_sum, mask=chosen)
-        if IDS_IN_KEYS and KEPT_SLOTS > 0:
-            # the rounds' keys gather in registers and leave in one store: a store a round moves each
-            # round's [R] keys into the store's layout through shared memory, a barrier a round (Gemma-3
-            # M=16 random 128.2 -> 124.5 us on the H100; the 64-row rounds below lost 1-3 us this way)
-            slots = tl.arange(0, KEPT_SLOTS)
-            kept = tl.where(slots[None, :] == 0, best[:, None], NO_KEY)
+        if IDS_IN_KEYS:
+            # KEPT_SLOTS > 0: the rounds' keys gather in registers and leave in one store; a store a
+            # round moves each round's [R] keys into the store's layout through shared memory, a barrier
+            # a round (Gemma-3 M=16 random 128.2 -> 124.5 us on the H100; the 64-row rounds below lost
+            # 1-3 us this way). Above 16 slots, a store a round.
+            if KEPT_SLOTS > 0:
+                slots = tl.arange(0, KEPT_SLOTS)
+                kept = tl.where(slots[None, :] == 0, best[:, None], NO_KEY)
+            else:
+                tl.store(part_key_ptr + part * KT, best, mask=chosen)
             for r in range(1, n_rounds):
                 key = tl.where(key == best[:, None], NO_KEY, key)
                 best = tl.max(key, axis=1)
-                kept = tl.where(slots[None, :] == r, best[:, None], kept)
-            tl.store(part_key_ptr + part[:, None] * KT + slots[None, :], kept,
-                     mask=chosen[:, None] & (slots[None, :] < KT))
-        elif IDS_IN_KEYS:
-            tl.store(part_key_ptr + part * KT, best, mask=chosen)
-            for r in range(1, n_rounds):
-                key = tl.where(key == best[:, None], NO_KEY, key)
-                best = tl.max(key, axis=1)
-                tl.store(part_key_ptr + part * KT + r, best, mask=chosen)
+                if KEPT_SLOTS > 0:
+                    kept = tl.where(slots[None, :] == r, best[:, None], kept)
+                else:
+                    tl.store(part_key_ptr + part * KT + r, best, mask=chosen)
+            if KEPT_SLOTS > 0:
+                tl.store(part_key_ptr + part[:, None] * KT + slots[None, :], kept,
+                         mask=chosen[:, None] & (slots[None, :] < KT))
         else:
             cols = tl.arange(0, BLOCK_V)
             best = tile_max
