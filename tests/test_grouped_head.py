@@ -8,7 +8,6 @@ from coral_fast.kernels.grouped_head_topk import grouped_head_topk_reference
 
 HAS_CUDA = torch.cuda.is_available()
 # CPU tensors through the interpreter (CI); on a GPU machine the bf16 cases below cover the kernel
-needs_triton = pytest.mark.skipif(not interpreter_enabled(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
@@ -70,7 +69,7 @@ def _grouping(kind, V, G):
     return VocabGrouping.from_token_counts(torch.rand(V) * 1000, G)
 
 
-@needs_triton
+@pytest.mark.interpreter
 @pytest.mark.parametrize("V,H,G,M,A,k,kind", CASES)
 def test_triton_matches_reference_cpu(V, H, G, M, A, k, kind, seed):
     dtype = torch.float16 if (V + M) % 2 else torch.float32  # interpreter: fp16/fp32 operands only
@@ -87,7 +86,7 @@ def test_triton_matches_reference_cpu(V, H, G, M, A, k, kind, seed):
     torch.testing.assert_close(logprobs, ref_lp, atol=2e-4, rtol=0)
 
 
-@needs_triton
+@pytest.mark.interpreter
 @pytest.mark.parametrize("M", [1, 37])
 @pytest.mark.parametrize("gather", [True, False])
 def test_triton_row_block_modes(gather, M, seed):
@@ -106,7 +105,7 @@ def test_triton_row_block_modes(gather, M, seed):
     _assert_topk_matches(ids, logprobs, hidden, weight, grouping, groups, k, atol=1e-4)
 
 
-@needs_triton
+@pytest.mark.interpreter
 def test_triton_merge_in_chunks_with_ties(monkeypatch, seed):
     """Many tiles (narrow tiles, chunked merge), k above the tile width, and heavy ties:
     the weight has only 5 distinct rows, so most logits are equal."""
@@ -142,7 +141,7 @@ def test_contiguous_grouping_does_not_copy_weight():
     assert lm.weight.data_ptr() == weight.data_ptr() and lm.relaid_weight is None
 
 
-@needs_triton
+@pytest.mark.interpreter
 def test_triton_check_false_same_result(seed):
     V, H, G, M, A, k = 515, 32, 4, 3, 2, 5
     grouping = VocabGrouping.contiguous(V, G)
