@@ -252,3 +252,129 @@ def test_shipped_gemma3_draft_is_small_and_headless():
             assert 640 * 262144 > (shape[0] if shape else 1) * (shape[1] if len(shape) > 1 else 1), name
             if name.startswith(("fc.", "layer.", "head.")):
                 assert f.get_slice(name).get_dtype() == "F16", name
+
+
+# --- exact, atomic resume --------------------------------------------------------------------------
+def _resume_setup():
+    target = tiny_target()
+    data = SequenceData(tiny_data(target, n_seqs=14, new_tokens=17))
+    # 4 batches an epoch: 10 iterations cross two epoch boundaries and stop mid-epoch; noise and
+    # the CSRA subsample draw from the global generator and the loop's own one
+    cfg = dict(iters=10, warmup=2, lr=3e-3, batch_tokens=96, eval_every=5, eval_unroll=2, checkpoint_every=3,
+               feature_noise=0.1, csra_max_positions=8, seed=5)
+    return target, data, cfg
+
+
+def _weights(draft):
+    return {k: v.clone() for k, v in draft.state_dict().items()}
+
+
+def _assert_same_weights(a, b):
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch):
+    import json
+
+    from coral_fast.training import trainer
+
+    target, data, cfg = _resume_setup()
+    assert len(data.batch_plan(data.train, cfg["batch_tokens"])) < cfg["iters"] // 2
+    draft = tiny_draft(target)
+    full = train(draft, data, TrainConfig(**cfg), out_dir=tmp_path / "full", progress=False)
+    reference = _weights(draft)
+    # the run stops right after its iteration-6 checkpoint (mid-epoch, past an eval)
+    done = []
+
+    def stop_after_second(what):
+        done.append(what)
+        if done.count("rename to last") == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_written", stop_after_second)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_draft(target), data, TrainConfig(**cfg), out_dir=tmp_path / "cut", progress=False)
+    monkeypatch.setattr(trainer, "_written", lambda what: None)
+    assert json.loads((tmp_path / "cut" / "last" / "trainer_state.json").read_text())["iteration"] == 6
+    torch.manual_seed(1234)  # a new process: other global random state
+    random.seed(99)
+    resumed = tiny_draft(target)
+    torch.nn.init.normal_(resumed.fc.weight)  # whatever the draft holds is replaced by the checkpoint
+    history = train(resumed, data, TrainConfig(**cfg), out_dir=tmp_path / "cut", resume=True, progress=False)
+    _assert_same_weights(reference, _weights(resumed))
+    untimed = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+    assert history["iterations"] == 10 and history["eval"] == full["eval"] and untimed(history["train"]) == untimed(full["train"])
+    logged = [json.loads(line)["iteration"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert logged == [5, 10, 10]  # eval 5, then the train record and eval of 10: nothing replayed twice
+
+
+def test_a_kill_at_any_point_of_a_checkpoint_write_resumes_exactly(tmp_path, monkeypatch):
+    from coral_fast.training import trainer
+
+    target, data, cfg = _resume_setup()
+    draft = tiny_draft(target)
+    calls = []
+    monkeypatch.setattr(trainer, "_written", lambda what: calls.append(what))
+    train(draft, data, TrainConfig(**cfg), out_dir=tmp_path / "full", progress=False)
+    reference = _weights(draft)
+    points = calls[: calls.index("rename to last") + 1]  # the first checkpoint's write (iteration 3)
+    assert points[-1] == "rename to last" and "rename to prev" not in points  # the first has no previous one
+    second = calls[len(points):]
+    per_write = second.index("rename to last") + 1  # the hook calls of one write that replaces a checkpoint
+    for kill_at in range(per_write):
+        seen = []
+
+        def killer(what, kill_at=kill_at, seen=seen):
+            seen.append(what)
+            if len(seen) == len(points) + 1 + kill_at:  # inside the iteration-6 write
+                raise KeyboardInterrupt(what)
+
+        monkeypatch.setattr(trainer, "_written", killer)
+        out = tmp_path / f"kill{kill_at}"
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_draft(target), data, TrainConfig(**cfg), out_dir=out, progress=False)
+        monkeypatch.setattr(trainer, "_written", lambda what: None)
+        reports = []
+        resumed = tiny_draft(target)
+        train(resumed, data, TrainConfig(**cfg), out_dir=out, resume=True, progress=False, report=reports.append)
+        _assert_same_weights(reference, _weights(resumed))
+        assert not reports, reports  # the fallbacks above are the normal path, not a broken checkpoint
+
+
+def _two_checkpoints(tmp_path):
+    target, data, cfg = _resume_setup()
+    train(tiny_draft(target), data, TrainConfig(**{**cfg, "iters": 6}), out_dir=tmp_path, progress=False)
+    return target, data, cfg
+
+
+def test_resume_refuses_a_mixed_checkpoint_and_falls_back(tmp_path):
+    import shutil
+
+    target, data, cfg = _two_checkpoints(tmp_path)
+    last, prev = tmp_path / "last", tmp_path / "last.prev"
+    shutil.copy(prev / "trainer_state.safetensors", last / "trainer_state.safetensors")  # step 3 moments in step 6
+    with pytest.raises(ValueError, match="trainer_state.safetensors is not the file written with iteration 6"):
+        __import__("coral_fast.training.trainer", fromlist=["x"]).verify_checkpoint(last)
+    reports = []
+    history = train(tiny_draft(target), data, TrainConfig(**cfg), out_dir=tmp_path, resume=True, progress=False, report=reports.append)
+    assert history["iterations"] == 10
+    assert len(reports) == 1 and "resuming from" in reports[0] and "last.prev (iteration 3)" in reports[0]
+
+
+def test_resume_refuses_a_truncated_checkpoint_in_one_line(tmp_path):
+    import shutil
+
+    target, data, cfg = _two_checkpoints(tmp_path)
+    shutil.rmtree(tmp_path / "last.prev")
+    state = tmp_path / "last" / "trainer_state.safetensors"
+    state.write_bytes(state.read_bytes()[:-100])
+    with pytest.raises(ValueError) as error:
+        train(tiny_draft(target), data, TrainConfig(**cfg), out_dir=tmp_path, resume=True, progress=False)
+    message = str(error.value)
+    assert "\n" not in message and "truncated" in message and "no earlier complete checkpoint" in message
+    (tmp_path / "last" / "trainer_state.json").write_text('{"iteration": 6')
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        train(tiny_draft(target), data, TrainConfig(**cfg), out_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="no checkpoint in"):
+        train(tiny_draft(target), data, TrainConfig(**cfg), out_dir=tmp_path / "empty", resume=True, progress=False)

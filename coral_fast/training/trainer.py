@@ -159,8 +159,8 @@ class SequenceData:
             counts += torch.bincount(ids.cpu(), minlength=vocab_size).double()
         return counts
 
-    def batches(self, spans: list[tuple[int, int]], batch_tokens: int, shuffle: bool, rng: random.Random):
-        """Length-bucketed batches of at most `batch_tokens` padded tokens."""
+    def batch_plan(self, spans: list[tuple[int, int]], batch_tokens: int) -> list[list[tuple[int, int]]]:
+        """Length-bucketed groups of spans of at most `batch_tokens` padded tokens, shortest first."""
         order = sorted(spans, key=lambda sp: sp[1] - sp[0])
         groups, current, width = [], [], 0
         for sp in order:
@@ -172,6 +172,11 @@ class SequenceData:
             width = max(width, n)
         if current:
             groups.append(current)
+        return groups
+
+    def batches(self, spans: list[tuple[int, int]], batch_tokens: int, shuffle: bool, rng: random.Random):
+        """Length-bucketed batches of at most `batch_tokens` padded tokens (in `rng`'s order if shuffle)."""
+        groups = self.batch_plan(spans, batch_tokens)
         if shuffle:
             rng.shuffle(groups)
         for group in groups:
@@ -363,13 +368,66 @@ def chain_acceptance(draft, data: SequenceData, spans, depth: int, batch_tokens:
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
-def save_checkpoint(path: str | Path, draft, optimizer, iteration: int, cfg: TrainConfig, extra: dict | None = None) -> None:
-    """`path/` gets the draft (config.json + model.safetensors) and trainer_state.{json,safetensors}
-    (step, train config, AdamW moments)."""
-    from safetensors.torch import save_file
+# `out/last/` holds the newest complete checkpoint: the draft (config.json + model.safetensors, fp32),
+# trainer_state.safetensors (AdamW moments, the best weights of keep_best) and trainer_state.json
+# (iteration, every random state, the data position, elapsed time, history, and a manifest: each
+# other file's size and sha256). A new checkpoint is written whole into `last.tmp/` and fsynced, then
+# `last` -> `last.prev` and `last.tmp` -> `last` (renames); the previous one stays in `last.prev`. A
+# kill at any point leaves a complete checkpoint in `last`, `last.tmp` (between the two renames) or
+# `last.prev`; `find_checkpoint` takes the first one that verifies, in that order.
+CHECKPOINT_DIRS = ("last", "last.tmp", "last.prev")
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+DRAFT_FILES = ("config.json", "model.safetensors")
 
-    path = Path(path)
-    draft.save_pretrained(path)
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, or mixes parts of different steps (one-line message)."""
+
+
+def _written(what: str) -> None:
+    """Called after each file and each rename of a checkpoint write (tests raise here to simulate a kill)."""
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a platform without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def optimizer_tensors(draft, optimizer) -> tuple[dict[str, Tensor], list[dict]]:
+    """AdamW moments by parameter name: ({name.exp_avg, name.exp_avg_sq}, [{name, step}])."""
     names = {id(p): n for n, p in draft.named_parameters()}
     tensors, params_meta = {}, []
     state = optimizer.state_dict()
@@ -382,18 +440,110 @@ def save_checkpoint(path: str | Path, draft, optimizer, iteration: int, cfg: Tra
         params_meta.append({"name": name, "step": float(p_state["step"])})
         tensors[f"{name}.exp_avg"] = p_state["exp_avg"].contiguous().cpu()
         tensors[f"{name}.exp_avg_sq"] = p_state["exp_avg_sq"].contiguous().cpu()
-    save_file(tensors, str(path / "trainer_state.safetensors"))
-    meta = {"iteration": iteration, "train_config": cfg.to_dict(), "optimizer_params": params_meta, **(extra or {})}
-    (path / "trainer_state.json").write_text(json.dumps(meta, indent=2))
+    return tensors, params_meta
 
 
-def load_checkpoint_state(path: str | Path, draft, optimizer) -> int:
-    """Restore AdamW moments into `optimizer` (built over `draft`'s parameters); returns the iteration."""
+def save_checkpoint(path: str | Path, draft, optimizer, iteration: int, cfg: TrainConfig, extra: dict | None = None, extra_tensors: dict[str, Tensor] | None = None) -> None:
+    """Atomically replace the checkpoint `path/` (see above); the old one moves to `path.prev/`.
+    `extra` goes into trainer_state.json, `extra_tensors` into trainer_state.safetensors."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp, prev = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".prev")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_tree(tmp)
+    draft.save_pretrained(tmp)
+    for name in DRAFT_FILES:
+        _fsync_file(tmp / name)
+        _written(name)
+    tensors, params_meta = optimizer_tensors(draft, optimizer)
+    tensors.update(extra_tensors or {})
+    save_file(tensors, str(tmp / STATE_TENSORS), metadata={"iteration": str(iteration)})
+    _fsync_file(tmp / STATE_TENSORS)
+    _written(STATE_TENSORS)
+    manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in DRAFT_FILES + (STATE_TENSORS,)}
+    meta = {"iteration": iteration, "train_config": cfg.to_dict(), "optimizer_params": params_meta, "files": manifest, **(extra or {})}
+    with open(tmp / STATE_JSON, "w") as f:
+        json.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _written(STATE_JSON)
+    _fsync_dir(tmp)
+    if path.exists():
+        _remove_tree(prev)
+        _written("remove prev")
+        os.replace(path, prev)
+        _written("rename to prev")
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    _written("rename to last")
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """trainer_state.json of a complete checkpoint; CheckpointError (one line) when a part is missing,
+    truncated, or belongs to another step."""
+    from coral_fast.cli_checks import check_json_file, check_safetensors
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        meta = check_json_file(str(path / STATE_JSON))
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {error}") from None
+    files = meta.get("files")
+    if not isinstance(files, dict) or "iteration" not in meta:
+        raise CheckpointError(f"checkpoint {path} has no file manifest (written by an older coral-fast): start a new run")
+    for name, want in files.items():
+        part = path / name
+        if not part.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        if part.stat().st_size != want["bytes"] or _sha256(part) != want["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: {name} is not the file written with iteration {meta['iteration']} (truncated or from another step)")
+    try:
+        header = check_safetensors(str(path / STATE_TENSORS))
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+    step = header.get("__metadata__", {}).get("iteration")
+    if step != str(meta["iteration"]):
+        raise CheckpointError(f"checkpoint {path}: {STATE_TENSORS} is from iteration {step}, {STATE_JSON} from {meta['iteration']}")
+    return meta
+
+
+def find_checkpoint(out_dir: str | Path, report=None) -> Path:
+    """The newest complete checkpoint under `out_dir`: `last`, else `last.tmp` (a kill between the
+    renames), else `last.prev`. A skipped broken `last` is reported through `report(line)`.
+    CheckpointError when there is none."""
+    out = Path(out_dir)
+    problems = []
+    for name in CHECKPOINT_DIRS:
+        candidate = out / name
+        if not candidate.exists():
+            continue
+        try:
+            meta = verify_checkpoint(candidate)
+        except CheckpointError as error:
+            problems.append(str(error))
+            continue
+        if problems and report is not None:
+            report(f"{problems[0]}; resuming from {candidate} (iteration {meta['iteration']})")
+        return candidate
+    if problems:
+        raise CheckpointError(problems[0] + " (and no earlier complete checkpoint)")
+    raise CheckpointError(f"--resume: no checkpoint in {out} (expected {out / 'last'})")
+
+
+def load_checkpoint_state(path: str | Path, draft, optimizer, load_weights: bool = False) -> int:
+    """Restore AdamW moments into `optimizer` (built over `draft`'s parameters), and with
+    `load_weights` the draft's weights too; returns the iteration."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    meta = json.loads((path / "trainer_state.json").read_text())
-    tensors = load_file(str(path / "trainer_state.safetensors"))
+    meta = json.loads((path / STATE_JSON).read_text())
+    tensors = load_file(str(path / STATE_TENSORS))
+    if load_weights:
+        weights = load_file(str(path / "model.safetensors"))
+        draft.load_state_dict({k: v for k, v in weights.items() if not k.startswith("grouping.")})
     params = dict(draft.named_parameters())
     for entry in meta["optimizer_params"]:
         p = params[entry["name"]]
@@ -403,6 +553,55 @@ def load_checkpoint_state(path: str | Path, draft, optimizer) -> int:
             "exp_avg_sq": tensors[f"{entry['name']}.exp_avg_sq"].to(p.device, p.dtype),
         }
     return int(meta["iteration"])
+
+
+# --- random states ---------------------------------------------------------------------------------
+def _tensor_list(state) -> list[int]:
+    return state.tolist()
+
+
+def random_states(rng: random.Random, generator: torch.Generator) -> dict:
+    """Every random state the loop draws from, as JSON: torch CPU and CUDA, the loop's generator, its
+    data-order `rng`, python's and numpy's global ones."""
+    states = {
+        "torch_cpu": _tensor_list(torch.get_rng_state()),
+        "torch_cuda": [_tensor_list(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "generator": _tensor_list(generator.get_state()),
+        "data_rng": _json_random_state(rng.getstate()),
+        "python": _json_random_state(random.getstate()),
+    }
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        states["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+    except ImportError:
+        pass
+    return states
+
+
+def set_random_states(states: dict, rng: random.Random, generator: torch.Generator) -> None:
+    torch.set_rng_state(torch.tensor(states["torch_cpu"], dtype=torch.uint8))
+    if torch.cuda.is_available() and states["torch_cuda"]:
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["torch_cuda"]])
+    generator.set_state(torch.tensor(states["generator"], dtype=torch.uint8))
+    rng.setstate(_python_random_state(states["data_rng"]))
+    random.setstate(_python_random_state(states["python"]))
+    if "numpy" in states:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def _json_random_state(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_random_state(state) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
 
 
 # --- the loop --------------------------------------------------------------------------------------
@@ -417,9 +616,14 @@ def lr_at(iteration: int, cfg: TrainConfig, time_progress: float | None = None) 
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(draft, data: SequenceData, cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True, log_fn=None, eval_groups: list[int] | None = None) -> dict:
+def train(draft, data: SequenceData, cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True, log_fn=None, eval_groups: list[int] | None = None, report=None) -> dict:
     """Train `draft` in place; returns the history (train logs and evals). Writes `out_dir/last/`
-    checkpoints, `out_dir/log.jsonl`, and the final draft into `out_dir/` itself."""
+    checkpoints, `out_dir/log.jsonl`, and the final draft into `out_dir/` itself.
+
+    With `resume`, the newest complete checkpoint of `out_dir` (`find_checkpoint`) restores the
+    weights, the AdamW moments, every random state, the data position, the elapsed time and the
+    history: the run continues exactly as if it had not stopped (bit-identical on the CPU, without
+    `time_budget_s`). `report(line)` hears about a broken checkpoint that was skipped."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
@@ -429,16 +633,39 @@ def train(draft, data: SequenceData, cfg: TrainConfig, out_dir: str | Path | Non
     params = [p for p in draft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     token_groups = token_groups_of(draft).to(device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     out = Path(out_dir) if out_dir else None
-    start = 0
+    history = {"train": [], "eval": []}
+    plan = data.batch_plan(data.train, cfg.batch_tokens)
+    if not plan:
+        raise ValueError("no training sequences (every sequence is held out or shorter than 3 tokens)")
+    epoch, order, index = 0, None, 0
+    iteration, elapsed, running, best = 0, 0.0, {}, None
     if resume:
-        if out is None or not (out / "last" / "trainer_state.json").exists():
-            raise ValueError(f"--resume: no checkpoint at {out}/last")
-        start = load_checkpoint_state(out / "last", draft, optimizer)
+        if out is None:
+            raise CheckpointError("resume needs out_dir")
+        checkpoint = find_checkpoint(out, report)
+        iteration = load_checkpoint_state(checkpoint, draft, optimizer, load_weights=True)
+        meta = json.loads((checkpoint / STATE_JSON).read_text())
+        loop = meta["loop"]
+        if loop["batches_per_epoch"] != len(plan):
+            raise CheckpointError(f"checkpoint {checkpoint} was written with other data or --batch-tokens ({loop['batches_per_epoch']} batches an epoch, now {len(plan)})")
+        set_random_states(meta["random"], rng, generator)
+        epoch, order, index = loop["epoch"], loop["order"], loop["index"]
+        elapsed, running, history = loop["elapsed_s"], loop["running"], loop["history"]
+        if loop.get("best") is not None:
+            from safetensors.torch import load_file
+
+            best_tensors = load_file(str(checkpoint / STATE_TENSORS))
+            weights = {k[len("best."):]: v.to(device) for k, v in best_tensors.items() if k.startswith("best.")}
+            best = (loop["best"]["tau"], loop["best"]["iteration"], weights)
+        if cfg.time_budget_s and meta["train_config"].get("iters") != cfg.iters:
+            cfg.iters = min(cfg.iters, meta["train_config"]["iters"])  # a run that ran out of time stays finished
     if out:
         out.mkdir(parents=True, exist_ok=True)
+        # the log holds exactly the restored history (records written after the checkpoint are dropped)
+        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sorted(history["train"] + history["eval"], key=lambda r: r["iteration"])))
     log_file = open(out / "log.jsonl", "a") if out else None
-    history = {"train": [], "eval": []}
 
     def log(record):
         if log_file:
@@ -459,44 +686,55 @@ def train(draft, data: SequenceData, cfg: TrainConfig, out_dir: str | Path | Non
         log(record)
         return result
 
+    def checkpoint_now(iteration):
+        loop = {
+            "epoch": epoch, "order": order, "index": index, "batches_per_epoch": len(plan),
+            "elapsed_s": time.perf_counter() - started, "running": running, "history": history,
+            "best": {"tau": best[0], "iteration": best[1]} if best is not None else None,
+        }
+        best_tensors = {f"best.{k}": v.contiguous().cpu() for k, v in best[2].items()} if best is not None else None
+        save_checkpoint(out / "last", draft, optimizer, iteration, cfg, extra={"loop": loop, "random": random_states(rng, generator)}, extra_tensors=best_tensors)
+
     draft.train()
-    started = time.perf_counter()
-    iteration = start
-    bar = tqdm(total=cfg.iters, initial=start, desc="train", disable=not progress)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    running = {}
-    best = None
+    started = time.perf_counter() - elapsed
+    bar = tqdm(total=cfg.iters, initial=iteration, desc="train", disable=not progress)
+    saved_at = None
     while iteration < cfg.iters:
-        for batch in data.batches(data.train, cfg.batch_tokens, shuffle=True, rng=rng):
-            if iteration >= cfg.iters:
-                break
-            time_progress = (time.perf_counter() - started) / cfg.time_budget_s if cfg.time_budget_s else None
-            lr = lr_at(iteration, cfg, time_progress)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss, logs = compute_losses(draft, batch, cfg, token_groups, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            iteration += 1
-            for k, v in logs.items():
-                running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
-            bar.update(1)
-            bar.set_postfix({k: f"{running[k]:.3f}" for k in ("loss", "feature", "token", "csra", "acc0") if k in running})
-            if iteration % 20 == 0 or iteration == cfg.iters:
-                record = {"iteration": iteration, "lr": lr, "seconds": time.perf_counter() - started, **logs}
-                history["train"].append(record)
-                log(record)
-            if cfg.eval_every and iteration % cfg.eval_every == 0:
-                evaluate(iteration)
-            if out and cfg.checkpoint_every and iteration % cfg.checkpoint_every == 0:
-                save_checkpoint(out / "last", draft, optimizer, iteration, cfg)
-            if cfg.time_budget_s and time.perf_counter() - started > cfg.time_budget_s:
-                cfg.iters = iteration  # out of time: finish here (recorded in the checkpoint)
-                break
+        if order is None or index >= len(order):
+            if order is not None:
+                epoch += 1
+            order = list(range(len(plan)))
+            rng.shuffle(order)
+            index = 0
+        batch = data.collate(plan[order[index]])
+        index += 1
+        time_progress = (time.perf_counter() - started) / cfg.time_budget_s if cfg.time_budget_s else None
+        lr = lr_at(iteration, cfg, time_progress)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss, logs = compute_losses(draft, batch, cfg, token_groups, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        iteration += 1
+        for k, v in logs.items():
+            running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
+        bar.update(1)
+        bar.set_postfix({k: f"{running[k]:.3f}" for k in ("loss", "feature", "token", "csra", "acc0") if k in running})
+        if iteration % 20 == 0 or iteration == cfg.iters:
+            record = {"iteration": iteration, "lr": lr, "seconds": time.perf_counter() - started, **logs}
+            history["train"].append(record)
+            log(record)
+        if cfg.eval_every and iteration % cfg.eval_every == 0:
+            evaluate(iteration)
+        if cfg.time_budget_s and time.perf_counter() - started > cfg.time_budget_s:
+            cfg.iters = iteration  # out of time: finish here (recorded in the checkpoint)
+        if out and cfg.checkpoint_every and iteration % cfg.checkpoint_every == 0:
+            checkpoint_now(iteration)
+            saved_at = iteration
     bar.close()
     last_eval = history["eval"][-1] if history["eval"] else None
     final = last_eval["eval"] if last_eval and last_eval["iteration"] == iteration else evaluate(iteration)
@@ -506,7 +744,8 @@ def train(draft, data: SequenceData, cfg: TrainConfig, out_dir: str | Path | Non
         final = next(r["eval"] for r in history["eval"] if r["iteration"] == best[1])
         history["best_iteration"] = best[1]
     if out:
-        save_checkpoint(out / "last", draft, optimizer, iteration, cfg)
+        if saved_at != iteration or history.get("best_iteration") is not None:
+            checkpoint_now(iteration)
         draft.save_pretrained(out)
     if log_file:
         log_file.close()
