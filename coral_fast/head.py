@@ -7,8 +7,16 @@
     ids, logprobs = lm.topk(hidden, k)                 # the router picks the groups
 
 `ids` are original token ids [M, k] int64, `logprobs` [M, k] fp32 are normalised over the union of
-the row's active groups, sorted descending. `check=False` skips every host synchronisation (for
-CUDA-graph capture); `check=True` (default) raises ValueError on bad input.
+the row's active groups, sorted descending.
+
+Checks. Shapes, dtypes and devices are always checked (ValueError). Values (group ids in [0, G) and
+distinct per row, k within each row's active vocabulary, a finite hidden state) are checked with
+`check=True` (the default) where that costs no device read-back: on CPU tensors, ValueError. On CUDA
+no value is read back in either mode (a read-back would wait for the device on every eager call and
+break CUDA-graph capture): there a row with a bad value comes out as ids -1 and log-probs NaN, from
+the Triton kernel and the PyTorch reference alike (`coral_fast.kernels.grouped_head_topk`), so one bad
+row neither hides among the good ones nor changes them. `check=False` skips the CPU value checks
+too; the output is then the same invalid-row result.
 """
 from __future__ import annotations
 
@@ -44,11 +52,12 @@ def _check_weight(weight: Tensor, grouping: VocabGrouping) -> None:
 def grouped_topk(
     hidden: Tensor, groups: Tensor, k: int, *, relaid_weight: Tensor, offsets: Tensor, order: Tensor,
     group_sizes: Tensor, max_group_size: int, impl: str = "auto", check: bool = True, out=None,
+    desc_cache: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Validate, then run the grouped head (shared by GroupedLMHead and RoutedLMHead).
 
-    Shape, dtype and device checks read only metadata and always run; value checks (ids in range,
-    distinct per row, k within the active vocabulary) read device data and run only with check=True.
+    Shape, dtype and device checks read only metadata and always run; value checks run with
+    check=True on CPU tensors (module docstring: on CUDA, bad rows come out as ids -1, NaN).
     """
     H = relaid_weight.shape[1]
     G = offsets.numel() - 1
@@ -77,7 +86,7 @@ def grouped_topk(
         raise ValueError("hidden has no rows")
     if resolve_impl(impl, hidden.device) == "triton" and k > MAX_K:
         raise ValueError(f"k={k} is above the Triton path's limit of {MAX_K}; use impl='reference'")
-    if check:
+    if check and hidden.device.type == "cpu":
         lo, hi = int(groups.min()), int(groups.max())
         if lo < 0 or hi >= G:
             raise ValueError(f"group ids must lie in [0, {G}), found [{lo}, {hi}]")
@@ -90,11 +99,15 @@ def grouped_topk(
         smallest = int(group_sizes[groups.long()].sum(dim=1).min())
         if k > smallest:
             raise ValueError(f"k={k} is larger than the active vocabulary of some row ({smallest} tokens)")
+        finite = torch.isfinite(hidden).all(dim=1)
+        if not bool(finite.all()):
+            row = int(torch.nonzero(~finite)[0, 0])
+            raise ValueError(f"hidden row {row} holds NaN or inf (rows must be finite)")
     if hidden.dtype != relaid_weight.dtype:
         hidden = hidden.to(relaid_weight.dtype)
     return grouped_head_topk(
         hidden.contiguous(), relaid_weight, offsets, order, groups.contiguous(), k,
-        max_group_size, impl=impl, out=out,
+        max_group_size, impl=impl, out=out, desc_cache=desc_cache,
     )
 
 
@@ -115,13 +128,17 @@ class GroupedLMHead(nn.Module):
         self.register_buffer("offsets", grouping.offsets.to(device), persistent=False)
         self.register_buffer("order", grouping.order.to(device), persistent=False)
         self.register_buffer("group_sizes", grouping.group_sizes.to(device), persistent=False)
+        self._descriptors = {}  # the weight's TMA descriptors, built on the first call
 
     @torch.no_grad()
     def topk(self, hidden: Tensor, groups: Tensor, k: int, impl: str = "auto", check: bool = True, out=None):
-        """hidden: [M, H]; groups: [M, A] int (distinct per row) -> ids [M, k] int64, logprobs [M, k] fp32."""
+        """hidden: [M, H]; groups: [M, A] int (distinct per row) -> ids [M, k] int64, logprobs [M, k] fp32.
+
+        Bad values: module docstring (CPU: ValueError with check=True; CUDA: that row as ids -1, NaN)."""
         return grouped_topk(
             hidden, groups, k, relaid_weight=self.weight, offsets=self.offsets, order=self.order,
             group_sizes=self.group_sizes, max_group_size=self.max_group_size, impl=impl, check=check, out=out,
+            desc_cache=self._descriptors,
         )
 
 
@@ -160,6 +177,7 @@ class RoutedLMHead(nn.Module):
         self.register_buffer("offsets", grouping.offsets.to(device), persistent=False)
         self.register_buffer("order", grouping.order.to(device), persistent=False)
         self.register_buffer("group_sizes", grouping.group_sizes.to(device), persistent=False)
+        self._descriptors = {}  # the weight's TMA descriptors, built on the first call
 
     # --- the draft's API ---------------------------------------------------------------------------
     def router_logits(self, hidden: Tensor) -> Tensor:
@@ -182,6 +200,8 @@ class RoutedLMHead(nn.Module):
         """hidden: [M, H] -> (ids [M, k] int64 original ids, logprobs [M, k] fp32 over the active vocabulary).
 
         groups: [M, a] to override the router's choice (e.g. siblings sharing their parent's groups).
+        Bad values: module docstring (a non-finite hidden row: ValueError on the CPU with check=True;
+        on CUDA ids -1, log-probs NaN).
         """
         if groups is None:
             groups = self.select_groups(hidden)
@@ -189,4 +209,5 @@ class RoutedLMHead(nn.Module):
         return grouped_topk(
             hidden, groups, k, relaid_weight=relaid, offsets=self.offsets, order=self.order,
             group_sizes=self.group_sizes, max_group_size=self.max_group_size, impl=impl, check=check,
+            desc_cache=self._descriptors,
         )

@@ -15,29 +15,11 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from coral_fast.kernels.tree_attention import MAX_TREE_TOKENS, pack_mask_bits
+
 __all__ = ["DraftTree", "CandidateTable", "build_dynamic_tree", "pack_mask_bits", "ancestor_mask"]
 
-MAX_TREE_NODES = 128  # the tree-attention kernel packs a mask row in at most four 32-bit words
-
-
-def pack_mask_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a boolean mask along its last dim into 32-bit words: [..., T] bool -> [..., ceil(T/32)] int32.
-
-    Bit c % 32 of word c // 32 holds mask[..., c]. Pure tensor ops (no host sync).
-    """
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be bool, got {mask.dtype}")
-    num_cols = mask.shape[-1]
-    num_words = max(1, -(-num_cols // 32))
-    padded = torch.zeros(*mask.shape[:-1], num_words * 32, dtype=torch.int64, device=mask.device)
-    padded[..., :num_cols] = mask.to(torch.int64)
-    weights = torch.bitwise_left_shift(
-        torch.ones(32, dtype=torch.int64, device=mask.device), torch.arange(32, device=mask.device)
-    )
-    words = (padded.view(*mask.shape[:-1], num_words, 32) * weights).sum(-1)
-    # two's-complement wrap of bit 31 into int32
-    words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32)
+MAX_TREE_NODES = MAX_TREE_TOKENS  # the tree-attention kernel packs a mask row in at most four 32-bit words
 
 
 def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:

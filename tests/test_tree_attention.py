@@ -256,3 +256,53 @@ def test_cuda_graph_capture_with_kv_len(seed):
         graph.replay()
         ref = tree_attention_reference(q.float(), k.float(), v.float(), tree.mask, kv_len=kv_len)
         assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+# ---------------------------------------------------------------------------------------------- masks
+def _chain_mask(num_nodes, device="cpu"):
+    return DraftTree.from_parents(list(range(-1, num_nodes - 1)), device=device).mask
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_mask_not_ancestor_closed(impl, seed):
+    """Lower-triangular with a True diagonal but a node that sees its parent and not its grandparent:
+    refused with check=True; with check=False the kernel computes what the mask says, like the reference."""
+    T = 7
+    q, k, v = make_inputs(1, 4, 2, T, 20, 16, torch.float32, DEVICE)
+    mask = _chain_mask(T, DEVICE)
+    mask[5, 2] = False  # 5 sees 4 and 3, which see 2
+    with pytest.raises(ValueError, match="ancestor-closed"):
+        tree_attention(q, k, v, mask, impl=impl)
+    out = tree_attention(q, k, v, mask, impl=impl, check=False)
+    assert rel_err(out, tree_attention_reference(q, k, v, mask)) < TOL[torch.float32]
+
+
+@pytest.mark.interpreter
+def test_checked_mask_is_reused_until_written(seed):
+    """The same mask tensor is checked and packed once; an in-place write makes it new again."""
+    import coral_fast.kernels.tree_attention as ta
+
+    q, k, v = make_inputs(1, 2, 1, 5, 12, 16, torch.float32, DEVICE)
+    mask = random_tree(5).mask.clone()
+    first = tree_attention(q, k, v, mask, impl="triton")
+    calls = []
+    real = ta.mask_problem
+    try:
+        ta.mask_problem = lambda m: calls.append(1) or real(m)
+        assert torch.equal(tree_attention(q, k, v, mask, impl="triton"), first)
+        assert not calls
+        mask[4, 4] = False  # in place: the version counter moves, and the diagonal is broken
+        with pytest.raises(ValueError, match="diagonal"):
+            tree_attention(q, k, v, mask, impl="triton")
+        assert calls, "an in-place write must trigger a new check"
+    finally:
+        ta.mask_problem = real
+
+
+def test_pack_mask_bits_lives_with_the_kernel():
+    import coral_fast.kernels.tree_attention as ta
+    import coral_fast.tree as tree_module
+
+    assert tree_module.pack_mask_bits is ta.pack_mask_bits
+    x = torch.randn(2, 3, 5, 4)
+    assert torch.equal(ta.repeat_kv(x, 3)[:, 4], x[:, 1]) and ta.repeat_kv(x, 1) is x

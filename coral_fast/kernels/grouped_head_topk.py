@@ -24,9 +24,18 @@ Kernel plan (two launches, no host synchronisation, nothing the size of the logi
    keys name re-laid rows) `order[row]` -> original ids. On Hopper it is launched by programmatic
    dependent launch: it starts while the first kernel runs and waits on the device
    (`griddepcontrol.wait`), not on the stream.
+
+Invalid rows (both paths, no host synchronisation): a row whose group ids are out of [0, G) or
+repeated, whose active vocabulary holds fewer than k tokens, or whose log-sum-exp is not finite (a NaN
+or inf in its hidden state, or logits past fp32's range) comes out as ids -1 and log-probs NaN. The
+merge decides it from the row's own groups and log-sum-exp; nothing is read back to the host.
+
+Op: `coral_fast::grouped_head_topk` (torch.library.custom_op below) is what `torch.compile` sees of
+the launches. Measured configs and timings: bench/results/head_h200.md and head_h100.md.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -59,17 +68,30 @@ def grouped_head_topk_reference(
     """Plain PyTorch, fp32: full logits, mask to the active vocabulary, log_softmax, topk.
 
     hidden: [M, H]; weight: [V, H] re-laid; offsets: [G+1]; order: [V]; groups: [M, A] int.
-    Returns ids [M, k] int64 (original ids), logprobs [M, k] fp32 sorted descending.
+    Returns ids [M, k] int64 (original ids), logprobs [M, k] fp32 sorted descending; invalid rows
+    (see the module docstring) as ids -1, logprobs NaN, like the kernel.
     """
     V = weight.shape[0]
+    G = offsets.numel() - 1
     offsets = offsets.to(hidden.device)
+    groups = groups.long()
     group_of_row = torch.bucketize(torch.arange(V, device=hidden.device), offsets[1:], right=True)
-    active = (group_of_row[None, None, :] == groups.long()[:, :, None]).any(dim=1)  # [M, V]
+    active = (group_of_row[None, None, :] == groups[:, :, None]).any(dim=1)  # [M, V]
     logits = hidden.float() @ weight.float().T
     logits = logits.masked_fill(~active, float("-inf"))
-    logprobs = torch.log_softmax(logits, dim=-1)
-    values, rows = torch.topk(logprobs, k, dim=-1)
-    return order.to(hidden.device)[rows], values
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    values, rows = torch.topk(logits - lse, min(k, V), dim=-1)
+    ids = order.to(hidden.device)[rows]
+    in_range = (groups >= 0) & (groups < G)
+    sizes = (offsets[1:] - offsets[:-1])[groups.clamp(0, G - 1)].masked_fill(~in_range, 0)
+    ordered = groups.sort(dim=1).values
+    valid = (in_range.all(dim=1) & (ordered[:, 1:] != ordered[:, :-1]).all(dim=1)
+             & (sizes.sum(dim=1) >= k) & torch.isfinite(lse[:, 0]))
+    if k > V:  # every row is invalid then; keep the [M, k] shape
+        ids = torch.cat([ids, ids.new_zeros(ids.shape[0], k - V)], dim=1)
+        values = torch.cat([values, values.new_zeros(values.shape[0], k - V)], dim=1)
+    return (torch.where(valid[:, None], ids, -1),
+            torch.where(valid[:, None], values, torch.full_like(values, float("nan"))))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -130,15 +152,13 @@ if triton is not None:
         """Epilogue of one tile for R rows: acc [R, BLOCK_V] fp32 logits, col_ok [BLOCK_V], tok [BLOCK_V]
         int32 = the original token id of each column (IDS_IN_KEYS), lo = the tile's first re-laid row,
         part [R] = the (row, slot, tile) partial index, chosen [R]. Writes per chosen row the tile's (max,
-        sum of exp) and its top-KT logits as packed int64 keys, one max a round (a bitonic tl.topk
-        instead: 61.6 vs 54.2 us for the kernel, H100, head_breakdown_h100.md), stored a round or, with
-        16-row blocks and KT <= KEPT_SLOTS, all at once.
+        sum of exp) and its top-KT logits as packed int64 keys, one max a round (faster than a bitonic
+        tl.topk of the tile), stored a round or, with 16-row blocks and KT <= KEPT_SLOTS, all at once.
         IDS_IN_KEYS (16-row blocks): the rounds run on packed (logit, token id) keys, one int64 max a
         round, and the tile max is read off the first round's key. Otherwise (64-row blocks) they run on
         the fp32 logits and int32 columns (a max, then the lowest column holding it), the key (logit,
-        re-laid row) packed once a round: half the live values of int64 keys in the rounds (the launched
-        M=64 kernel still allocates 193 registers), 2-3 us faster at M=64 shared and 16 us at Gemma-3
-        M=64 random (head_merge_h100.md, call 6)."""
+        re-laid row) packed once a round: half the live values of int64 keys in the rounds, which was
+        faster at M=64."""
         logits = tl.where(col_ok[None, :], acc, float("-inf"))
         n_rounds = tl.where(tl.max(chosen.to(tl.int32), axis=0) > 0, KT, 0)
         if IDS_IN_KEYS:
@@ -154,8 +174,7 @@ if triton is not None:
         if IDS_IN_KEYS:
             # KEPT_SLOTS > 0: the rounds' keys gather in registers and leave in one store; a store a
             # round moves each round's [R] keys into the store's layout through shared memory, a barrier
-            # a round (Gemma-3 M=16 random 128.2 -> 124.5 us on the H100; the 64-row rounds below lost
-            # 1-3 us this way). Above 16 slots, a store a round.
+            # a round. Above 16 slots the buffer's registers cost more: a store a round.
             if KEPT_SLOTS > 0:
                 slots = tl.arange(0, KEPT_SLOTS)
                 kept = tl.where(slots[None, :] == 0, best[:, None], NO_KEY)
@@ -189,8 +208,7 @@ if triton is not None:
         by rank instead of KT rounds: a column's slot is the number of columns that beat it (larger
         logit, or equal logit and smaller id), found in one pass of independent compares rather than
         KT dependent block-wide reductions (at one row a value a thread, every round of those crosses
-        the warps through shared memory): 0.3-0.7 us less a call at M=1 on the H100 (eighth session,
-        head_merge_h100.md)."""
+        the warps through shared memory)."""
         logits = tl.where(col_ok, logits, float("-inf"))
         # padding columns get distinct negative ids so that every column has its own rank (the slots
         # past the tile's valid columns are then written, with NO_KEY, not left stale)
@@ -273,7 +291,8 @@ if triton is not None:
                 )
                 hit_all = groups_all == g
                 chosen_all = tl.max(hit_all.to(tl.int32), axis=1)
-                slot_all = tl.sum(tl.where(hit_all, slots[None, :], 0), axis=1)
+                # the first slot holding g: a repeated id (an invalid row) must not index past the row
+                slot_all = tl.min(tl.where(hit_all, slots[None, :], A_POW2 - 1), axis=1)
                 position = tl.where(chosen_all > 0, tl.cumsum(chosen_all, axis=0) - 1, -1)
                 match = position[None, :] == (mb * BLOCK_M + tl.arange(0, BLOCK_M))[:, None]
                 rows = tl.sum(tl.where(match, m_all[None, :], 0), axis=1)
@@ -292,7 +311,8 @@ if triton is not None:
                     )
                 hit = chosen_groups == g
                 chosen = tl.max(hit.to(tl.int32), axis=1) > 0  # [BLOCK_M]: row chose group g
-                slot = tl.sum(tl.where(hit, slots[None, :], 0), axis=1)  # where g sits in the row's list
+                # where g sits in the row's list (its first slot: see slot_all)
+                slot = tl.min(tl.where(hit, slots[None, :], A_POW2 - 1), axis=1)
 
             group_end = tl.sum(tl.where(is_g, g_end, 0), axis=0)
             lo = tl.sum(tl.where(is_g, g_start, 0), axis=0) + tile * BLOCK_V
@@ -387,11 +407,12 @@ if triton is not None:
     @triton.jit
     def _merge_topk_kernel(
         part_key_ptr, part_max_ptr, part_sum_ptr, order_ptr,
-        ids_ptr, logprobs_ptr,
-        NP, NP_MAIN, KT, K, V,
+        ids_ptr, logprobs_ptr, groups_ptr, offsets_ptr,
+        NP, NP_MAIN, KT, K, V, A, G, stride_gm,
         K_POW2: tl.constexpr, KT_POW2: tl.constexpr, BLOCK_P: tl.constexpr, TAIL_P: tl.constexpr,
         ONE_CHUNK: tl.constexpr, USE_TOPK: tl.constexpr, PDL: tl.constexpr,
         FOLD_ROWS: tl.constexpr, FOLD_COLS: tl.constexpr, IDS_IN_KEYS: tl.constexpr,
+        CHECK_GROUPS: tl.constexpr, A_POW2: tl.constexpr,
     ):
         """One program per row (one warp where the vectors fit: every reduction is warp shuffles).
         Only the K tiles with the largest maxima can hold the row's top K (K tile maxima are
@@ -414,6 +435,23 @@ if triton is not None:
             run_max, run_sum, top_key = _lse_top_chunk(part_max_ptr, part_sum_ptr, m * NP, NP_MAIN, NP, run_max,
                                                        run_sum, top_key, K, K_POW2, TAIL_P, ONE_CHUNK, USE_TOPK)
         lse = run_max + tl.log(run_sum)
+        # the row's validity (module docstring): a finite lse, and (CHECK_GROUPS) A distinct group ids
+        # in [0, G) whose sizes add up to K tokens at least. An invalid row's partials may be unwritten
+        # (the partials kernel skips ids out of range and a repeat's second slot): all reads below stay
+        # inside the buffers, and what they return is replaced by (-1, NaN).
+        row_ok = (lse == lse) & (lse < float("inf")) & (lse > float("-inf"))
+        if CHECK_GROUPS:
+            a = tl.arange(0, A_POW2)
+            g = tl.load(groups_ptr + m * stride_gm + a, mask=a < A, other=0).to(tl.int32)
+            in_range = (g >= 0) & (g < G)
+            used = (a < A) & in_range
+            g_safe = tl.where(used, g, 0)
+            sizes = tl.load(offsets_ptr + g_safe + 1, mask=used, other=0) - tl.load(offsets_ptr + g_safe, mask=used,
+                                                                                     other=0)
+            repeats = (g[:, None] == g[None, :]) & (a[:, None] < a[None, :]) & (a[None, :] < A)
+            n_bad = tl.sum(((a < A) & ~in_range).to(tl.int32), axis=0) + tl.sum(tl.sum(repeats.to(tl.int32), axis=1),
+                                                                                 axis=0)
+            row_ok = row_ok & (n_bad == 0) & (tl.sum(sizes, axis=0) >= K)
 
         # phase B: a tile picked with max -inf (fewer than K non-empty tiles) is empty
         tile = _key_row(top_key)
@@ -447,15 +485,15 @@ if triton is not None:
             out_key = _top_keys(tl.reshape(cand_key, (FOLD_ROWS * FOLD_COLS,)), K, K_POW2, USE_TOPK)
 
         out_ok = slots < K
-        # clamp: with check=False and k beyond the active vocabulary, -inf slots carry arbitrary ids
+        # clamp: an invalid row's keys may be garbage; its ids are replaced below, the load must stay in bounds
         row_or_id = tl.minimum(tl.maximum(_key_row(out_key), 0), V - 1)
         if IDS_IN_KEYS:
             ids = row_or_id.to(tl.int64)
         else:
             ids = tl.load(order_ptr + row_or_id, mask=out_ok, other=0)
-        tl.store(ids_ptr + m * K + slots, ids, mask=out_ok)
+        tl.store(ids_ptr + m * K + slots, tl.where(row_ok, ids, -1), mask=out_ok)
         out_val = tl.where(out_key == NO_KEY, float("-inf"), _key_value(out_key))
-        tl.store(logprobs_ptr + m * K + slots, out_val - lse, mask=out_ok)
+        tl.store(logprobs_ptr + m * K + slots, tl.where(row_ok, out_val - lse, float("nan")), mask=out_ok)
 
 
 @dataclass(frozen=True)
@@ -467,35 +505,27 @@ class KernelConfig:
     num_stages: int
     programs_per_sm: int = 2  # persistent grid: at most this many programs per multiprocessor
     gather: bool = True  # row blocks of chosen rows only (M <= GATHER_MAX_M) rather than rows in order
-    # merge by programmatic dependent launch where supported (CUDA sm_90+, triton with gdc_wait; off
-    # with CORAL_FAST_HEAD_PDL=0): measured 0.2-0.8 us less a call (1.1 us chained) on the H100, in graphs
+    # the merge by programmatic dependent launch where supported (CUDA sm_90+, a triton with gdc_wait;
+    # CORAL_FAST_HEAD_PDL=0 switches it off): it launches while the partials kernel runs
     pdl: bool = True
-    # the candidate keys carry original token ids (the partials kernel loads `order` for its tile), so the
-    # merge ends without an `order` lookup, one dependent memory round trip less; and the tile max is read
-    # off the first key, not reduced on its own. H100: -0.6 to -1.3 us at M=1, up to -1 us at M=16 (16-row
-    # blocks: registers 188 -> 168); with 64-row blocks registers rose 192 -> 204-225 and it cost 1-13 us
+    # the candidate keys carry original token ids (the partials kernel loads `order` for its tile): the
+    # merge then ends without an `order` lookup, one dependent memory round trip less. Faster with
+    # 16-row blocks, slower with 64-row blocks (more registers in the epilogue)
     ids_in_keys: bool = False
     # row blocks of rows in order load their tiles by TMA where the tensors allow it (16-byte aligned
-    # rows): no address arithmetic in the K loop; 193 -> 120 registers a thread with 64-row blocks
-    # (sm_90). H100, eighth session: 1-8 us less a call at M=64, ~1 us at Gemma-3 M <= 16, 0.3-3 us
-    # more at Llama-3 / Qwen2.5 M <= 16 (default_config leaves it off there)
+    # rows): no address arithmetic in the K loop, fewer registers (193 -> 120 with 64-row blocks, sm_90)
     tma: bool = True
 
 
+@functools.lru_cache(maxsize=256)
 def default_config(M: int, H: int, k: int) -> KernelConfig:
-    """Config by a small heuristic on M and H (no autotune: nothing to warm up before graph capture).
+    """Config by a small heuristic on M and H (no autotune: nothing to warm up before graph capture),
+    picked from `coral-fast bench head --sweep` on the H100 and H200 (docs/head.md).
 
-    Picked from `coral-fast bench head --sweep` (H200 sweep, then the H100's: docs/head.md): wide vocab
-    tiles for small M. For larger M one 64-row block (rows in order) beat gathering the chosen rows into
-    16/32-row blocks, for shared and random routing alike. For small H (Gemma's 640) each tile's stream
-    is a few K steps, so more programs an SM must overlap one tile's epilogue with another's stream:
-    three resident at M <= 16 (168 registers, 72 KB; H100, seventh session: Gemma-3 M=16 shared
-    -3.5 us against K 64, four an SM), and three at M > 16 (below).
-    Original ids in the keys with 16-row blocks only (H100, sixth session: faster there, slower with
-    64-row blocks; see KernelConfig.ids_in_keys). With TMA tiles (eighth session: 120 registers, so
-    shared memory alone bounds the programs an SM) small H at M > 16 takes K steps of 128 in 2 stages,
-    3 an SM (64 KB; H100: Gemma-3 M=64 random 166 -> 164 us, shared 48.2 -> 47.6 against K 64 in 4
-    stages); at large H no candidate beat K 128 in 3 stages, 2 an SM, at both routings.
+    Small M: one 16-row block, wide vocab tiles, original ids in the keys. Larger M: one 64-row block of
+    rows in order (faster than gathering the chosen rows, at shared and random routing). Small H
+    (Gemma's 640): a tile's stream is a few K steps, so three programs an SM overlap one tile's
+    epilogue with another's stream; TMA tiles there (at large H, M <= 16, pointer loads were faster).
     """
     if M <= 16:
         return KernelConfig(16, 128, 128, num_warps=4, num_stages=3, programs_per_sm=2 if H >= 2048 else 3,
@@ -507,8 +537,6 @@ def default_config(M: int, H: int, k: int) -> KernelConfig:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
-
-
 
 
 def _merge_chunks(n_tiles: int, k_pow2: int) -> tuple[int, int, int]:
@@ -559,33 +587,52 @@ def _tma_ok(cfg: KernelConfig, gather: bool, hidden: Tensor, weight: Tensor) -> 
     return True
 
 
+def _weight_descriptor(weight: Tensor, block: list, cache: dict | None):
+    """The weight's TMA descriptor, built once per (weight, block) when the caller keeps a `cache` (the
+    head does: the weight never changes between calls, the descriptor's Python object costs host time)."""
+    if cache is None:
+        return TensorDescriptor.from_tensor(weight, block)
+    key = tuple(block)
+    desc = cache.get(key)
+    if desc is None or desc.base is not weight:  # the module was moved or re-laid: rebuild
+        desc = cache[key] = TensorDescriptor.from_tensor(weight, block)
+    return desc
+
+
 def _num_programs_cap(device: torch.device, per_sm: int) -> int:
     if device.type != "cuda":
         return 3  # interpreter: few programs, so the persistent loop runs several items each
     return cuda_properties(device).multi_processor_count * per_sm
 
 
-def _use_pdl(cfg: KernelConfig, device: torch.device) -> bool:
-    """Programmatic dependent launch: CUDA (not ROCm, not the interpreter), sm_90+, a triton with
-    gdc_wait / launch_pdl, not switched off by CORAL_FAST_HEAD_PDL=0. Anything else: plain launch."""
-    if not (cfg.pdl and HAS_PDL and device.type == "cuda" and torch.version.hip is None):
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(device: torch.device) -> bool:
+    """CUDA (not ROCm, not the interpreter), sm_90+, a triton with gdc_wait / launch_pdl, not switched
+    off by CORAL_FAST_HEAD_PDL=0 (read once)."""
+    if not (HAS_PDL and device.type == "cuda" and torch.version.hip is None):
         return False
     if os.environ.get("CORAL_FAST_HEAD_PDL", "1") == "0":
         return False
     return cuda_properties(device).major >= 9
 
 
+def _use_pdl(cfg: KernelConfig, device: torch.device) -> bool:
+    """Programmatic dependent launch for the merge: asked for by the config and supported here."""
+    return cfg.pdl and _pdl_supported(device)
+
+
 def grouped_head_topk_triton(
     hidden: Tensor, weight: Tensor, offsets: Tensor, order: Tensor, groups: Tensor, k: int,
     max_group_size: int, config: KernelConfig | None = None, out: tuple[Tensor, Tensor] | None = None,
-    _merge: bool = True,
+    _merge: bool = True, desc_cache: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Launch the two kernels (`_merge=False`: the first only, for the benchmark's breakdown); inputs
-    are assumed valid (GroupedLMHead.topk checks them).
+    """Launch the two kernels (`_merge=False`: the first only, for the benchmark's breakdown). Shapes and
+    dtypes are assumed checked (GroupedLMHead.topk); bad values give invalid rows (module docstring).
 
     hidden: [M, H] (weight's dtype); weight: [V, H] re-laid, rows contiguous; offsets: [G+1] int64;
     order: [V] int64; groups: [M, A] int32/int64, contiguous rows; max_group_size: host int.
-    out: optional (ids [M, k] int64, logprobs [M, k] fp32) to write into.
+    out: optional (ids [M, k] int64, logprobs [M, k] fp32) to write into. desc_cache: a dict the caller
+    keeps for the weight's TMA descriptors.
     """
     if triton is None:
         raise RuntimeError("impl='triton' needs the triton package")
@@ -597,8 +644,8 @@ def grouped_head_topk_triton(
     G = offsets.numel() - 1
     cfg = config or default_config(M, H, k)
     block_k = min(cfg.block_k, max(16, _next_pow2(H)))
-    NT = triton.cdiv(max_group_size, cfg.block_v)
-    NMB = triton.cdiv(M, cfg.block_m)
+    NT = -(-max_group_size // cfg.block_v)
+    NMB = -(-M // cfg.block_m)
     KT = min(k, cfg.block_v)
     device = hidden.device
     pdl = _use_pdl(cfg, device)
@@ -624,7 +671,7 @@ def grouped_head_topk_triton(
     h_desc = w_desc = None
     if _tma_ok(cfg, gather, hidden, weight):
         h_desc = TensorDescriptor.from_tensor(hidden, [cfg.block_m, block_k])
-        w_desc = TensorDescriptor.from_tensor(weight, [cfg.block_v, block_k])
+        w_desc = _weight_descriptor(weight, [cfg.block_v, block_k], desc_cache)
     _grouped_head_partials_kernel[grid](
         hidden, weight, groups, offsets, order,
         part_key, part_max, part_sum,
@@ -640,13 +687,15 @@ def grouped_head_topk_triton(
     )
     if not _merge:
         return ids, logprobs
-    merge_tile_partials(part_key, part_max, part_sum, order, ids, logprobs, A * NT, KT, V, pdl, cfg.ids_in_keys)
+    merge_tile_partials(part_key, part_max, part_sum, order, ids, logprobs, A * NT, KT, V, pdl, cfg.ids_in_keys,
+                        groups=groups, offsets=offsets, _checked=True)
     return ids, logprobs
 
 
 def merge_tile_partials(
     part_key: Tensor, part_max: Tensor, part_sum: Tensor, order: Tensor, ids: Tensor, logprobs: Tensor,
     n_tiles: int, KT: int, V: int, pdl: bool = False, ids_in_keys: bool = False,
+    groups: Tensor | None = None, offsets: Tensor | None = None, _checked: bool = False,
 ) -> None:
     """Launch the merge (the second kernel) on tile partials, one program per row; also what the tests
     call on hand-made partials.
@@ -654,55 +703,73 @@ def merge_tile_partials(
     part_key: [M * n_tiles * KT] int64, each tile's top-KT packed keys in descending order; part_max,
     part_sum: [M * n_tiles] fp32, each tile's max and sum of exp(logit - max); order: [V] int64 (read
     only where the keys name re-laid rows, `ids_in_keys=False`). Writes ids [M, k] int64 and logprobs
-    [M, k] fp32, k = ids.shape[1].
+    [M, k] fp32, k = ids.shape[1]. groups [M, A] and offsets [G+1]: the rows' groups, checked per row
+    (invalid rows: module docstring); without them only the log-sum-exp is checked.
     """
     M, k = ids.shape
     device = ids.device
-    for name, t in (("part_key", part_key), ("part_max", part_max), ("part_sum", part_sum), ("ids", ids),
-                    ("logprobs", logprobs)):
-        if not t.is_contiguous():  # the kernel indexes flat memory: a strided view would be misread
-            raise ValueError(f"merge_tile_partials: {name} must be contiguous")
+    if not _checked:
+        for name, t in (("part_key", part_key), ("part_max", part_max), ("part_sum", part_sum), ("ids", ids),
+                        ("logprobs", logprobs)):
+            if not t.is_contiguous():  # the kernel indexes flat memory: a strided view would be misread
+                raise ValueError(f"merge_tile_partials: {name} must be contiguous")
     K_POW2, KT_POW2 = max(16, _next_pow2(k)), max(16, _next_pow2(KT))
     # tl.topk needs k <= the vector's length; one warp (shuffles only) while the largest vector is at
-    # most 16 int64 keys a lane (measured: 4 warps cost ~1.3 us more at M=1), else 4 warps
+    # most 16 int64 keys a lane (4 warps were slower at M=1), else 4 warps
     block_p, np_main, tail_p = _merge_chunks(n_tiles, K_POW2)
     fold_rows, fold_cols = _fold_shape(k, K_POW2, KT_POW2)
     merge_warps = 1 if max(block_p, tail_p, fold_rows * fold_cols if fold_rows else K_POW2 * KT_POW2) <= 512 else 4
+    check_groups = groups is not None
+    A = groups.shape[1] if check_groups else 1
     # the merge alone is launched as a programmatic dependent (the attribute sits on the dependent
     # launch): the partials kernel is launched plainly, so it never starts before its own producer
     _merge_topk_kernel[(M,)](
         part_key, part_max, part_sum, order,
-        ids, logprobs,
-        n_tiles, np_main, KT, k, V,
+        ids, logprobs, groups if check_groups else ids, offsets if check_groups else ids,
+        n_tiles, np_main, KT, k, V, A, offsets.numel() - 1 if check_groups else 0,
+        groups.stride(0) if check_groups else 0,
         K_POW2=K_POW2, KT_POW2=KT_POW2, BLOCK_P=block_p, TAIL_P=tail_p,
         ONE_CHUNK=np_main == block_p and tail_p == 0,
         USE_TOPK=HAS_TOPK and (device.type == "cuda" or INTERPRETER_TOPK), PDL=pdl,
         FOLD_ROWS=fold_rows, FOLD_COLS=fold_cols, IDS_IN_KEYS=ids_in_keys,
+        CHECK_GROUPS=check_groups, A_POW2=max(2, _next_pow2(A)),
         num_warps=merge_warps, **({"launch_pdl": True} if pdl else {}),
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Op and dispatch
+# ---------------------------------------------------------------------------------------------------
+@torch.library.custom_op("coral_fast::grouped_head_topk", mutates_args=())
+def grouped_head_topk_op(hidden: Tensor, weight: Tensor, offsets: Tensor, order: Tensor, groups: Tensor, k: int,
+                         max_group_size: int) -> tuple[Tensor, Tensor]:
+    """The launches as one opaque op for torch.compile (Inductor fuses the code around it; nothing is
+    read back, so a compiled caller can still be captured). Arguments as grouped_head_topk_triton."""
+    return grouped_head_topk_triton(hidden, weight, offsets, order, groups.contiguous(), k, max_group_size)
+
+
+@grouped_head_topk_op.register_fake
+def _(hidden, weight, offsets, order, groups, k, max_group_size):
+    M = hidden.shape[0]
+    return hidden.new_empty((M, k), dtype=torch.int64), hidden.new_empty((M, k), dtype=torch.float32)
 
 
 def grouped_head_topk(
     hidden: Tensor, weight: Tensor, offsets: Tensor, order: Tensor, groups: Tensor, k: int,
     max_group_size: int, impl: str = "auto", config: KernelConfig | None = None,
-    out: tuple[Tensor, Tensor] | None = None,
+    out: tuple[Tensor, Tensor] | None = None, desc_cache: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Dispatch: impl "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference"."""
     if resolve_impl(impl, hidden.device) == "triton":
         if torch.compiler.is_compiling() and config is None:
-            # under torch.compile the launches are one opaque custom op (Inductor fuses around it)
-            from coral_fast.compiled import grouped_head_topk_op
-
             ids, logprobs = grouped_head_topk_op(hidden, weight, offsets, order, groups, k, max_group_size)
-            if out is None:
-                return ids, logprobs
-            out[0].copy_(ids)
-            out[1].copy_(logprobs)
-            return out
-        return grouped_head_topk_triton(hidden, weight, offsets, order, groups, k, max_group_size, config, out)
-    ids, logprobs = grouped_head_topk_reference(hidden, weight, offsets, order, groups, k)
-    if out is not None:
-        out[0].copy_(ids)
-        out[1].copy_(logprobs)
-        return out
-    return ids, logprobs
+        else:
+            return grouped_head_topk_triton(hidden, weight, offsets, order, groups, k, max_group_size, config, out,
+                                            desc_cache=desc_cache)
+    else:
+        ids, logprobs = grouped_head_topk_reference(hidden, weight, offsets, order, groups, k)
+    if out is None:
+        return ids, logprobs
+    out[0].copy_(ids)
+    out[1].copy_(logprobs)
+    return out

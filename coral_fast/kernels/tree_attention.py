@@ -18,7 +18,10 @@ Design (flash-decoding with a tree mask):
 - Graph friendly: the grid depends on static shapes only (S_max with `kv_len`), programs past the
   valid length exit early, and check=False skips every validation that reads values back.
 
-The PyTorch reference (`tree_attention_reference`) lives beside the kernel and defines the semantics.
+The PyTorch reference (`tree_attention_reference`) lives beside the kernel and defines the semantics;
+`pack_mask_bits` (the kernel's mask layout) and `repeat_kv` (GQA for PyTorch code) live here too.
+Op: `coral_fast::tree_attention` (torch.library.custom_op below) is what `torch.compile` sees of the
+launches. Measured: bench/results/attention_h100.md.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ import triton.language as tl
 
 from coral_fast.kernels._dispatch import cuda_properties, dot_needs_fp32, resolve_impl
 
-__all__ = ["tree_attention", "tree_attention_reference", "pack_tree_mask", "TreeAttentionConfig"]
+__all__ = ["tree_attention", "tree_attention_reference", "pack_mask_bits", "pack_tree_mask", "repeat_kv",
+           "TreeAttentionConfig", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 MAX_TREE_TOKENS = 128
@@ -39,8 +43,41 @@ _LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------------------------
-# reference
+# helpers and reference
 # ----------------------------------------------------------------------------------------------
+def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    """GQA for PyTorch code: [B, Hkv, S, D] -> [B, Hkv * group, S, D], each KV head repeated for the
+    `group` query heads that share it (q head h reads kv head h // group)."""
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def pack_mask_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean mask along its last dim into 32-bit words: [..., T] bool -> [..., ceil(T/32)] int32.
+
+    Bit c % 32 of word c // 32 holds mask[..., c] (the layout the kernel reads). Tensor ops only (no
+    host sync).
+    """
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool, got {mask.dtype}")
+    num_cols = mask.shape[-1]
+    num_words = max(1, -(-num_cols // 32))
+    padded = torch.zeros(*mask.shape[:-1], num_words * 32, dtype=torch.int64, device=mask.device)
+    padded[..., :num_cols] = mask.to(torch.int64)
+    weights = torch.bitwise_left_shift(
+        torch.ones(32, dtype=torch.int64, device=mask.device), torch.arange(32, device=mask.device)
+    )
+    words = (padded.view(*mask.shape[:-1], num_words, 32) * weights).sum(-1)
+    # two's-complement wrap of bit 31 into int32
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def pack_tree_mask(tree_mask: torch.Tensor) -> torch.Tensor:
+    """[T, T] or [B, T, T] bool -> [1 or B, T, ceil(T/32)] int32 bit words (bit c%32 of word c//32)."""
+    bits = pack_mask_bits(tree_mask)
+    return bits if bits.dim() == 3 else bits.unsqueeze(0)
+
+
 def _visibility(tree_mask, batch, num_queries, num_slots, kv_len, window, query_positions, device):
     """[B, T, S] bool: which key slots each tree query sees (the semantics of the kernel)."""
     if kv_len is None:
@@ -75,8 +112,8 @@ def tree_attention_reference(q, k, v, tree_mask, scale=None, kv_len=None, window
     scale = head_dim**-0.5 if scale is None else scale
     group = num_q_heads // num_kv_heads
     visible = _visibility(tree_mask.to(q.device), batch, num_queries, num_slots, kv_len, window, query_positions, q.device)
-    kf = k.float().repeat_interleave(group, dim=1)
-    vf = v.float().repeat_interleave(group, dim=1)
+    kf = repeat_kv(k.float(), group)
+    vf = repeat_kv(v.float(), group)
     scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
@@ -84,16 +121,8 @@ def tree_attention_reference(q, k, v, tree_mask, scale=None, kv_len=None, window
 
 
 # ----------------------------------------------------------------------------------------------
-# helpers
+# launch configuration
 # ----------------------------------------------------------------------------------------------
-def pack_tree_mask(tree_mask: torch.Tensor) -> torch.Tensor:
-    """[T, T] or [B, T, T] bool -> [1 or B, T, ceil(T/32)] int32 bit words (bit c%32 of word c//32)."""
-    from coral_fast.tree import pack_mask_bits
-
-    bits = pack_mask_bits(tree_mask)
-    return bits if bits.dim() == 3 else bits.unsqueeze(0)
-
-
 class TreeAttentionConfig:
     """Launch parameters; `for_shape` picks them from static shapes only (no autotuning, graph safe)."""
 
@@ -116,14 +145,12 @@ class TreeAttentionConfig:
         if (block_m is None and num_warps is None and rows >= 128 and head_dim <= 128
                 and programs_64 >= _num_sms(device) and num_slots >= 4096):
             # the batch alone fills the GPU (no splits): the work is matmul-bound, and 128-row tiles
-            # with 8 warps were 24% faster at B=8, T=64, L=8192 on the H100 (shorter prefixes not
-            # measured with them yet: kept at 64)
+            # with 8 warps were faster at B=8, T=64, L=8192
             block_m, num_warps = 128, 8
         short = dynamic_len and programs_64 * 4 <= _num_sms(device)
         if short and block_m is None and num_warps is None:
             # a draft tree over a loop's static cache (batch 1, few KV heads): few programs, so 16-row
-            # tiles to have more of them, and two stages (H100 sweep at the SmolLM2 and Gemma 3 shapes,
-            # T=61, S=1088, kv 100-1000, bench/results/e2e_h100_fused.md: 7-12 us vs 16-20 us)
+            # tiles to have more of them, and two stages (faster at the SmolLM2 and Gemma 3 shapes)
             block_m, block_n, num_stages = 16, block_n or 64, num_stages or 2
         if block_m is None:
             block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
@@ -134,8 +161,8 @@ class TreeAttentionConfig:
         if num_stages is None:
             num_stages = 2 if head_dim >= 256 else 3
         if num_splits is None:
-            # one wave: splits only until every SM has a program (measured on the H100: more splits
-            # than that cost a second wave and a bigger merge)
+            # one wave: splits only until every SM has a program (more splits than that cost a second
+            # wave and a bigger merge)
             programs = batch * num_kv_heads * triton.cdiv(rows, block_m)
             if dynamic_len:
                 # the length is unknown here and often far below the buffer (a loop's static cache):
@@ -477,16 +504,75 @@ def _validate(q, k, v, tree_mask, mask_bits, kv_len, window, query_positions, ch
             raise ValueError(f"query_positions must be [T={num_queries}] or [B={batch}, T], got {tuple(query_positions.shape)}")
         if query_positions.device != q.device or query_positions.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"query_positions must be an int tensor on {q.device}")
-    if check:  # these read values back from the device (host sync): off for CUDA-graph capture
-        diag_ok = bool(tree_mask.diagonal(dim1=-2, dim2=-1).all())
-        upper = torch.triu(torch.ones(num_queries, num_queries, dtype=torch.bool, device=tree_mask.device), 1)
-        if not diag_ok or bool((tree_mask & upper).any()):
-            raise ValueError(
-                "tree_mask must be lower-triangular with a True diagonal (each node sees itself and its "
-                "ancestors, which precede it)"
-            )
-        if isinstance(kv_len, torch.Tensor) and bool(((kv_len < num_queries) | (kv_len > num_slots)).any()):
-            raise ValueError(f"kv_len values must be in [T={num_queries}, S={num_slots}], got {kv_len.tolist()}")
+    if check and isinstance(kv_len, torch.Tensor) and bool(((kv_len < num_queries) | (kv_len > num_slots)).any()):
+        # a read-back: kv_len is the static-cache path's argument, which runs with check=False
+        raise ValueError(f"kv_len values must be in [T={num_queries}, S={num_slots}], got {kv_len.tolist()}")
+
+
+def mask_problem(tree_mask: torch.Tensor) -> Optional[str]:
+    """What makes a bool mask [T, T] or [B, T, T] no tree mask, or None: every node sees itself, only
+    earlier nodes, and every ancestor of a node it sees (mask[i, j] and mask[j, l] => mask[i, l]). One
+    device read-back."""
+    num_queries = tree_mask.shape[-1]
+    m = tree_mask.to(torch.float32)
+    flags = torch.stack([
+        ~tree_mask.diagonal(dim1=-2, dim2=-1).all(),
+        torch.triu(tree_mask, 1).any(),
+        ((m @ m > 0) & ~tree_mask).any(),
+    ]).tolist()
+    if flags[0] or flags[1]:
+        return (f"tree_mask [{num_queries}, {num_queries}] must be lower-triangular with a True diagonal (each "
+                "node sees itself and its ancestors, which precede it)")
+    if flags[2]:
+        return ("tree_mask is not ancestor-closed: some node sees a node j but not all of j's ancestors "
+                "(mask[i, j] and mask[j, l] must give mask[i, l])")
+    return None
+
+
+class _CheckedMasks:
+    """The last few bool masks that passed `mask_problem`, with their packed bits. The hit test is the
+    tensor itself (held here, so its memory is not reused) and its version counter (bumped by every
+    in-place write), so an eager caller that passes the same mask to every layer pays for the check
+    and the packing once."""
+
+    def __init__(self, size: int = 4):
+        self.size, self.entries = size, []
+
+    def bits(self, mask: torch.Tensor, check: bool) -> torch.Tensor:
+        try:
+            version = mask._version
+        except (AttributeError, RuntimeError):  # inference-mode tensors have no version counter
+            version = None
+        for entry in self.entries:
+            if entry[0] is mask and entry[1] == version and version is not None and (entry[2] or not check):
+                return entry[3]
+        if check:
+            problem = mask_problem(mask)
+            if problem:
+                raise ValueError(problem)
+        bits = pack_tree_mask(mask)
+        if version is not None:
+            self.entries = [(mask, version, check, bits)] + [e for e in self.entries if e[0] is not mask][: self.size - 1]
+        return bits
+
+
+_checked_masks = _CheckedMasks()
+
+
+@torch.library.custom_op("coral_fast::tree_attention", mutates_args=())
+def tree_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_bits: torch.Tensor,
+                      kv_len: Optional[torch.Tensor], scale: float, window: int,
+                      query_positions: Optional[torch.Tensor]) -> torch.Tensor:
+    """The launches as one opaque op for torch.compile (Inductor fuses the code around it; nothing is
+    read back, so a compiled caller can still be captured). q [B, Hq, T, D]; k, v [B, Hkv, S, D];
+    mask_bits [1 or B, T, W] int32; kv_len [B] or None; window 0 = none. -> [B, Hq, T, D]."""
+    return _tree_attention_triton(q, k, v, mask_bits, scale, kv_len, window or None,
+                                  query_positions if window else None)
+
+
+@tree_attention_op.register_fake
+def _(q, k, v, mask_bits, kv_len, scale, window, query_positions):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def tree_attention(
@@ -506,14 +592,21 @@ def tree_attention(
 
     q: [B, Hq, T, D]; k, v: [B, Hkv, S, D] with Hq % Hkv == 0, D in {16, ..., 256}, fp16/bf16/fp32.
     tree_mask: [T, T] or [B, T, T] bool (True: j is i or an ancestor of i), or a DraftTree (its packed
-        bits are reused). T from 1 to 128.
+        bits are reused; any object with `.mask` and `.mask_bits` [T, W] is taken the same way, its
+        mask trusted). T from 1 to 128.
     kv_len: None -> S == L + T. Else an int or int32/int64 [B] tensor: only the first kv_len[b] slots
         are valid and the tree tokens are slots [kv_len[b] - T, kv_len[b]) (static cache buffers; the
         launch depends on S only, so it can be captured in a CUDA graph).
     window: sliding window (Gemma 3 local layers): prefix slot j is visible to query i only if
         j > query_positions[i] - window. Tree keys follow the tree mask only.
     query_positions: [T] or [B, T] int (prefix_len + depth); required with window.
-    check: False skips the validations that read device values back (mask values, kv_len range).
+    check: True checks a bool tensor mask's values: a tree mask (`mask_problem`: True diagonal, lower
+        triangle, ancestor-closed), so that the result is attention over each node's root path. One
+        device read-back the first time a mask is seen; the same tensor again (unchanged) is not
+        re-checked or re-packed. A DraftTree is not checked (its mask is ancestor-closed by
+        construction). A kv_len tensor's range is checked with a read-back. check=False reads nothing
+        back (CUDA-graph capture); the kernel then computes what any mask says (a general mask is
+        well defined: each query attends to the keys its row allows).
     out: optional [B, Hq, T, D] tensor to write into (any strides with a unit last stride).
     Returns out [B, Hq, T, D] in q's dtype.
     """
@@ -527,18 +620,21 @@ def tree_attention(
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1):
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a unit last stride")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    compiling = torch.compiler.is_compiling()
     if resolve_impl(impl, q.device) == "reference":
+        if check and mask_bits is None and not compiling:
+            problem = mask_problem(tree_mask)
+            if problem:
+                raise ValueError(problem)
         result = tree_attention_reference(q, k, v, tree_mask, scale, kv_len, window, query_positions)
         if out is not None:
             out.copy_(result)
             return out
         return result
     if mask_bits is None:
-        mask_bits = pack_tree_mask(tree_mask)
-    if torch.compiler.is_compiling() and not isinstance(kv_len, int):
+        mask_bits = pack_tree_mask(tree_mask) if compiling else _checked_masks.bits(tree_mask, check)
+    if compiling and not isinstance(kv_len, int):
         # under torch.compile the launch is an opaque custom op (Inductor fuses around it)
-        from coral_fast.compiled import tree_attention_op
-
         result = tree_attention_op(q, k, v, mask_bits, kv_len, scale, window or 0, query_positions)
         return result if out is None else out.copy_(result)
     return _tree_attention_triton(q, k, v, mask_bits, scale, kv_len, window, query_positions, out=out)
