@@ -1,5 +1,6 @@
 """Command-line checks that run before any model loads: argparse `type=` functions and file checks.
 
+    parser = ArgumentParser(prog="coral-fast train")   # one-line errors
     parser.add_argument("--num-groups", type=positive_int, default=32)
     parser.add_argument("--temperature", type=finite_nonneg_float, default=0.8)
     ...
@@ -8,9 +9,10 @@
         check_model_arg(args.model)
         check_draft_folder(args.draft)
 
-A bad value exits 2 with argparse's usage line and one error line that names the flag and the
-accepted range (`argument --num-groups: must be an integer >= 1, got '0'`); never a traceback.
-The file checks raise ValueError with one line; `argument_errors` turns it into the same exit 2.
+With `cli_checks.ArgumentParser` a bad value exits 2 with one line that names the flag and the
+accepted range (`prog: error: argument --num-groups: must be an integer >= 1, got '0'`); never a
+traceback. The file checks raise ValueError with one line; `argument_errors` turns it into the same
+exit 2 (with a plain argparse parser the type errors also print argparse's usage block).
 """
 from __future__ import annotations
 
@@ -188,10 +190,23 @@ def check_model_arg(name_or_path: str, known: tuple[str, ...] | None = None) -> 
     raise ValueError(f"model folder {name_or_path} has no {CONFIG_NAME} and no .gguf file: {hint}")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: `prog: error: argument --x: must be ... (--help lists the options)`
+    on stderr and exit 2, without the multi-line usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (--help lists the options)\n")
+
+
+def one_line(message) -> str:
+    text = " ".join(str(message).split())
+    return text or "invalid argument"
+
+
 @contextlib.contextmanager
 def argument_errors(parser: argparse.ArgumentParser):
-    """Turn a ValueError from the checks inside into `parser.error` (one line, exit 2)."""
+    """Turn a ValueError from the checks inside into one line on stderr and exit 2."""
     try:
         yield
     except ValueError as error:
-        parser.error(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        parser.exit(2, f"{parser.prog}: error: {one_line(error) if str(error) else type(error).__name__}\n")

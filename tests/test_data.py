@@ -121,3 +121,60 @@ def load_shards_single(path):
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+# --- coral-fast data: settings recorded, bad input refused before the model loads ----------------
+def _data_main(monkeypatch, tmp_path, argv):
+    """`coral-fast data` on the tiny target; -> (exit code, stderr lines, model loads)."""
+    from coral_fast.training import data as data_module
+
+    loads = []
+
+    def fake_load(name, dtype, device):
+        loads.append(dtype)
+        return tiny_target().to(dtype), FakeChatTokenizer(53)
+
+    monkeypatch.setattr(data_module, "load_target", fake_load)
+    monkeypatch.setattr(data_module, "check_model_arg", lambda name: None)
+    prompts = tmp_path / "prompts.jsonl"
+    if not prompts.exists():
+        prompts.write_text("".join(json.dumps(r) + "\n" for r in build_prompts()[:4]))
+    base = ["--model", "tiny", "--out", str(tmp_path / "out"), "--prompts", str(prompts), "--batch-size", "4",
+            "--max-new-tokens", "6", "--topk", "4", "--device", "cpu", "--no-progress"]
+    try:
+        code = data_module.main(base + argv)
+    except SystemExit as exit:
+        code = exit.code
+    return code, loads
+
+
+def test_data_rerun_with_other_settings_is_refused_in_one_line(monkeypatch, tmp_path, capsys):
+    code, loads = _data_main(monkeypatch, tmp_path, ["--dtype", "float32"])
+    assert code == 0 and loads == [torch.float32]
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["dtype"] == "float32" and meta["settings"]["max_new_tokens"] == 6 and meta["prompts_sha256"]
+    capsys.readouterr()
+    for argv, named in ((["--dtype", "bfloat16"], "dtype='float32' (now 'bfloat16')"),
+                        (["--dtype", "float32", "--max-new-tokens", "7"], "max_new_tokens=6 (now 7)"),
+                        (["--dtype", "float32", "--seed", "3"], "seed=0 (now 3)"),
+                        (["--dtype", "float32", "--temperature", "0.5"], "temperature=0.8 (now 0.5)")):
+        code, loads = _data_main(monkeypatch, tmp_path, argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and not loads, argv  # refused before the model loads
+        assert len(err) == 1 and err[0].startswith("coral-fast data: error: ") and named in err[0], err
+    # the same settings continue the folder
+    assert _data_main(monkeypatch, tmp_path, ["--dtype", "float32"])[0] == 0
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1"),
+    (["--temperature", "nan"], "argument --temperature: must be a finite number in (0, inf)"),
+    (["--temperature", "0"], "argument --temperature: must be a finite number in (0, inf)"),
+    (["--batch-size", "-3"], "argument --batch-size: must be an integer >= 1"),
+    (["--dtype", "fp8"], "argument --dtype: invalid choice"),
+    (["--prompts", "/nonexistent/prompts.jsonl"], "prompts file /nonexistent/prompts.jsonl not found"),
+])
+def test_data_bad_arguments_exit_2_in_one_line(monkeypatch, tmp_path, capsys, argv, named):
+    code, loads = _data_main(monkeypatch, tmp_path, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not loads and len(err) == 1 and named in err[0], err

@@ -14,8 +14,9 @@ prompt + answer stores, per token position t:
 
 Sequences are concatenated; `offsets` [S+1] int64 delimits them and `is_eval` [S] uint8 marks the
 held-out prompts. One safetensors shard per generation batch (`shard_00000.safetensors`, ...);
-existing shards are skipped, so an interrupted run resumes where it stopped. `meta.json` records the
-model and the settings; a rerun with different settings into the same folder is refused.
+existing shards are skipped, so an interrupted run resumes where it stopped. `meta.json` records
+everything that changes the shards (model, dtype, prompts, every setting); a rerun with a different
+one into the same folder is refused with one line, before the model loads.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from coral_fast.models import chat_prompt_ids, load_target
+from coral_fast.cli_checks import ArgumentParser, argument_errors, check_model_arg, nonnegative_int, positive_float, positive_int
+from coral_fast.models import DTYPES, chat_prompt_ids, load_target
 from coral_fast.training.prompts import load_prompts
 
 SHARD_TENSORS = ("input_ids", "hidden", "topk_ids", "topk_logprobs", "loss_mask", "offsets", "is_eval")
@@ -161,6 +163,36 @@ def plan_shards(prompts: list[dict], settings: DataSettings) -> list[dict]:
     return shards
 
 
+def data_meta(model_name: str, dtype, prompts: list[dict], settings: DataSettings) -> dict:
+    """Everything that changes the shards and is known before the model loads (meta.json records it
+    together with the model's type and sizes)."""
+    import hashlib
+
+    prompts_hash = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
+    return {"model": model_name, "dtype": str(dtype).removeprefix("torch."), "num_prompts": len(prompts), "prompts_sha256": prompts_hash, "settings": dict(settings.__dict__)}
+
+
+def check_meta(out_dir: str | Path, meta: dict) -> None:
+    """Refuse (one-line ValueError) to add shards to a folder whose meta.json records other settings;
+    only the keys in `meta` are compared. `samples` may grow (more sampled rounds only append shards)."""
+    path = Path(out_dir) / "meta.json"
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): use a new folder") from None
+    old_settings, new_settings = old.get("settings", {}), meta.get("settings", {})
+    differ = [f"{k}={old.get(k, '(not recorded)')!r} (now {v!r})" for k, v in meta.items() if k != "settings" and old.get(k) != v]
+    differ += [f"{k}={old_settings.get(k, '(not recorded)')!r} (now {v!r})" for k, v in new_settings.items()
+               if k != "samples" and old_settings.get(k) != v]
+    if old_settings.get("samples", 0) > new_settings.get("samples", old_settings.get("samples", 0)):
+        differ.append(f"samples={old_settings['samples']} (now {new_settings['samples']}: it may only grow)")
+    if differ:
+        shown = "; ".join(k.replace("prompts_sha256=", "prompts=") for k in differ[:3]) + ("; ..." if len(differ) > 3 else "")
+        raise ValueError(f"{out_dir} holds data made with other settings: {shown}; use a new --out folder or the same settings")
+
+
 def generate_dataset(model, tokenizer, prompts: list[dict], out_dir: str | Path, settings: DataSettings, model_name: str = "", progress: bool = True, deadline: float | None = None) -> dict:
     """Write shards + meta.json into `out_dir`, skipping shards that already exist (resume).
     With `deadline` (a time.perf_counter() value) no new shard starts after it (rerun to finish)."""
@@ -171,18 +203,15 @@ def generate_dataset(model, tokenizer, prompts: list[dict], out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     meta = {
-        "model": model_name, "model_type": getattr(text_config, "model_type", ""),
+        **data_meta(model_name, next(model.parameters()).dtype, prompts, settings),
+        "model_type": getattr(text_config, "model_type", ""),
         "hidden_size": text_config.hidden_size, "vocab_size": text_config.vocab_size,
-        "num_prompts": len(prompts), "settings": settings.__dict__,
     }
+    check_meta(out, meta)
     meta_path = out / "meta.json"
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        # more sampled rounds only append shards: an existing folder may grow its `samples`
-        fixed = lambda m: {**m, "settings": {k: v for k, v in m.get("settings", {}).items() if k != "samples"}}
-        if {k: fixed(old).get(k) for k in meta} != fixed(meta) or old["settings"].get("samples", 0) > settings.samples:
-            raise ValueError(f"{out} holds data made with other settings ({old}); use a new folder")
-    meta_path.write_text(json.dumps(meta, indent=2))
+    tmp_meta = meta_path.with_suffix(".tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp_meta, meta_path)
     eos = eos_ids(model, tokenizer)
     if not eos:
         raise ValueError("the tokenizer and model define no eos token")
@@ -247,32 +276,36 @@ def read_meta(data_dir: str | Path) -> dict:
 
 # --- command line ----------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="coral-fast data", description="Self-distillation data from a target model.")
+    parser = ArgumentParser(prog="coral-fast data", description="Self-distillation data from a target model.")
     parser.add_argument("--model", default="smollm2", help="smollm2 | gemma3-270m | PATH")
-    parser.add_argument("--out", required=True, help="output folder (resumable)")
+    parser.add_argument("--out", required=True, help="output folder (resumable: the same command continues it)")
     parser.add_argument("--prompts", default=None, help="prompts.jsonl (default: the shipped set)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=256, help="prompts per generate call (= per shard)")
-    parser.add_argument("--forward-batch-size", type=int, default=32)
-    parser.add_argument("--samples", type=int, default=1, help="answers per train prompt: 1 greedy + (n-1) sampled")
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--topk", type=int, default=16, help="target log-probs kept per position")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N prompts")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="prompts per generate call (= per shard)")
+    parser.add_argument("--forward-batch-size", type=positive_int, default=32)
+    parser.add_argument("--samples", type=positive_int, default=1, help="answers per train prompt: 1 greedy + (n-1) sampled")
+    parser.add_argument("--temperature", type=positive_float, default=0.8, help="of the sampled rounds (> 0)")
+    parser.add_argument("--topk", type=positive_int, default=16, help="target log-probs kept per position")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    prompts = load_prompts(args.prompts)
-    if args.limit:
-        prompts = prompts[: args.limit]
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     settings = DataSettings(
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, forward_batch_size=args.forward_batch_size,
         samples=args.samples, temperature=args.temperature, topk=args.topk, seed=args.seed,
     )
-    model, tokenizer = load_target(args.model, dtype, args.device)
-    stats = generate_dataset(model, tokenizer, prompts, args.out, settings, model_name=args.model, progress=not args.no_progress)
+    with argument_errors(parser):  # everything that needs no model, before it loads
+        check_model_arg(args.model)
+        prompts = load_prompts(args.prompts)
+        if args.limit:
+            prompts = prompts[: args.limit]
+        check_meta(args.out, data_meta(args.model, dtype, prompts, settings))
+    with argument_errors(parser):
+        model, tokenizer = load_target(args.model, dtype, args.device)
+        stats = generate_dataset(model, tokenizer, prompts, args.out, settings, model_name=args.model, progress=not args.no_progress)
     print(json.dumps(stats))
     return 0
 

@@ -275,7 +275,16 @@ def build_prompts(seed: int = 0, eval_every: int = 10) -> list[dict]:
 
 def load_prompts(path: str | Path | None = None, split: str | None = None) -> list[dict]:
     """Read a prompts.jsonl file (the shipped set by default); `split` keeps "train" or "eval" only."""
-    rows = [json.loads(line) for line in Path(path or PROMPTS_PATH).read_text().splitlines() if line.strip()]
+    path = Path(path or PROMPTS_PATH)
+    if not path.is_file():
+        raise ValueError(f"prompts file {path} not found")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} line {number} is not valid JSON: {error}") from None
     for row in rows:
         if "messages" not in row:
             if "prompt" not in row:
