@@ -23,6 +23,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 GROUPINGS = ("contiguous", "frequency", "dense")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+FC_INPUT_ORDERS = ("feature_first", "embedding_first")
+ROPE_SCALINGS = ("default", "linear", "llama3")
 
 # state-dict prefixes of tensors that belong to the target (borrowed, frozen, never saved)
 _TARGET_PREFIXES = ("head.weight", "head.lm_head_weight", "_embed_tokens.")
@@ -43,6 +45,13 @@ class DraftConfig:
     active_groups: int = 4
     grouping: str = "contiguous"  # "contiguous" | "frequency" | "dense"
     target: str = ""  # e.g. "smollm2", for error messages
+    # architecture variants (defaults: coral-fast's own draft; EAGLE-1/2/HASS drafts import with
+    # input_norm=False, fc_input_order="embedding_first" and, for some, fc / q-k-v biases)
+    input_norm: bool = True  # RMSNorm on the layer's input (EAGLE-1/2: none on layer 0)
+    fc_input_order: str = "feature_first"  # fc over cat(feature, embedding) | "embedding_first"
+    fc_bias: bool = False
+    qkv_bias: bool = False
+    rope_scaling: dict | None = None  # None | {"rope_type": "linear" | "llama3", "factor": ..., ...}
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
@@ -56,6 +65,12 @@ class DraftConfig:
             )
         if not 1 <= self.active_groups <= self.num_groups:
             raise ValueError(f"need 1 <= active_groups ({self.active_groups}) <= num_groups ({self.num_groups})")
+        if self.fc_input_order not in FC_INPUT_ORDERS:
+            raise ValueError(f"fc_input_order must be one of {FC_INPUT_ORDERS}, got {self.fc_input_order!r}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ROPE_SCALINGS:
+                raise ValueError(f"rope_scaling type must be one of {ROPE_SCALINGS} (or no scaling), got {kind!r}")
 
     @classmethod
     def from_target_config(cls, hf_config, **overrides) -> "DraftConfig":
@@ -136,18 +151,39 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Default (unscaled) RoPE, cos/sin computed from position ids on the fly (graph-capturable)."""
+    """RoPE, cos/sin computed from position ids on the fly (graph-capturable).
 
-    def __init__(self, head_dim: int, theta: float):
+    scaling: None (plain), {"rope_type": "linear", "factor": f} or Llama 3.1's "llama3" frequency
+    scaling (the forms imported EAGLE drafts carry; both only rescale inv_freq).
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", _scaled_inv_freq(inv_freq, scaling), persistent=False)
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """position_ids: [B, T] -> cos, sin: [B, 1, T, D]"""
         freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def _scaled_inv_freq(inv_freq: Tensor, scaling: dict | None) -> Tensor:
+    kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return inv_freq
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    # llama3: long wavelengths divided by factor, short ones kept, a smooth blend between
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    old_context = float(scaling.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * torch.pi / inv_freq
+    smooth = ((old_context / wavelen - low) / (high - low)).clamp(0, 1)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelen > old_context / low, inv_freq / factor,
+                       torch.where(wavelen < old_context / high, inv_freq, blended))
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
@@ -165,10 +201,11 @@ class DraftDecoderLayer(nn.Module):
         H, D = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, D
         self.scaling = D**-0.5
-        self.input_layernorm = RMSNorm(H, config.rms_norm_eps)
-        self.q_proj = nn.Linear(H, self.num_heads * D, bias=False)
-        self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=False)
-        self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=False)
+        # EAGLE-1/2 layer 0 has no input norm: its input is fc's output
+        self.input_layernorm = RMSNorm(H, config.rms_norm_eps) if config.input_norm else None
+        self.q_proj = nn.Linear(H, self.num_heads * D, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * D, H, bias=False)
         self.post_attention_layernorm = RMSNorm(H, config.rms_norm_eps)
         self.gate_proj = nn.Linear(H, config.intermediate_size, bias=False)
@@ -179,8 +216,13 @@ class DraftDecoderLayer(nn.Module):
         )
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_fn=None) -> Tensor:
-        B, T, _ = x.shape
-        h = self.input_layernorm(x)
+        h = x if self.input_layernorm is None else self.input_layernorm(x)
+        return self.attend_and_mlp(x, h, cos, sin, attn_fn)
+
+    def attend_and_mlp(self, residual: Tensor, h: Tensor, cos: Tensor, sin: Tensor, attn_fn=None) -> Tensor:
+        """residual: [B, T, H] (added back after attention); h: [B, T, I] the q/k/v input -> [B, T, H]."""
+        x = residual
+        B, T = h.shape[:2]
         q = self.q_proj(h).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -249,9 +291,9 @@ class DraftModel(nn.Module):
         self.config = config
         # borrowed modules/tensors are kept out of the module registry: no parameters(), no state_dict
         object.__setattr__(self, "_embed_tokens", embed_tokens)
-        self.fc = nn.Linear(2 * H, H, bias=False)
+        self.fc = nn.Linear(2 * H, H, bias=config.fc_bias)
         self.layer = DraftDecoderLayer(config)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.head = self._build_head(config, lm_head_weight.detach(), grouping)
         self.grouping = getattr(self.head, "grouping", grouping)
 
@@ -281,6 +323,18 @@ class DraftModel(nn.Module):
     def lm_head_weight(self) -> Tensor:
         return self.head.weight
 
+    # --- what the loop asks of any draft (EAGLE-3 drafts answer differently: coral_fast.eagle) ------
+    feature_layers = None  # target layers whose hidden states make the features; None: the last, normed
+
+    @property
+    def feature_size(self) -> int:
+        """F, the size of one feature row the draft reads (H here; 3 H for EAGLE-3)."""
+        return self.config.hidden_size
+
+    def target_features(self, hidden_states, last_hidden: Tensor) -> Tensor:
+        """The draft's features from one target forward: last_hidden [T, H] (after the final norm)."""
+        return last_hidden
+
     def embed(self, input_ids: Tensor) -> Tensor:
         """input_ids: [B, T] -> [B, T, H] through the target's embedding (Gemma's scaling included)."""
         with torch.no_grad():
@@ -305,7 +359,10 @@ class DraftModel(nn.Module):
                 f"both be [B, T] = {tuple(features.shape[:2])}"
             )
         dtype = self.fc.weight.dtype
-        x = self.fc(torch.cat([features.to(dtype), self.embed(input_ids).to(dtype)], dim=-1))
+        pair = [features.to(dtype), self.embed(input_ids).to(dtype)]
+        if self.config.fc_input_order == "embedding_first":
+            pair.reverse()
+        x = self.fc(torch.cat(pair, dim=-1))
         cos, sin = self.rotary(position_ids, dtype)
         return self.layer(x, cos, sin, attn_fn)
 
@@ -337,10 +394,20 @@ class DraftModel(nn.Module):
             raise RuntimeError(f"draft state mismatch: missing {missing}, unexpected {unexpected}")
         return missing, unexpected
 
-    def save_pretrained(self, path) -> None:
-        """Write `config.json` and `model.safetensors` (fc, layer, router, grouping tensors)."""
+    def save_pretrained(self, path, format: str = "coral", **eagle_options) -> None:
+        """Write `config.json` and `model.safetensors` (fc, layer, router, grouping tensors).
+
+        format="eagle" writes EAGLE's checkpoint format instead (coral_fast.eagle.save_eagle: the
+        router and grouping are dropped; ValueError if EAGLE cannot express the architecture).
+        """
         from safetensors.torch import save_file
 
+        if format == "eagle":
+            from coral_fast.eagle import save_eagle
+
+            return save_eagle(self, path, **eagle_options)
+        if format != "coral" or eagle_options:
+            raise ValueError(f"format must be 'coral' or 'eagle' (options only with 'eagle'), got {format!r}")
         os.makedirs(path, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if self.grouping is not None and hasattr(self.grouping, "state_dict"):
@@ -352,17 +419,31 @@ class DraftModel(nn.Module):
         save_file(tensors, os.path.join(path, WEIGHTS_NAME))
 
     @classmethod
-    def from_pretrained(cls, path, target_model) -> "DraftModel":
-        """Load a draft folder for `target_model` (an HF causal LM); ValueError if they do not match."""
-        from safetensors.torch import load_file
+    def from_pretrained(cls, path, target_model):
+        """Load a draft folder for `target_model` (an HF causal LM); ValueError if they do not match.
 
+        Reads coral-fast folders and EAGLE / EAGLE-2 / HASS / EAGLE-3 checkpoint folders
+        (coral_fast.eagle; an EAGLE-3 folder gives an `Eagle3Draft`).
+        """
         config_path = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(config_path):
             raise ValueError(f"no draft at {path!r}: {CONFIG_NAME} not found")
-        with open(config_path) as f:
-            config = DraftConfig.from_dict(json.load(f))
+        raw = read_json(config_path)
+        from coral_fast import eagle
+
+        if eagle.is_eagle_config(raw):
+            return eagle.load_eagle(path, target_model, raw)
+        if raw.get("architecture") != "coral_fast.DraftModel":
+            raise ValueError(
+                f"{config_path} is neither a coral-fast draft config (architecture "
+                f"'coral_fast.DraftModel') nor an EAGLE one (Llama-style, num_hidden_layers 1)"
+            )
+        try:
+            config = DraftConfig.from_dict(raw)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{config_path}: {error}") from None
         _check_matches_target(config, target_model, source=str(path))
-        tensors = load_file(os.path.join(path, WEIGHTS_NAME))
+        tensors = load_weights(os.path.join(path, WEIGHTS_NAME))
         grouping_state = {k[len("grouping."):]: v for k, v in tensors.items() if k.startswith("grouping.")}
         grouping = None
         if grouping_state and config.grouping != "dense" and _routed_head_available():
@@ -385,8 +466,41 @@ class DraftModel(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.weight.requires_grad:
                 nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+
+
+def read_json(path) -> dict:
+    """A JSON object from `path`; ValueError naming the file when it is not one."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not readable JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(value).__name__}")
+    return value
+
+
+def load_weights(path) -> dict[str, Tensor]:
+    """All tensors of a `.safetensors` file or a torch `.bin`; ValueError naming a missing or broken file."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} not found (the draft's weights)")
+    try:
+        if path.endswith(".bin"):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+                raise ValueError("not a flat state dict of tensors")
+            return state
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    except Exception as error:  # SafetensorError, pickle / zip errors: all one message
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{path} is truncated or corrupt ({reason})") from None
 
 
 def _lm_head_weight(target_model) -> Tensor:
