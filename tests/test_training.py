@@ -378,3 +378,93 @@ def test_resume_refuses_a_truncated_checkpoint_in_one_line(tmp_path):
         train(tiny_draft(target), data, TrainConfig(**cfg), out_dir=tmp_path, resume=True, progress=False)
     with pytest.raises(ValueError, match="no checkpoint in"):
         train(tiny_draft(target), data, TrainConfig(**cfg), out_dir=tmp_path / "empty", resume=True, progress=False)
+
+
+# --- coral-fast train: reproducible seeds, bad input refused before the model loads --------------
+def _train_main(monkeypatch, tmp_path, argv, out="out"):
+    """`coral-fast train` on the tiny target and a one-shard data folder; -> (exit code, model loads)."""
+    from safetensors.torch import save_file
+
+    from coral_fast import models
+    from coral_fast.training import cli
+
+    loads = []
+
+    def fake_load(name, dtype, device):
+        loads.append(name)
+        target = tiny_target()
+        torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))  # as a real load in a new process
+        return target, None
+
+    monkeypatch.setattr(models, "load_target", fake_load)
+    data = tmp_path / "data"
+    if not data.exists():
+        data.mkdir()
+        save_file({k: v.contiguous() for k, v in tiny_data(tiny_target(), n_seqs=10, new_tokens=12).items()}, str(data / "shard_00000.safetensors"))
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer.json").write_text("{}")
+    base = ["--model", str(model), "--data", str(data), "--out", str(tmp_path / out), "--device", "cpu", "--no-progress",
+            "--num-groups", "8", "--active-groups", "2", "--eval-groups", "2", "--iters", "3", "--warmup", "1",
+            "--batch-tokens", "128", "--eval-every", "0", "--checkpoint-every", "0", "--eval-max-seqs", "2"]
+    try:
+        code = cli.main(base + argv)
+    except SystemExit as exit:
+        code = exit.code
+    return code, loads
+
+
+def test_train_seed_makes_two_runs_identical(monkeypatch, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    for out in ("a", "b"):
+        assert _train_main(monkeypatch, tmp_path, ["--seed", "7"], out=out)[0] == 0
+    a, b = (load_file(str(tmp_path / out / "last" / "model.safetensors")) for out in ("a", "b"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert _train_main(monkeypatch, tmp_path, ["--seed", "8"], out="c")[0] == 0
+    c = load_file(str(tmp_path / "c" / "last" / "model.safetensors"))
+    assert not torch.equal(a["fc.weight"], c["fc.weight"])
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--iters", "0"], "argument --iters: must be an integer >= 1, got '0'"),
+    (["--lr", "nan"], "argument --lr: must be a finite number in (0, inf)"),
+    (["--w-csra", "-1"], "argument --w-csra: must be a finite number in [0, inf)"),
+    (["--min-lr-ratio", "1.5"], "argument --min-lr-ratio: must be a finite number in [0, 1]"),
+    (["--betas", "0.9", "1.0"], "argument --betas: must be a finite number in [0, 1)"),
+    (["--detach-unroll", "maybe"], "argument --detach-unroll: must be true or false"),
+    (["--token-loss", "mse"], "argument --token-loss: invalid choice"),
+    (["--num-groups", "0"], "argument --num-groups: must be an integer >= 1"),
+    (["--active-groups", "9"], "--active-groups (9) must be <= --num-groups (8)"),
+    (["--resume"], "--resume: no checkpoint in"),
+    (["--init-from", "/nonexistent/draft"], "draft folder '/nonexistent/draft' does not exist"),
+])
+def test_train_bad_arguments_exit_2_in_one_line_before_the_model_loads(monkeypatch, tmp_path, capsys, argv, named):
+    code, loads = _train_main(monkeypatch, tmp_path, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not loads and len(err) == 1 and err[0].startswith("coral-fast train: error: ") and named in err[0], err
+
+
+def test_train_bad_folders_exit_2_in_one_line_before_the_model_loads(monkeypatch, tmp_path, capsys):
+    _train_main(monkeypatch, tmp_path, ["--iters", "0"])  # builds the folders
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    draft = tmp_path / "draft"
+    draft.mkdir()
+    (draft / "config.json").write_text('{"hidden_size": 32,')
+    (draft / "model.safetensors").write_bytes((tmp_path / "data" / "shard_00000.safetensors").read_bytes()[:-7])
+    for argv, named in (
+        (["--data", str(tmp_path / "empty")], "holds no shard_*.safetensors"),
+        (["--model", str(tmp_path / "empty")], f"model folder {tmp_path / 'empty'} is empty"),
+        (["--init-from", str(draft)], "config.json is not valid JSON"),
+    ):
+        code, loads = _train_main(monkeypatch, tmp_path, argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and not loads and len(err) == 1 and named in err[0], (argv, err)
+    (draft / "config.json").write_text('{"hidden_size": 32}')
+    code, loads = _train_main(monkeypatch, tmp_path, ["--init-from", str(draft)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not loads and len(err) == 1 and "model.safetensors is truncated" in err[0], err

@@ -5,22 +5,32 @@
 
 The draft folder written to --out (config.json + model.safetensors, fp16) loads with
 `DraftModel.from_pretrained(out, target)`; `--out/last/` holds the resumable checkpoint
-(trainer_state.json + trainer_state.safetensors with the AdamW moments), `--out/log.jsonl` the logs.
+(trainer_state.json + trainer_state.safetensors: AdamW moments, random states, data position; written
+atomically, the previous one kept in `last.prev/`), `--out/log.jsonl` the logs. Arguments and files are
+checked before the model loads; a bad one exits 2 with one line.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from coral_fast.training.trainer import SequenceData, TrainConfig, train
+from coral_fast.cli_checks import (
+    ArgumentParser, argument_errors, boolean, check_draft_folder, check_model_arg, check_safetensors, finite_float,
+    finite_nonneg_float, float_in, int_at_least, nonnegative_int, positive_float, positive_int, unit_float,
+)
+from coral_fast.training.trainer import SequenceData, TrainConfig, find_checkpoint, train
 
 
-def build_draft(target, name: str, grouping: str, num_groups: int, active_groups: int, data: SequenceData | None, device, init_from: str | None = None):
-    """A fresh (or `init_from`) fp32 draft for `target` with the requested vocabulary grouping."""
+def build_draft(target, name: str, grouping: str, num_groups: int, active_groups: int, data: SequenceData | None, device, init_from: str | None = None, seed: int = 0):
+    """A fresh (or `init_from`) fp32 draft for `target` with the requested vocabulary grouping.
+
+    A fresh draft's weights are drawn from torch's generator seeded with `seed` right here, so they
+    do not depend on what ran before (loading the target draws from it, differently per process)."""
     from coral_fast.draft import DraftConfig, DraftModel
 
     if init_from:
@@ -36,6 +46,7 @@ def build_draft(target, name: str, grouping: str, num_groups: int, active_groups
         if data is None:
             raise ValueError("grouping='frequency' needs data for the token counts")
         vocab_grouping = VocabGrouping.from_token_counts(data.token_counts(config.vocab_size), num_groups)
+    torch.manual_seed(seed)
     draft = DraftModel(config, target.get_input_embeddings(), target.get_output_embeddings().weight, vocab_grouping)
     draft.reset_parameters()
     return draft.to(device=device, dtype=torch.float32)
@@ -51,51 +62,106 @@ def save_small(draft, path) -> None:
         draft.to(dtype)
 
 
+# accepted range of each TrainConfig flag (argparse types from coral_fast.cli_checks)
+CONFIG_TYPES = {
+    "unroll_steps": positive_int, "iters": positive_int, "batch_tokens": positive_int, "max_seq_len": int_at_least(3),
+    "eval_unroll": positive_int, "eval_max_seqs": positive_int, "csra_max_positions": positive_int,
+    "warmup": nonnegative_int, "eval_every": nonnegative_int, "checkpoint_every": nonnegative_int, "seed": nonnegative_int,
+    "lr": positive_float, "step_decay": positive_float, "csra_temperature": positive_float, "min_lr_ratio": unit_float,
+    "betas": float_in(0.0, 1.0, high_open=True),
+}
+CONFIG_CHOICES = {"token_loss": ["kl", "ce", "hard"], "router_target": ["mass", "argmax"]}
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, each checked against its accepted range at parse time."""
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
         if isinstance(value, bool):
-            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value, metavar="BOOL")
+            parser.add_argument(flag, type=boolean, default=value, metavar="BOOL")
         elif isinstance(value, tuple):
-            parser.add_argument(flag, type=float, nargs=len(value), default=value)
+            parser.add_argument(flag, type=CONFIG_TYPES.get(f.name, finite_float), nargs=len(value), default=value)
+        elif f.name in CONFIG_CHOICES:
+            parser.add_argument(flag, choices=CONFIG_CHOICES[f.name], default=value)
+        elif isinstance(value, float):
+            parser.add_argument(flag, type=CONFIG_TYPES.get(f.name, finite_nonneg_float), default=value)
+        elif isinstance(value, int):
+            parser.add_argument(flag, type=CONFIG_TYPES.get(f.name, nonnegative_int), default=value)
         else:
             parser.add_argument(flag, type=type(value), default=value)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="coral-fast train", description="CORAL draft training (multi-step, CSRA, router).")
+def check_data_folder(path: str) -> None:
+    """--data: a folder with shard_*.safetensors whose headers read (before the model loads)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"--data {path} is not a folder (write one with `coral-fast data --out {path}`)")
+    shards = sorted(folder.glob("shard_*.safetensors"))
+    if not shards:
+        raise ValueError(f"--data {path} holds no shard_*.safetensors (write them with `coral-fast data --out {path}`)")
+    for shard in shards:
+        check_safetensors(str(shard))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="coral-fast train", description="CORAL draft training (multi-step, CSRA, router).")
     parser.add_argument("--model", default="smollm2", help="smollm2 | gemma3-270m | PATH")
     parser.add_argument("--data", required=True, help="folder written by `coral-fast data`")
     parser.add_argument("--out", required=True, help="output folder (draft + checkpoints + logs)")
     parser.add_argument("--grouping", default="contiguous", choices=["contiguous", "frequency", "dense"])
-    parser.add_argument("--num-groups", type=int, default=32)
-    parser.add_argument("--active-groups", type=int, default=4)
-    parser.add_argument("--eval-groups", type=int, nargs="*", default=[1, 2, 4, 8], help="active-group counts of the held-out estimate")
+    parser.add_argument("--num-groups", type=positive_int, default=32)
+    parser.add_argument("--active-groups", type=positive_int, default=4)
+    parser.add_argument("--eval-groups", type=positive_int, nargs="*", default=[1, 2, 4, 8], help="active-group counts of the held-out estimate")
     parser.add_argument("--init-from", default=None, help="start from this draft folder")
-    parser.add_argument("--resume", action="store_true", help="continue from --out/last")
+    parser.add_argument("--resume", action="store_true", help="continue exactly from the newest complete checkpoint in --out (last/, else last.tmp/ or last.prev/)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true")
     add_train_arguments(parser)
+    return parser
+
+
+def check_arguments(parser: argparse.ArgumentParser, args) -> str | None:
+    """Every check that needs no model, before the model loads (exit 2 with one line).
+    -> the folder the draft starts from (a checkpoint on --resume, --init-from, or None)."""
+    with argument_errors(parser):
+        if args.active_groups > args.num_groups:
+            raise ValueError(f"--active-groups ({args.active_groups}) must be <= --num-groups ({args.num_groups})")
+        if args.resume and args.init_from:
+            raise ValueError("--resume continues from --out's checkpoint: leave out --init-from")
+        check_model_arg(args.model)
+        check_data_folder(args.data)
+        if args.init_from:
+            check_draft_folder(args.init_from)
+            return args.init_from
+        if args.resume:
+            return str(find_checkpoint(args.out, report=lambda line: print(line, file=sys.stderr)))
+    return None
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     cfg = TrainConfig.from_dict({f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    init = check_arguments(parser, args)
 
     from coral_fast.models import load_target
     from coral_fast.training.data import load_shards
 
     device = torch.device(args.device)
     target_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    target, _ = load_target(args.model, target_dtype, args.device)
-    target.requires_grad_(False)
-    data = SequenceData(load_shards(args.data), device=device, max_seq_len=cfg.max_seq_len, loss_on_prompt=cfg.loss_on_prompt)
-    if not data.train:
-        raise ValueError(f"{args.data} holds no training sequences")
-    init = str(Path(args.out) / "last") if args.resume else args.init_from
-    draft = build_draft(target, args.model, args.grouping, args.num_groups, args.active_groups, data, device, init)
+    with argument_errors(parser):
+        target, _ = load_target(args.model, target_dtype, args.device)
+        target.requires_grad_(False)
+        data = SequenceData(load_shards(args.data), device=device, max_seq_len=cfg.max_seq_len, loss_on_prompt=cfg.loss_on_prompt)
+        if not data.train:
+            raise ValueError(f"--data {args.data} holds no training sequences")
+        draft = build_draft(target, args.model, args.grouping, args.num_groups, args.active_groups, data, device, init, seed=cfg.seed)
     print(json.dumps({"train_seqs": len(data.train), "eval_seqs": len(data.eval), "params": sum(p.numel() for p in draft.parameters() if p.requires_grad), "config": cfg.to_dict()}))
     eval_groups = [a for a in args.eval_groups if a <= draft.config.num_groups] if args.grouping != "dense" else []
-    history = train(draft, data, cfg, out_dir=args.out, resume=args.resume, progress=not args.no_progress, eval_groups=eval_groups)
+    history = train(draft, data, cfg, out_dir=args.out, resume=args.resume, progress=not args.no_progress, eval_groups=eval_groups,
+                    report=lambda line: print(line, file=sys.stderr))
     save_small(draft, args.out)
     print(json.dumps({"final_eval": history["final_eval"], "iterations": history["iterations"], "seconds": round(history["seconds"], 1)}))
     return 0
