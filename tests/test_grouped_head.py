@@ -52,11 +52,11 @@ def _assert_topk_matches(ids, logprobs, hidden, weight, grouping, groups, k, ato
     assert torch.equal(ids[separated], want_ids[separated])
 
 
-# (V, H, G, M, A, k, grouping): odd V (not a multiple of G or of the vocab tile), M=1 and 64, A=1 and G
+# (V, H, G, M, A, k, grouping): odd V (not a multiple of G or of the vocab tile), M=1 and > 16, A=1 and G
 CASES = [
     (1001, 80, 7, 1, 1, 1, "contiguous"),
     (1001, 80, 7, 1, 7, 64, "contiguous"),
-    (777, 48, 5, 64, 1, 64, "counts"),
+    (777, 48, 5, 33, 1, 64, "counts"),  # M > 16: a 64-row block
     (777, 48, 5, 64, 5, 1, "contiguous"),
     (2999, 72, 11, 13, 3, 10, "counts"),
     (613, 40, 3, 17, 2, 33, "contiguous"),
@@ -283,3 +283,68 @@ def test_triton_bf16_gpu(V, H, G, M, A, k, kind, pool, seed):
         hidden, head.weight, head.offsets, head.order, groups, k
     )
     torch.testing.assert_close(logprobs, ref_lp, atol=2e-3, rtol=0)
+
+
+# --- bad values: ValueError on the CPU with check=True; otherwise invalid rows (ids -1, NaN) --------
+def _poison(case, hidden, groups, G):
+    """Row 1 made invalid in one way; the other rows stay valid."""
+    hidden, groups = hidden.clone(), groups.clone()
+    if case == "nan":
+        hidden[1, 3] = float("nan")
+    elif case == "inf":
+        hidden[1, 0] = float("inf")
+    elif case == "-inf":
+        hidden[1, 2] = float("-inf")
+    elif case == "group_out_of_range":
+        groups[1, 0] = G
+    elif case == "negative_group":
+        groups[1, -1] = -1
+    elif case == "duplicate_group":
+        groups[1, 1] = groups[1, 0]
+    return hidden, groups
+
+
+BAD_ROWS = ["nan", "inf", "-inf", "group_out_of_range", "negative_group", "duplicate_group"]
+
+
+@pytest.mark.parametrize("case", BAD_ROWS[:3])
+def test_non_finite_hidden_refused_on_cpu(case):
+    V, H, G = 100, 8, 5
+    head = GroupedLMHead(torch.randn(V, H), VocabGrouping.contiguous(V, G))
+    hidden, groups = _poison(case, torch.randn(3, H), torch.tensor([[0, 1], [2, 3], [4, 0]]), G)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        head.topk(hidden, groups, 5)
+    lm = RoutedLMHead(torch.randn(V, H), VocabGrouping.contiguous(V, G), 2)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        lm.topk(hidden, 5)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("M", [1, 20])
+@pytest.mark.parametrize("case", ["nan", "inf", "group_out_of_range", "duplicate_group", "k_above_active"])
+def test_invalid_rows_agree_without_check(case, M, seed):
+    """check=False (what CUDA gets in either mode): the bad row is ids -1, log-probs NaN from the kernel
+    and the reference alike, and the other rows are what they are without it. M=1: the one-row path."""
+    V, H, G, A, k = 613, 16, 6, 3, 7
+    if case == "k_above_active":
+        G = 61  # groups of ~10 tokens: k past a row's 3 groups stays within the Triton path's k <= 64
+    grouping = VocabGrouping.from_token_counts(torch.rand(V), G)
+    head = GroupedLMHead(torch.randn(V, H) / H**0.5, grouping)
+    hidden, groups = torch.randn(max(M, 2), H), _random_groups(max(M, 2), A, G, "cpu", shared_pool=4)
+    bad_hidden, bad_groups = _poison(case, hidden, groups, G)
+    if case == "k_above_active":
+        bad_groups[1] = torch.argsort(grouping.group_sizes)[:A]  # the smallest groups: too few tokens
+        k = int(grouping.group_sizes[bad_groups[1]].sum()) + 1
+    if M == 1:  # the poisoned row alone
+        hidden, groups, bad_hidden, bad_groups = hidden[1:2], groups[1:2], bad_hidden[1:2], bad_groups[1:2]
+    bad = 0 if M == 1 else 1
+    ref = head.topk(bad_hidden, bad_groups, k, impl="reference", check=False)
+    got = head.topk(bad_hidden, bad_groups, k, impl="triton", check=False)
+    for ids, lp in (ref, got):
+        assert bool((ids[bad] == -1).all()) and bool(lp[bad].isnan().all())
+    torch.testing.assert_close(got[1], ref[1], atol=2e-4, rtol=0, equal_nan=True)  # other rows: same rule
+    assert torch.equal(got[0] == -1, ref[0] == -1)
+    if case != "k_above_active" and M > 1:  # the other rows as they are without the bad one
+        good = torch.arange(hidden.shape[0]) != bad
+        clean = head.topk(hidden, groups, k, impl="reference")
+        torch.testing.assert_close(got[1][good], clean[1][good], atol=2e-4, rtol=0)
