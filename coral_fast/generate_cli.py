@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         topk=args.tree_topk or (10 if on_gpu else 4),
         total_tokens=args.tree_tokens or (60 if on_gpu else 16),
     )
-    generator = SpeculativeGenerator(model, draft, tree, compile=args.compile)
+    generator = SpeculativeGenerator(model, draft, tree, mode="compile" if args.compile else None)
     prompt_ids = encode_prompt(tokenizer, args.prompt, args.chat, note)
     if not prompt_ids:
         print("coral-fast generate: error: the prompt encodes to no tokens", file=sys.stderr)

@@ -2,24 +2,24 @@
 
 The target runs with `use_cache=False` and no HF cache object: the registered function "coral_tree"
 writes each layer's new keys/values into the loop's own static buffers (`TreeKVCache`) at slots
-[length, length + T) and attends over prefix + new tokens with a tree mask (causal = a chain). HF builds
-no masks for an implementation it does not know, so nothing else is computed. Gemma 3's sliding layers
-pass `sliding_window`; the window is applied with the real positions (prefix slot j is position j, the
-new tokens sit at `length + depth`).
+[n, n + T) (n: a device tensor) and attends over prefix + new tokens with a tree mask (causal = a chain).
+HF builds no masks for an implementation it does not know, so nothing else is computed. Gemma 3's
+sliding layers pass `sliding_window`; the window is applied with the real positions (prefix slot j is
+position j, the new tokens sit at n + depth).
 
     cache = TreeKVCache.for_model(model, max_len=4096)
-    hidden, logits = tree_forward(model, cache, tokens [T], mask [T, T], depth [T])   # prefix + tree
-    cache.commit(rows [a])       # keep rows (indices into the T tokens) as slots length .. length+a-1
+    hidden, logits, _ = tree_forward(model, cache, tokens [T], mask [T, T], depth [T], n [1])
 
-The accepted rows are copied to contiguous slots (EAGLE's compaction): the cache never holds a
-rejected token, which is what lets the loop run Gemma 3's sliding layers without HF's crop.
+Nothing reads a device value back, so the forward can be captured in a CUDA graph; `host_len` (eager
+runs) limits attention to the first host_len slots so that a large cache costs nothing on small prompts.
+The caller keeps accepted rows by copying them to contiguous slots (engine.commit): the cache never
+holds a rejected token, which is what lets the loop run Gemma 3's sliding layers without HF's crop.
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 ATTN_NAME = "coral_tree"
@@ -27,13 +27,12 @@ _registered = False
 
 
 class TreeKVCache:
-    """Static KV buffers of all layers: k, v [L, B, Hkv, S, D]; the first `length` slots are committed."""
+    """Static KV buffers of all layers: k, v [L, B, Hkv, S, D]."""
 
     def __init__(self, num_layers, num_kv_heads, head_dim, max_len, dtype, device, batch_size=1):
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
         self.max_len = max_len
 
     @classmethod
@@ -44,51 +43,20 @@ class TreeKVCache:
         weight = model.get_output_embeddings().weight
         return cls(config.num_hidden_layers, kv_heads, head_dim, max_len, weight.dtype, weight.device, batch_size)
 
-    def reset(self, length: int = 0) -> None:
-        self.length = length
-
-    def commit(self, rows: Tensor) -> None:
-        """Keep the new tokens at `rows` ([a] int64, ascending, indices into the last forward's T tokens)
-        as slots [length, length + a) and advance length by a."""
-        a = int(rows.shape[0])
-        src = self.length + rows.to(self.k.device)
-        # gather first (a copy), then write: rows[i] >= i so the ranges may overlap
-        self.k[:, :, :, self.length : self.length + a] = self.k[:, :, :, src]
-        self.v[:, :, :, self.length : self.length + a] = self.v[:, :, :, src]
-        self.length += a
-
 
 class _TreeCall:
-    """What one forward needs inside the attention function (passed through HF's **kwargs).
+    """What one forward needs inside the attention function (passed through HF's **kwargs): the cache,
+    mask [T, T], positions [T], slots [T] and kv_len [1] (device), `tree` (mask + packed bits for the
+    kernel, or None), host_len (eager: attend over the first host_len slots only)."""
 
-    Eager mode: the prefix length is the Python int `cache.length`. Static mode (`slots`/`kv_len`
-    device tensors): no host value is read, so the forward can be captured in a CUDA graph.
-    """
-
-    def __init__(self, cache: TreeKVCache, mask: Tensor, positions: Tensor, impl: str,
-                 slots: Tensor | None = None, kv_len: Tensor | None = None, tree=None):
+    def __init__(self, cache, mask, positions, impl, slots, kv_len, tree=None, host_len=None):
         self.cache, self.mask, self.positions, self.impl = cache, mask, positions, impl
-        self.slots, self.kv_len, self.tree = slots, kv_len, tree
-
-
-def tree_attention_sdpa(q, k, v, tree_mask, scale, window=None, query_positions=None):
-    """Reference: q [B, Hq, T, D]; k, v [B, Hkv, S, D] whose last T slots are the tree tokens and the first
-    S - T the prefix (slot j = position j); tree_mask [T, T] bool. -> [B, Hq, T, D]."""
-    T, S = q.shape[2], k.shape[2]
-    prefix = S - T
-    allowed = torch.cat([torch.ones(T, prefix, dtype=torch.bool, device=q.device), tree_mask], dim=1)
-    if window is not None:
-        key_positions = torch.cat([torch.arange(prefix, device=q.device), query_positions])
-        allowed = allowed & (query_positions[:, None] - key_positions[None, :] < window)
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed, scale=scale)
+        self.slots, self.kv_len, self.tree, self.host_len = slots, kv_len, tree, host_len
 
 
 def _coral_tree_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                           sliding_window=None, coral_tree=None, **kwargs):
+    """Write key/value at the call's slots, attend over the static buffer up to kv_len."""
     if coral_tree is None:
         raise RuntimeError(
             f"attention '{ATTN_NAME}' is only for coral_fast.hf_attention.tree_forward; this model was left "
@@ -96,36 +64,12 @@ def _coral_tree_attention(module, query, key, value, attention_mask, scaling=Non
         )
     if getattr(module, "attn_logit_softcapping", None):
         raise ValueError("attention logit soft-capping (Gemma 2) is not supported by the tree attention")
-    cache = coral_tree.cache
-    layer = module.layer_idx
-    window = sliding_window or None
-    if coral_tree.slots is not None:
-        return _static_attention(coral_tree, layer, query, key, value, scaling, window), None
-    T = query.shape[2]
-    start = cache.length
-    cache.k[layer, :, :, start : start + T] = key
-    cache.v[layer, :, :, start : start + T] = value
-    k = cache.k[layer, :, :, : start + T]
-    v = cache.v[layer, :, :, : start + T]
-    if coral_tree.impl == "sdpa":
-        out = tree_attention_sdpa(query, k, v, coral_tree.mask, scaling, window, coral_tree.positions)
-    else:
-        from coral_fast.kernels.tree_attention import tree_attention
-
-        mask = coral_tree.mask
-        if window is not None and window <= T:  # the kernel exempts tree keys from the window (see above)
-            mask = mask & (coral_tree.positions[:, None] - coral_tree.positions[None, :] < window)
-        out = tree_attention(query, k, v, mask, impl=coral_tree.impl, scale=scaling, window=window,
-                             query_positions=coral_tree.positions if window else None)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _static_attention(call: _TreeCall, layer, query, key, value, scaling, window):
-    """Graph-capturable: write at device `slots`, attend over the whole static buffer up to `kv_len`."""
-    cache = call.cache
-    k_layer, v_layer = cache.k[layer], cache.v[layer]
+    call, layer, window = coral_tree, module.layer_idx, sliding_window or None
+    k_layer, v_layer = call.cache.k[layer], call.cache.v[layer]
     k_layer.index_copy_(2, call.slots, key.to(k_layer.dtype))
     v_layer.index_copy_(2, call.slots, value.to(v_layer.dtype))
+    if call.host_len is not None:
+        k_layer, v_layer = k_layer[:, :, : call.host_len], v_layer[:, :, : call.host_len]
     from coral_fast.kernels.tree_attention import SUPPORTED_HEAD_DIMS
 
     mask, tree = call.mask, call.tree
@@ -133,17 +77,17 @@ def _static_attention(call: _TreeCall, layer, query, key, value, scaling, window
         # the kernel exempts tree keys from the window; a window shorter than the tree must cut them too
         mask = mask & (call.positions[:, None] - call.positions[None, :] < window)
         tree = _MaskAndBits(mask) if tree is not None else None
+    positions = call.positions if window else None
     if call.impl in ("sdpa", "reference") or query.shape[-1] not in SUPPORTED_HEAD_DIMS:
         from coral_fast.kernels.tree_attention import tree_attention_reference
 
-        out = tree_attention_reference(query, k_layer, v_layer, mask, scaling, call.kv_len, window,
-                                       call.positions if window else None)
+        out = tree_attention_reference(query, k_layer, v_layer, mask, scaling, call.kv_len, window, positions)
     else:
         from coral_fast.kernels.tree_attention import tree_attention
 
         out = tree_attention(query, k_layer, v_layer, tree, impl=call.impl, scale=scaling, kv_len=call.kv_len,
-                             window=window, query_positions=call.positions if window else None, check=False)
-    return out.transpose(1, 2).contiguous()
+                             window=window, query_positions=positions, check=False)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def register() -> None:
@@ -191,29 +135,6 @@ def final_logits(model, hidden: Tensor) -> Tensor:
     return logits
 
 
-@torch.no_grad()
-def tree_forward(model, cache: TreeKVCache, tokens: Tensor, mask: Tensor, depth: Tensor, impl: str | None = None,
-                 logits_rows: Tensor | None = None):
-    """Run `tokens` [T] (mask [T, T] bool, depth [T]: position = cache.length + depth) after the cached prefix.
-
-    Writes their keys/values at slots [length, length + T) (not committed: call `cache.commit`).
-    Returns (hidden [T, H]: the last hidden states after the final norm, logits [T or len(logits_rows), V]).
-    """
-    register()
-    T = tokens.shape[0]
-    if cache.length + T > cache.max_len:
-        raise ValueError(f"KV cache full: {cache.length} + {T} tokens > max_len {cache.max_len}")
-    if mask.shape != (T, T) or depth.shape != (T,):
-        raise ValueError(f"mask must be [{T}, {T}] and depth [{T}], got {tuple(mask.shape)}, {tuple(depth.shape)}")
-    positions = cache.length + depth
-    call = _TreeCall(cache, mask, positions, impl or default_impl(tokens.device))
-    with attention_implementation(model, ATTN_NAME):
-        out = model.model(input_ids=tokens[None], position_ids=positions[None], use_cache=False, coral_tree=call)
-    hidden = out.last_hidden_state[0]
-    rows = hidden if logits_rows is None else hidden[logits_rows]
-    return hidden, final_logits(model, rows)
-
-
 class _MaskAndBits:
     """What tree_attention accepts in place of a DraftTree: the bool mask and its packed bits."""
 
@@ -224,18 +145,21 @@ class _MaskAndBits:
         self.mask_bits = pack_mask_bits(mask)  # [T, W], like DraftTree.mask_bits (tree_attention adds the batch)
 
 
-def static_tree_forward(model, cache: TreeKVCache, tokens: Tensor, mask: Tensor, depth: Tensor, length: Tensor,
-                        impl: str = "auto", switch_attention: bool = True, logits: bool = True):
-    """Like tree_forward with the prefix length a device tensor `length` [1] (no host sync: capturable).
+def tree_forward(model, cache: TreeKVCache, tokens: Tensor, mask: Tensor, depth: Tensor, length: Tensor,
+                 impl: str = "auto", switch_attention: bool = True, logits: bool = True, host_len: int | None = None,
+                 hidden_states: bool = False):
+    """Run `tokens` [T] (mask [T, T] bool ancestor-or-self, depth [T]: position = length + depth) after the
+    `length` [1] (device int64) cached slots; their keys/values are written at slots [length, length + T).
 
-    Writes the T tokens' keys/values at slots [length, length + T). Returns (hidden [T, H], logits [T, V]).
-    switch_attention=False: the caller has already switched the model to "coral_tree" (torch.compile
-    traces no context manager).
+    Returns (hidden [T, H]: the last hidden states after the final norm, logits [T, V] or None, the HF
+    hidden-states tuple or None). switch_attention=False: the caller has already switched the model to
+    "coral_tree" (torch.compile traces no context manager). host_len: attend over that many slots only.
     """
     if switch_attention:
         register()
         with attention_implementation(model, ATTN_NAME):
-            return static_tree_forward(model, cache, tokens, mask, depth, length, impl, False, logits)
+            return tree_forward(model, cache, tokens, mask, depth, length, impl, False, logits, host_len,
+                                hidden_states)
     T = tokens.shape[0]
     positions = length + depth
     slots = length + torch.arange(T, device=tokens.device)
@@ -244,15 +168,8 @@ def static_tree_forward(model, cache: TreeKVCache, tokens: Tensor, mask: Tensor,
     from coral_fast.kernels.tree_attention import SUPPORTED_HEAD_DIMS
 
     tree = None if impl in ("sdpa", "reference") or head_dim not in SUPPORTED_HEAD_DIMS else _MaskAndBits(mask)
-    call = _TreeCall(cache, mask, positions, impl, slots=slots, kv_len=kv_len, tree=tree)
-    out = model.model(input_ids=tokens[None], position_ids=positions[None], use_cache=False, coral_tree=call)
+    call = _TreeCall(cache, mask, positions, impl, slots, kv_len, tree, host_len)
+    out = model.model(input_ids=tokens[None], position_ids=positions[None], use_cache=False, coral_tree=call,
+                      output_hidden_states=hidden_states)
     hidden = out.last_hidden_state[0]
-    return hidden, (final_logits(model, hidden) if logits else None)
-
-
-def causal_forward(model, cache: TreeKVCache, tokens: Tensor, impl: str | None = None, logits_rows=None):
-    """Prefill: `tokens` [T] as a causal chain after the cached prefix (keys/values written, not committed)."""
-    T = tokens.shape[0]
-    mask = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-    depth = torch.arange(T, device=tokens.device)
-    return tree_forward(model, cache, tokens, mask, depth, impl, logits_rows)
+    return hidden, (final_logits(model, hidden) if logits else None), (out.hidden_states if hidden_states else None)

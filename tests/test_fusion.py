@@ -81,7 +81,8 @@ def test_fused_draft_and_loop_identical_to_generate():
     ref = draft(feats, ids, pos)
     assert fuse_projections(draft) == 2
     torch.testing.assert_close(draft(feats, ids, pos), ref, atol=1e-5, rtol=1e-5)
-    gen = SpeculativeGenerator(model, draft, TreeConfig(depth=3, topk=3, total_tokens=8), static=True, fuse=True)
+    gen = SpeculativeGenerator(model, draft, TreeConfig(depth=3, topk=3, total_tokens=8), fuse=True, adaptive=False,
+                              max_context=64)
     assert hasattr(model.model.layers[1].mlp.up_proj, "_coral_fused")
     prompt = torch.randint(0, 97, (7,))
     assert gen.generate(prompt, 16).token_ids == plain_greedy(model, prompt, 16)

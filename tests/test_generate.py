@@ -1,13 +1,14 @@
-"""The loop end to end: greedy output identical to model.generate(do_sample=False)."""
-import json
-
+"""The loop end to end: greedy output identical to model.generate(do_sample=False), in speculative
+rounds, plain steps and any mix of them; chunked prefill; bad requests; the real models."""
 import pytest
 import torch
 
 from coral_fast import DraftModel, SpeculativeGenerator
-from coral_fast.generate import TreeConfig
+from coral_fast.generate import SpeculationPolicy, TreeConfig
 from coral_fast.tree import DraftTree
 from test_models import real_target, tiny_gemma3, tiny_llama  # noqa: F401 (fixture)
+
+SMALL = TreeConfig(depth=3, topk=3, total_tokens=8)
 
 
 def plain_greedy(model, prompt, n, eos=None):
@@ -21,11 +22,14 @@ def plain_greedy(model, prompt, n, eos=None):
 
 
 def install_oracle(gen: SpeculativeGenerator, truth: list, vocab: int, rng: torch.Generator, depth=5):
-    """Replace the draft's tree by one that holds the true continuation up to a random depth, with a wrong
-    sibling at every level and wrong tokens below the break: long, varied acceptances."""
+    """Replace the engine's tree builder by one whose tree holds the true continuation up to a random depth,
+    with a wrong sibling at every level and wrong tokens below the break, padded to the engine's size
+    with wrong children of the root: long, varied acceptances. Eager engines only (reads the host n)."""
+    engine = gen.engine
+    assert depth <= engine.depth and 2 * depth <= engine.T
 
-    def draft_tree(dcache, last_hidden):
-        n = dcache.length  # the root (last accepted token) sits at position n
+    def oracle_tree(eng, last, n_device, width):
+        n = eng.n_host  # the root (last accepted token) sits at position n
         cut = int(torch.randint(0, depth + 1, (1,), generator=rng))
         parents, tokens, prev = [], [], -1
         for d in range(depth):
@@ -34,157 +38,117 @@ def install_oracle(gen: SpeculativeGenerator, truth: list, vocab: int, rng: torc
             parents += [prev, prev]
             tokens += [token, (token + 2) % vocab]
             prev = len(tokens) - 2
+        extra = eng.T - len(parents)
+        parents += [-1] * extra
+        tokens += [(tokens[0] + 3 + i) % vocab for i in range(extra)]
         return DraftTree.from_parents(parents), torch.tensor(tokens)
 
-    gen._draft_tree = draft_tree
+    engine.tree_builder = oracle_tree
 
 
-@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])
-def test_random_draft_greedy_identical(make_target, static, seed, one_thread):
+def test_random_draft_greedy_identical(make_target, seed, one_thread):
+    """Speculative rounds only (adaptive off), speculative rounds with fallback, plain steps only."""
     model = make_target()
     V = model.config.vocab_size
-    gen = SpeculativeGenerator(model, None, TreeConfig(depth=3, topk=3, total_tokens=8), static=static)
+    always = SpeculativeGenerator(model, None, SMALL, adaptive=False, max_context=128)
+    adaptive = SpeculativeGenerator(model, always.draft, SMALL, max_context=128)
     for prompt_len, n in [(1, 9), (7, 30), (16, 3)]:
         prompt = torch.randint(0, V, (prompt_len,))
-        out = gen.generate(prompt, n)
-        assert out.token_ids == plain_greedy(model, prompt, n)
+        ref = plain_greedy(model, prompt, n)
+        out = always.generate(prompt, n)
+        assert out.token_ids == ref
         assert out.rounds == len(out.accepted_lengths) and sum(out.accepted_lengths) + 1 >= n
+        assert out.plain_steps == 0
+        assert adaptive.generate(prompt, n).token_ids == ref
+        plain = always.generate(prompt, n, plain=True)
+        assert plain.token_ids == ref and plain.rounds == 0 and plain.plain_steps == n - 1
+        assert plain.mean_accepted_length == 1.0
+
+
+def test_no_draft_is_plain_decoding(seed, one_thread):
+    model = tiny_gemma3()
+    gen = SpeculativeGenerator(model, speculative=False, max_context=64)
+    assert gen.draft is None and not hasattr(gen.engine, "dk")
+    prompt = torch.randint(0, 89, (9,))
+    out = gen.generate(prompt, 20)
+    assert out.token_ids == plain_greedy(model, prompt, 20)
+    assert out.rounds == 0 and out.plain_steps == 19 and out.mean_accepted_length == 1.0
 
 
 @pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])
-def test_static_prefill_in_chunks(make_target, monkeypatch, seed, one_thread):
-    """Prompts longer than the captured prefill chunk go through it several times (last chunk padded)."""
-    import coral_fast.generate as generate_module
-
-    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", 4)
+def test_prefill_in_chunks(make_target, seed, one_thread):
+    """Prompts longer than the prefill chunk go through it many times (last chunk padded); the draft
+    catches up in chunks too. Gemma's window (5) is shorter than the prompts."""
     model = make_target()
     V = model.config.vocab_size
-    gen = SpeculativeGenerator(model, None, TreeConfig(depth=3, topk=3, total_tokens=8), static=True)
-    for prompt_len, n in [(11, 12), (4, 6), (8, 5), (1, 4)]:
+    gen = SpeculativeGenerator(model, None, SMALL, adaptive=False, max_context=96, chunk=4)
+    for prompt_len, n in [(37, 12), (4, 6), (8, 5), (1, 4), (90, 6)]:
         prompt = torch.randint(0, V, (prompt_len,))
         out = gen.generate(prompt, n)
         assert gen.engine.C == 4
         assert out.token_ids == plain_greedy(model, prompt, n), prompt_len
 
 
-def test_static_prefill_chunks_fill_both_caches_like_one_pass(monkeypatch, seed, one_thread):
-    """The draft's acceptance depends on what prefill leaves in its cache (greedy output would not show
-    it): chunked prefill == one eager pass over the prompt, in both caches and the pending row."""
-    import coral_fast.generate as generate_module
-    from coral_fast.generate import DraftKVCache
-    from coral_fast.hf_attention import TreeKVCache, causal_forward
-
-    model = tiny_llama()
-    V, P = model.config.vocab_size, 11
-    prompt = torch.randint(0, V, (P,))
-    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", 4)
-    gen = SpeculativeGenerator(model, None, TreeConfig(depth=3, topk=3, total_tokens=8), static=True)
-    engine = gen._engine_for(prompt, P + 8)
-    first = engine.prefill(prompt)
-    # one eager pass
-    tcache = TreeKVCache.for_model(model, 64)
-    hidden, logits = causal_forward(model, tcache, prompt, "sdpa")
-    dcfg = gen.draft.config
-    dcache = DraftKVCache(dcfg.num_key_value_heads, dcfg.head_dim, 64, torch.float32, "cpu")
-    gen._draft_extend(dcache, hidden[: P - 1], prompt[1:])
-    assert first == int(logits[-1].argmax())
-    assert int(engine.n) == P and int(engine.d_start) == P - 1 and int(engine.d_count) == 1
-    torch.testing.assert_close(engine.tcache.k[..., :P, :], tcache.k[..., :P, :], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(engine.tcache.v[..., :P, :], tcache.v[..., :P, :], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(engine.dcache.k[:, :, : P - 1], dcache.k[:, :, : P - 1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(engine.dcache.v[:, :, : P - 1], dcache.v[:, :, : P - 1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(engine.d_feats[0], hidden[P - 1], atol=1e-5, rtol=1e-5)
-    assert int(engine.d_tokens[0]) == first == int(engine.root)
-
-
-@pytest.mark.interpreter
-def test_compiled_static_engine_greedy_identical(seed, one_thread):
-    """torch.compile'd draft/verify steps with both Triton kernels behind their custom ops (run by the
-    interpreter here) and fused projections give exactly `generate`'s tokens. Head dim 16: the
-    tree-attention kernel's path."""
-    model = tiny_llama(hidden=64)
-    V = model.config.vocab_size
-    gen = SpeculativeGenerator(model, None, TreeConfig(depth=3, topk=3, total_tokens=8), static=True, compile=True,
-                               impl="triton", head_impl="triton", fuse=True)
-    for prompt_len, n in [(7, 20), (1, 6)]:
-        prompt = torch.randint(0, V, (prompt_len,))
-        assert gen.generate(prompt, n).token_ids == plain_greedy(model, prompt, n), prompt_len
-    assert gen.engine._verify_fn is not gen.engine._verify_body  # the compiled one ran
-
-
-def install_static_oracle(gen: SpeculativeGenerator, truth: list, vocab: int, rng: torch.Generator, depth=5):
-    """The oracle for StaticEngine: after the real draft step, overwrite the verify inputs with an oracle
-    tree padded to the engine's fixed size (extra wrong children of the root)."""
-    probe = {}
-    oracle = SpeculativeGenerator.__new__(SpeculativeGenerator)
-    install_oracle(oracle, truth, vocab, rng, depth)
-
-    def patch(engine):
-        original = engine.draft_step
-
-        def draft_step():
-            original()
-            n = int(engine.n)
-            tree, tokens = oracle._draft_tree(type("C", (), {"length": n})(), None)
-            parents, toks = tree.parents.tolist(), tokens.tolist()
-            extra = engine.T - len(parents)
-            assert extra >= 0
-            parents += [-1] * extra
-            toks += [(toks[0] + 3 + i) % vocab for i in range(extra)]
-            full = DraftTree.from_parents(parents)
-            engine.v_tokens[1:] = torch.tensor(toks)
-            engine.v_mask[1:, 1:] = full.mask
-            engine.v_depth[1:] = full.depth + 1
-            engine.t_parents.copy_(full.parents)
-
-        engine.draft_step = draft_step
-        probe["engine"] = engine
-
-    original_engine_for = gen._engine_for
-
-    def engine_for(ids, needed, sampling=False):
-        engine = original_engine_for(ids, needed, sampling)
-        if probe.get("engine") is not engine:
-            patch(engine)
-        return engine
-
-    gen._engine_for = engine_for
-
-
-@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])
-def test_long_acceptances_stay_exact(make_target, static, seed, one_thread):
+def test_long_acceptances_stay_exact(make_target, seed, one_thread):
     """With an oracle tree most rounds accept several tokens; the output must not change."""
     model = make_target()
     V = model.config.vocab_size
     prompt = torch.randint(0, V, (5,))
     ref = plain_greedy(model, prompt, 60)
-    gen = SpeculativeGenerator(model, None, static=static)
-    if static:
-        install_static_oracle(gen, prompt.tolist() + ref, V, torch.Generator().manual_seed(seed))
-    else:
-        install_oracle(gen, prompt.tolist() + ref, V, torch.Generator().manual_seed(seed))
+    gen = SpeculativeGenerator(model, None, TreeConfig(6, 4, 24), adaptive=False, max_context=128)
+    install_oracle(gen, prompt.tolist() + ref, V, torch.Generator().manual_seed(seed))
     out = gen.generate(prompt, 60)
     assert out.token_ids == ref
     assert out.mean_accepted_length > 2.0 and max(out.accepted_lengths) >= 4  # up to 6 (depth 5 + bonus)
 
 
-@pytest.mark.interpreter
-@pytest.mark.parametrize("make_target", [lambda: tiny_llama(hidden=64), lambda: tiny_gemma3(window=5)])
-def test_static_engine_with_the_triton_tree_kernel(make_target, seed, one_thread):
-    """The GPU configuration (StaticEngine + the Triton tree-attention kernel over the static cache with a
-    device kv_len) run through the interpreter, with long acceptances: the rows past the root must see
-    the right mask bits, and a window shorter than the prompt must cut the prefill's own keys."""
+def test_adaptive_falls_back_with_a_useless_draft(seed, one_thread):
+    """A random draft (std 1) accepts almost nothing: the engine switches to plain steps after a round or
+    two, probes now and then, and the output is still the target's."""
+    model = tiny_llama(hidden=64)
+    draft = random_weights_draft(model, seed)
+    gen = SpeculativeGenerator(model, draft, TreeConfig(4, 4, 16), max_context=256)
+    prompt = torch.randint(0, 97, (11,))
+    out = gen.generate(prompt, 120)
+    assert out.token_ids == plain_greedy(model, prompt, 120)
+    assert gen.round_time_s > gen.plain_step_time_s > 0
+    assert out.plain_steps > 90 and 1 <= out.rounds <= 12, (out.plain_steps, out.rounds)
+
+
+def test_policy_probes_and_backs_off():
+    policy = SpeculationPolicy(round_s=3.0, plain_s=1.0)
+    assert policy.speculate()  # nothing seen yet: try
+    policy.after_round(1)
+    assert not policy.speculate()
+    for _ in range(15):
+        policy.after_plain()
+    assert not policy.speculate()
+    policy.after_plain()
+    assert policy.speculate()  # the probe after 16 plain tokens
+    policy.after_round(1)
+    assert policy.interval == 32 and not policy.speculate()
+    for tau in (6, 6, 6, 6, 6):  # acceptance recovers: speculation pays again (3.0 * 1.05 < ema)
+        policy.after_round(tau)
+    assert policy.speculate() and policy.interval == 16
+
+
+@pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])
+def test_plain_steps_then_rounds_keep_the_draft_in_step(make_target, seed, one_thread):
+    """Switching modes mid-request: plain steps, then the draft catches up in chunks and rounds resume
+    (forced by the policy's costs); the oracle draft is still accepted afterwards."""
     model = make_target()
     V = model.config.vocab_size
-    prompt = torch.randint(0, V, (12,))
-    ref = plain_greedy(model, prompt, 30)
-    gen = SpeculativeGenerator(model, None, TreeConfig(depth=5, topk=4, total_tokens=40), static=True, impl="triton")
-    install_static_oracle(gen, prompt.tolist() + ref, V, torch.Generator().manual_seed(seed))
-    out = gen.generate(prompt, 30)
+    prompt = torch.randint(0, V, (6,))
+    ref = plain_greedy(model, prompt, 70)
+    gen = SpeculativeGenerator(model, None, TreeConfig(6, 4, 24), max_context=128, chunk=4)
+    install_oracle(gen, prompt.tolist() + ref, V, torch.Generator().manual_seed(seed))
+    gen.warmup()
+    gen.round_time_s, gen.plain_step_time_s = 100.0, 1.0  # rounds never pay: probes every 16, 32, ...
+    out = gen.generate(prompt, 70)
     assert out.token_ids == ref
-    assert out.mean_accepted_length > 2
+    assert out.plain_steps > 40 and out.rounds >= 2
 
 
 def test_eos_stops_like_generate(seed, one_thread):
@@ -192,36 +156,124 @@ def test_eos_stops_like_generate(seed, one_thread):
     prompt = torch.randint(0, 97, (4,))
     ref = plain_greedy(model, prompt, 40)
     eos = ref[17]
-    gen = SpeculativeGenerator(model, None, eos_token_id=eos)
+    gen = SpeculativeGenerator(model, None, TreeConfig(6, 4, 24), eos_token_id=eos, adaptive=False, max_context=64)
     install_oracle(gen, prompt.tolist() + ref, 97, torch.Generator().manual_seed(seed))
     out = gen.generate(prompt, 40)
     assert out.token_ids == plain_greedy(model, prompt, 40, eos=eos)
     assert out.token_ids[-1] == eos and len(out.token_ids) == ref.index(eos) + 1
+    assert len(gen.generate(prompt, 40, ignore_eos=True).token_ids) == 40
+    assert gen.generate(prompt, 40, plain=True).token_ids == out.token_ids
 
 
-def test_streaming_callback_sees_every_token(one_thread):
+def test_streaming_callback_and_stats(one_thread):
     model = tiny_llama()
     prompt = torch.randint(0, 97, (3,))
     seen = []
-    out = SpeculativeGenerator(model).generate(prompt, 12, callback=seen.extend)
+    gen = SpeculativeGenerator(model, adaptive=False, max_context=64)
+    out = gen.generate(prompt, 12, callback=seen.extend)
     assert seen == out.token_ids and len(seen) == 12
     stats = out.stats()
     assert stats["new_tokens"] == 12 and stats["draft_s"] > 0 and stats["verify_s"] > 0
+    assert out.warmup_time_s > 0 and gen.generate(prompt, 3).warmup_time_s == 0.0
+    assert 0 < out.prefill_time_s < out.total_time_s and stats["plain_steps"] == 0
 
 
-def test_errors():
+def test_bad_requests_are_refused_and_leave_the_engine_usable(seed, one_thread):
     model = tiny_llama()
-    gen = SpeculativeGenerator(model)
-    with pytest.raises(ValueError, match="empty"):
-        gen.generate(torch.zeros(0, dtype=torch.int64), 4)
-    with pytest.raises(ValueError, match="batch size 1"):
-        gen.generate(torch.zeros(2, 3, dtype=torch.int64), 4)
-    with pytest.raises(ValueError, match="out of range"):
-        gen.generate(torch.tensor([5, 97]), 4)
+    gen = SpeculativeGenerator(model, None, SMALL, max_context=40)
+    prompt = torch.randint(0, 97, (7,))
+    ref = plain_greedy(model, prompt, 10)
+    assert gen.generate(prompt, 10).token_ids == ref
+    bad = [
+        (dict(input_ids=torch.zeros(0, dtype=torch.int64)), "empty"),
+        (dict(input_ids=torch.zeros(2, 3, dtype=torch.int64)), "batch size 1"),
+        (dict(input_ids=torch.zeros(1, 1, 3, dtype=torch.int64)), "shape \\(1, 1, 3\\)"),
+        (dict(input_ids=torch.tensor(5)), "shape \\(\\)"),
+        (dict(input_ids=torch.tensor([5, 97])), "out of range"),
+        (dict(input_ids=torch.tensor([5, -1])), "out of range"),
+        (dict(input_ids=[504.7, 3.0]), "integer token ids"),
+        (dict(input_ids=torch.tensor([True, False])), "integer token ids"),
+        (dict(input_ids=torch.zeros(35, dtype=torch.int64), max_new_tokens=6), "exceeds max_context 40"),
+        (dict(max_new_tokens=34), "exceeds max_context 40"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=2.5), "max_new_tokens"),
+        (dict(max_new_tokens=True), "max_new_tokens"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=1e-310), "temperature"),
+    ]
+    for kwargs, message in bad:
+        kwargs = {"input_ids": prompt, "max_new_tokens": 10, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            gen.generate(**kwargs)
+    assert gen.generate(prompt.tolist(), 10).token_ids == ref  # a list works, and nothing was left half-done
+    assert gen.generate(prompt[None], 33).token_ids == plain_greedy(model, prompt, 33)  # exactly at the limit
+
+    def failing(tokens):
+        raise RuntimeError("the caller's callback failed")
+
+    with pytest.raises(RuntimeError, match="callback"):
+        gen.generate(prompt, 10, callback=failing)
+    assert gen.generate(prompt, 10).token_ids == ref
+
+
+def test_constructor_errors():
+    model = tiny_llama()
     with pytest.raises(ValueError, match="vocabulary 97.*has 101"):
         SpeculativeGenerator(tiny_llama(vocab=101), DraftModel.random_init(model))
     with pytest.raises(ValueError, match="total_tokens"):
         TreeConfig(depth=2, topk=2, total_tokens=7)
+    for kwargs in (dict(depth=0), dict(topk=0), dict(depth=-1), dict(total_tokens=0), dict(total_tokens=1000),
+                   dict(depth=2.0)):
+        with pytest.raises(ValueError, match="must be an integer in \\[1, "):
+            TreeConfig(**kwargs)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        SpeculativeGenerator(model, mode="fast")
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        SpeculativeGenerator(model, mode="graphs")
+    with pytest.raises(ValueError, match="max_context must be an integer in \\[1, 2048\\]"):
+        SpeculativeGenerator(model, max_context=10**6)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("make_target", [lambda: tiny_llama(hidden=64), lambda: tiny_gemma3(window=5)])
+def test_engine_with_the_triton_tree_kernel(make_target, seed, one_thread):
+    """The GPU's attention path (the Triton tree-attention kernel over the static cache with a device
+    kv_len) through the interpreter, with long acceptances: the rows past the root must see the right
+    mask bits, and a window shorter than the prompt must cut the prefill's own keys."""
+    model = make_target()
+    V = model.config.vocab_size
+    prompt = torch.randint(0, V, (12,))
+    ref = plain_greedy(model, prompt, 30)
+    gen = SpeculativeGenerator(model, None, TreeConfig(depth=5, topk=4, total_tokens=40), impl="triton",
+                               adaptive=False, max_context=64)
+    install_oracle(gen, prompt.tolist() + ref, V, torch.Generator().manual_seed(seed))
+    out = gen.generate(prompt, 30)
+    assert out.token_ids == ref
+    assert out.mean_accepted_length > 2
+    assert gen.generate(prompt, 30, plain=True).token_ids == ref
+
+
+@pytest.mark.interpreter
+def test_compiled_engine_greedy_identical(seed, one_thread):
+    """torch.compile'd steps with both Triton kernels behind their custom ops (run by the interpreter here)
+    and fused projections give exactly `generate`'s tokens; every step is compiled once at warm-up and
+    never again for other prompt lengths, plain steps included. Head dim 16: the kernel's path."""
+    torch._dynamo.reset()
+    model = tiny_llama(hidden=64)
+    V = model.config.vocab_size
+    gen = SpeculativeGenerator(model, None, TreeConfig(depth=3, topk=3, total_tokens=8), mode="compile",
+                               impl="triton", head_impl="triton", fuse=True, max_context=48, chunk=8)
+    gen.warmup()
+    captured, compiled = gen.captures, gen.compiles
+    assert captured == 5 and compiled >= 5  # prefill, extend, draft, verify, plain
+    for prompt_len, n in [(7, 20), (1, 6), (19, 9)]:
+        prompt = torch.randint(0, V, (prompt_len,))
+        assert gen.generate(prompt, n).token_ids == plain_greedy(model, prompt, n), prompt_len
+    assert gen.generate(prompt, 9, plain=True).token_ids == plain_greedy(model, prompt, 9)
+    assert (gen.captures, gen.compiles) == (captured, compiled)
+    torch._dynamo.reset()
 
 
 # --- the real models (fp32, CPU) ----------------------------------------------------------------
@@ -233,7 +285,15 @@ def random_weights_draft(model, seed):
     return draft
 
 
+def long_prompt(tok, n):
+    text = ("The history of the river valley begins with small farming villages. Over centuries, trade routes "
+            "brought merchants, scholars and new crops; towns grew into cities with markets and libraries. ")
+    ids = tok(text * (n // 30 + 2)).input_ids[:n]
+    return torch.tensor(ids)
+
+
 @pytest.mark.slow
+@pytest.mark.smollm2
 @pytest.mark.parametrize("name,cases", [
     ("smollm2", [("The capital of France is", 24), ("def fibonacci(n):", 40), ("Once upon a time", 7)]),
     ("gemma3-270m", [("The capital of France is", 16), ("def add(a, b):", 10)]),
@@ -243,106 +303,103 @@ def test_real_model_greedy_identical(name, cases, one_thread):
     tree = TreeConfig(depth=3, topk=3, total_tokens=8)
     drafts = {"untrained": DraftModel.random_init(model), "random": random_weights_draft(model, 1)}
     for label, draft in drafts.items():
-        gen = SpeculativeGenerator(model, draft, tree)
+        gen = SpeculativeGenerator(model, draft, tree, adaptive=False, max_context=512)
         for prompt, n in cases:
             ids = tok(prompt, return_tensors="pt").input_ids[0]
             ref = model.generate(ids[None], max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
-            out = gen.generate(ids, n)
-            assert out.token_ids == ref, (label, prompt)
+            assert gen.generate(ids, n).token_ids == ref, (label, prompt)
+            assert gen.generate(ids, n, plain=True).token_ids == ref, (label, prompt)
 
 
 @pytest.mark.slow
+@pytest.mark.smollm2
+@pytest.mark.parametrize("name,prompt_len", [("smollm2", 1550), ("gemma3-270m", 1530)])
+def test_real_model_long_prompt(name, prompt_len, one_thread):
+    """1,500+ tokens: 25 prefill chunks; Gemma 3's 512-token sliding window bites in prefill and rounds."""
+    model, tok = real_target(name)
+    ids = long_prompt(tok, prompt_len)
+    ref = model.generate(ids[None], max_new_tokens=12, do_sample=False,
+                         attention_mask=torch.ones(1, len(ids), dtype=torch.int64))[0, len(ids):].tolist()
+    gen = SpeculativeGenerator(model, None, TreeConfig(3, 3, 8), adaptive=False, max_context=2048)
+    assert gen.generate(ids, 12).token_ids == ref
+    assert gen.generate(ids, 12, plain=True).token_ids == ref
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
 def test_real_model_oracle_acceptances(one_thread):
     model, tok = real_target("smollm2")
     ids = tok("List three colours:", return_tensors="pt").input_ids[0]
     ref = model.generate(ids[None], max_new_tokens=30, do_sample=False)[0, len(ids):].tolist()
-    gen = SpeculativeGenerator(model, None)
+    gen = SpeculativeGenerator(model, None, TreeConfig(6, 4, 24), adaptive=False, max_context=128)
     install_oracle(gen, ids.tolist() + ref, model.config.vocab_size, torch.Generator().manual_seed(0))
     out = gen.generate(ids, 30)
     assert out.token_ids == ref and out.mean_accepted_length > 2
 
 
-@pytest.mark.slow
-def test_cli_json(monkeypatch, capsys, one_thread):
-    from coral_fast import generate_cli, models
-
-    monkeypatch.setattr(models, "load_target", lambda name, dtype, device: real_target(name))
-    rc = generate_cli.main(["--model", "smollm2", "--prompt", "The capital of France is", "--max-new-tokens", "6",
-                            "--json", "--compare"])
-    assert rc == 0
-    captured = capsys.readouterr()
-    payload = json.loads(captured.out.strip().splitlines()[-1])
-    model, tok = real_target("smollm2")
-    assert payload["prompt_ids"] == tok("The capital of France is").input_ids
-    assert payload["token_ids"] == payload["plain_token_ids"] and payload["identical_to_plain"] is True
-    assert "Paris" in payload["text"] and payload["text"] in captured.out
-    assert payload["mean_accepted_length"] >= 1 and payload["tokens_per_s"] > 0
-    assert "untrained random draft" in captured.err or "draft:" in captured.err
-
-
-def test_cli_errors(capsys):
-    from coral_fast import generate_cli
-
-    assert generate_cli.main(["--model", "smollm2", "--prompt", "   "]) == 2
-    assert "prompt is empty" in capsys.readouterr().err
-    assert generate_cli.main(["--model", "nonexistent-model", "--prompt", "hi"]) == 2
-    assert "unknown model" in capsys.readouterr().err
-    assert generate_cli.main(["--model", "smollm2", "--prompt", "hi", "--draft", "/nonexistent/draft"]) == 2
-    assert "no draft at" in capsys.readouterr().err
-    assert generate_cli.main(["--model", "smollm2", "--prompt", "hi", "--compile"]) == 2
-    assert "--compile needs --device cuda" in capsys.readouterr().err
-
-
-# --- GPU: the captured loop ---------------------------------------------------------------------
+# --- GPU: the captured and compiled engines -------------------------------------------------------
 @pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["graphs", "compile"])
 @pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])
-def test_cuda_graphs_greedy_identical(make_target):
-    """The captured loop with the fp32 reference attention (no TF32 in it) is exactly `generate`; the
-    Triton kernel's fp32 dots may round differently, so its check is the argmax margin below."""
+def test_cuda_greedy_identical(make_target, mode):
+    """The captured loop with the fp32 reference attention (no TF32 in it) is exactly `generate`, in rounds
+    and plain steps; no capture or compilation after warm-up for any prompt length up to max_context."""
+    torch._dynamo.reset()
     model = (make_target(hidden=64) if make_target is tiny_llama else make_target()).cuda()
     V = model.config.vocab_size
-    gen = SpeculativeGenerator(model, None, TreeConfig(depth=4, topk=4, total_tokens=16), impl="reference")
-    assert gen.static and gen.cuda_graphs
-    for P, n in [(5, 40), (17, 64), (1, 9)]:
+    gen = SpeculativeGenerator(model, None, TreeConfig(depth=4, topk=4, total_tokens=16), impl="reference",
+                               mode=mode, adaptive=False, max_context=1024)
+    gen.warmup()
+    captured, compiled = gen.captures, gen.compiles
+    for P, n in [(5, 40), (17, 64), (1, 9), (700, 20)]:
         prompt = torch.randint(0, V, (P,), device="cuda")
-        out = gen.generate(prompt, n)
-        assert out.token_ids == plain_greedy(model, prompt, n), (P, n)
-    assert gen.engine.graphs is not None
+        ref = plain_greedy(model, prompt, n)
+        assert gen.generate(prompt, n).token_ids == ref, (P, n)
+        assert gen.generate(prompt, n, plain=True).token_ids == ref, (P, n)
+    assert (gen.captures, gen.compiles) == (captured, compiled)
+    torch._dynamo.reset()
+
+
+@pytest.mark.cuda
+def test_cuda_no_recapture_for_a_long_prompt():
+    """A warm engine serves a 100-token and then a 3,000-token prompt without a new capture, adaptively."""
+    model = tiny_llama(hidden=64).cuda()
+    gen = SpeculativeGenerator(model, None, TreeConfig(6, 10, 60), max_context=4096)
+    gen.warmup()
+    captured = gen.captures
+    for P in (100, 3000):
+        prompt = torch.randint(0, 97, (P,), device="cuda")
+        out = gen.generate(prompt, 64)
+        assert out.token_ids == plain_greedy(model, prompt, 64) and out.warmup_time_s == 0.0
+    assert gen.captures == captured
 
 
 @pytest.mark.cuda
 def test_cuda_graphs_sampling_matches_the_eager_engine():
     """Sampling through the captured graphs draws the same tokens as the same engine run eagerly with the
-    same draft and generator (the uniforms come from the host; fp32 reference attention). One draft for
-    both: `DraftModel.random_init` draws from the global RNG, so two generators built with draft=None
-    hold different drafts, hence different trees and different (equally valid) samples."""
+    same draft and generator (the uniforms come from the host; fp32 reference attention)."""
     model = tiny_llama(hidden=64).cuda()
     draft = DraftModel.random_init(model)
     tree = TreeConfig(depth=4, topk=4, total_tokens=16)
     prompt = torch.randint(0, model.config.vocab_size, (9,), device="cuda")
     outs = []
-    for graphs in (True, False):
-        gen = SpeculativeGenerator(model, draft, tree, impl="reference", cuda_graphs=graphs)
+    for mode in ("graphs", "eager"):
+        gen = SpeculativeGenerator(model, draft, tree, impl="reference", mode=mode, adaptive=False, max_context=128)
         outs.append(gen.generate(prompt, 40, temperature=0.8, generator=torch.Generator().manual_seed(5)).token_ids)
-        assert (gen.engine.graphs is not None) == graphs and gen.engine.sampling
     assert outs[0] == outs[1] and len(outs[0]) == 40
 
 
-def test_static_sampling_reproducible_for_a_seed():
-    """Same draft and seed: the same tokens, whatever ran on the engine before (CPU twin of the test above)."""
+def test_sampling_reproducible_for_a_seed(one_thread):
+    """Same draft and seed: the same tokens, whatever ran on the engine before."""
     model = tiny_llama(hidden=64)
     draft = DraftModel.random_init(model)
-    tree = TreeConfig(depth=4, topk=4, total_tokens=16)
     prompt = torch.randint(0, model.config.vocab_size, (9,))
-    outs = []
-    for warm in (False, True):
-        gen = SpeculativeGenerator(model, draft, tree, impl="reference", static=True)
-        if warm:  # state left over from other rounds must not leak into the next generation
-            gen.generate(prompt.flip(0), 12, temperature=0.8, generator=torch.Generator().manual_seed(0))
-            gen.engine.draft_step()
-            gen.engine.verify_step()
-        outs.append(gen.generate(prompt, 30, temperature=0.8, generator=torch.Generator().manual_seed(5)).token_ids)
-    assert outs[0] == outs[1] and len(outs[0]) == 30
+    gen = SpeculativeGenerator(model, draft, TreeConfig(4, 4, 16), impl="reference", max_context=128)
+    first = gen.generate(prompt, 30, temperature=0.8, generator=torch.Generator().manual_seed(5)).token_ids
+    gen.generate(prompt.flip(0), 12, temperature=0.8, generator=torch.Generator().manual_seed(0))
+    gen.generate(prompt.flip(0), 12)
+    again = gen.generate(prompt, 30, temperature=0.8, generator=torch.Generator().manual_seed(5)).token_ids
+    assert first == again and len(first) == 30
 
 
 @pytest.mark.cuda
@@ -350,7 +407,8 @@ def test_cuda_bf16_accepted_tokens_are_verified_argmax():
     """bf16: every emitted token is the argmax of the target's verified logits for its prefix (checked
     by one plain forward of the whole output, whose rows see exactly those prefixes)."""
     model = tiny_llama(hidden=64).cuda().to(torch.bfloat16)
-    gen = SpeculativeGenerator(model, None, TreeConfig(depth=4, topk=4, total_tokens=16))
+    gen = SpeculativeGenerator(model, None, TreeConfig(depth=4, topk=4, total_tokens=16), adaptive=False,
+                               max_context=256)
     prompt = torch.randint(0, 97, (9,), device="cuda")
     out = gen.generate(prompt, 48)
     seq = torch.cat([prompt, torch.tensor(out.token_ids, device="cuda")])
@@ -358,14 +416,3 @@ def test_cuda_bf16_accepted_tokens_are_verified_argmax():
     chosen = logits.gather(1, torch.tensor(out.token_ids, device="cuda")[:, None])[:, 0]
     # equal to the row max up to bf16 rounding differences between the tree and the plain forward
     assert (logits.max(-1).values - chosen).max() < 0.05
-
-
-@pytest.mark.slow
-def test_cli_refuses_a_draft_of_another_target(monkeypatch, capsys, tmp_path):
-    from coral_fast import generate_cli, models
-
-    monkeypatch.setattr(models, "load_target", lambda name, dtype, device: real_target(name))
-    DraftModel.random_init(tiny_llama()).save_pretrained(tmp_path)
-    assert generate_cli.main(["--model", "smollm2", "--prompt", "hi", "--draft", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert "hidden size 48" in err and "has 576" in err

@@ -3,9 +3,18 @@ explicit position ids, the loop's static KV cache) gives the logits of running e
 import pytest
 import torch
 
-from coral_fast.hf_attention import TreeKVCache, causal_forward, tree_forward
+from coral_fast.hf_attention import TreeKVCache, tree_forward
 from coral_fast.tree import DraftTree
 from test_models import real_target, tiny_gemma3, tiny_llama  # noqa: F401 (fixture)
+
+
+def causal_forward(model, cache, tokens, impl="sdpa", host_len=None):
+    """The prompt as a chain at slots [0, T) -> (hidden [T, H], logits [T, V])."""
+    T = tokens.shape[0]
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    hidden, logits, _ = tree_forward(model, cache, tokens, mask, torch.arange(T), torch.zeros(1, dtype=torch.int64),
+                                     impl, host_len=host_len)
+    return hidden, logits
 
 
 def random_tree(num_nodes, gen):
@@ -35,14 +44,14 @@ def test_tree_logits_equal_path_by_path(make_target, prefix_len, seed, one_threa
     cache = TreeKVCache.for_model(model, 64)
     _, logits = causal_forward(model, cache, prefix)
     torch.testing.assert_close(logits, model(prefix[None]).logits[0], atol=1e-5, rtol=1e-5)
-    cache.commit(torch.arange(prefix_len))
     tree = random_tree(13, gen)
     tokens = torch.randint(0, V, (13,), generator=gen)
-    hidden = torch.full((13, model.config.hidden_size), float("nan"))
-    hidden[:], logits = tree_forward(model, cache, tokens, tree.mask, tree.depth)
-    torch.testing.assert_close(logits, path_logits_plain(model, prefix, tokens, tree), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(model.lm_head(hidden), logits)
-    assert cache.length == prefix_len  # nothing committed by a verify forward
+    length = torch.tensor([prefix_len])
+    ref = path_logits_plain(model, prefix, tokens, tree)
+    for host_len in (None, prefix_len + 13):  # the whole buffer (captured runs) or the used part (eager)
+        hidden, logits, _ = tree_forward(model, cache, tokens, tree.mask, tree.depth, length, host_len=host_len)
+        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.lm_head(hidden), logits)
 
 
 def test_sliding_window_bites(seed, one_thread):
@@ -58,37 +67,9 @@ def test_sliding_window_bites(seed, one_thread):
     for m in (model, wide):
         cache = TreeKVCache.for_model(m, 64)
         causal_forward(m, cache, prefix)
-        cache.commit(torch.arange(20))
-        outs.append(tree_forward(m, cache, tokens, tree.mask, tree.depth)[1])
+        outs.append(tree_forward(m, cache, tokens, tree.mask, tree.depth, torch.tensor([20]))[1])
     torch.testing.assert_close(outs[0], path_logits_plain(model, prefix, tokens, tree), atol=1e-5, rtol=1e-5)
     assert (outs[0] - outs[1]).abs().max() > 1e-3
-
-
-def test_commit_keeps_accepted_rows(seed, one_thread):
-    model = tiny_llama()
-    prefix = torch.randint(0, 97, (6,))
-    cache = TreeKVCache.for_model(model, 64)
-    causal_forward(model, cache, prefix)
-    cache.commit(torch.arange(6))
-    tree = DraftTree.from_parents([-1, -1, 0, 1, 2, 4])
-    tokens = torch.randint(0, 97, (6,))
-    tree_forward(model, cache, tokens, tree.mask, tree.depth)
-    cache.commit(torch.tensor([0, 2, 4]))  # path 0 -> 2 -> 4
-    assert cache.length == 9
-    out = model(torch.cat([prefix, tokens[[0, 2, 4]]])[None], use_cache=True)
-    for layer in range(model.config.num_hidden_layers):
-        keys = out.past_key_values.layers[layer].keys[0]
-        torch.testing.assert_close(cache.k[layer, 0, :, :9], keys, atol=1e-5, rtol=1e-5)
-
-
-def test_cache_overflow_and_shape_errors():
-    model = tiny_llama()
-    cache = TreeKVCache.for_model(model, 8)
-    with pytest.raises(ValueError, match="KV cache full"):
-        causal_forward(model, cache, torch.zeros(9, dtype=torch.int64))
-    with pytest.raises(ValueError, match="mask must be"):
-        tree_forward(model, cache, torch.zeros(3, dtype=torch.int64), torch.ones(2, 2, dtype=torch.bool),
-                     torch.zeros(3, dtype=torch.int64))
 
 
 def test_model_is_left_on_its_own_attention():
@@ -108,9 +89,8 @@ def test_real_model_tree_logits(name):
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 5000, (8,), generator=gen)
     cache = TreeKVCache.for_model(model, 64)
-    causal_forward(model, cache, prefix, logits_rows=torch.tensor([len(prefix) - 1]))
-    cache.commit(torch.arange(len(prefix)))
-    _, logits = tree_forward(model, cache, tokens, tree.mask, tree.depth)
+    causal_forward(model, cache, prefix)
+    _, logits, _ = tree_forward(model, cache, tokens, tree.mask, tree.depth, torch.tensor([len(prefix)]))
     ref = path_logits_plain(model, prefix, tokens, tree)
     torch.testing.assert_close(logits, ref, atol=2e-4, rtol=1e-4)
     assert torch.equal(logits.argmax(-1), ref.argmax(-1))

@@ -106,10 +106,10 @@ def test_sampling_rejects_bad_temperature():
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_static_sampler_first_two_tokens_have_the_target_distribution(temperature):
-    """The device-side sampler of the fixed-shape engine (accept_sampling_static), on a tree whose
+    """The device-side sampler of the fixed-shape engine (accept_sampling), on a tree whose
     candidates are the target's own top tokens (a good draft: acceptances and rejections both frequent,
     so a wrong residual shows). Children listed out of order with a non-child between them."""
-    from coral_fast.generate import accept_sampling_static
+    from coral_fast.verify import accept_sampling
 
     V, N = 7, 6000
     gen = torch.Generator().manual_seed(99)
@@ -122,7 +122,7 @@ def test_static_sampler_first_two_tokens_have_the_target_distribution(temperatur
     first, second = torch.zeros(V), torch.zeros(V)
     for _ in range(N):
         uniforms = torch.rand(3, 4, generator=gen, dtype=torch.float64)
-        rows, count, out = accept_sampling_static(logits, tokens, parents, 2, 3, temp, uniforms)
+        rows, count, out = accept_sampling(logits, tokens, parents, 2, 3, temp, uniforms)
         emitted = out[: int(count)].tolist()
         path = (rows[1 : int(count)] - 1).tolist()  # accepted nodes, each the child of the one before
         assert [int(parents[n]) for n in path] == ([-1] + path)[: len(path)]
@@ -136,3 +136,21 @@ def test_static_sampler_first_two_tokens_have_the_target_distribution(temperatur
     assert chi_square_p(second, p1) > 1e-3
     assert second.sum() > N / 10
     assert chi_square_p(first, p1) < 1e-6
+
+
+def test_device_greedy_rule_equals_the_oracle(seed):
+    """accept_greedy (what the engine runs: fixed shapes, no host read) == verify_greedy on random trees."""
+    from coral_fast.verify import accept_greedy
+
+    gen = torch.Generator().manual_seed(seed)
+    for trial in range(100):
+        T = int(torch.randint(1, 20, (1,), generator=gen))
+        V = int(torch.randint(2, 5, (1,), generator=gen))
+        tree = random_tree(T, gen)
+        tokens = torch.randint(0, V, (T,), generator=gen)
+        logits = torch.randn(T + 1, V, generator=gen)
+        path, bonus = verify_greedy(logits, tokens, tree.parents, tree.mask, tree.depth)
+        rows, count, out = accept_greedy(logits, tokens, tree, T)
+        a = int(count)
+        assert (rows[1:a] - 1).tolist() == path.tolist(), trial
+        assert out[:a].tolist() == tokens[path].tolist() + [bonus], trial
