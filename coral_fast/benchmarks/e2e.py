@@ -1,227 +1,362 @@
-"""`coral-fast bench e2e`: tokens/s of the draft/verify loop against plain `model.generate`.
+"""`coral-fast bench e2e`: the draft/verify loop against the same engine decoding one token a step.
 
-Same model, prompts and length, greedy, batch 1. Baselines: `generate` as is (eager, dynamic cache)
-and `generate(cache_implementation="static")` (transformers compiles the decode step itself). The loop
-runs through StaticEngine with both steps captured in CUDA graphs. Every run forces `--max-new-tokens`
-new tokens (EOS ignored on both sides) so that the rates compare like for like.
+    coral-fast bench e2e --suite quick --out-dir bench/results/e2e            # task suite, SmolLM2
+    coral-fast bench e2e --suite none --scale all --out-dir bench/results/e2e # 1B-8B shapes, random weights
+    coral-fast bench e2e --prompt-file question.jsonl                         # Spec-Bench's questions
 
-    coral-fast bench e2e --models smollm2,gemma3-270m --max-new-tokens 128 --out bench/results/e2e_h100.md
+Task suite (coral_fast/benchmarks/tasks.py): per task and overall, mean accepted length (tau), loop tok/s,
+plain tok/s (`generate(plain=True)`: same engine, same capture/compile, one token a step: the headline
+baseline), Hugging Face `generate` over a StaticCache compiled by transformers (secondary), time to first
+token. Every side generates exactly `--max-new-tokens` tokens (the engine with `ignore_eos=True`, HF with no
+EOS token: neither masks EOS, so greedy outputs stay comparable) and the greedy outputs are compared: fp32
+must agree exactly; in bf16 the agreement is reported beside HF's own eager-vs-static agreement (the noise
+floor of bf16 greedy decoding). Warm-up (capture, compile) is timed apart and excluded. `--sampling` adds a
+temperature run (tok/s and tau of loop and plain).
 
-Gemma 3 270M may use random weights of its real config (`--gemma-random`, no 253 MB file to carry); the
-loop's cost per round does not depend on the weights, its acceptance does (random draft: ~1).
+Scale (coral_fast/benchmarks/scale.py, `--scale`): random weights of real 1B-8B configs; step times
+against weight-bytes floors, R = round / plain step, projected speed-ups tau / R, and a profile of a round.
+
+Outputs under --out-dir: e2e_suite.{json,csv,md,png}, e2e_scale.{json,csv,md}; rewritten as parts finish.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import inspect
 import os
-import statistics
 import sys
 import time
 
-PROMPTS = [
+from coral_fast.benchmarks import report
+from coral_fast.benchmarks.tasks import SUITE_TASKS, Prompt, load_spec_bench, load_suite
+
+SUITE_SIZES = {"quick": 3, "full": None}  # prompts per task (None: all)
+MODES = ("eager", "graphs", "compile")
+
+
+def _tree(text: str):
+    try:
+        depth, topk, total = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tree wants depth,topk,total_tokens (three integers), got {text!r}")
+    return depth, topk, total
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 10], got {text!r}") from None
+    if not 0 < value <= 10:
+        raise argparse.ArgumentTypeError(f"sampling temperature must be in (0, 10], got {text}")
+    return value
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="coral-fast bench e2e", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="smollm2", help="comma list of targets for the suite (smollm2, gemma3-270m, a path)")
+    p.add_argument("--suite", default="quick", choices=("quick", "full", "none"),
+                   help="built-in task suite: quick = first 3 prompts a task, full = all, none = skip the suite")
+    p.add_argument("--tasks", default="all", help=f"comma list of: {', '.join(SUITE_TASKS)} (default all)")
+    p.add_argument("--prompts-per-task", type=_positive_int, default=None, help="override the suite size")
+    p.add_argument("--prompt-file", default=None,
+                   help="Spec-Bench question.jsonl (question_id, category, turns) instead of the built-in suite")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--mode", default=None, choices=MODES, help="engine mode (default: graphs on CUDA, eager on CPU)")
+    p.add_argument("--draft", default=None, help="draft folder (default: the shipped draft of the model)")
+    p.add_argument("--tree", type=_tree, default=(6, 10, 60), help="depth,topk,total_tokens (default 6,10,60)")
+    p.add_argument("--no-adaptive", action="store_true", help="always speculate (no fallback to plain decoding)")
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate columns")
+    p.add_argument("--noise-prompts", type=int, default=1,
+                   help="prompts a task that also run HF eager generate (bf16 eager-vs-static noise floor); 0: none")
+    p.add_argument("--sampling", action="store_true", help="also sample (loop and plain) at --temperature")
+    p.add_argument("--temperature", type=_temperature, default=0.7)
+    p.add_argument("--scale", default="none",
+                   help="comma list of configs on random weights (llama3.2-1b, llama3.1-8b, qwen2.5-7b, gemma3-1b), "
+                        "'all', or 'none'")
+    p.add_argument("--scale-mode", default="graphs", choices=MODES, help="engine mode of the scale runs")
+    p.add_argument("--scale-tokens", type=_positive_int, default=64, help="new tokens a scale run generates")
+    p.add_argument("--profile", default="llama3.1-8b",
+                   help="scale config whose round is profiled by kernel (torch.profiler); 'none' to skip")
+    p.add_argument("--taus", default="3,4,5", help="taus to project speed-ups for (the suite's measured tau is added)")
+    p.add_argument("--out-dir", default="bench/results/e2e", help="results folder (created)")
+    return p
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+PROMPTS = [  # four short chat prompts (scripts/profile_loop.py)
     "Explain in two sentences why the sky is blue.",
     "Write a Python function that checks whether a number is prime.",
     "List five countries in Europe and their capitals.",
     "What is the difference between a list and a tuple in Python?",
 ]
 
-PROMPT_SETS = ("builtin", "heldout")
-
-
-def heldout_prompts(n: int) -> list[str]:
-    """The first n held-out chat prompts of the shipped prompt set (no draft was trained on them)."""
-    from coral_fast.training.prompts import load_prompts
-
-    return [row["messages"][-1]["content"] for row in load_prompts(split="eval")[:n]]
-
-
-def prompt_texts(prompt_sets: str, n: int) -> list[tuple[str, str]]:
-    """(set name, text) for the first n prompts of each named set; ValueError on an unknown set."""
-    prompts = []
-    for set_name in prompt_sets.split(","):
-        if set_name not in PROMPT_SETS:
-            raise ValueError(f"unknown prompt set {set_name!r}; known: {', '.join(PROMPT_SETS)}")
-        texts = PROMPTS[:n] if set_name == "builtin" else heldout_prompts(n)
-        prompts += [(set_name, text) for text in texts]
-    return prompts
-
-
-GEMMA3_270M_CONFIG = dict(
-    vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
-    num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512, rms_norm_eps=1e-6,
-    max_position_embeddings=32768, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
-    rope_parameters={"full_attention": {"rope_theta": 1_000_000.0, "rope_type": "default"},
-                     "sliding_attention": {"rope_theta": 10_000.0, "rope_type": "default"}},
-    layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3,
-)
-
-
-def build_parser():
-    p = argparse.ArgumentParser(prog="coral-fast bench e2e", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="smollm2,gemma3-270m")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--prompts", type=int, default=4, help="how many prompts of each set")
-    p.add_argument("--prompt-set", default="builtin",
-                   help="comma list of: builtin (the 4 prompts above), heldout (held-out chat prompts of the "
-                        "shipped prompt set, coral_fast/data/prompts.jsonl)")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--draft", default=None, help="draft folder (default: the shipped draft, else random)")
-    p.add_argument("--gemma-random", action="store_true", help="Gemma 3: random weights of the real config")
-    p.add_argument("--tree", default="6,10,60", help="depth,topk,total_tokens")
-    p.add_argument("--no-compiled", action="store_true", help="skip the compiled static-cache baseline")
-    p.add_argument("--compile", action="store_true", help="torch.compile the loop's steps before capturing them")
-    p.add_argument("--out", default=None, help="write the markdown table here")
-    p.add_argument("--json", default=None, help="write raw results here")
-    return p
-
-
-def load(name, dtype, device, gemma_random):
-    import torch
-
-    if name == "gemma3-270m" and gemma_random:
-        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-        torch.manual_seed(0)
-        config = Gemma3TextConfig(**GEMMA3_270M_CONFIG, attn_implementation="sdpa")
-        model = Gemma3ForCausalLM(config).to(device=device, dtype=dtype).eval().requires_grad_(False)
-        return model, None
-    from coral_fast.models import load_target
-
-    return load_target(name, dtype=dtype, device=device)
-
 
 def prompt_ids(tokenizer, text, vocab, device, seed):
+    """Ids [P] of one user turn (chat template if any); random ids of a chat-prompt length without a tokenizer."""
     import torch
 
-    if tokenizer is None:  # random weights: random ids of a chat-prompt length
-        g = torch.Generator().manual_seed(seed)
-        return torch.randint(0, vocab, (48,), generator=g).to(device)
-    from coral_fast.models import chat_prompt_ids
+    if tokenizer is None:
+        return torch.randint(0, vocab, (48,), generator=torch.Generator().manual_seed(seed)).to(device)
+    return encode(tokenizer, Prompt(f"p{seed}", "chat", [text]), device)
 
-    ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": text}])
-    if ids is None:
-        ids = tokenizer(text).input_ids
-    return torch.tensor(ids, device=device)
+
+def synchronize(device) -> None:
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def timed(fn, device):
+    """(fn(), wall seconds), the device synchronised on both sides."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def common_prefix(a, b) -> int:
+    """Tokens equal before the first difference (greedy outputs diverge for good after one)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode(tokenizer, prompt: Prompt, device):
+    """Prompt ids [P] int64: the chat template when the tokenizer has one, else plain text."""
     import torch
 
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t
+    from coral_fast.models import chat_prompt_ids
+
+    ids = chat_prompt_ids(tokenizer, prompt.messages())
+    if ids is None:
+        ids = tokenizer(prompt.text()).input_ids
+    return torch.tensor(ids, dtype=torch.int64, device=device)
 
 
-def bench_model(name, args, log, prompts):
+def engine_api_missing() -> str | None:
+    """Why the engine API this bench needs is not there (None when it is): `mode=`, `plain=`, `ignore_eos=`."""
+    from coral_fast.generate import SpeculativeGenerator
+
+    init = inspect.signature(SpeculativeGenerator.__init__).parameters
+    gen = inspect.signature(SpeculativeGenerator.generate).parameters
+    missing = [n for n in ("mode", "adaptive") if n not in init] + [n for n in ("plain", "ignore_eos") if n not in gen]
+    return f"SpeculativeGenerator lacks {', '.join(missing)} (the engine of issue 16)" if missing else None
+
+
+def make_generator(model, draft, tree, mode, adaptive=True, max_context=None):
+    from coral_fast.generate import SpeculativeGenerator, TreeConfig
+
+    return SpeculativeGenerator(model, draft, tree=TreeConfig(*tree), mode=mode, max_context=max_context,
+                                adaptive=adaptive)
+
+
+class HFStatic:
+    """`model.generate` over one StaticCache sized once for the whole run (what cache_implementation="static"
+    builds, but not rebuilt per prompt length, so transformers compiles its decode step once), plus the
+    eager dynamic-cache generate for the noise floor. EOS is off: exactly n tokens, EOS not masked."""
+
+    def __init__(self, model, max_len: int):
+        from transformers import StaticCache
+
+        self.model = model
+        model.generation_config.eos_token_id = None
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = 0
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+
+    def _generate(self, ids, n, **kw):
+        import torch
+
+        mask = torch.ones(1, ids.shape[0], dtype=torch.int64, device=ids.device)
+        out = self.model.generate(ids[None], attention_mask=mask, max_new_tokens=n, do_sample=False, **kw)
+        return out[0, ids.shape[0]:].tolist()
+
+    def static(self, ids, n):
+        self.cache.reset()
+        return self._generate(ids, n, **{self.cache_kw: self.cache})
+
+    def eager(self, ids, n):
+        return self._generate(ids, n)
+
+
+def load_draft(model, name: str, path: str | None):
+    """(draft, label): --draft, else the shipped draft of `name`, else a random one (tau ~ 1)."""
     import torch
 
     from coral_fast.draft import DraftModel
-    from coral_fast.generate import SpeculativeGenerator, TreeConfig
     from coral_fast.generate_cli import shipped_draft
-    from coral_fast.models import parse_dtype
 
-    dtype = parse_dtype(args.dtype)
-    model, tok = load(name, dtype, args.device, args.gemma_random)
-    V = model.config.vocab_size
-    # forced length on both sides without suppressing EOS (min_new_tokens would mask it in generate only)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    draft_path = args.draft or shipped_draft(name)
-    if draft_path and not (name == "gemma3-270m" and args.gemma_random):
-        draft, draft_label = DraftModel.from_pretrained(draft_path, model), f"trained ({os.path.basename(draft_path)})"
-    else:
-        torch.manual_seed(0)
-        draft, draft_label = DraftModel.random_init(model), "untrained (random init)"
-    depth, topk, total = (int(x) for x in args.tree.split(","))
-    t0 = time.perf_counter()
-    gen = SpeculativeGenerator(model, draft, TreeConfig(depth, topk, total), eos_token_id=[], compile=args.compile)
-    gen.generate(prompt_ids(tok, PROMPTS[0], V, args.device, seed=0), 8)  # capture (and compile) once
-    log(f"{name}: loop set up in {time.perf_counter() - t0:.1f} s (capture{' + compile' if args.compile else ''})")
+    path = path or shipped_draft(name)
+    if path:
+        return DraftModel.from_pretrained(path, model), f"trained ({os.path.basename(path.rstrip('/'))})"
+    torch.manual_seed(0)
+    return DraftModel.random_init(model), "untrained (random init)"
+
+
+# --- the suite ---------------------------------------------------------------------------------------
+def run_prompt(gen, hf, ids, prompt, i, args, device, noise: bool) -> dict:
+    """One prompt: loop and plain greedy (+ sampling), HF static (+ eager for the noise floor)."""
+    import torch
+
     N = args.max_new_tokens
-    rows = []
-    compiled_s = float("nan")
-    for i, (set_name, text) in enumerate(prompts):
-        ids = prompt_ids(tok, text, V, args.device, seed=i)
-        mask = torch.ones(1, len(ids), dtype=torch.int64, device=ids.device)
-        plain_kwargs = dict(max_new_tokens=N, do_sample=False, attention_mask=mask)
-        # loop (the first call captures the graphs: warm up on the same prompt)
-        gen.generate(ids, N)
-        res, loop_s = timed(lambda: gen.generate(ids, N), args.device)
-        ref, eager_s = timed(lambda: model.generate(ids[None], **plain_kwargs)[0, len(ids):].tolist(), args.device)
-        if i == 0:  # warm the eager path too (first call pays allocations)
-            ref, eager_s = timed(lambda: model.generate(ids[None], **plain_kwargs)[0, len(ids):].tolist(), args.device)
-        # the compiled baseline recompiles for every new cache length: measured on the first prompt only,
-        # and that rate stands beside every prompt of the model (its cost per token hardly depends on it)
-        if not args.no_compiled and i == 0:
-            static_kwargs = dict(plain_kwargs, cache_implementation="static")
-            for _ in range(2):  # compile + warm-up
-                model.generate(ids[None], **static_kwargs)
-            _, compiled_s = timed(lambda: model.generate(ids[None], **static_kwargs), args.device)
-        same = 0
-        for a, b in zip(res.token_ids, ref):
-            if a != b:
-                break
-            same += 1
-        row = dict(model=name, prompt_set=set_name, prompt=i, prompt_len=len(ids), new_tokens=len(res.token_ids),
-                   loop_tok_s=len(res.token_ids) / loop_s, eager_tok_s=N / eager_s, compiled_tok_s=N / compiled_s,
-                   tau=res.mean_accepted_length, draft_s=res.draft_time_s, verify_s=res.verify_time_s,
-                   prefill_s=res.prefill_time_s, loop_s=loop_s, agree_prefix=same, draft=draft_label)
-        log(json.dumps(row))
-        rows.append(row)
-    return rows
+    row = dict(task=prompt.task, id=prompt.id, prompt_len=int(ids.shape[0]), new_tokens=N)
+    loop, loop_s = timed(lambda: gen.generate(ids, N, ignore_eos=True), device)
+    plain, plain_s = timed(lambda: gen.generate(ids, N, plain=True, ignore_eos=True), device)
+    row.update(loop_tok_s=len(loop.token_ids) / loop_s, plain_tok_s=len(plain.token_ids) / plain_s,
+               loop_s=loop_s, plain_s=plain_s, loop_ttft_s=loop.prefill_time_s, plain_ttft_s=plain.prefill_time_s,
+               rounds=loop.rounds, accepted=sum(loop.accepted_lengths), tau=loop.mean_accepted_length,
+               plain_steps=getattr(loop, "plain_steps", 0), draft_s=loop.draft_time_s, verify_s=loop.verify_time_s,
+               loop_vs_plain=common_prefix(loop.token_ids, plain.token_ids))
+    assert len(loop.token_ids) == N and len(plain.token_ids) == N, "ignore_eos must give max_new_tokens tokens"
+    if hf is not None:
+        ref, hf_s = timed(lambda: hf.static(ids, N), device)
+        row.update(hf_tok_s=len(ref) / hf_s, hf_s=hf_s, loop_vs_hf=common_prefix(loop.token_ids, ref),
+                   plain_vs_hf=common_prefix(plain.token_ids, ref))
+        if noise:
+            eager = hf.eager(ids, N)
+            row.update(hf_eager_vs_static=common_prefix(eager, ref))
+    if args.sampling:
+        seed = lambda: torch.Generator().manual_seed(1000 + i)  # noqa: E731
+        T = args.temperature
+        s_loop, s_loop_s = timed(lambda: gen.generate(ids, N, temperature=T, generator=seed(), ignore_eos=True), device)
+        s_plain, s_plain_s = timed(lambda: gen.generate(ids, N, temperature=T, generator=seed(), plain=True,
+                                                        ignore_eos=True), device)
+        row.update(sample_loop_tok_s=len(s_loop.token_ids) / s_loop_s, sample_plain_tok_s=len(s_plain.token_ids) / s_plain_s,
+                   sample_loop_s=s_loop_s, sample_plain_s=s_plain_s, sample_rounds=s_loop.rounds,
+                   sample_accepted=sum(s_loop.accepted_lengths), sample_tau=s_loop.mean_accepted_length)
+    return row
 
 
-def markdown(rows, args, env):
-    lines = [
-        "# End-to-end: draft/verify loop vs `model.generate` (batch 1, greedy)",
-        "",
-        f"{env}. {args.max_new_tokens} new tokens forced per prompt (EOS ignored on both sides), "
-        f"tree depth,topk,tokens = {args.tree}, {args.dtype}. Loop: StaticEngine, prefill (64-token chunks), draft "
-        f"and verify steps in CUDA graphs{', the draft and verify steps torch.compiled first' if args.compile else ''}, "
-        "one host sync per round. tok/s = new tokens / wall time including prefill; medians over "
-        "prompts (the compiled baseline: first prompt only, it recompiles per cache length; that rate stands beside every prompt set). prompts: builtin = the 4 prompts of this module, heldout = held-out chat prompts of coral_fast/data/prompts.jsonl. tau = tokens per verify round (accepted + bonus). draft/verify = share of the rounds' GPU "
-        "time (CUDA events). agree = tokens equal to plain `generate` before the first difference "
-        "(bf16: tree and incremental decoding round differently, so near-ties can flip).",
-        "",
-        "| model | weights | draft | prompts | loop tok/s | generate eager tok/s | generate static+compile tok/s | loop / eager | loop / compiled | tau | prefill ms | draft ms/round | verify ms/round | agree |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, set_name in dict.fromkeys((r["model"], r["prompt_set"]) for r in rows):
-        rs = [r for r in rows if r["model"] == name and r["prompt_set"] == set_name]
-        def med(key):  # NaN rows (a baseline not run) skipped; NaN if none ran
-            values = [r[key] for r in rs if r[key] == r[key]]
-            return statistics.median(values) if values else float("nan")
+def run_suite(model, tokenizer, draft, prompts: list[Prompt], args, log, name="model", draft_label="",
+              on_task_done=None) -> dict:
+    """The suite on one target: {"meta": ..., "rows": [per prompt], "tasks": [per task + overall]}.
+    on_task_done(part) is called after each task (incremental results files)."""
+    device = next(model.parameters()).device
+    encoded = [encode(tokenizer, p, device) for p in prompts]
+    t0 = time.perf_counter()
+    gen = make_generator(model, draft, args.tree, args.mode, adaptive=not args.no_adaptive)
+    warmup_s = gen.warmup()
+    log(f"{name}: engine warm-up {warmup_s:.1f} s (mode {args.mode or 'default'}; constructor + warm-up "
+        f"{time.perf_counter() - t0:.1f} s); round {1e3 * gen.round_time_s:.3f} ms, plain step "
+        f"{1e3 * gen.plain_step_time_s:.3f} ms")
+    if args.sampling:  # sampling steps may be captured on first use: keep that out of the timings
+        import torch
 
-        rounds = [r["new_tokens"] / r["tau"] for r in rs]
-        draft_ms = statistics.median(1e3 * r["draft_s"] / n for r, n in zip(rs, rounds))
-        verify_ms = statistics.median(1e3 * r["verify_s"] / n for r, n in zip(rs, rounds))
-        weights = "random (real config)" if (name == "gemma3-270m" and args.gemma_random) else "GGUF"
-        lines.append(
-            f"| {name} | {weights} | {rs[0]['draft']} | {set_name} ({len(rs)}) | {med('loop_tok_s'):.0f} | {med('eager_tok_s'):.0f} | "
-            f"{med('compiled_tok_s'):.0f} | {med('loop_tok_s') / med('eager_tok_s'):.2f}x | "
-            f"{med('loop_tok_s') / med('compiled_tok_s'):.2f}x | {med('tau'):.2f} | {1e3 * med('prefill_s'):.1f} | {draft_ms:.2f} | {verify_ms:.2f} | "
-            f"{min(r['agree_prefix'] for r in rs)}-{max(r['agree_prefix'] for r in rs)}/{args.max_new_tokens} |"
-        )
-    return "\n".join(lines) + "\n"
+        _, s = timed(lambda: gen.generate(encoded[0], 8, temperature=args.temperature,
+                                          generator=torch.Generator().manual_seed(0), ignore_eos=True), device)
+        _, s2 = timed(lambda: gen.generate(encoded[0], 8, temperature=args.temperature, plain=True,
+                                           generator=torch.Generator().manual_seed(0), ignore_eos=True), device)
+        warmup_s += s + s2
+        log(f"{name}: first sampling requests (warm-up) {s + s2:.1f} s")
+    hf, hf_warmup_s = None, 0.0
+    if not args.no_hf:
+        max_len = max(int(ids.shape[0]) for ids in encoded) + args.max_new_tokens + 8
+        hf = HFStatic(model, max_len)
+        for _ in range(2):  # transformers compiles its decode step on first use (and captures on the second)
+            _, s = timed(lambda: hf.static(encoded[0], args.max_new_tokens), device)
+            hf_warmup_s += s
+        log(f"{name}: HF static generate warm-up {hf_warmup_s:.1f} s (cache {max_len} slots)")
+    meta = dict(model=name, draft=draft_label, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+                mode=args.mode or ("graphs" if device.type == "cuda" else "eager"), tree=list(args.tree),
+                adaptive=not args.no_adaptive, max_new_tokens=args.max_new_tokens, warmup_s=warmup_s,
+                hf_warmup_s=hf_warmup_s, round_ms=1e3 * gen.round_time_s,
+                plain_step_ms=1e3 * gen.plain_step_time_s, temperature=args.temperature if args.sampling else None)
+    part = dict(meta=meta, rows=[], tasks=[])
+    seen: dict[str, int] = {}
+    for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
+        k = seen[prompt.task] = seen.get(prompt.task, 0) + 1
+        row = run_prompt(gen, hf, ids, prompt, i, args, device, noise=k <= args.noise_prompts)
+        row["model"] = name
+        part["rows"].append(row)
+        log(f"  {prompt.id}: P={row['prompt_len']} tau {row['tau']:.2f} loop {row['loop_tok_s']:.0f} tok/s, plain "
+            f"{row['plain_tok_s']:.0f}" + (f", HF {row['hf_tok_s']:.0f}" if hf else "") +
+            f"; agree loop=plain {row['loop_vs_plain']}/{args.max_new_tokens}")
+        last_of_task = i + 1 == len(prompts) or prompts[i + 1].task != prompt.task
+        if last_of_task:
+            part["tasks"] = report.summarize(part["rows"])
+            if on_task_done:
+                on_task_done(part)
+    return part
+
+
+def fp32_disagreements(part) -> list[str]:
+    """fp32 greedy must be identical: loop == plain == HF static, every prompt."""
+    if part["meta"]["dtype"] != "float32":
+        return []
+    bad = []
+    for r in part["rows"]:
+        for key in ("loop_vs_plain", "loop_vs_hf"):
+            if key in r and r[key] != r["new_tokens"]:
+                bad.append(f"{r['model']} {r['id']}: {key} agree on {r[key]}/{r['new_tokens']} tokens (fp32 must be identical)")
+    return bad
+
+
+def environment(argv) -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
+    return dict(device=device, torch=torch.__version__, triton=triton_version, transformers=transformers.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M"), command="coral-fast bench e2e " + " ".join(argv))
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:  # before any model loads: a typo in --prompt-set fails at once, not after minutes of compiling
-        prompts = prompt_texts(args.prompt_set, args.prompts)
+    from coral_fast.benchmarks.scale import SCALE_CONFIGS
+
+    # everything a typo can break is checked before any model loads
+    try:
+        if args.suite == "none" and not args.prompt_file:
+            prompts = []
+        elif args.prompt_file:
+            prompts = load_spec_bench(args.prompt_file, args.prompts_per_task)
+        else:
+            prompts = load_suite(args.tasks, args.prompts_per_task or SUITE_SIZES[args.suite])
+        scale = [] if args.scale == "none" else (list(SCALE_CONFIGS) if args.scale == "all" else args.scale.split(","))
+        unknown = [c for c in scale if c not in SCALE_CONFIGS]
+        if unknown:
+            raise ValueError(f"unknown --scale config {unknown[0]!r}; known: {', '.join(SCALE_CONFIGS)}, all, none")
+        taus = [float(t) for t in args.taus.split(",") if t]
+        if any(not 1 <= t <= 64 for t in taus):
+            raise ValueError(f"--taus must be numbers in [1, 64], got {args.taus!r}")
+        if args.noise_prompts < 0:
+            raise ValueError(f"--noise-prompts must be >= 0, got {args.noise_prompts}")
     except ValueError as e:
         print(f"bench e2e: {e}", file=sys.stderr)
         return 2
+    if not prompts and not scale:
+        print("bench e2e: nothing to run (--suite none and --scale none)", file=sys.stderr)
+        return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    import triton
-    import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -229,32 +364,62 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench e2e: needs a CUDA GPU (--device cuda); use --device cpu for a smoke run", file=sys.stderr)
         return 2
-    dev_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    env = (f"{dev_name}, torch {torch.__version__}, triton {triton.__version__}, transformers "
-           f"{transformers.__version__}, {time.strftime('%Y-%m-%d')}")
+    missing = engine_api_missing()
+    if missing:
+        print(f"bench e2e: {missing}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out_dir, exist_ok=True)
+    env = environment(argv)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    log(env)
-    rows = []
-    for name in args.models.split(","):
+    log(" | ".join(f"{k} {v}" for k, v in env.items()))
+    from coral_fast.models import load_target, parse_dtype
+
+    status = 0
+    suite = dict(env=env, parts=[])
+    write_suite = lambda: report.write_suite(suite, args.out_dir, plot=False)  # noqa: E731
+    for name in args.models.split(",") if prompts else []:
         try:
-            rows += bench_model(name, args, log, prompts)
-        except Exception as e:  # keep the other model's numbers
+            t0 = time.perf_counter()
+            model, tokenizer = load_target(name, dtype=parse_dtype(args.dtype), device=args.device)
+            model.requires_grad_(False)
+            draft, label = load_draft(model, name, args.draft)
+            log(f"{name}: loaded in {time.perf_counter() - t0:.1f} s; draft {label}; {len(prompts)} prompts")
+            suite["parts"].append(None)
+            def done(part):  # noqa: E306
+                suite["parts"][-1] = part
+                write_suite()
+            part = run_suite(model, tokenizer, draft, prompts, args, log, name=name, draft_label=label,
+                             on_task_done=done)
+            done(part)
+            for line in fp32_disagreements(part):
+                log(f"bench e2e: FAIL {line}")
+                status = 1
+            del model, draft
+        except Exception as e:  # keep the other parts' numbers
             import traceback
 
             traceback.print_exc()
-            log(f"bench e2e: {name} failed: {e}")
-    if not rows:
-        return 1
-    table = markdown(rows, args, env)
-    print(table)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0
+            log(f"bench e2e: {name} failed: {type(e).__name__}: {e}")
+            status = 1
+        suite["parts"] = [p for p in suite["parts"] if p is not None]
+    if suite["parts"]:
+        paths = report.write_suite(suite, args.out_dir, plot=True)
+        log(open(paths["md"]).read())
+        for part in suite["parts"]:  # the measured tau joins the projected speed-ups
+            overall = part["tasks"][-1]
+            taus.append(round(overall["tau"], 2))
+    if scale:
+        from coral_fast.benchmarks.scale import run_scale
+
+        try:
+            run_scale(scale, args, env, taus, log)
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            log(f"bench e2e: scale failed: {type(e).__name__}: {e}")
+            status = 1
+    return status
 
 
 if __name__ == "__main__":
