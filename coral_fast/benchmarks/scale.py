@@ -139,9 +139,9 @@ def kernel_kind(name: str) -> str:
 
 
 def _label(step: str, kind: str) -> str:
-    """The issue's buckets: draft steps (the group that runs the head) -> draft layer / head / tree building;
-    the target's forward -> target layers (GEMMs) / attention / other / accept+commit+KV writes."""
-    if step == "draft":
+    """The issue's buckets: the draft's steps -> draft layer / head / tree building; the target's (verify,
+    plain) -> target layers (GEMMs) / attention / norms etc. / accept+commit+KV writes."""
+    if step == "draft":  # the draft's steps: tree levels (and the catch-up extension)
         return {"head": "draft: head (grouped top-k)", "select": "draft: tree building",
                 "move": "draft: tree building"}.get(kind, "draft: draft layer")
     if step == "target":
@@ -151,74 +151,70 @@ def _label(step: str, kind: str) -> str:
     return "accept/commit (other steps)"
 
 
+STEP_TAG = "coral_step:"
+
+
 def _parse_trace(path: str):
-    """Kernels of a chrome trace with the engine function that launched each: [(name, dur_us, launcher)],
-    launcher = (innermost coral_fast function outside the benchmarks, ordinal of the launch in that call)."""
+    """Kernels of a chrome trace with the engine step that launched each: [(name, dur_us, step)], step = the
+    name passed to `Engine.run` (a `coral_step:<name>` range around it, see profile_round), "" if none."""
     with open(path) as f:
         events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
     kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
-    python = [e for e in events if e.get("cat") == "python_function" and "coral_fast" in e.get("name", "")
-              and "benchmarks" not in e.get("name", "")]
-    launch_of = {}
-    counters: dict[int, int] = {}
-    for rt in sorted(runtime, key=lambda e: e["ts"]):
+    steps = [e for e in events if e.get("name", "").startswith(STEP_TAG)]
+    step_of = {}
+    for rt in runtime:
         corr = rt.get("args", {}).get("correlation")
-        if corr is None:
-            continue
-        enclosing = [p for p in python if p.get("tid") == rt.get("tid") and p["ts"] <= rt["ts"]
-                     and p["ts"] + p["dur"] >= rt["ts"] + rt["dur"]]
-        if any("prefill" in p["name"] for p in enclosing):
-            launch_of[corr] = ("prefill", "")
-        elif enclosing:
-            inner = min(enclosing, key=lambda p: p["dur"])
-            func = inner["name"].split(": ")[-1]
-            key = id(inner)
-            ordinal = counters[key] = counters.get(key, -1) + 1
-            launch_of[corr] = (func, ordinal if "Graph" in rt["name"] else "eager")
-        else:
-            launch_of[corr] = ("(no engine frame)", "")
-    return [(k["name"], k["dur"], launch_of.get(k.get("args", {}).get("correlation"), ("(unmatched)", "")))
-            for k in kernels]
+        enclosing = [s for s in steps if s.get("tid") == rt.get("tid") and s["ts"] <= rt["ts"]
+                     and s["ts"] + s["dur"] >= rt["ts"] + rt["dur"]]
+        if corr is not None and enclosing:
+            step_of[corr] = min(enclosing, key=lambda s: s["dur"])["name"][len(STEP_TAG):]
+    return [(k["name"], k["dur"], step_of.get(k.get("args", {}).get("correlation"), "")) for k in kernels]
 
 
 def profile_round(gen, ids, new_tokens: int, log) -> dict:
     """torch.profiler over a few rounds (always speculative): kernel time per round by engine step and kind."""
     from torch.profiler import ProfilerActivity, profile
 
+    from coral_fast.benchmarks.e2e import synchronize
+
+    device = ids.device
     gen.generate(ids, new_tokens, ignore_eos=True)
-    torch.cuda.synchronize()
+    synchronize(device)
     t = time.perf_counter()
     r = gen.generate(ids, new_tokens, ignore_eos=True)
-    torch.cuda.synchronize()
+    synchronize(device)
     wall_round_us = 1e6 * (time.perf_counter() - t - r.prefill_time_s) / max(1, r.rounds)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
-        r = gen.generate(ids, new_tokens, ignore_eos=True)
-        torch.cuda.synchronize()
+    engine = gen.engine
+    run = engine.run
+
+    def tagged_run(name, *a, **kw):  # the step's name on the CPU side, inherited by the kernels it launches
+        with torch.profiler.record_function(STEP_TAG + name):
+            return run(name, *a, **kw)
+
+    engine.run = tagged_run
+    try:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            r = gen.generate(ids, new_tokens, ignore_eos=True)
+            synchronize(device)
+    finally:
+        del engine.run  # back to the class's method
     rounds = max(1, r.rounds)
     with tempfile.TemporaryDirectory() as tmp:
         trace = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(trace)
-        kernels = _parse_trace(trace)
-    # drop the prefill's kernels: they belong to the request, not to a round
-    kernels = [k for k in kernels if k[2][0] != "prefill"]
-    by_launcher: dict[tuple, list] = {}
-    for name, dur, launcher in kernels:
-        by_launcher.setdefault(launcher, []).append((name, dur))
-    # which launcher is the draft (runs the head) and which the target forward (most GEMM time)
-    def kind_us(items, kind):  # noqa: E306
-        return sum(d for n, d in items if kernel_kind(n) == kind)
-    draft = max(by_launcher, key=lambda k: kind_us(by_launcher[k], "head"), default=None)
-    target = max((k for k in by_launcher if k != draft), key=lambda k: kind_us(by_launcher[k], "gemm"), default=None)
+        kernels = [k for k in _parse_trace(trace) if k[2] != "prefill"]  # the request's, not a round's
     buckets: dict[str, float] = {}
-    steps = []
-    for launcher, items in by_launcher.items():
-        step = "draft" if launcher == draft else "target" if launcher == target else "other"
-        steps.append(dict(launcher=f"{launcher[0]}#{launcher[1]}", step=step, kernels=len(items) / rounds,
-                          us=sum(d for _, d in items) / rounds))
-        for name, dur in items:
-            label = _label(step, kernel_kind(name))
-            buckets[label] = buckets.get(label, 0.0) + dur / rounds
+    per_step: dict[str, list] = {}
+    for name, dur, step in kernels:
+        group = "draft" if step in ("draft", "extend") else "target" if step in ("verify", "plain") else "other"
+        label = _label(group, kernel_kind(name))
+        buckets[label] = buckets.get(label, 0.0) + dur / rounds
+        per_step.setdefault(step or "(no step)", [0, 0.0])
+        per_step[step or "(no step)"][0] += 1 / rounds
+        per_step[step or "(no step)"][1] += dur / rounds
+    steps = [dict(step=k, kernels=v[0], us=v[1]) for k, v in per_step.items()]
     kernel_us = sum(buckets.values())
     rows = [dict(part=k, us=v, share=v / wall_round_us) for k, v in sorted(buckets.items(), key=lambda kv: -kv[1])]
     rows.append(dict(part="gaps (wall - kernel sum)", us=wall_round_us - kernel_us,
@@ -242,16 +238,16 @@ def measure_config(name, config, args, bandwidth, log, profile: bool = False) ->
     device = torch.device(args.device)
     t0 = time.perf_counter()
     model = build_model(config, device)
-    synchronize_s = time.perf_counter() - t0
+    build_s = time.perf_counter() - t0
     V = model.config.vocab_size
     ids = torch.randint(0, V, (64,), generator=torch.Generator().manual_seed(0)).to(device)
     N = args.scale_tokens
     w_bytes = weight_bytes(model)
     depth = args.tree[0]
     row = dict(config=name, params_b=sum(p.numel() for p in model.parameters()) / 1e9, weight_gb=w_bytes / 1e9,
-               build_s=synchronize_s, mode=args.scale_mode, tree=",".join(map(str, args.tree)), new_tokens=N,
+               build_s=build_s, mode=args.scale_mode, tree=",".join(map(str, args.tree)), new_tokens=N,
                copy_tb_s=bandwidth / 1e12, plain_floor_ms=1e3 * w_bytes / bandwidth)
-    log(f"{name}: {row['params_b']:.2f} B params, {row['weight_gb']:.2f} GB a step, built in {synchronize_s:.1f} s")
+    log(f"{name}: {row['params_b']:.2f} B params, {row['weight_gb']:.2f} GB a step, built in {build_s:.1f} s")
     profile_result = None
     for head in ("grouped", "dense"):
         torch.manual_seed(0)
@@ -274,7 +270,7 @@ def measure_config(name, config, args, bandwidth, log, profile: bool = False) ->
             row["plain_ms"] = 1e3 * (p_wall - p.prefill_time_s) / steps
             row["engine_plain_ms"] = 1e3 * gen.plain_step_time_s
             row["ttft_ms"] = 1e3 * p.prefill_time_s
-            if profile and device.type == "cuda":
+            if profile:
                 profile_result = profile_round(gen, ids, min(N, 24), log)
         log(f"  {head} head: warm-up {warm:.1f} s, draft {row[f'{head}_draft_ms']:.3f} ms (floor "
             f"{row[f'{head}_draft_floor_ms']:.3f}), round {row[f'{head}_round_ms']:.3f} ms"
@@ -331,9 +327,9 @@ def scale_markdown(result: dict) -> str:
                   f"Wall {prof['wall_round_us']:.0f} us a round (unprofiled run), kernels {prof['kernel_us']:.0f} us.", "",
                   "| part | us / round | share of wall |", "|---|---|---|"]
         lines += [f"| {r['part']} | {r['us']:.0f} | {100 * r['share']:.1f}% |" for r in prof["rows"]]
-        lines += ["", "By the engine function that launched the kernels (#n: n-th graph launch in that call):", "",
-                  "| launcher | step | kernels / round | us / round |", "|---|---|---|---|"]
-        lines += [f"| {s['launcher']} | {s['step']} | {s['kernels']:.0f} | {s['us']:.0f} |" for s in prof["steps"]]
+        lines += ["", "By engine step (`Engine.run` name; extend = the draft catching up):", "",
+                  "| step | kernels / round | us / round |", "|---|---|---|"]
+        lines += [f"| {s['step']} | {s['kernels']:.0f} | {s['us']:.0f} |" for s in prof["steps"]]
         lines += ["", "| top kernels | kind | us / round | count / round |", "|---|---|---|---|"]
         lines += [f"| `{t['kernel']}` | {t['kind']} | {t['us']:.0f} | {t['count']:.1f} |" for t in prof["top"]]
         lines.append("")
