@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue exactly from the newest complete checkpoint in --out (last/, else last.tmp/ or last.prev/)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--retrofit-router", action="store_true", help="freeze --draft and train only a router for its grouped head (coral_fast/training/retrofit.py)")
+    parser.add_argument("--draft", default=None, help="with --retrofit-router: the draft folder (coral-fast or EAGLE-1/2/HASS)")
     add_train_arguments(parser)
     return parser
 
@@ -145,6 +147,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = TrainConfig.from_dict({f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     init = check_arguments(parser, args)
+    if args.retrofit_router:
+        from coral_fast.training.retrofit import main_retrofit
+
+        return main_retrofit(parser, args)
 
     from coral_fast.models import load_target
     from coral_fast.training.data import load_shards
