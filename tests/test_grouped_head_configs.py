@@ -187,8 +187,13 @@ def test_pdl_only_where_supported(monkeypatch):
         cuda = torch.device("cuda")
         want = kernel.HAS_PDL and torch.version.hip is None and torch.cuda.get_device_capability()[0] >= 9
         assert kernel._use_pdl(cfg, cuda) == want
-        monkeypatch.setenv("CORAL_FAST_HEAD_PDL", "0")
-        assert not kernel._use_pdl(cfg, cuda)
+        monkeypatch.setenv("CORAL_FAST_HEAD_PDL", "0")  # read once per device: clear the cache around it
+        kernel._pdl_supported.cache_clear()
+        try:
+            assert not kernel._use_pdl(cfg, cuda)
+        finally:
+            monkeypatch.delenv("CORAL_FAST_HEAD_PDL")
+            kernel._pdl_supported.cache_clear()
 
 
 if kernel.triton is not None:

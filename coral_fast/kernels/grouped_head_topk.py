@@ -539,19 +539,19 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _merge_chunks(n_tiles: int, k_pow2: int) -> tuple[int, int, int]:
+def _merge_chunks(n_tiles: int, k_pow2: int, merge_block_p: int = MERGE_BLOCK_P) -> tuple[int, int, int]:
     """The merge's phase-A chunking of a row's n_tiles partials: (BLOCK_P, NP_MAIN, TAIL_P): chunks of
     BLOCK_P over [0, NP_MAIN) (the last may be padded), then one chunk of TAIL_P (0: none). A bitonic
     top-k costs about its length, so 152 tiles go as 128 + 32 rather than one padded 256; a tail of
     more than a quarter chunk is cheaper padded into one chunk."""
-    block = max(k_pow2, min(MERGE_BLOCK_P, 1 << (max(1, n_tiles).bit_length() - 1)))
+    block = max(k_pow2, min(merge_block_p, 1 << (max(1, n_tiles).bit_length() - 1)))
     n_main, rem = divmod(n_tiles, block)
     if n_main == 0:
         return block, block, 0
     if rem == 0:
         return block, n_main * block, 0
     tail = max(k_pow2, _next_pow2(rem))
-    if n_main == 1 and tail > block // 4 and _next_pow2(n_tiles) <= MERGE_BLOCK_P:
+    if n_main == 1 and tail > block // 4 and _next_pow2(n_tiles) <= merge_block_p:
         return _next_pow2(n_tiles), _next_pow2(n_tiles), 0
     if tail >= block:
         return block, (n_main + 1) * block, 0
@@ -616,9 +616,82 @@ def _pdl_supported(device: torch.device) -> bool:
     return cuda_properties(device).major >= 9
 
 
+def _use_topk(device: torch.device) -> bool:
+    """The merge's bitonic tl.topk: on CUDA where triton has it; in the interpreter only when a test
+    sets INTERPRETER_TOPK (read per call, so that tests can switch it)."""
+    return HAS_TOPK and (device.type == "cuda" or INTERPRETER_TOPK)
+
+
 def _use_pdl(cfg: KernelConfig, device: torch.device) -> bool:
     """Programmatic dependent launch for the merge: asked for by the config and supported here."""
     return cfg.pdl and _pdl_supported(device)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a call derives from its static shapes, computed once per shape (the host time of an
+    eager call is the point: see docs/head.md)."""
+
+    cfg: KernelConfig
+    block_k: int
+    n_tiles: int  # A * NT, the partials a row
+    KT: int
+    num_partials: int  # M * A * NT
+    grid: tuple
+    pdl: bool
+    gather: bool
+    partials_meta: dict  # the partials kernel's scalar and constexpr arguments past the pointers
+    merge_meta: dict  # the merge kernel's
+
+
+@functools.lru_cache(maxsize=1024)
+def _merge_meta(n_tiles: int, KT: int, k: int, V: int, A: int, G: int, pdl: bool, ids_in_keys: bool,
+                check_groups: bool, use_topk: bool, merge_block_p: int) -> dict:
+    K_POW2, KT_POW2 = max(16, _next_pow2(k)), max(16, _next_pow2(KT))
+    # tl.topk needs k <= the vector's length; one warp (shuffles only) while the largest vector is at
+    # most 16 int64 keys a lane (4 warps were slower at M=1), else 4 warps
+    block_p, np_main, tail_p = _merge_chunks(n_tiles, K_POW2, merge_block_p)
+    fold_rows, fold_cols = _fold_shape(k, K_POW2, KT_POW2)
+    merge_warps = 1 if max(block_p, tail_p, fold_rows * fold_cols if fold_rows else K_POW2 * KT_POW2) <= 512 else 4
+    # the merge alone is launched as a programmatic dependent (the attribute sits on the dependent
+    # launch): the partials kernel is launched plainly, so it never starts before its own producer
+    return dict(
+        NP=n_tiles, NP_MAIN=np_main, KT=KT, K=k, V=V, A=A, G=G,
+        K_POW2=K_POW2, KT_POW2=KT_POW2, BLOCK_P=block_p, TAIL_P=tail_p,
+        ONE_CHUNK=np_main == block_p and tail_p == 0,
+        USE_TOPK=use_topk, PDL=pdl,
+        FOLD_ROWS=fold_rows, FOLD_COLS=fold_cols, IDS_IN_KEYS=ids_in_keys,
+        CHECK_GROUPS=check_groups, A_POW2=max(2, _next_pow2(A)),
+        num_warps=merge_warps, **({"launch_pdl": True} if pdl else {}),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(M: int, H: int, V: int, A: int, G: int, k: int, max_group_size: int, device: torch.device,
+          config: KernelConfig | None, use_topk: bool, merge_block_p: int) -> _Plan:
+    cfg = config or default_config(M, H, k)
+    block_k = min(cfg.block_k, max(16, _next_pow2(H)))
+    NT = -(-max_group_size // cfg.block_v)
+    NMB = -(-M // cfg.block_m)
+    KT = min(k, cfg.block_v)
+    pdl = _use_pdl(cfg, device)
+    MA = M * A
+    G_POW2 = max(16, _next_pow2(G))
+    gather = cfg.gather and M <= GATHER_MAX_M
+    # at most min(G, M*A) groups are active: known on the host, so the grid needs no sync
+    max_items = min(G, MA) * NT * NMB
+    grid = (min(max_items, _num_programs_cap(device, cfg.programs_per_sm)),)
+    partials_meta = dict(
+        M=M, H=H, A=A, G=G, NT=NT, NMB=NMB, KT=KT,
+        BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=block_k,
+        A_POW2=_next_pow2(A), G_POW2=G_POW2, BLOCK_P=min(max(16, _next_pow2(MA)), max(16, 8192 // G_POW2)),
+        GATHER=gather, M_POW2=max(16, _next_pow2(M)),
+        EVEN_K=(H % block_k == 0), DOT_FP32=dot_needs_fp32(device),
+        PDL=pdl, ONE_ROW=(M == 1), ONE_BLOCK=(NMB == 1 and not gather), IDS_IN_KEYS=cfg.ids_in_keys,
+        KEPT_SLOTS=_kept_slots(KT), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    merge_meta = _merge_meta(A * NT, KT, k, V, A, G, pdl, cfg.ids_in_keys, True, use_topk, merge_block_p)
+    return _Plan(cfg, block_k, A * NT, KT, M * A * NT, grid, pdl, gather, partials_meta, merge_meta)
 
 
 def grouped_head_topk_triton(
@@ -639,66 +712,43 @@ def grouped_head_topk_triton(
     if k > MAX_K:
         raise ValueError(f"the Triton grouped head supports k <= {MAX_K}, got k={k}")
     M, H = hidden.shape
-    V = weight.shape[0]
     A = groups.shape[1]
-    G = offsets.numel() - 1
-    cfg = config or default_config(M, H, k)
-    block_k = min(cfg.block_k, max(16, _next_pow2(H)))
-    NT = -(-max_group_size // cfg.block_v)
-    NMB = -(-M // cfg.block_m)
-    KT = min(k, cfg.block_v)
     device = hidden.device
-    pdl = _use_pdl(cfg, device)
-    # one workspace (fewer allocator calls on the hot path): packed int64 candidate keys, tile max,
-    # tile sum
-    NP, NC = M * A * NT, M * A * NT * KT
-    work = torch.empty(2 * NC + 2 * NP, device=device, dtype=torch.float32)
-    part_key = work[: 2 * NC].view(torch.int64)
-    part_max = work[2 * NC : 2 * NC + NP]
-    part_sum = work[2 * NC + NP :]
+    plan = _plan(M, H, weight.shape[0], A, offsets.numel() - 1, k, max_group_size, device, config,
+                 _use_topk(device), MERGE_BLOCK_P)
+    cfg = plan.cfg
+    # workspace: packed int64 candidate keys; tile max and tile sum side by side
+    NP = plan.num_partials
+    part_key = torch.empty(NP * plan.KT, device=device, dtype=torch.int64)
+    stats = torch.empty(2 * NP, device=device, dtype=torch.float32)
+    part_sum = stats[NP:]
     if out is None:
         ids = torch.empty((M, k), device=device, dtype=torch.int64)
         logprobs = torch.empty((M, k), device=device, dtype=torch.float32)
     else:
         ids, logprobs = out
-
-    MA = M * A
-    G_POW2 = max(16, _next_pow2(G))
-    gather = cfg.gather and M <= GATHER_MAX_M
-    # at most min(G, M*A) groups are active: known on the host, so the grid needs no sync
-    max_items = min(G, MA) * NT * NMB
-    grid = (min(max_items, _num_programs_cap(device, cfg.programs_per_sm)),)
     h_desc = w_desc = None
-    if _tma_ok(cfg, gather, hidden, weight):
-        h_desc = TensorDescriptor.from_tensor(hidden, [cfg.block_m, block_k])
-        w_desc = _weight_descriptor(weight, [cfg.block_v, block_k], desc_cache)
-    _grouped_head_partials_kernel[grid](
-        hidden, weight, groups, offsets, order,
-        part_key, part_max, part_sum,
-        M, H, A, G, NT, NMB, KT,
-        hidden.stride(0), weight.stride(0), groups.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=block_k,
-        A_POW2=_next_pow2(A), G_POW2=G_POW2, BLOCK_P=min(max(16, _next_pow2(MA)), max(16, 8192 // G_POW2)),
-        GATHER=gather, M_POW2=max(16, _next_pow2(M)),
-        EVEN_K=(H % block_k == 0), DOT_FP32=dot_needs_fp32(device),
-        PDL=pdl, ONE_ROW=(M == 1), ONE_BLOCK=(NMB == 1 and not gather), IDS_IN_KEYS=cfg.ids_in_keys,
-        KEPT_SLOTS=_kept_slots(KT), h_desc=h_desc, w_desc=w_desc, TMA=h_desc is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    if _tma_ok(cfg, plan.gather, hidden, weight):
+        h_desc = TensorDescriptor.from_tensor(hidden, [cfg.block_m, plan.block_k])
+        w_desc = _weight_descriptor(weight, [cfg.block_v, plan.block_k], desc_cache)
+    _grouped_head_partials_kernel[plan.grid](
+        hidden, weight, groups, offsets, order, part_key, stats, part_sum,
+        stride_hm=hidden.stride(0), stride_wv=weight.stride(0), stride_gm=groups.stride(0),
+        h_desc=h_desc, w_desc=w_desc, TMA=h_desc is not None, **plan.partials_meta,
     )
-    if not _merge:
-        return ids, logprobs
-    merge_tile_partials(part_key, part_max, part_sum, order, ids, logprobs, A * NT, KT, V, pdl, cfg.ids_in_keys,
-                        groups=groups, offsets=offsets, _checked=True)
+    if _merge:
+        _merge_topk_kernel[(M,)](part_key, stats, part_sum, order, ids, logprobs, groups, offsets,
+                                 stride_gm=groups.stride(0), **plan.merge_meta)
     return ids, logprobs
 
 
 def merge_tile_partials(
     part_key: Tensor, part_max: Tensor, part_sum: Tensor, order: Tensor, ids: Tensor, logprobs: Tensor,
     n_tiles: int, KT: int, V: int, pdl: bool = False, ids_in_keys: bool = False,
-    groups: Tensor | None = None, offsets: Tensor | None = None, _checked: bool = False,
+    groups: Tensor | None = None, offsets: Tensor | None = None,
 ) -> None:
-    """Launch the merge (the second kernel) on tile partials, one program per row; also what the tests
-    call on hand-made partials.
+    """Launch the merge (the second kernel) on tile partials, one program per row (what the tests call
+    on hand-made partials; grouped_head_topk_triton launches it from its plan).
 
     part_key: [M * n_tiles * KT] int64, each tile's top-KT packed keys in descending order; part_max,
     part_sum: [M * n_tiles] fp32, each tile's max and sum of exp(logit - max); order: [V] int64 (read
@@ -707,33 +757,18 @@ def merge_tile_partials(
     (invalid rows: module docstring); without them only the log-sum-exp is checked.
     """
     M, k = ids.shape
-    device = ids.device
-    if not _checked:
-        for name, t in (("part_key", part_key), ("part_max", part_max), ("part_sum", part_sum), ("ids", ids),
-                        ("logprobs", logprobs)):
-            if not t.is_contiguous():  # the kernel indexes flat memory: a strided view would be misread
-                raise ValueError(f"merge_tile_partials: {name} must be contiguous")
-    K_POW2, KT_POW2 = max(16, _next_pow2(k)), max(16, _next_pow2(KT))
-    # tl.topk needs k <= the vector's length; one warp (shuffles only) while the largest vector is at
-    # most 16 int64 keys a lane (4 warps were slower at M=1), else 4 warps
-    block_p, np_main, tail_p = _merge_chunks(n_tiles, K_POW2)
-    fold_rows, fold_cols = _fold_shape(k, K_POW2, KT_POW2)
-    merge_warps = 1 if max(block_p, tail_p, fold_rows * fold_cols if fold_rows else K_POW2 * KT_POW2) <= 512 else 4
+    for name, t in (("part_key", part_key), ("part_max", part_max), ("part_sum", part_sum), ("ids", ids),
+                    ("logprobs", logprobs)):
+        if not t.is_contiguous():  # the kernel indexes flat memory: a strided view would be misread
+            raise ValueError(f"merge_tile_partials: {name} must be contiguous")
     check_groups = groups is not None
-    A = groups.shape[1] if check_groups else 1
-    # the merge alone is launched as a programmatic dependent (the attribute sits on the dependent
-    # launch): the partials kernel is launched plainly, so it never starts before its own producer
+    meta = _merge_meta(n_tiles, KT, k, V, groups.shape[1] if check_groups else 1,
+                       offsets.numel() - 1 if check_groups else 0, pdl, ids_in_keys, check_groups,
+                       _use_topk(ids.device), MERGE_BLOCK_P)
     _merge_topk_kernel[(M,)](
-        part_key, part_max, part_sum, order,
-        ids, logprobs, groups if check_groups else ids, offsets if check_groups else ids,
-        n_tiles, np_main, KT, k, V, A, offsets.numel() - 1 if check_groups else 0,
-        groups.stride(0) if check_groups else 0,
-        K_POW2=K_POW2, KT_POW2=KT_POW2, BLOCK_P=block_p, TAIL_P=tail_p,
-        ONE_CHUNK=np_main == block_p and tail_p == 0,
-        USE_TOPK=HAS_TOPK and (device.type == "cuda" or INTERPRETER_TOPK), PDL=pdl,
-        FOLD_ROWS=fold_rows, FOLD_COLS=fold_cols, IDS_IN_KEYS=ids_in_keys,
-        CHECK_GROUPS=check_groups, A_POW2=max(2, _next_pow2(A)),
-        num_warps=merge_warps, **({"launch_pdl": True} if pdl else {}),
+        part_key, part_max, part_sum, order, ids, logprobs,
+        groups if check_groups else ids, offsets if check_groups else ids,
+        stride_gm=groups.stride(0) if check_groups else 0, **meta,
     )
 
 
