@@ -3,6 +3,7 @@
     coral-fast bench head|attention|e2e [...]
     coral-fast generate --model smollm2 --prompt TEXT [...]
     coral-fast train --model smollm2 --data DIR --out DIR [...]
+    coral-fast export --format eagle DRAFT_DIR OUT_DIR [...]
 """
 import sys
 from importlib import import_module
@@ -15,6 +16,7 @@ COMMANDS = {
     ("generate",): "coral_fast.generate_cli",
     ("train",): "coral_fast.training.cli",
     ("data",): "coral_fast.training.data",
+    ("export",): "coral_fast.export_cli",
 }
 
 USAGE = """usage: coral-fast <command> [options]
@@ -26,6 +28,7 @@ commands:
   generate          speculative generation on a target model
   train             CORAL draft training (multi-step, CSRA, router)
   data              self-distillation data from a target model
+  export            a draft in EAGLE's checkpoint format (SGLang, vLLM, EAGLE)
 
 `coral-fast <command> --help` shows the options of each."""
 

@@ -316,3 +316,27 @@ def test_loop_with_imported_eagle3_draft_is_greedy_exact(tmp_path, seed, one_thr
     gen = SpeculativeGenerator(target, draft, TreeConfig(depth=3, topk=3, total_tokens=8))
     prompt = torch.randint(0, 97, (7,))
     assert gen.generate(prompt, 20).token_ids == plain_greedy(target, prompt, 20)
+
+
+# --- coral-fast export -----------------------------------------------------------------------------
+def test_export_command(tmp_path, capsys, seed):
+    from coral_fast.cli import main
+
+    target = tiny_llama()
+    draft = DraftModel.random_init(target, input_norm=False, num_groups=4, active_groups=2)
+    draft.save_pretrained(tmp_path / "ours")
+    assert main(["export", "--format", "eagle", str(tmp_path / "ours"), str(tmp_path / "e")]) == 0
+    assert "router and contiguous grouping dropped" in capsys.readouterr().err
+    back = DraftModel.from_pretrained(tmp_path / "e", target)
+    f, ids, pos = inputs(target)
+    torch.testing.assert_close(back(f, ids, pos), draft(f, ids, pos), rtol=1e-6, atol=1e-6)
+    DraftModel.random_init(target).save_pretrained(tmp_path / "normed")
+    for argv, message in [([str(tmp_path / "normed"), str(tmp_path / "x")], "input norm"),
+                          ([str(tmp_path / "e"), str(tmp_path / "x")], "already an EAGLE draft"),
+                          ([str(tmp_path / "none"), str(tmp_path / "x")], "is not a folder"),
+                          ([str(tmp_path / "ours"), str(tmp_path / "x"), "--with-embedding"], "needs --model")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["export", "--format", "eagle", *argv])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()
