@@ -141,3 +141,32 @@ def test_dense_grouping_topk_is_full_vocabulary(seed):
     ref = F.log_softmax(target.lm_head(h), -1).topk(6)
     assert torch.equal(ids, ref.indices)
     torch.testing.assert_close(lp, ref.values)
+
+
+def test_broken_draft_folders_name_the_file(tmp_path):
+    target = tiny_llama()
+    DraftModel.random_init(target).save_pretrained(tmp_path / "d")
+    weights = tmp_path / "d" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors is truncated or corrupt"):
+        DraftModel.from_pretrained(tmp_path / "d", target)
+    weights.unlink()
+    with pytest.raises(ValueError, match=r"model.safetensors not found"):
+        DraftModel.from_pretrained(tmp_path / "d", target)
+    (tmp_path / "d" / "config.json").write_text('{"architecture": "coral_fast.DraftModel", ')
+    with pytest.raises(ValueError, match=r"config.json is not readable JSON"):
+        DraftModel.from_pretrained(tmp_path / "d", target)
+    (tmp_path / "d" / "config.json").write_text('{"architecture": "coral_fast.DraftModel", "hidden_size": 48}')
+    with pytest.raises(ValueError, match=r"config.json: .*missing"):
+        DraftModel.from_pretrained(tmp_path / "d", target)
+
+
+def test_shipped_configs_build_todays_architecture():
+    import importlib.resources
+
+    for name in ("smollm2", "gemma3-270m"):
+        raw = json.loads((importlib.resources.files("coral_fast") / "drafts" / name / "config.json").read_text())
+        cfg = DraftConfig.from_dict(raw)
+        assert (cfg.input_norm, cfg.fc_input_order, cfg.fc_bias, cfg.qkv_bias, cfg.rope_scaling) == (
+            True, "feature_first", False, False, None)
