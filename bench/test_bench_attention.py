@@ -47,6 +47,15 @@ def test_tree_attention(benchmark, shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_T{}_L{}".format(*s))
+def test_tree_attention_default_checks(benchmark, shape):
+    """The public call as eager code makes it (check=True, a bool mask): issue 16's eager cost."""
+    from coral_fast import tree_attention
+
+    tree, q, k, v, full_mask = _inputs(*shape)
+    _run(benchmark, lambda: tree_attention(q, k, v, tree.mask))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_T{}_L{}".format(*s))
 def test_sdpa_tree_mask(benchmark, shape):
     tree, q, k, v, full_mask = _inputs(*shape)
     _run(benchmark, lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=full_mask, enable_gqa=True))

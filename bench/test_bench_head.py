@@ -55,6 +55,13 @@ def test_grouped_head(benchmark, shape, M, routing):
 
 
 @pytest.mark.parametrize("shape,M,routing", PARAMS, ids=IDS)
+def test_grouped_head_default_checks(benchmark, shape, M, routing):
+    """The public call as eager code makes it (check=True): issue 16's eager cost."""
+    weight, head, hidden, groups = _setup(shape, M, routing)
+    _run(benchmark, lambda: head.topk(hidden, groups, TOP_K))
+
+
+@pytest.mark.parametrize("shape,M,routing", PARAMS, ids=IDS)
 def test_dense_cublas_topk(benchmark, shape, M, routing):
     weight, head, hidden, groups = _setup(shape, M, routing)
     _run(benchmark, lambda: torch.topk(hidden @ weight.T, TOP_K, dim=-1))

@@ -11,6 +11,13 @@ Timing: each function is captured in a CUDA graph that calls it once on each of 
 (more bytes than twice the L2 cache, so every call reads its K/V from HBM), the graph is replayed
 `--reps` times and the median per-call time is reported (no launch overhead, cold L2). Results are
 checked against each other in the same run (relative error vs sdpa_mask).
+
+Eager columns: what a caller of `tree_attention` in plain PyTorch code waits for, one call with the
+default checks (check=True) from an idle device until its result is on the device (wall time, the
+next input set each call): given the DraftTree, and given a new bool mask tensor each call (checked
+and packed every time: the worst case). Target (issue 16): eager <= 1.3 x graph + 30 us.
+`--quick`: Llama-3-8B heads at B=1, T=64, L=8192 (the issue's case) and B=8, no FlexAttention:
+    coral-fast bench attention --quick
 """
 from __future__ import annotations
 
@@ -185,6 +192,19 @@ def bench_row(label, heads, batch, num_queries, prefix_len, args, flex_runner, l
     ref = sdpa_mask(0)
     row["err_ours"] = rel_err(ours(0), ref)
     row["ours_us"], row["ours_how"] = time_cold(ours, num_sets, args.reps)
+    from coral_fast.benchmarks.head import eager_call_us
+
+    turn = {"i": 0}
+
+    def eager(mask_of):
+        def call():
+            turn["i"] = (turn["i"] + 1) % num_sets
+            q, k, v = sets[turn["i"]]
+            return tree_attention(q, k, v, mask_of())
+        return call
+
+    row["eager_tree_us"], row["eager_tree_host_us"] = eager_call_us(eager(lambda: tree))
+    row["eager_mask_us"], _ = eager_call_us(eager(lambda: tree.mask.clone()))
     from coral_fast.kernels import tree_attention as ta_module
 
     compiled = getattr(ta_module, "_LAST_KERNEL", None)
@@ -270,8 +290,13 @@ def format_table(rows: List[Dict], device_name: str) -> str:
         f"Device: {device_name}; torch {torch.__version__}; triton {__import__('triton').__version__}; "
         f"{datetime.date.today().isoformat()}.",
         "",
-        "| heads (q/kv/d) | B | T | L | ours | SDPA + tree mask | SDPA no mask | FlexAttention | KV floor | vs SDPA mask | vs Flex | err ours | ",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Eager: one call with check=True, wall time from an idle device to the result (DraftTree; a new bool "
+        "mask each call, checked and packed); target eager <= 1.3 x graph + 30 us.",
+        "",
+        "| heads (q/kv/d) | B | T | L | ours | ours eager, DraftTree (host part) | eager / (1.3 ours + 30) "
+        "| ours eager, new bool mask | SDPA + tree mask | SDPA no mask | FlexAttention | KV floor | vs SDPA mask "
+        "| vs Flex | err ours | ",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         heads = HEADS[r["model"]]
@@ -279,6 +304,8 @@ def format_table(rows: List[Dict], device_name: str) -> str:
         vs_flex = f"{r['flex_us'] / r['ours_us']:.2f}x" if r.get("flex_us") else "-"
         lines.append(
             f"| {r['model']} {heads[0]}/{heads[1]}/{heads[2]} | {r['B']} | {r['T']} | {r['L']} | {r['ours_us']:.1f} | "
+            f"{r['eager_tree_us']:.1f} ({r['eager_tree_host_us']:.1f}) | "
+            f"{r['eager_tree_us'] / (1.3 * r['ours_us'] + 30):.2f} | {r['eager_mask_us']:.1f} | "
             f"{r['sdpa_mask_us']:.1f} | {r['sdpa_none_us']:.1f} | {flex} | {r['floor_us']:.1f} | "
             f"{r['sdpa_mask_us'] / r['ours_us']:.2f}x | {vs_flex} | {r['err_ours']:.1e} |"
         )
@@ -287,7 +314,8 @@ def format_table(rows: List[Dict], device_name: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="coral-fast bench attention", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="only Llama-3-8B heads at B=1, T=64, L=8192 and B=8, T=64, L=8192")
+    parser.add_argument("--quick", action="store_true", help="only Llama-3-8B heads at B=1, T=64, L=8192 and B=8, "
+                        "T=64, L=8192, without FlexAttention")
     parser.add_argument("--only", default=None, help="comma-separated rows model:B:T:L, e.g. llama3-8b:1:64:8192,smollm2:1:64:512")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compilation takes minutes)")
     parser.add_argument("--flex-budget-s", type=float, default=100.0, help="stop trying FlexAttention after this long")
@@ -312,8 +340,14 @@ def main(argv=None) -> int:
     shapes += [(m, 1, 64, l) for m in ("smollm2", "gemma3-270m") for l in (512, 2048)]
     if args.quick:
         shapes = headline[:2]
+        args.no_flex = True
     if args.only:
-        shapes = [(m, int(b), int(t), int(l)) for m, b, t, l in (item.split(":") for item in args.only.split(","))]
+        shapes = []
+        for item in args.only.split(","):
+            fields = item.split(":")
+            if len(fields) != 4 or fields[0] not in HEADS or not all(f.isdigit() and int(f) > 0 for f in fields[1:]):
+                parser.error(f"--only: {item!r} is not model:B:T:L (model one of {', '.join(HEADS)}, B, T, L >= 1)")
+            shapes.append((fields[0], int(fields[1]), int(fields[2]), int(fields[3])))
     args.sweep_shapes = {(1, 64, 8192), (8, 64, 8192)}
 
     flex_runner = None
@@ -338,6 +372,8 @@ def main(argv=None) -> int:
         flex_text = f"{row['flex_us']:.1f} [{row['flex_note']}]" if row["flex_us"] else row["flex_note"]
         log(
             f"{label} B={batch} T={num_queries} L={prefix_len}: ours {row['ours_us']:.1f} us ({row['ours_how']}), "
+            f"eager {row['eager_tree_us']:.1f} us (host {row['eager_tree_host_us']:.1f}; new bool mask "
+            f"{row['eager_mask_us']:.1f}), "
             f"sdpa_mask {row['sdpa_mask_us']:.1f} ({row['sdpa_mask_how']}), sdpa_none {row['sdpa_none_us']:.1f}, "
             f"flex {flex_text}, floor {row['floor_us']:.1f}, err {row['err_ours']:.1e}"
             + (f", flex err {row['err_flex']:.1e}" if "err_flex" in row else "")

@@ -3,10 +3,15 @@ and against the naive gather, with the bytes floor beside each row.
 
     coral-fast bench head [--out FILE.md] [--shapes llama3,qwen2.5,gemma3] [--cases M:routing,...] [--quick]
     coral-fast bench head --sweep [--out FILE.md] [--shapes ...] [--cases ...]
+    coral-fast bench head --shapes llama3 --cases 1:random --quick     # the eager-vs-graph case, ~20 s
 
 The table checks the kernel against the reference (bf16, same inputs) and times it with CUDA events
 (L2 flushed by a 256 MiB read before every call, median), rotating 8 input sets (hidden rows and group
 choices): one call a CUDA-graph replay, and one graph of 16 back-to-back calls on 16 input sets / 16.
+The eager column is what a caller of `GroupedLMHead.topk` in plain PyTorch code waits for: the wall
+time of one call with the default checks, from an idle device (synchronised, L2 flushed) until its
+result is on the device (synchronised again); its host part (the call's return) beside it. Target
+(issue 16): eager <= 1.3 x graph + 30 us. `--quick`: the table's graph and eager columns only.
 The floor is the bytes of the weight rows that must be read once (the union of the active groups over
 all rows) over the device-to-device copy bandwidth measured in the same run. `--sweep` instead times
 the default config against the candidate configs of SWEEP_PLAN side by side (each checked first).
@@ -57,7 +62,8 @@ class Row:
     M: int
     routing: str
     ours_us: float  # CUDA graph replay
-    ours_eager_us: float
+    ours_eager_us: float  # one eager call, default checks, wall time from idle to result
+    eager_host_us: float | None
     dense_us: float  # CUDA graph replay
     naive_us: float | None
     floor_union_us: float
@@ -116,6 +122,29 @@ def _time_us(fn, flush, reps=60, warmup=3) -> float:
         end.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
+
+
+def eager_call_us(fn, flush=None, reps=30) -> tuple[float, float]:
+    """One eager call from an idle device: (median wall us until its result is on the device, median us
+    until the call returns to the host). `fn()` takes no argument (rotate inputs inside it); `flush`:
+    a buffer read before each call so that its bytes come from HBM."""
+    import time as _time
+
+    fn()
+    torch.cuda.synchronize()
+    walls, hosts = [], []
+    for _ in range(reps):
+        if flush is not None:
+            flush.sum()
+        torch.cuda.synchronize()
+        t0 = _time.perf_counter()
+        fn()
+        t1 = _time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = _time.perf_counter()
+        walls.append((t2 - t0) * 1e6)
+        hosts.append((t1 - t0) * 1e6)
+    return statistics.median(walls), statistics.median(hosts)
 
 
 def _copy_bandwidth(device, flush) -> float:
@@ -178,6 +207,9 @@ def run_gpu(shapes, cases, quick: bool, log=print) -> tuple[list[Row], float]:
             def ours(i):
                 return head.topk(hiddens[i], groups[i], TOP_K, impl="triton", check=False)
 
+            def ours_eager(i):  # what an eager caller runs: the public API, default checks
+                return head.topk(hiddens[i], groups[i], TOP_K)
+
             def dense(i):
                 return torch.topk(hiddens[i] @ weight.T, TOP_K, dim=-1)
 
@@ -186,14 +218,17 @@ def run_gpu(shapes, cases, quick: bool, log=print) -> tuple[list[Row], float]:
 
             ours_graphs = _rotating(_graphs(ours))
             ours_graph_us = bench(ours_graphs)
-            ours_us = bench(_rotating(ours))
-            ours_dobench_us = triton.testing.do_bench(ours_graphs, warmup=10, rep=100, return_mode="median") * 1e3
-            chain_us = _time_chain_us(
-                lambda i: head.topk(inp.chain_h[i], inp.chain_g[i], TOP_K, impl="triton", check=False), NCHAIN, flush)
+            eager_us, eager_host_us = eager_call_us(_rotating(ours_eager), flush)
+            dobench_us = chain_us = naive_us = None
+            if not quick:
+                dobench_us = triton.testing.do_bench(ours_graphs, warmup=10, rep=100, return_mode="median") * 1e3
+                chain_us = _time_chain_us(
+                    lambda i: head.topk(inp.chain_h[i], inp.chain_g[i], TOP_K, impl="triton", check=False), NCHAIN,
+                    flush)
+                naive_us = bench(_rotating(naive), reps=20)
             dense_us = bench(_rotating(_graphs(dense)))
-            naive_us = None if (quick and M > 1) else bench(_rotating(naive), reps=20)
-            row = Row(name, M, routing, ours_graph_us, ours_us, dense_us, naive_us, inp.floor_us, floor_all,
-                      max_err, _cfg_str(cfg), dobench_us=ours_dobench_us, chain_us=chain_us)
+            row = Row(name, M, routing, ours_graph_us, eager_us, eager_host_us, dense_us, naive_us, inp.floor_us,
+                      floor_all, max_err, _cfg_str(cfg), dobench_us=dobench_us, chain_us=chain_us)
             log(format_row(row))
             rows.append(row)
         del weight, head
@@ -287,7 +322,7 @@ def run_cpu(log=print) -> list[Row]:
             ours_us = bench(lambda: head.topk(h, g, TOP_K, impl="reference"))
             dense_us = bench(lambda: torch.topk(h @ weight.T, TOP_K, dim=-1))
             naive_us = bench(lambda: _naive_topk(h, weight, g, TOP_K))
-            row = Row(name, M, routing, ours_us, ours_us, dense_us, naive_us, float("nan"), float("nan"), 0.0,
+            row = Row(name, M, routing, ours_us, ours_us, None, dense_us, naive_us, float("nan"), float("nan"), 0.0,
                       "reference")
             log(format_row(row))
             rows.append(row)
@@ -306,84 +341,40 @@ def _kc(m, v, k, stages, per_sm, warps=4, ids=None, gather=False, tma=True):
 
 
 # Work items of the partials kernel = active groups x ceil(group size / block_v) x ceil(M / block_m),
-# run by min(items, 132 SMs x programs_per_sm) persistent programs. Programs an SM that are resident
-# at once: registers (65536 an SM / (128 threads x regs)) and shared memory (228 KB an SM) both bound
-# it; launched programs beyond that wait for a slot. Registers and shared memory below: triton 3.6 for
-# sm_90 as launched (`scripts/head_regs.py`, kernel of 3898dac). Llama-3 groups: 4008 rows, Qwen2.5:
-# 4752, Gemma-3: 8192; shared routing: 6 active groups, M=1: 4. "default" runs in every case (and
-# "default, pdl off" with `--pdl-off`).
-_M64_SMALL_H = [  # Gemma-3 (H=640), default (kept after the second call) 64x64 k64 s4 p3: 142 regs, 64 KB: 3
-    _kc(64, 64, 128, 3, 2),  # the old default: 5 K steps, 193 regs, 96 KB: 2 resident
-    _kc(64, 64, 64, 5, 2),  # 142 regs, 80 KB: 2 resident, 5 stages of 64
-    _kc(64, 64, 128, 2, 3),  # 193 regs, 64 KB: 2 resident of 3 launched, 2 stages of 128
-    _kc(64, 64, 64, 3, 3),  # 142 regs, 48 KB: 3 resident
-]
-_M16_SMALL_H = [  # Gemma-3, default (third call) 16x128 k128 s3 p3: 168 regs (190 at M=1), 72 KB: 3 (2)
-    _kc(16, 128, 128, 3, 2, warps=8),  # 8 warps: 128 regs, 72 KB: 2 resident (16 warps an SM)
-    _kc(16, 64, 128, 3, 4),  # 146 regs, 40 KB: 3 resident of 4 launched; twice the items
-    _kc(16, 256, 64, 3, 2),  # 192 regs, 68 KB: 2 resident; half the items and tiles to merge
-]
-# second call: 16x128 k128 s2 p4 / s2 p3 / s3 p3 (168 regs: 3 resident) against the old default
-# 16x128 k64 s3 p4 (128 regs, 36 KB: 4 resident); s3 p3 kept
-_M64_GATHERED = [  # M=64: rows that chose the group, compacted into 16/32-row blocks (random routing:
-    # ~8 of 64 rows a group, one block; shared: ~43, three 16-row blocks reading one weight tile from L2).
-    # Seventh session, fourth call: 1.2-2.1x slower than rows in order in every case, random routing too
-    _kc(16, 128, 128, 3, 2, gather=True), _kc(32, 128, 128, 3, 2, gather=True), _kc(32, 64, 128, 3, 2, gather=True),
-]
-_M64_GATHERED_SMALL_H = [_kc(16, 128, 128, 3, 3, gather=True), _kc(32, 128, 64, 3, 3, gather=True),
-                         _kc(32, 64, 64, 4, 3, gather=True)]
-# Llama-3 / Qwen2.5 M <= 16, default 16x128 k128 s3 p2 (190 regs at M=1, 168 at M=16; 72 KB); seventh session,
-# fifth call: none faster (equal at best, Qwen2.5 M=1 +3 to +6 us)
-_M16_DEEPER = [
-    _kc(16, 128, 128, 4, 2),  # a third load in flight a program: 108 KB, 2 resident
-    _kc(16, 128, 64, 5, 2),  # four loads of K 64 in flight: 128 regs, 72 KB (3 resident possible)
-    _kc(16, 128, 64, 3, 2),  # 128 regs, 36 KB: the small-K stream at the same program count
-]
-# Eighth session: 64-row blocks load by TMA (120 registers instead of 193 / 142; shared memory: 16 KB a
-# stage at K 64, 32 KB at K 128), so the program count an SM is bound by shared memory alone, four at
-# K 64 in 3 stages: one round of Llama-3's 378 and Qwen2.5's 450 shared-routing items (528 programs)
-_M64_TMA = [
-    _kc(64, 64, 128, 3, 2, tma=False),  # the default by pointer loads (193 regs, 96 KB: 2): TMA's gain
+# run by min(items, SMs x programs_per_sm) persistent programs; how many are resident at once is bound
+# by registers and shared memory (`coral_fast/benchmarks/head_regs.py` counts them for sm_90). The
+# default runs first in every case ("default, pdl off" too with `--pdl-off`). Results of the sweeps:
+# bench/results/head_sweep_h100.md.
+_M64_TMA = [  # Llama-3 / Qwen2.5 M=64: TMA tiles leave shared memory alone to bound the programs an SM
+    _kc(64, 64, 128, 3, 2, tma=False),  # the default by pointer loads: TMA's gain
     _kc(64, 64, 64, 3, 4),  # 48 KB: 4 resident
     _kc(64, 64, 64, 4, 3),  # 64 KB: 3
     _kc(64, 64, 128, 2, 3),  # 64 KB: 3
     _kc(64, 64, 64, 3, 3),  # 48 KB: 3 launched (4 fit)
 ]
-_M64_TMA_SMALL_H = [
-    _kc(64, 64, 64, 4, 3, tma=False),  # the default by pointer loads (142 regs, 64 KB: 3)
+_M64_TMA_SMALL_H = [  # Gemma-3 (H=640) M=64
+    _kc(64, 64, 64, 4, 3, tma=False),  # pointer loads
     _kc(64, 64, 64, 3, 4),  # 48 KB: 4
-    _kc(64, 64, 64, 2, 4),  # 32 KB: 4 (6 fit by shared memory, 4 by registers)
+    _kc(64, 64, 64, 2, 4),  # 32 KB: 4
     _kc(64, 64, 128, 3, 2),  # 96 KB: 2
     _kc(64, 64, 128, 2, 3),  # 64 KB: 3
 ]
 SWEEP_PLAN = {  # shape -> [(M, routing, [candidate configs])]
     "llama3": [(64, "shared", _M64_TMA), (64, "random", _M64_TMA)],
     "qwen2.5": [(64, "shared", _M64_TMA), (64, "random", _M64_TMA)],
-    "smollm2": [  # the loop's head: the root (M=1) and a frontier of 10 siblings; the default (TMA tiles
-        # at small H since the eighth session) against the same config by pointer loads
+    "smollm2": [  # the loop's head: the root (M=1) and a frontier of 10 siblings; TMA tiles vs pointer loads
         (1, "random", [_kc(16, 128, 128, 3, 3, tma=False)]),
         (10, "shared", [_kc(16, 128, 128, 3, 3, tma=False)]),
     ],
     "gemma3": [(64, "shared", _M64_TMA_SMALL_H), (64, "random", _M64_TMA_SMALL_H)],
 }
-# The seventh session's plan: M <= 16 deeper streams (_M16_DEEPER) at Llama-3 / Qwen2.5 M=1 and M=16
-# shared, gathered row blocks (_M64_GATHERED) at M=64, and at Gemma-3 _M16_SMALL_H at M <= 16,
-# _M64_SMALL_H + _M64_GATHERED_SMALL_H at M=64; SmolLM2 the old 16x128 k64 s3 p4 + _M16_SMALL_H.
-# The seventh session's second call had at Llama-3 / Qwen2.5 M=64 K step 64 at 3 and 2 launched an SM
-# (142 regs, 48 KB: 3 resident); the first call's k64 s3 p4 was 6 us faster at Llama-3 M=64 shared and
-# 15% slower at random routing.
-# The seventh session's first call (bench/results/head_sweep_h100.md, "Seventh session") ran the 16-row
-# candidates 16x64 k128 s3 p4 / s4 p3 (146 regs: 3 resident) and 16x64 k64 s4 p4 (96 regs, 30 KB: 4 of 5)
-# at Llama-3 and Qwen2.5 M=16 (no better than the default: Qwen2.5 M=16 shared +6 to +11 us), and 64x64
-# k64 s3 p4 / k64 s4 p3 / k128 s2 p3 at M=64 (Llama-3 M=64 shared -6 us with k64 s3 p4, but +15% at
-# random routing; Qwen2.5 M=64 shared slower).
 
 
 def _check_config(head, weight, grouping, cfg, M, H, routing, gen, device, nsets=4,
                   kernel=grouped_head_topk_triton) -> float:
     """Fresh inputs, poisoned outputs, against the fp32 reference: max |logprob error|; raises on
     unwritten outputs, bad ids, or an id whose own log-prob is not the one returned. `kernel`: the
-    launcher to check (scripts/head_diag.py passes other versions of it)."""
+    launcher to check (another version of `grouped_head_topk_triton`, or the same)."""
     V = weight.shape[0]
     worst = 0.0
     for _ in range(nsets):
@@ -544,11 +535,12 @@ def run_sweep(plan, cases=None, log=print, table_path=None, device="cuda", pdl_o
 
 
 HEADER = (
-    "| shape (V x H) | M | routing | ours, graph (us) | ours, eager (us) | dense cuBLAS + topk, graph (us) "
+    "| shape (V x H) | M | routing | ours, graph (us) | ours, eager 1 call, checks on (us) | eager host part (us) "
+    "| eager / (1.3 graph + 30) | dense cuBLAS + topk, graph (us) "
     "| naive gather, eager (us) | floor, union (us) | floor, all rows (us) | ours / floor | dense / ours "
     f"| ours, graph, do_bench (us) | ours, {NCHAIN} calls a graph, per call (us) | chained / floor "
     "| max err | config |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -559,8 +551,10 @@ def format_row(r: Row) -> str:
     chain = f"{r.chain_us:.1f}" if r.chain_us is not None else "-"
     chain_ratio = f"{r.chain_us / r.floor_union_us:.2f}" if r.chain_us is not None else "-"
     cfg = r.config
+    host = f"{r.eager_host_us:.1f}" if r.eager_host_us is not None else "-"
     return (
-        f"| {r.shape} {V} x {H} | {r.M} | {r.routing} | {r.ours_us:.1f} | {r.ours_eager_us:.1f} | {r.dense_us:.1f} "
+        f"| {r.shape} {V} x {H} | {r.M} | {r.routing} | {r.ours_us:.1f} | {r.ours_eager_us:.1f} | {host} "
+        f"| {r.ours_eager_us / (1.3 * r.ours_us + 30):.2f} | {r.dense_us:.1f} "
         f"| {naive} "
         f"| {r.floor_union_us:.1f} | {r.floor_all_us:.1f} | {r.ours_us / r.floor_union_us:.2f} "
         f"| {r.dense_us / r.ours_us:.2f} | {dob} | {chain} | {chain_ratio} | {r.max_err:.1e} | {cfg} |"
@@ -571,6 +565,12 @@ def verdicts(rows: list[Row]) -> list[str]:
     """The issue's targets, row by row."""
     out = []
     for r in rows:
+        eager_target = 1.3 * r.ours_us + 30
+        out.append(f"{r.shape} M={r.M} {r.routing}: eager {r.ours_eager_us:.1f} us with checks on (target <= "
+                   f"1.3 x graph + 30 = {eager_target:.1f}, issue 16): "
+                   f"{'MET' if r.ours_eager_us <= eager_target else 'MISSED'}")
+        if r.dobench_us is None:  # --quick: the eager target only
+            continue
         ratio, speedup = r.ours_us / r.floor_union_us, r.dense_us / r.ours_us
         if r.M == 1:
             ok = ratio <= 1.3 and (speedup >= 6 or r.shape != "llama3")
@@ -601,7 +601,8 @@ def main(argv=None) -> int:
                         "instead of the table (shapes: SWEEP_PLAN's unless --shapes)")
     parser.add_argument("--pdl-off", action="store_true", help="the sweep also times the default without "
                         "programmatic dependent launch")
-    parser.add_argument("--quick", action="store_true", help="skip the slow naive gather for M > 1")
+    parser.add_argument("--quick", action="store_true", help="graph and eager columns only (no naive gather, "
+                        "do_bench or chained timing); with --shapes llama3 --cases 1:random: issue 16's case")
     parser.add_argument("--cases", help="comma list of M:routing (default: all five; the sweep: its own)")
     args = parser.parse_args(argv)
     shapes = [s for s in (args.shapes or ",".join(SWEEP_PLAN if args.sweep else SHAPES)).split(",") if s]
@@ -610,7 +611,12 @@ def main(argv=None) -> int:
             parser.error(f"unknown shape {s!r}; choose from {', '.join(ALL_SHAPES)}")
     cases = CASES
     if args.cases:
-        cases = [(int(c.split(":")[0]), c.split(":")[1]) for c in args.cases.split(",") if c]
+        cases = []
+        for c in args.cases.split(","):
+            m, _, routing = c.partition(":")
+            if not (m.isdigit() and int(m) >= 1 and routing in ("random", "shared")):
+                parser.error(f"--cases: {c!r} is not M:routing (M >= 1, routing random or shared)")
+            cases.append((int(m), routing))
     if args.sweep:
         if not torch.cuda.is_available():
             parser.error("--sweep needs a CUDA device")

@@ -1,7 +1,7 @@
 """One call of the grouped head per case, bracketed by cudaProfilerStart/Stop, for Nsight Compute:
 
     ncu --profile-from-start off --clock-control none --set full --import-source yes \
-        -o $OUT/head python3 scripts/head_profile.py --cases llama3:1:random,gemma3:16:shared
+        -o $OUT/head python3 -m coral_fast.benchmarks.head_profile --cases llama3:1:random,gemma3:16:shared
 
 Each case warms up (Triton's compile, three calls) outside the profiled range, so the report holds
 exactly the two kernels (partials, merge) of one call per case, in the order of --cases. A case may
@@ -10,17 +10,12 @@ name a config instead of the default: llama3:64:shared:m64v64k64s3p4 (w8 for 8 w
 from __future__ import annotations
 
 import argparse
-import pathlib
 import re
-import sys
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from coral_fast.benchmarks import head as hb  # noqa: E402
-from coral_fast.kernels.grouped_head_topk import grouped_head_topk_triton  # noqa: E402
+from coral_fast.benchmarks import head as hb
+from coral_fast.kernels.grouped_head_topk import grouped_head_topk_triton
 
 
 def parse_config(spec: str):

@@ -6,7 +6,7 @@ Which programs an SM can be resident decides whether `programs_per_sm` is real: 
 the Triton that runs this script: the GPU stack runs triton 3.6, whose counts differ from 3.9's (M=1:
 190 vs 160 registers), so for exact numbers run it with 3.6, which needs no torch here:
     python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0
-    /tmp/t36/bin/python scripts/head_regs.py [--version tree|REV|file.py] [--cases ...]
+    /tmp/t36/bin/python coral_fast/benchmarks/head_regs.py [--version tree|REV|file.py] [--cases ...]
 Cases: NAME:M:H:BLOCK_M:BLOCK_V:BLOCK_K:STAGES[:WARPS] (groups of 8192 rows, as Gemma-3's), or
 "default" (default_config at the bench's shapes, M = 1, 16, 64, with their group sizes).
 """
@@ -21,7 +21,7 @@ import sys
 import tempfile
 import types
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]  # the repository (run as a file: no torch needed)
 SMEM_PER_SM, SMEM_RESERVED, REGS_PER_SM = 228 * 1024, 1024, 65536
 
 
