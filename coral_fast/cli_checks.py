@@ -144,15 +144,17 @@ def check_safetensors(path: str) -> dict:
 
 
 def check_draft_folder(path: str) -> None:
-    """A draft folder as `DraftModel.save_pretrained` writes it: config.json (a JSON object) and a
-    readable model.safetensors."""
+    """A draft folder: config.json (a JSON object) and its weights, either a readable model.safetensors
+    (ours, or an EAGLE folder) or an EAGLE folder's pytorch_model.bin (read when the draft loads)."""
     if not path or not os.path.isdir(path):
         raise ValueError(f"draft folder {path!r} does not exist")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise ValueError(f"draft folder {path} has no {name} (a draft folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        raise ValueError(f"draft folder {path} has no {CONFIG_NAME}")
     check_json_file(os.path.join(path, CONFIG_NAME))
-    check_safetensors(os.path.join(path, WEIGHTS_NAME))
+    if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+        check_safetensors(os.path.join(path, WEIGHTS_NAME))
+    elif not os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        raise ValueError(f"draft folder {path} has no {WEIGHTS_NAME} (nor an EAGLE pytorch_model.bin)")
 
 
 def check_model_arg(name_or_path: str, known: tuple[str, ...] | None = None) -> None:
