@@ -105,3 +105,13 @@ def test_model_arg_checks(tmp_path):
         C.check_model_arg(str(tmp_path / "bad.gguf"))
     with pytest.raises(ValueError, match="is a file but not a .gguf"):
         C.check_model_arg(str(empty / "notes.txt"))
+
+
+def test_draft_folder_eagle_bin_weights(tmp_path):
+    """An EAGLE folder with pytorch_model.bin passes the early check; no weights file at all does not."""
+    folder = _draft_folder(tmp_path / "eagle")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    C.check_draft_folder(str(folder))
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(ValueError, match="has no model.safetensors"):
+        C.check_draft_folder(str(folder))
