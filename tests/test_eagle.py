@@ -340,3 +340,20 @@ def test_export_command(tmp_path, capsys, seed):
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_trainer_eagle_arch_exports(tmp_path, seed):
+    """`coral-fast train --draft-arch eagle` builds a draft that export can write as an EAGLE folder, and
+    the folder loads back with the same outputs; the default architecture is refused by export."""
+    from coral_fast.training.cli import build_draft
+
+    model = tiny_llama()
+    draft = build_draft(model, "tiny", "dense", 4, 2, None, "cpu", arch="eagle", seed=3)
+    assert draft.config.input_norm is False and draft.config.fc_input_order == "embedding_first"
+    draft.save_pretrained(tmp_path / "eagle", format="eagle")
+    back = DraftModel.from_pretrained(str(tmp_path / "eagle"), model)
+    feats, ids = torch.randn(1, 5, model.config.hidden_size), torch.randint(0, model.config.vocab_size, (1, 5))
+    pos = torch.arange(5)[None]
+    torch.testing.assert_close(back(feats, ids, pos), draft(feats, ids, pos), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        build_draft(model, "tiny", "dense", 4, 2, None, "cpu", seed=3).save_pretrained(tmp_path / "x", format="eagle")

@@ -26,8 +26,14 @@ from coral_fast.cli_checks import (
 from coral_fast.training.trainer import SequenceData, TrainConfig, find_checkpoint, train
 
 
-def build_draft(target, name: str, grouping: str, num_groups: int, active_groups: int, data: SequenceData | None, device, init_from: str | None = None, seed: int = 0):
-    """A fresh (or `init_from`) fp32 draft for `target` with the requested vocabulary grouping.
+# --draft-arch: "coral" is the shipped drafts' layer; "eagle" is EAGLE-1/2's (no input norm, fc over
+# cat(embedding, feature)), which `coral-fast export --format eagle` can write for SGLang / vLLM
+DRAFT_ARCHS = {"coral": {}, "eagle": {"input_norm": False, "fc_input_order": "embedding_first"}}
+
+
+def build_draft(target, name: str, grouping: str, num_groups: int, active_groups: int, data: SequenceData | None, device, init_from: str | None = None, seed: int = 0, arch: str = "coral"):
+    """A fresh (or `init_from`) fp32 draft for `target` with the requested vocabulary grouping and
+    layer architecture (`DRAFT_ARCHS`).
 
     A fresh draft's weights are drawn from torch's generator seeded with `seed` right here, so they
     do not depend on what ran before (loading the target draws from it, differently per process)."""
@@ -36,7 +42,8 @@ def build_draft(target, name: str, grouping: str, num_groups: int, active_groups
     if init_from:
         draft = DraftModel.from_pretrained(init_from, target)
         return draft.to(device=device, dtype=torch.float32)
-    config = DraftConfig.from_target_config(target.config, num_groups=num_groups, active_groups=active_groups, grouping=grouping, target=name)
+    config = DraftConfig.from_target_config(target.config, num_groups=num_groups, active_groups=active_groups,
+                                            grouping=grouping, target=name, **DRAFT_ARCHS[arch])
     vocab_grouping = None
     if grouping == "frequency":
         try:
@@ -111,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="folder written by `coral-fast data`")
     parser.add_argument("--out", required=True, help="output folder (draft + checkpoints + logs)")
     parser.add_argument("--grouping", default="contiguous", choices=["contiguous", "frequency", "dense"])
+    parser.add_argument("--draft-arch", default="coral", choices=sorted(DRAFT_ARCHS),
+                        help="coral: input norm on the layer (the shipped drafts); eagle: EAGLE-1/2's layer, exportable")
     parser.add_argument("--num-groups", type=positive_int, default=32)
     parser.add_argument("--active-groups", type=positive_int, default=4)
     parser.add_argument("--eval-groups", type=positive_int, nargs="*", default=[1, 2, 4, 8], help="active-group counts of the held-out estimate")
@@ -163,7 +172,8 @@ def main(argv=None) -> int:
         data = SequenceData(load_shards(args.data), device=device, max_seq_len=cfg.max_seq_len, loss_on_prompt=cfg.loss_on_prompt)
         if not data.train:
             raise ValueError(f"--data {args.data} holds no training sequences")
-        draft = build_draft(target, args.model, args.grouping, args.num_groups, args.active_groups, data, device, init, seed=cfg.seed)
+        draft = build_draft(target, args.model, args.grouping, args.num_groups, args.active_groups, data, device, init, seed=cfg.seed,
+                            arch=args.draft_arch)
     print(json.dumps({"train_seqs": len(data.train), "eval_seqs": len(data.eval), "params": sum(p.numel() for p in draft.parameters() if p.requires_grad), "config": cfg.to_dict()}))
     eval_groups = [a for a in args.eval_groups if a <= draft.config.num_groups] if args.grouping != "dense" else []
     history = train(draft, data, cfg, out_dir=args.out, resume=args.resume, progress=not args.no_progress, eval_groups=eval_groups,
