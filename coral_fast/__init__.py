@@ -21,6 +21,8 @@ _EXPORTS = {
     "DraftConfig": "coral_fast.draft",
     "DraftModel": "coral_fast.draft",
     "SpeculativeGenerator": "coral_fast.generate",
+    "TreeConfig": "coral_fast.generate",
+    "GenerationResult": "coral_fast.generate",
     "load_target": "coral_fast.models",
 }
 

@@ -240,32 +240,33 @@ class SpeculativeGenerator:
         P = min(eng.C, 2 * eng.A + 2, self.max_context)
         eng.reset(torch.arange(P, device=self.device) % self.vocab_size, 0.0, None)
         eng.prefill(P)
-        self.plain_step_time_s = self._measure(["plain"])
         if self.draft is not None:
-            eng.d_len_host = 0
-            eng.pos.d_len.zero_()
             if eng.n_host > eng.A:  # the extend step, captured on a valid state
                 eng.catch_up()
-            self.round_time_s = self._measure(["draft", "verify"])
+            self.plain_step_time_s, self.round_time_s = self._measure([["plain"], ["draft", "verify"]])
+        else:
+            (self.plain_step_time_s,) = self._measure([["plain"]])
         _synchronize(self.device)
         self.warmed = True
         return time.perf_counter() - t0
 
-    def _measure(self, steps: list[str], reps: int = 5) -> float:
-        """Seconds per sequence of `steps` (after one untimed run that prepares them), state restored."""
+    def _measure(self, sequences: list[list[str]], reps: int = 5) -> list[float]:
+        """Median seconds of each sequence of steps (after one untimed run that prepares them), the
+        sequences interleaved so that a busy machine biases none of them; the state is restored."""
         eng = self.engine
         saved = (eng.pos.n.clone(), eng.pos.d_len.clone())
-        times = []
-        for i in range(reps + 1):
-            _synchronize(self.device)
-            t = time.perf_counter()
-            for name in steps:
-                eng.run(name)
-            _synchronize(self.device)
-            times.append(time.perf_counter() - t)
-            eng.pos.n.copy_(saved[0])
-            eng.pos.d_len.copy_(saved[1])
-        return sorted(times[1:])[len(times[1:]) // 2]
+        times = [[] for _ in sequences]
+        for _ in range(reps + 1):
+            for steps, seen in zip(sequences, times):
+                _synchronize(self.device)
+                t = time.perf_counter()
+                for name in steps:
+                    eng.run(name)
+                _synchronize(self.device)
+                seen.append(time.perf_counter() - t)
+                eng.pos.n.copy_(saved[0])
+                eng.pos.d_len.copy_(saved[1])
+        return [sorted(seen[1:])[reps // 2] for seen in times]
 
     # --- requests --------------------------------------------------------------------------------------
     def _check_request(self, input_ids, max_new_tokens, temperature) -> Tensor:

@@ -3,6 +3,7 @@
     coral-fast generate --model smollm2 --chat --prompt "Why is the sky blue?" --compare
     coral-fast generate --model gemma3-270m --prompt "The capital of France is" --json
     coral-fast generate --model /path/to/llama --draft /path/to/draft --device cuda --dtype bfloat16
+    coral-fast generate --model smollm2 --prompt "Hello" --no-draft        # plain decoding, same engine
 
 Text goes to stdout as it is accepted; notes and statistics go to stderr; `--json` prints one JSON
 object as the last line of stdout.
@@ -15,29 +16,58 @@ import os
 import sys
 import time
 
+from coral_fast.cli_checks import (ArgumentParser, argument_errors, check_draft_folder, check_model_arg, float_in,
+                                   int_at_least, one_line)
+from coral_fast.generate import MAX_DEPTH, MAX_TOPK, MAX_TREE_TOKENS, MODES, TreeConfig
+
 DEFAULT_DRAFTS = {"smollm2": "smollm2", "gemma3-270m": "gemma3-270m"}
 
 
+def temperature_type(text: str) -> float:
+    """--temperature: 0 (greedy) or a finite number >= MIN_TEMPERATURE (smaller ones overflow 1 / T)."""
+    from coral_fast.generate import MIN_TEMPERATURE
+
+    accepted = f"0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}"
+    try:
+        value = float_in(0.0)(text)
+    except argparse.ArgumentTypeError:
+        value = None
+    if value is None or 0 < value < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"must be {accepted}, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="coral-fast generate", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="coral-fast generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="smollm2 | gemma3-270m | PATH of a local checkpoint or .gguf")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--draft", default=None,
                    help="draft folder (config.json + model.safetensors); default: the shipped draft of the "
                         "model if present, else an untrained random draft")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--no-draft", action="store_true",
+                   help="plain decoding (one token a step) through the same engine: the baseline")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=128)
+    p.add_argument("--max-context", type=int_at_least(2), default=None,
+                   help="prompt + new tokens the engine is sized for (default min(4096, the model's limit))")
+    p.add_argument("--temperature", type=temperature_type, default=0.0, help="0 = greedy (default)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--mode", default=None, choices=list(MODES),
+                   help="eager (the CPU default) | graphs (every step in a CUDA graph, the CUDA default) | compile "
+                        "(torch.compile the steps, then capture them: minutes once)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--compare", action="store_true", help="also run plain model.generate and print both speeds")
+    p.add_argument("--compare", action="store_true",
+                   help="also run plain decoding (the engine's plain mode and HF model.generate) and print the speeds")
     p.add_argument("--json", action="store_true", help="print a JSON object with ids, text and stats last")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random draft and of sampling")
-    p.add_argument("--tree-depth", type=int, default=None, help="draft tree depth (default 6 GPU, 4 CPU)")
-    p.add_argument("--tree-topk", type=int, default=None, help="children per expanded node (default 10 GPU, 4 CPU)")
-    p.add_argument("--tree-tokens", type=int, default=None, help="tree size verified per round (default 60 GPU, 16 CPU)")
-    p.add_argument("--compile", action="store_true",
-                   help="GPU: torch.compile the draft and verify steps before capturing them (minutes once)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random draft and of sampling; sampling is exact for every tree, so the same "
+                        "seed gives different (equally distributed) text for different tree sizes or modes")
+    p.add_argument("--tree-depth", type=int, default=None,
+                   help=f"draft tree depth in [1, {MAX_DEPTH}] (default 6 GPU, 4 CPU)")
+    p.add_argument("--tree-topk", type=int, default=None,
+                   help=f"children per expanded node in [1, {MAX_TOPK}] (default 10 GPU, 4 CPU)")
+    p.add_argument("--tree-tokens", type=int, default=None,
+                   help=f"tree size verified per round, in [1, {MAX_TREE_TOKENS}] (default 60 GPU, 16 CPU)")
     return p
 
 
@@ -81,27 +111,36 @@ class _Streamer:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     note = lambda msg: print(f"[coral-fast] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    if not args.prompt.strip():
-        print("coral-fast generate: error: the prompt is empty", file=sys.stderr)
-        return 2
-    if args.max_new_tokens < 1:
-        print("coral-fast generate: error: --max-new-tokens must be >= 1", file=sys.stderr)
-        return 2
-    if args.temperature < 0:
-        print("coral-fast generate: error: --temperature must be >= 0", file=sys.stderr)
-        return 2
-    if args.compile and args.device != "cuda":
-        print("coral-fast generate: error: --compile needs --device cuda (it compiles the GPU engine)", file=sys.stderr)
-        return 2
-    if args.draft and not os.path.isfile(os.path.join(args.draft, "config.json")):
-        print(f"coral-fast generate: error: no draft at {args.draft!r}: config.json not found", file=sys.stderr)
-        return 2
+    on_gpu = args.device == "cuda"
+    with argument_errors(parser):  # every check before the model loads: one line, exit 2
+        if not args.prompt.strip():
+            raise ValueError("the prompt is empty")
+        if args.mode == "graphs" and not on_gpu:
+            raise ValueError("--mode graphs needs --device cuda (CUDA graphs)")
+        context = args.max_context or 4096
+        if args.max_new_tokens >= context:
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt in "
+                             f"--max-context {context}: it must be < {context}")
+        try:
+            tree = TreeConfig(
+                depth=(6 if on_gpu else 4) if args.tree_depth is None else args.tree_depth,
+                topk=(10 if on_gpu else 4) if args.tree_topk is None else args.tree_topk,
+                total_tokens=(60 if on_gpu else 16) if args.tree_tokens is None else args.tree_tokens,
+            )
+        except ValueError as e:  # name the flags
+            for field, flag in (("depth", "--tree-depth"), ("topk", "--tree-topk"), ("total_tokens", "--tree-tokens")):
+                e = str(e).replace(f"tree {field} ", f"{flag} ").replace(f"for depth", "for --tree-depth")
+            raise ValueError(str(e).replace("and topk", "and --tree-topk")) from None
+        check_model_arg(args.model)
+        if args.draft and not args.no_draft:
+            check_draft_folder(args.draft)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if on_gpu and not torch.cuda.is_available():
         print("coral-fast generate: error: --device cuda but no CUDA GPU is available", file=sys.stderr)
         return 2
     from transformers.utils import logging as hf_logging
@@ -110,41 +149,43 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
 
     from coral_fast.draft import DraftModel
-    from coral_fast.generate import SpeculativeGenerator, TreeConfig
+    from coral_fast.generate import SpeculativeGenerator
     from coral_fast.models import ModelNotAvailable, load_target
 
     t0 = time.perf_counter()
     try:
         model, tokenizer = load_target(args.model, dtype=args.dtype, device=args.device)
-    except (ModelNotAvailable, ValueError) as e:
-        print(f"coral-fast generate: error: {e}", file=sys.stderr)
+    except (ModelNotAvailable, ValueError, OSError) as e:
+        print(f"coral-fast generate: error: {one_line(e)}", file=sys.stderr)
         return 2
     note(f"loaded {args.model} ({args.dtype}, {args.device}) in {time.perf_counter() - t0:.1f} s")
 
     torch.manual_seed(args.seed)
-    draft_path = args.draft or shipped_draft(args.model)
+    draft, draft_path = None, None
     try:
-        if draft_path:
-            draft = DraftModel.from_pretrained(draft_path, model)
-            note(f"draft: {draft_path}" + ("" if args.draft else " (shipped, trained)"))
+        if not args.no_draft:
+            draft_path = args.draft or shipped_draft(args.model)
+            if draft_path:
+                draft = DraftModel.from_pretrained(draft_path, model)
+                note(f"draft: {draft_path}" + ("" if args.draft else " (shipped, trained)"))
+            else:
+                draft = DraftModel.random_init(model)
+                note("draft: untrained random draft (few tokens are accepted; the output is still exactly the "
+                     "target's)")
         else:
-            draft = DraftModel.random_init(model)
-            note("draft: untrained random draft (few tokens are accepted; the output is still exactly the target's)")
+            note("no draft: plain decoding through the engine")
+        generator = SpeculativeGenerator(model, draft, tree, mode=args.mode, max_context=args.max_context,
+                                         speculative=not args.no_draft)
+        prompt_ids = encode_prompt(tokenizer, args.prompt, args.chat, note)
+        if not prompt_ids:
+            raise ValueError("the prompt encodes to no tokens")
+        generator._check_request(prompt_ids, args.max_new_tokens, args.temperature)
     except ValueError as e:
-        print(f"coral-fast generate: error: {e}", file=sys.stderr)
+        print(f"coral-fast generate: error: {one_line(e)}", file=sys.stderr)
         return 2
-
-    on_gpu = args.device == "cuda"
-    tree = TreeConfig(
-        depth=args.tree_depth or (6 if on_gpu else 4),
-        topk=args.tree_topk or (10 if on_gpu else 4),
-        total_tokens=args.tree_tokens or (60 if on_gpu else 16),
-    )
-    generator = SpeculativeGenerator(model, draft, tree, mode="compile" if args.compile else None)
-    prompt_ids = encode_prompt(tokenizer, args.prompt, args.chat, note)
-    if not prompt_ids:
-        print("coral-fast generate: error: the prompt encodes to no tokens", file=sys.stderr)
-        return 2
+    warmup_s = generator.warmup()
+    note(f"engine ready ({generator.mode}, context {generator.max_context}) in {warmup_s:.2f} s: round "
+         f"{1e3 * generator.round_time_s:.2f} ms, plain step {1e3 * generator.plain_step_time_s:.2f} ms")
 
     rng = torch.Generator().manual_seed(args.seed)
     streamer = _Streamer(tokenizer, enabled=True)
@@ -153,15 +194,16 @@ def main(argv=None) -> int:
     sys.stdout.flush()
     stats = result.stats()
     note(
-        f"speculative: {stats['new_tokens']} tokens in {stats['total_s']:.2f} s = {stats['tokens_per_s']:.2f} tok/s, "
-        f"mean accepted length {stats['mean_accepted_length']:.2f}, draft {stats['draft_s']:.2f} s / "
-        f"verify {stats['verify_s']:.2f} s / prefill {stats['prefill_s']:.2f} s (tree {tree.depth}x{tree.topk}, "
-        f"{tree.total_tokens} tokens)"
+        f"{'plain' if args.no_draft else 'speculative'}: {stats['new_tokens']} tokens in {stats['total_s']:.2f} s = "
+        f"{stats['tokens_per_s']:.2f} tok/s, mean accepted length {stats['mean_accepted_length']:.2f} "
+        f"({stats['rounds']} rounds, {stats['plain_steps']} plain steps), draft {stats['draft_s']:.2f} s / "
+        f"verify {stats['verify_s']:.2f} s / first token {stats['prefill_s']:.2f} s"
+        + ("" if args.no_draft else f" (tree {tree.depth}x{tree.topk}, {tree.total_tokens} tokens)")
     )
     text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
     payload = {
         "model": args.model,
-        "draft": draft_path or "random",
+        "draft": "none" if args.no_draft else (draft_path or "random"),
         "prompt_ids": prompt_ids,
         "token_ids": result.token_ids,
         "text": text,
@@ -169,10 +211,12 @@ def main(argv=None) -> int:
     }
 
     if args.compare:
-        ids = torch.tensor([prompt_ids], device=model.device)
         sample = args.temperature > 0
-        kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=sample,
-                      attention_mask=torch.ones_like(ids))
+        # the engine's own plain mode: the same caches, capture and sampling, one token a step
+        engine_plain = generator.generate(torch.tensor(prompt_ids), args.max_new_tokens, args.temperature,
+                                          torch.Generator().manual_seed(args.seed), plain=True)
+        ids = torch.tensor([prompt_ids], device=model.device)
+        kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=sample, attention_mask=torch.ones_like(ids))
         if sample:
             kwargs.update(temperature=args.temperature, top_k=None, top_p=None)
         model.generate(ids, max_new_tokens=2, do_sample=False, attention_mask=torch.ones_like(ids))  # warm-up
@@ -182,15 +226,17 @@ def main(argv=None) -> int:
         plain = model.generate(ids, **kwargs)[0, len(prompt_ids):].tolist()
         if on_gpu:
             torch.cuda.synchronize()
-        plain_s = time.perf_counter() - t
-        plain_tps = len(plain) / plain_s
+        plain_tps = len(plain) / (time.perf_counter() - t)
+        engine_tps = engine_plain.tokens_per_s
         same = plain == result.token_ids
         note(
-            f"plain model.generate: {len(plain)} tokens in {plain_s:.2f} s = {plain_tps:.2f} tok/s; "
-            f"speculative/plain = {stats['tokens_per_s'] / plain_tps:.2f}x; "
+            f"plain decoding: engine plain mode {engine_tps:.2f} tok/s, HF model.generate {plain_tps:.2f} tok/s; "
+            f"this run / engine plain = {stats['tokens_per_s'] / engine_tps:.2f}x, this run / HF generate = "
+            f"{stats['tokens_per_s'] / plain_tps:.2f}x; "
             + (f"identical tokens: {same}" if not sample else "sampling: outputs differ by chance")
         )
         payload.update(plain_tokens_per_s=round(plain_tps, 3), plain_token_ids=plain,
+                       engine_plain_tokens_per_s=round(engine_tps, 3),
                        identical_to_plain=same if not sample else None)
         if not sample and not same:
             note("WARNING: greedy outputs differ from model.generate (see docs/loop.md on low-precision ties)")

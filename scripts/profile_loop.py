@@ -1,4 +1,4 @@
-"""Where a round's time goes (GPU): per-step graph replay times, kernel counts and the top kernels, for the
+"""Where a round's time goes (GPU): per-step graph replay times (draft, verify, plain step), kernel counts and the top kernels, for the
 plain captured engine and the compiled one, plus a tree-shape sweep. Device-tool script:
 
     source scripts/device_setup.sh && python scripts/profile_loop.py --out $OUT
@@ -13,33 +13,43 @@ import time
 import torch
 
 
-def replay_ms(engine, ids, which, n=40):
-    """Median ms of one replay of graph `which` (0 draft, 1 verify), state reset by a prefill first."""
-    engine.prefill(ids)
+def _ready(gen, ids):
+    """A valid engine state after the prompt `ids`: prefilled, the draft caught up."""
+    eng = gen.engine
+    eng.reset(ids, 0.0, None)
+    eng.prefill(ids.shape[0])
+    eng.catch_up()
+    return eng
+
+
+def replay_ms(gen, ids, step, n=40):
+    """Median ms of one replay of step `step` ("draft", "verify" or "plain"), the state restored each time."""
+    eng = _ready(gen, ids)
+    saved = (eng.pos.n.clone(), eng.pos.d_len.clone())
     times = []
     for _ in range(n):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if which == 1:
-            engine.graphs[0].replay()
+        if step == "verify":
+            eng.run("draft")
         a.record()
-        engine.graphs[which].replay()
+        eng.run(step)
         b.record()
-        if which == 0:
-            engine.graphs[1].replay()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
+        eng.pos.n.copy_(saved[0])
+        eng.pos.d_len.copy_(saved[1])
     return statistics.median(times)
 
 
-def kernel_table(engine, ids, log, rows=14):
+def kernel_table(gen, ids, log, rows=14):
     from torch.profiler import ProfilerActivity, profile
 
-    engine.prefill(ids)
+    eng = _ready(gen, ids)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            engine.graphs[0].replay()
-            engine.graphs[1].replay()
+            eng.run("draft")
+            eng.run("verify")
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
     total = sum(e.self_device_time_total for e in events)
@@ -64,8 +74,7 @@ def _graph_us(fn, calls=20, reps=7):
 
 
 def attn_sweep(log, shapes=((9, 3, 64), (4, 1, 256)), T=61, S=1088, kv_lens=(100, 200, 400, 1000)):
-    """Tree-attention launch configs at the loop's shapes: the engine's static buffer S (capacity 1024 +
-    64), the prefix length kv_len a device tensor. `default` is the shipped rule (dynamic_len: one key
+    """Tree-attention launch configs at the loop's shapes: a static buffer of S slots, the prefix length kv_len a device tensor. `default` is the shipped rule (dynamic_len: one key
     block a split), `static rule` what the rule for a known length would pick (the loop's choice before)."""
     from coral_fast.kernels.tree_attention import TreeAttentionConfig, _tree_attention_triton
     from coral_fast.tree import ancestor_mask, pack_mask_bits
@@ -149,12 +158,13 @@ def main():
         if not fuse:
             unfuse_projections(model)
             unfuse_projections(draft)
-        gen = SpeculativeGenerator(model, draft, TreeConfig(d, k, t), eos_token_id=[],
-                                   compile=variant.startswith("compile"), fuse=fuse)
-        gen.generate(prompts[0], 16)
+        gen = SpeculativeGenerator(model, draft, TreeConfig(d, k, t), eos_token_id=[], adaptive=False,
+                                   mode="compile" if variant.startswith("compile") else "graphs", fuse=fuse)
+        gen.warmup()
         setup = time.perf_counter() - t0
         eng = gen.engine
-        dm, vm = replay_ms(eng, prompts[0], 0), replay_ms(eng, prompts[0], 1)
+        dm, vm = replay_ms(gen, prompts[0], "draft"), replay_ms(gen, prompts[0], "verify")
+        pm = replay_ms(gen, prompts[0], "plain")
         rows = []
         for ids in prompts:
             gen.generate(ids, args.new_tokens)
@@ -167,17 +177,19 @@ def main():
         torch.cuda.synchronize()
         a = time.perf_counter()
         for _ in range(5):
-            eng.prefill(prompts[0])
+            eng.reset(prompts[0], 0.0, None)
+            eng.prefill(prompts[0].shape[0])
         torch.cuda.synchronize()
         pre = (time.perf_counter() - a) / 5 * 1e3
         med = lambda key: statistics.median(x[key] for x in rows)  # noqa: E731
         res = dict(variant=variant, tree=tree, setup_s=round(setup, 1), draft_ms=round(dm, 3), verify_ms=round(vm, 3),
+                   plain_ms=round(pm, 3),
                    tok_s=round(med("tok_s"), 1), tau=round(med("tau"), 3), prefill_ms=round(pre, 2),
                    per_prompt=[round(x["tok_s"]) for x in rows])
         log(json.dumps(res))
         results.append(res)
         if profile_it:
-            kernel_table(eng, prompts[0], log)
+            kernel_table(gen, prompts[0], log)
         return gen
 
     tree0 = tuple(int(x) for x in args.trees.split(","))
