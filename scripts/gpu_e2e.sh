@@ -4,7 +4,7 @@
 #                                   task, 128 tokens), greedy + sampling at 0.7, loop / plain / HF static
 #                                   -> $OUT/e2e_suite.{json,csv,md,png}, $OUT/suite.log
 #   bash scripts/gpu_e2e.sh scale   random weights of Llama-3.2-1B, Llama-3.1-8B, Qwen2.5-7B, Gemma-3-1B on the
-#                                   device, profile of a Llama-3.1-8B round -> $OUT/e2e_scale.{json,csv,md}, scale.log
+#                                   device, profile of a Llama-3.1-8B round -> $OUT/e2e_scale.{json,csv,md,png}, scale.log
 #   bash scripts/gpu_e2e.sh tests   the loop's CUDA tests -> $OUT/tests.log
 # Each part is sized to finish in ~8 minutes; results files are rewritten as tasks / configs finish, so a
 # timeout still leaves what was measured. Env: MODELS (smollm2), MODE (suite engine mode: graphs | compile;

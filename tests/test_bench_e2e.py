@@ -209,3 +209,4 @@ def test_tiny_scale_writes_consistent_results(tmp_path):
     md = open(tmp_path / "e2e_scale.md").read()
     assert "tiny-llama" in md and f"{3.0 / row['R']:.2f}x" in md
     assert os.path.getsize(tmp_path / "e2e_scale.csv") > 0
+    assert (tmp_path / "e2e_scale.png").exists() or "No plot: matplotlib is not installed" in md

@@ -16,7 +16,7 @@ temperature run (tok/s and tau of loop and plain).
 Scale (coral_fast/benchmarks/scale.py, `--scale`): random weights of real 1B-8B configs; step times
 against weight-bytes floors, R = round / plain step, projected speed-ups tau / R, and a profile of a round.
 
-Outputs under --out-dir: e2e_suite.{json,csv,md,png}, e2e_scale.{json,csv,md}; rewritten as parts finish.
+Outputs under --out-dir: e2e_suite.{json,csv,md,png}, e2e_scale.{json,csv,md,png}; rewritten as parts finish.
 """
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ def build_parser():
     p.add_argument("--tasks", default="all", help=f"comma list of: {', '.join(SUITE_TASKS)} (default all)")
     p.add_argument("--prompts-per-task", type=_positive_int, default=None, help="override the suite size")
     p.add_argument("--prompt-file", default=None,
-                   help="Spec-Bench question.jsonl (question_id, category, turns) instead of the built-in suite")
+                   help="Spec-Bench question.jsonl (question_id, category, turns) instead of the built-in suite; "
+                        "its first turns, grouped into Spec-Bench's tasks, as many a task as --suite says")
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -336,8 +337,8 @@ def main(argv=None) -> int:
     try:
         if args.suite == "none" and not args.prompt_file:
             prompts = []
-        elif args.prompt_file:
-            prompts = load_spec_bench(args.prompt_file, args.prompts_per_task)
+        elif args.prompt_file:  # --suite quick/full sizes it too (Spec-Bench has 480 questions)
+            prompts = load_spec_bench(args.prompt_file, args.prompts_per_task or SUITE_SIZES.get(args.suite))
         else:
             prompts = load_suite(args.tasks, args.prompts_per_task or SUITE_SIZES[args.suite])
         scale = [] if args.scale == "none" else (list(SCALE_CONFIGS) if args.scale == "all" else args.scale.split(","))

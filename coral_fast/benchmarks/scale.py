@@ -336,16 +336,54 @@ def scale_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_scale(result: dict, out_dir: str) -> dict:
+def plot_scale(result: dict, path) -> str | None:
+    """ms per config: plain step, verify, draft (grouped, dense), each beside its floor; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = result["rows"]
+    parts = [("plain step", "plain_ms", "plain_floor_ms"), ("verify", "verify_ms", "verify_floor_ms"),
+             ("draft, grouped head", "grouped_draft_ms", "grouped_draft_floor_ms"),
+             ("draft, dense head", "dense_draft_ms", "dense_draft_floor_ms")]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.2
+    for j, (label, key, floor) in enumerate(parts):
+        xs = [i + (j - 1.5) * width for i in range(len(rows))]
+        ax.bar(xs, [r[key] for r in rows], width=width, label=label)
+        ax.scatter(xs, [r[floor] for r in rows], marker="_", s=300, color="black", zorder=3,
+                   label="bytes floor" if j == 0 else None)
+    ax.set_xticks(range(len(rows)), [f"{r['config']}\nR {r['R']:.2f} (floor {r['floor_ratio']:.2f})" for r in rows],
+                  fontsize=8)
+    ax.set_ylabel("ms")
+    ax.set_title(f"a round's parts against a plain step, random weights ({result['env']['device']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_scale(result: dict, out_dir: str, plot: bool = False) -> dict:
     base = os.path.join(out_dir, "e2e_scale")
     report.write_json(result, base + ".json")
     rows = [dict(level="config", **r) for r in result["rows"]]
     for name, prof in result["profiles"].items():
         rows += [dict(level="profile", config=name, part=p["part"], us=p["us"], share=p["share"]) for p in prof["rows"]]
     report.write_csv(rows, base + ".csv")
+    md = scale_markdown(result)
+    paths = dict(json=base + ".json", csv=base + ".csv", md=base + ".md")
+    if plot and result["rows"]:
+        if plot_scale(result, base + ".png"):
+            paths["png"] = base + ".png"
+        else:
+            md += "\n(No plot: matplotlib is not installed here.)\n"
     with open(base + ".md", "w") as f:
-        f.write(scale_markdown(result))
-    return dict(json=base + ".json", csv=base + ".csv", md=base + ".md")
+        f.write(md)
+    return paths
 
 
 def run_scale(names, args, env, taus, log, configs=None) -> dict:
@@ -371,5 +409,6 @@ def run_scale(names, args, env, taus, log, configs=None) -> dict:
             result["profiles"][name] = out["profile"]
         paths = write_scale(result, args.out_dir)
     if result["rows"]:
+        paths = write_scale(result, args.out_dir, plot=True)
         log(open(paths["md"]).read())
     return result
