@@ -251,8 +251,11 @@ def run_suite(model, tokenizer, draft, prompts: list[Prompt], args, log, name="m
               on_task_done=None) -> dict:
     """The suite on one target: {"meta": ..., "rows": [per prompt], "tasks": [per task + overall]}.
     on_task_done(part) is called after each task (incremental results files)."""
+    from coral_fast.benchmarks.scale import copy_bandwidth, weight_bytes
+
     device = next(model.parameters()).device
     encoded = [encode(tokenizer, p, device) for p in prompts]
+    w_bytes, bandwidth = weight_bytes(model), copy_bandwidth(device)
     t0 = time.perf_counter()
     gen = make_generator(model, draft, args.tree, args.mode, adaptive=not args.no_adaptive)
     warmup_s = gen.warmup()
@@ -280,7 +283,8 @@ def run_suite(model, tokenizer, draft, prompts: list[Prompt], args, log, name="m
                 mode=args.mode or ("graphs" if device.type == "cuda" else "eager"), tree=list(args.tree),
                 adaptive=not args.no_adaptive, max_new_tokens=args.max_new_tokens, warmup_s=warmup_s,
                 hf_warmup_s=hf_warmup_s, round_ms=1e3 * gen.round_time_s,
-                plain_step_ms=1e3 * gen.plain_step_time_s, temperature=args.temperature if args.sampling else None)
+                plain_step_ms=1e3 * gen.plain_step_time_s, weight_gb=w_bytes / 1e9, copy_tb_s=bandwidth / 1e12,
+                plain_floor_ms=1e3 * w_bytes / bandwidth, temperature=args.temperature if args.sampling else None)
     part = dict(meta=meta, rows=[], tasks=[])
     seen: dict[str, int] = {}
     for i, (prompt, ids) in enumerate(zip(prompts, encoded)):

@@ -105,7 +105,8 @@ def suite_markdown(suite: dict) -> str:
             f"{'adaptive' if m['adaptive'] else 'always speculative'})", "",
             f"{m['max_new_tokens']} new tokens a prompt on every side (EOS ignored). Warm-up, excluded from every rate: "
             f"engine {m['warmup_s']:.1f} s (round {fmt(m['round_ms'], '.3f')} ms, plain step "
-            f"{fmt(m['plain_step_ms'], '.3f')} ms as measured there), HF static generate {m['hf_warmup_s']:.1f} s.", "",
+            f"{fmt(m['plain_step_ms'], '.3f')} ms as measured there; its weight-bytes floor {fmt(m['plain_floor_ms'], '.3f')} ms "
+            f"= {m['weight_gb']:.3f} GB / {fmt(m['copy_tb_s'], '.2f')} TB/s copy), HF static generate {m['hf_warmup_s']:.1f} s.", "",
             "| task | prompts | tau | loop tok/s | plain tok/s | **loop / plain** | HF static tok/s | loop / HF | "
             "TTFT loop ms | TTFT plain ms | plain steps in loop |",
             "|---|---|---|---|---|---|---|---|---|---|---|",

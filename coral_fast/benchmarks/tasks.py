@@ -88,6 +88,8 @@ def load_suite(tasks: str | list[str] | None = None, per_task: int | None = None
     prompts = []
     for task in names:
         path = os.path.join(TASKS_DIR, f"{task}.jsonl")
+        if not os.path.isfile(path):
+            raise ValueError(f"the built-in task file {path} is missing (package data not installed?)")
         for lineno, row in _read_jsonl(path)[:per_task]:
             turns, answers = _turns(path, lineno, row), _turns(path, lineno, row, "answers", required=False)
             if len(answers) != len(turns) - 1:
