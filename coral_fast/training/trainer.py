@@ -130,22 +130,36 @@ def unrolled_forward(draft, features: Tensor, tokens: Tensor, positions: Tensor,
 
 # --- batches ---------------------------------------------------------------------------------------
 class SequenceData:
-    """Sequences from `load_shards` (flat tensors + offsets), split into train and held-out eval."""
+    """Sequences from `load_shards` (flat tensors + offsets), split into train and held-out eval.
 
-    def __init__(self, shards: dict[str, Tensor], device="cpu", max_seq_len: int = 1024, loss_on_prompt: bool = False):
+    Token-only shards (the `coral-fast data` format) need `target`: each batch runs the frozen target
+    over its sequences (`data.target_features`: last hidden states and top-`topk` log-probabilities)
+    when it is collated, so features are never stored. Shards of the older format carry them."""
+
+    def __init__(self, shards: dict, device="cpu", max_seq_len: int = 1024, loss_on_prompt: bool = False, target=None, topk: int = 16):
         self.device = torch.device(device)
         offsets = shards["offsets"].tolist()
         self.input_ids = shards["input_ids"].long().to(device)
-        self.hidden = shards["hidden"].to(device)
-        self.topk_ids = shards["topk_ids"].long().to(device)
-        self.topk_logprobs = shards["topk_logprobs"].float().to(device)
+        self.target, self.topk = target, topk
+        if "hidden" in shards:
+            self.hidden = shards["hidden"].to(device)
+            self.topk_ids = shards["topk_ids"].long().to(device)
+            self.topk_logprobs = shards["topk_logprobs"].float().to(device)
+            self.hidden_size = self.hidden.shape[-1]
+        else:
+            if target is None:
+                raise ValueError("token-only shards need the target model to compute features online (SequenceData(..., target=model))")
+            self.hidden = self.topk_ids = self.topk_logprobs = None
+            self.hidden_size = target.get_input_embeddings().weight.shape[1]
+            vocab = target.get_input_embeddings().weight.shape[0]
+            if int(self.input_ids.max()) >= vocab:
+                raise ValueError(f"token ids up to {int(self.input_ids.max())} in the data, but the target has {vocab} ids: data of another model")
         mask = shards["loss_mask"].bool()
         if loss_on_prompt:
             mask = torch.ones_like(mask)
             for end in offsets[1:]:
                 mask[end - 1] = False  # the last position has no next token
         self.loss_mask = mask.to(device)
-        self.hidden_size = self.hidden.shape[-1]
         spans = [(s, min(e, s + max_seq_len)) for s, e in zip(offsets[:-1], offsets[1:])]
         is_eval = shards["is_eval"].bool().tolist()
         self.train = [sp for sp, ev in zip(spans, is_eval) if not ev and sp[1] - sp[0] >= 3]
@@ -184,6 +198,8 @@ class SequenceData:
 
     def collate(self, spans: list[tuple[int, int]]) -> dict[str, Tensor]:
         """Right-padded batch of L = N - 1 positions per sequence (see the module docstring)."""
+        if self.hidden is None:
+            return self.collate_online(spans)
         length = max(e - s for s, e in spans) - 1
         B, H, K = len(spans), self.hidden_size, self.topk_ids.shape[-1]
         dev = self.device
@@ -205,6 +221,27 @@ class SequenceData:
             batch["mask"][row, :n] = self.loss_mask[s + 1:e]
         batch["positions"] = torch.arange(length, device=dev).expand(B, length)
         return batch
+
+    def collate_online(self, spans: list[tuple[int, int]]) -> dict[str, Tensor]:
+        """The same batch with the target's features and top-k computed now: one forward of the
+        frozen target over the [B, N] right-padded tokens (what the older shards stored)."""
+        from coral_fast.training.data import target_features
+
+        width = max(e - s for s, e in spans)
+        B, dev = len(spans), self.device
+        ids = torch.zeros(B, width, dtype=torch.long, device=dev)
+        attention = torch.zeros(B, width, dtype=torch.long, device=dev)
+        mask = torch.zeros(B, width - 1, dtype=torch.bool, device=dev)
+        for row, (s, e) in enumerate(spans):
+            ids[row, : e - s] = self.input_ids[s:e]
+            attention[row, : e - s] = 1
+            mask[row, : e - s - 1] = self.loss_mask[s + 1:e]
+        hidden, top_ids, top_lps = target_features(self.target, ids, attention, self.topk)
+        return {
+            "features": hidden[:, :-1], "tokens": ids[:, 1:], "target_features": hidden[:, 1:],
+            "topk_ids": top_ids[:, 1:], "topk_logprobs": top_lps[:, 1:], "mask": mask,
+            "positions": torch.arange(width - 1, device=dev).expand(B, width - 1),
+        }
 
 
 # --- groups of the vocabulary ----------------------------------------------------------------------
