@@ -32,6 +32,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from coral_fast.benchmarks.head import eager_call_us
+
 COPY_BANDWIDTH = 3.0e12  # bytes/s, device-to-device copy on the H100 (FACTS.md); --bandwidth overrides
 
 # (label, Hq, Hkv, D)
@@ -192,8 +194,6 @@ def bench_row(label, heads, batch, num_queries, prefix_len, args, flex_runner, l
     ref = sdpa_mask(0)
     row["err_ours"] = rel_err(ours(0), ref)
     row["ours_us"], row["ours_how"] = time_cold(ours, num_sets, args.reps)
-    from coral_fast.benchmarks.head import eager_call_us
-
     turn = {"i": 0}
 
     def eager(mask_of):
