@@ -214,6 +214,11 @@ def load_draft(model, name: str, path: str | None):
 
 
 # --- the suite ---------------------------------------------------------------------------------------
+def _round_tau(result) -> float:
+    """Tokens a speculative round commits (plain steps of the fallback not counted); NaN without rounds."""
+    return sum(result.accepted_lengths) / result.rounds if result.rounds else float("nan")
+
+
 def run_prompt(gen, hf, ids, prompt, i, args, device, noise: bool) -> dict:
     """One prompt: loop and plain greedy (+ sampling), HF static (+ eager for the noise floor)."""
     import torch
@@ -224,10 +229,11 @@ def run_prompt(gen, hf, ids, prompt, i, args, device, noise: bool) -> dict:
     plain, plain_s = timed(lambda: gen.generate(ids, N, plain=True, ignore_eos=True), device)
     row.update(loop_tok_s=len(loop.token_ids) / loop_s, plain_tok_s=len(plain.token_ids) / plain_s,
                loop_s=loop_s, plain_s=plain_s, loop_ttft_s=loop.prefill_time_s, plain_ttft_s=plain.prefill_time_s,
-               rounds=loop.rounds, accepted=sum(loop.accepted_lengths), tau=loop.mean_accepted_length,
+               rounds=loop.rounds, accepted=sum(loop.accepted_lengths), tau=_round_tau(loop),
                plain_steps=getattr(loop, "plain_steps", 0), draft_s=loop.draft_time_s, verify_s=loop.verify_time_s,
                loop_vs_plain=common_prefix(loop.token_ids, plain.token_ids))
-    assert len(loop.token_ids) == N and len(plain.token_ids) == N, "ignore_eos must give max_new_tokens tokens"
+    if len(loop.token_ids) != N or len(plain.token_ids) != N:
+        raise RuntimeError(f"ignore_eos gave {len(loop.token_ids)} / {len(plain.token_ids)} tokens, asked {N}")
     if hf is not None:
         ref, hf_s = timed(lambda: hf.static(ids, N), device)
         row.update(hf_tok_s=len(ref) / hf_s, hf_s=hf_s, loop_vs_hf=common_prefix(loop.token_ids, ref),
@@ -243,7 +249,7 @@ def run_prompt(gen, hf, ids, prompt, i, args, device, noise: bool) -> dict:
                                                         ignore_eos=True), device)
         row.update(sample_loop_tok_s=len(s_loop.token_ids) / s_loop_s, sample_plain_tok_s=len(s_plain.token_ids) / s_plain_s,
                    sample_loop_s=s_loop_s, sample_plain_s=s_plain_s, sample_rounds=s_loop.rounds,
-                   sample_accepted=sum(s_loop.accepted_lengths), sample_tau=s_loop.mean_accepted_length)
+                   sample_accepted=sum(s_loop.accepted_lengths), sample_tau=_round_tau(s_loop))
     return row
 
 
