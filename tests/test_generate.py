@@ -369,6 +369,7 @@ def test_cuda_greedy_identical(make_target, mode):
 def test_cuda_no_recapture_for_a_long_prompt():
     """A warm engine serves a 100-token and then a 3,000-token prompt without a new capture, adaptively."""
     model = tiny_llama(hidden=64).cuda()
+    model.config.max_position_embeddings = 4096  # RoPE without scaling: any length; the config says 2048
     gen = SpeculativeGenerator(model, None, TreeConfig(6, 10, 60), max_context=4096)
     gen.warmup()
     captured = gen.captures
