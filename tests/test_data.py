@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from coral_fast.training.data import DataSettings, build_shard, generate_dataset, load_shards, plan_shards
+from coral_fast.training.data import DataSettings, build_shard, build_token_shard, generate_dataset, load_shards, shard_files
 from coral_fast.training.prompts import PROMPTS_PATH, build_prompts, load_prompts
 
 
@@ -84,34 +84,91 @@ def tiny_target(vocab=53):
     return model
 
 
+def test_token_shards_round_trip_in_the_smallest_id_type(tmp_path):
+    from safetensors.torch import save_file
+
+    rng = __import__("random").Random(0)
+    for vocab, dtype in ((50_000, torch.uint16), (65_536, torch.uint16), (262_144, torch.int32)):
+        folder = tmp_path / str(vocab)
+        folder.mkdir()
+        seqs, plens, tasks = [], [], []
+        for shard in range(3):
+            rows = [[rng.randrange(vocab) for _ in range(rng.randint(2, 40))] for _ in range(rng.randint(1, 6))]
+            p = [rng.randint(1, len(r) - 1) for r in rows]
+            t = [rng.choice(["chat", "qa", "code"]) for _ in rows]
+            tensors, meta = build_token_shard(rows, p, t, [i % 3 == 0 for i in range(len(rows))], [shard > 0] * len(rows), vocab)
+            assert tensors["input_ids"].dtype == dtype
+            save_file(tensors, str(folder / f"shard_{shard:05d}_00.safetensors"), metadata={"coral_data": __import__("json").dumps(meta)})
+            seqs += rows
+            plens += p
+            tasks += t
+        data = load_shards(folder)
+        offsets = data["offsets"].tolist()
+        assert [data["input_ids"][a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == seqs
+        assert data["prompt_lengths"].tolist() == plens
+        assert [data["tasks"][i] for i in data["task_ids"].tolist()] == tasks
+        # the loss trains position t when token t+1 is an answer token
+        for (a, b), p in zip(zip(offsets[:-1], offsets[1:]), plens):
+            assert data["loss_mask"][a:b].tolist() == [0] * (p - 1) + [1] * (b - a - p) + [0]
+    with pytest.raises(ValueError, match="no answer token"):
+        build_token_shard([[1, 2]], [2], ["chat"], [False], [False], 10)
+    with pytest.raises(ValueError, match="token ids outside 0..9"):
+        build_token_shard([[1, 12]], [1], ["chat"], [False], [False], 10)
+
+
+def test_a_folder_of_mixed_formats_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    seqs = [[5, 6, 7, 8, 9]]
+    parts = [torch.randn(5, 4).bfloat16()], [torch.zeros(5, 3, dtype=torch.int32)], [torch.randn(5, 3)]
+    save_file(build_shard(seqs, [2], [False], *parts), str(tmp_path / "shard_00000.safetensors"))
+    assert "hidden" in load_shards(tmp_path)  # the older format still loads
+    tensors, meta = build_token_shard(seqs, [2], ["chat"], [False], [False], 10)
+    save_file(tensors, str(tmp_path / "shard_00001_00.safetensors"))
+    with pytest.raises(ValueError, match="mixes token-only shards and shards with stored features"):
+        load_shards(tmp_path)
+
+
+def _hf_greedy(model, prompt, n):
+    ids = torch.tensor([prompt])
+    row = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=2, pad_token_id=0)[0, len(prompt):].tolist()
+    return row[: row.index(2) + 1] if 2 in row else row
+
+
 def test_generate_dataset_is_greedy_consistent_and_resumable(tmp_path):
+    from coral_fast.training.data import prompt_token_ids
+
     model = tiny_target()
     tokenizer = FakeChatTokenizer(53)
     prompts = [r for r in build_prompts()[:7]]
-    settings = DataSettings(max_new_tokens=12, batch_size=3, forward_batch_size=2, samples=2, topk=4)
+    settings = DataSettings(max_new_tokens=12, batch_size=3, gen_rows=2, samples=2)
     n_train = sum(r["split"] == "train" for r in prompts)
-    plan = plan_shards(prompts, settings)
-    assert [len(s["rows"]) for s in plan if s["round"] == 0] == [3, 3, 1]
-    assert sum(len(s["rows"]) for s in plan if s["round"] == 1) == n_train
-    assert all(s["sample"] == (s["round"] > 0) for s in plan)
     stats = generate_dataset(model, tokenizer, prompts, tmp_path, settings, progress=False)
-    assert stats["skipped"] == 0 and stats["answer_tokens"] > 0
-    paths = sorted(tmp_path.glob("shard_*.safetensors"))
-    assert len(paths) == stats["shards"]
+    assert stats["written"] == stats["shards"] == 6 and stats["answer_tokens"] > 0
+    paths = shard_files(tmp_path)
+    assert [p.name for p in paths] == [f"shard_{c:05d}_{r:02d}.safetensors" for c in range(3) for r in range(2)]
     data = load_shards(tmp_path)
-    # round 0 is greedy: in the answer the stored top-1 at t is the token at t+1
-    first = load_shards_single(paths[0])
-    mask = first["loss_mask"].bool()
-    nxt = torch.cat([first["input_ids"][1:], first["input_ids"][:1]])
-    assert mask.any() and torch.equal(first["topk_ids"][:, 0][mask], nxt[mask])
-    assert torch.all(first["topk_logprobs"][:, :-1] >= first["topk_logprobs"][:, 1:])
-    assert data["hidden"].dtype == torch.bfloat16 and data["hidden"].shape[-1] == 32
-    # resume: only the missing shard is written again, identical for the greedy round
-    before = paths[1].read_bytes()
-    paths[1].unlink()
-    stats = generate_dataset(model, tokenizer, prompts, tmp_path, settings, progress=False)
-    assert stats["skipped"] == len(paths) - 1
-    assert paths[1].read_bytes() == before
+    assert len(data["offsets"]) - 1 == len(prompts) + n_train and data["sampled"].sum() == n_train
+    assert sorted(set(data["tasks"])) == sorted({r["category"] for r in prompts})
+    # round 0 is greedy: each answer equals HF generate of its prompt alone
+    greedy = [i for i in range(len(data["offsets"]) - 1) if not data["sampled"][i]]
+    for i, row in zip(greedy, prompts):
+        a, b, p = int(data["offsets"][i]), int(data["offsets"][i + 1]), int(data["prompt_lengths"][i])
+        ids = prompt_token_ids(tokenizer, row["messages"])
+        assert data["input_ids"][a:a + p].tolist() == ids
+        assert data["input_ids"][a + p:b].tolist() == _hf_greedy(model, ids, 12)
+        assert bool(data["is_eval"][i]) == (row["split"] == "eval")
+    # resume: only the missing shard is written again, identical (greedy and sampled rounds)
+    for lost in (paths[2], paths[3]):
+        before = lost.read_bytes()
+        lost.unlink()
+        stats = generate_dataset(model, tokenizer, prompts, tmp_path, settings, progress=False)
+        assert stats["skipped"] == len(paths) - 1 and stats["written"] == 1
+        assert lost.read_bytes() == before
+    # a deadline in the past starts nothing
+    (paths[5]).unlink()
+    stats = generate_dataset(model, tokenizer, prompts, tmp_path, settings, progress=False, deadline=0.0)
+    assert stats["written"] == 0 and stats["stopped_at"] == "chunk 2"
     # other settings into the same folder are refused
     with pytest.raises(ValueError):
         generate_dataset(model, tokenizer, prompts, tmp_path, DataSettings(max_new_tokens=5, batch_size=3), progress=False)
@@ -140,7 +197,7 @@ def _data_main(monkeypatch, tmp_path, argv):
     if not prompts.exists():
         prompts.write_text("".join(json.dumps(r) + "\n" for r in build_prompts()[:4]))
     base = ["--model", "tiny", "--out", str(tmp_path / "out"), "--prompts", str(prompts), "--batch-size", "4",
-            "--max-new-tokens", "6", "--topk", "4", "--device", "cpu", "--no-progress"]
+            "--max-new-tokens", "6", "--device", "cpu", "--no-progress"]
     try:
         code = data_module.main(base + argv)
     except SystemExit as exit:
@@ -173,6 +230,11 @@ def test_data_rerun_with_other_settings_is_refused_in_one_line(monkeypatch, tmp_
     (["--batch-size", "-3"], "argument --batch-size: must be an integer >= 1"),
     (["--dtype", "fp8"], "argument --dtype: invalid choice"),
     (["--prompts", "/nonexistent/prompts.jsonl"], "prompts file /nonexistent/prompts.jsonl not found"),
+    (["--synth", "10"], "--synth makes its own prompts: leave out --prompts and --limit"),
+    (["--synth-mix", "chat=1,poetry=2"], "argument --synth-mix: must be KIND=WEIGHT,... with KIND among chat,"),
+    (["--synth-mix", "chat=0"], "argument --synth-mix: at least one kind needs a weight > 0"),
+    (["--top-p", "1.5"], "argument --top-p: must be a finite number in [0, 1]"),
+    (["--time-budget-s", "-1"], "argument --time-budget-s: must be a finite number in [0, inf)"),
 ])
 def test_data_bad_arguments_exit_2_in_one_line(monkeypatch, tmp_path, capsys, argv, named):
     code, loads = _data_main(monkeypatch, tmp_path, argv)

@@ -12,7 +12,7 @@ one shard `shard_{c:05d}_{r:02d}.safetensors` is written, atomically, holding to
     input_ids       [N]    uint16 (int32 when the vocabulary has more than 65536 ids)  prompt + answer
     offsets         [S+1]  int64   sequence s is input_ids[offsets[s]:offsets[s+1]]
     prompt_lengths  [S]    int32   the first prompt_lengths[s] tokens are the prompt
-    task_ids        [S]    uint8   index into the shard metadata's "tasks" (JSON list of names)
+    task_ids        [S]    uint8   index into "tasks" of the shard's metadata (one key, "coral_data": JSON)
     is_eval         [S]    uint8   held-out prompt
     sampled         [S]    uint8   answer sampled (1) or greedy (0)
 
@@ -108,7 +108,7 @@ def build_token_shard(sequences: list[list[int]], prompt_lengths: list[int], tas
         "is_eval": torch.tensor([bool(e) for e in is_eval], dtype=torch.uint8),
         "sampled": torch.tensor([bool(x) for x in sampled], dtype=torch.uint8),
     }
-    return tensors, {"format": FORMAT, "tasks": json.dumps(names)}
+    return tensors, {"format": FORMAT, "tasks": names}
 
 
 def build_shard(sequences: list[list[int]], prompt_lengths: list[int], is_eval: list[bool], hiddens, topk_ids, topk_logprobs) -> dict[str, Tensor]:
@@ -331,7 +331,8 @@ def generate_dataset(model, tokenizer, prompts: list[dict] | None, out_dir: str 
                 [rows_r[i]["split"] == "eval" for i, _ in kept], [r > 0] * len(kept), vocab_size)
             path = shard_path(out, c, r)
             tmp = path.with_suffix(".tmp")
-            save_file(tensors, str(tmp), metadata={**metadata, "chunk": str(c), "round": str(r)})
+            # one metadata key: safetensors writes several in hash order, and shards should be byte-reproducible
+            save_file(tensors, str(tmp), metadata={"coral_data": json.dumps({**metadata, "chunk": c, "round": r}, sort_keys=True)})
             os.replace(tmp, path)  # a shard appears whole or not at all
             stats["written"] += 1
             stats["answer_tokens"] += sum(len(a) for _, a in kept)
@@ -372,7 +373,7 @@ def load_shards(data_dir: str | Path) -> dict:
         if parts and legacy != ("hidden" in parts[0]):
             raise ValueError(f"{data_dir} mixes token-only shards and shards with stored features ({p.name}): use one folder per format")
         parts.append(part)
-        task_lists.append(json.loads(metadata.get("tasks", "[]")))
+        task_lists.append(json.loads(metadata.get("coral_data", "{}")).get("tasks", []))
     legacy = "hidden" in parts[0]
     keys = [k for k in (LEGACY_TENSORS if legacy else SHARD_TENSORS) if k != "offsets"]
     merged: dict = {}
