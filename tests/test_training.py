@@ -493,3 +493,88 @@ def test_train_resume_from_the_command_line_is_exact(monkeypatch, tmp_path, caps
     a, b = (load_file(str(tmp_path / out / "last" / "model.safetensors")) for out in ("full", "cut"))
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+# --- token-only shards: features recomputed online by the target -------------------------------------
+def token_data(target, n_seqs=30, prompt_len=5, new_tokens=24, seed=0):
+    """The sequences of `tiny_data` in the token-only layout of `coral-fast data` (as load_shards gives it)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from coral_fast.training.data import build_token_shard, load_shards
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = target.config.vocab_size
+    prompts = torch.randint(0, vocab, (n_seqs, prompt_len), generator=gen)
+    with torch.no_grad():
+        seqs = target.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0).tolist()
+    tensors, meta = build_token_shard(seqs, [prompt_len] * n_seqs, ["chat"] * n_seqs, [i % 6 == 0 for i in range(n_seqs)], [False] * n_seqs, vocab)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        save_file(tensors, f"{folder}/shard_00000_00.safetensors", metadata={"coral_data": json.dumps(meta)})
+        return load_shards(folder)
+
+
+def test_online_batches_equal_the_stored_ones(seed):
+    target = tiny_target(seed=seed % 1000)
+    stored = SequenceData(tiny_data(target, n_seqs=9, new_tokens=13, seed=seed % 1000))
+    online = SequenceData(token_data(target, n_seqs=9, new_tokens=13, seed=seed % 1000), target=target, topk=8)
+    assert online.train == stored.train and online.eval == stored.eval
+    assert torch.equal(online.loss_mask, stored.loss_mask)
+    for a, b in zip(online.batches(online.train, 200, False, random.Random(0)), stored.batches(stored.train, 200, False, random.Random(0))):
+        for key in ("tokens", "mask", "positions", "topk_ids"):
+            assert torch.equal(a[key], b[key]), key
+        mask = a["mask"]
+        # stored features are bf16: compare at bf16 resolution, exactly where the ranks are certain
+        torch.testing.assert_close(a["features"][mask].bfloat16().float(), b["features"][mask], rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(a["topk_logprobs"][mask], b["topk_logprobs"][mask], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="token-only shards need the target"):
+        SequenceData(token_data(target, n_seqs=3))
+    with pytest.raises(ValueError, match="data of another model"):
+        SequenceData(token_data(tiny_target(vocab=97), n_seqs=3, seed=1), target=tiny_target(vocab=11))
+
+
+def test_training_from_token_only_shards_lowers_its_loss(seed, tmp_path):
+    target = tiny_target()
+    data = SequenceData(token_data(target), target=target, topk=8)
+    draft = tiny_draft(target)
+    cfg = TrainConfig(iters=60, warmup=5, lr=3e-3, batch_tokens=384, eval_every=0, checkpoint_every=0, eval_unroll=3, seed=seed % 1000)
+    token_groups = token_groups_of(draft)
+    batch = data.collate(data.train[:8])
+    with torch.no_grad():
+        before, logs_before = compute_losses(draft, batch, cfg, token_groups)
+    history = train(draft, data, cfg, out_dir=tmp_path, progress=False, eval_groups=[2])
+    with torch.no_grad():
+        after, logs_after = compute_losses(draft, batch, cfg, token_groups)
+    assert after.item() < 0.85 * before.item(), (logs_before, logs_after)
+    assert logs_after["token"] < logs_before["token"] and logs_after["acc0"] > logs_before["acc0"]
+    assert history["final_eval"]["bases"] > 0 and "tau_a2" in history["final_eval"]
+
+
+def test_resume_from_token_only_shards_is_bit_identical(tmp_path, monkeypatch):
+    from coral_fast.training import trainer
+
+    target = tiny_target()
+    data = SequenceData(token_data(target, n_seqs=14, new_tokens=17), target=target, topk=8)
+    cfg = dict(iters=8, warmup=2, lr=3e-3, batch_tokens=96, eval_every=4, eval_unroll=2, checkpoint_every=3,
+               feature_noise=0.1, csra_max_positions=8, seed=5)
+    draft = tiny_draft(target)
+    train(draft, data, TrainConfig(**cfg), out_dir=tmp_path / "full", progress=False)
+    reference = _weights(draft)
+    done = []
+
+    def stop_after_second(what):
+        done.append(what)
+        if done.count("rename to last") == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_written", stop_after_second)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_draft(target), data, TrainConfig(**cfg), out_dir=tmp_path / "cut", progress=False)
+    monkeypatch.setattr(trainer, "_written", lambda what: None)
+    torch.manual_seed(4321)
+    resumed = tiny_draft(target)
+    train(resumed, data, TrainConfig(**cfg), out_dir=tmp_path / "cut", resume=True, progress=False)
+    _assert_same_weights(reference, _weights(resumed))
