@@ -578,3 +578,20 @@ def test_resume_from_token_only_shards_is_bit_identical(tmp_path, monkeypatch):
     resumed = tiny_draft(target)
     train(resumed, data, TrainConfig(**cfg), out_dir=tmp_path / "cut", resume=True, progress=False)
     _assert_same_weights(reference, _weights(resumed))
+
+
+def test_train_command_on_token_only_data(monkeypatch, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from coral_fast.training.data import build_token_shard
+
+    data = tmp_path / "data"
+    data.mkdir()
+    target = tiny_target()
+    seqs = target.generate(torch.randint(0, 67, (10, 4), generator=torch.Generator().manual_seed(0)), max_new_tokens=12, do_sample=False, pad_token_id=0).tolist()
+    tensors, meta = build_token_shard(seqs, [4] * 10, ["chat"] * 10, [i % 5 == 0 for i in range(10)], [False] * 10, 67)
+    save_file(tensors, str(data / "shard_00000_00.safetensors"), metadata={"coral_data": json.dumps(meta)})
+    code, loads = _train_main(monkeypatch, tmp_path, ["--seed", "2"])
+    assert code == 0 and loads and (tmp_path / "out" / "model.safetensors").exists()

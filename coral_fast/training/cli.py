@@ -169,7 +169,8 @@ def main(argv=None) -> int:
     with argument_errors(parser):
         target, _ = load_target(args.model, target_dtype, args.device)
         target.requires_grad_(False)
-        data = SequenceData(load_shards(args.data), device=device, max_seq_len=cfg.max_seq_len, loss_on_prompt=cfg.loss_on_prompt)
+        # token-only shards: the target computes the features of each batch online
+        data = SequenceData(load_shards(args.data), device=device, max_seq_len=cfg.max_seq_len, loss_on_prompt=cfg.loss_on_prompt, target=target)
         if not data.train:
             raise ValueError(f"--data {args.data} holds no training sequences")
         draft = build_draft(target, args.model, args.grouping, args.num_groups, args.active_groups, data, device, init, seed=cfg.seed,
