@@ -67,7 +67,16 @@ class BatchedGenerator:
         if mode == "auto":
             mode = "compile" if self.device.type == "cuda" else "eager"
         self.mode = mode
-        self._decode = torch.compile(self._forward, mode="reduce-overhead", dynamic=False) if mode == "compile" else self._forward
+        if mode == "compile":
+            # every generator's decode step is one more compiled shape of the same code object
+            import torch._dynamo.config as dynamo_config
+
+            for name in ("cache_size_limit", "recompile_limit"):
+                if hasattr(dynamo_config, name):
+                    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+            self._decode = torch.compile(self._forward, mode="reduce-overhead", dynamic=False)
+        else:
+            self._decode = self._forward
         # decode inputs live in fixed buffers (the captured graph reads them from the same addresses)
         B = batch_size
         self.mask = torch.zeros(B, max_len, dtype=torch.long, device=self.device)

@@ -45,7 +45,7 @@ from coral_fast.training.prompts import load_prompts
 FORMAT = "tokens-v2"
 SHARD_TENSORS = ("input_ids", "offsets", "prompt_lengths", "task_ids", "is_eval", "sampled")
 LEGACY_TENSORS = ("input_ids", "hidden", "topk_ids", "topk_logprobs", "loss_mask", "offsets", "is_eval")
-CACHE_BUCKETS = (512, 1024, 2048, 4096, 8192)  # static-cache lengths (one compiled decode step each)
+CACHE_BUCKETS = (1024, 4096)  # static-cache lengths (longer: multiples of 4096); one compiled decode step each
 
 
 def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -222,30 +222,37 @@ def _seed_of(*parts) -> int:
 
 
 class IdGenerator:
-    """generate(prompts, max_new_tokens, temperature, top_p, seed) -> answers over batched.py:
-    prompts sorted by length, `rows` at a time, one static cache per length bucket (CACHE_BUCKETS)."""
+    """generate(prompts, max_new_tokens, temperature, top_p, seed) -> answers over batched.py.
+
+    Prompts are grouped by the static-cache length they need (CACHE_BUCKETS: attention reads the whole
+    cache every step, so short prompts must not share a long one), then decoded `rows` at a time; a
+    group of at most rows // 8 prompts (the long documents of a chunk) uses a generator of rows // 8
+    rows. Each (length, rows) pair is one compiled decode step on the GPU (4 for the defaults)."""
 
     def __init__(self, model, rows: int, eos: list[int], pad: int, mode: str = "auto"):
         self.model, self.rows, self.eos, self.pad, self.mode = model, rows, eos, pad, mode
         self.generators = {}
-        self.steps = self.tokens = 0
+        self.tokens = 0
 
     def __call__(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int) -> list[list[int]]:
         from coral_fast.training.batched import BatchedGenerator
 
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        groups: dict[int, list[int]] = {}
+        for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
+            need = len(prompts[i]) + max_new_tokens
+            groups.setdefault(next((b for b in CACHE_BUCKETS if b >= need), -(-need // 4096) * 4096), []).append(i)
         answers: list[list[int] | None] = [None] * len(prompts)
-        for start in range(0, len(order), self.rows):
-            rows = order[start:start + self.rows]
-            need = max(len(prompts[i]) for i in rows) + max_new_tokens
-            bucket = next((b for b in CACHE_BUCKETS if b >= need), -(-need // 1024) * 1024)
-            if bucket not in self.generators:
-                self.generators[bucket] = BatchedGenerator(self.model, self.rows, bucket, self.mode)
-            out = self.generators[bucket].generate([prompts[i] for i in rows], max_new_tokens, self.eos, self.pad,
-                                                   temperature, top_p, seed=_seed_of(seed, start))
-            for i, a in zip(rows, out):
-                answers[i] = a
-                self.tokens += len(a)
+        for length, members in sorted(groups.items()):
+            for start in range(0, len(members), self.rows):
+                rows = members[start:start + self.rows]
+                width = self.rows if len(rows) > max(1, self.rows // 8) else max(1, self.rows // 8)
+                if (length, width) not in self.generators:
+                    self.generators[length, width] = BatchedGenerator(self.model, width, length, self.mode)
+                out = self.generators[length, width].generate([prompts[i] for i in rows], max_new_tokens, self.eos, self.pad,
+                                                              temperature, top_p, seed=_seed_of(seed, length, start))
+                for i, a in zip(rows, out):
+                    answers[i] = a
+                    self.tokens += len(a)
         return answers
 
 

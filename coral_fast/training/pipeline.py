@@ -4,7 +4,8 @@
 
 Used by `scripts/gpu_train.sh` for one device call: the target is loaded once, every stage has a
 deadline, and the stages run in order of importance:
-  1. data (round 0 greedy over all prompts first, then sampled rounds while time allows)
+  1. data (token ids; per chunk of prompts round 0 greedy, then sampled rounds, while time allows;
+     the shipped prompt set or `--synth N` prompts made by the target)
   2. the shipped draft: multi-step (3) + CSRA, grouped head (router, contiguous G=32, a=4)
   3. its acceptance through the real loop (greedy, EAGLE-2 tree depth 6 / top-k 10 / 60 tokens)
   4. ablation at equal iterations: single-step, multi-step, multi-step + CSRA; grouped vs dense
@@ -63,8 +64,10 @@ def main(argv=None) -> int:
     p.add_argument("--main-budget", type=float, default=400.0)
     p.add_argument("--ablation-budget", type=float, default=25.0, help="seconds of the multi+CSRA ablation run; the others match its iterations")
     p.add_argument("--samples", type=int, default=11)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--gen-batch", type=int, default=1000)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--gen-batch", type=int, default=256, help="prompts per data chunk (one shard per chunk and round)")
+    p.add_argument("--synth", type=int, default=0, help="synthesize N prompts with the target instead of the shipped set")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="training sequences are cut to this many tokens")
     p.add_argument("--batch-tokens", type=int, default=None, help="padded tokens per training batch (default 16384; 8192 above 65536 ids)")
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--main-eval-every", type=int, default=500, help="held-out estimate every N iterations (best kept)")
@@ -111,12 +114,14 @@ def main(argv=None) -> int:
     prompts = load_prompts()
     if args.limit_prompts:
         prompts = [r for r in prompts if r["split"] == "eval"][: max(2, args.limit_prompts // 8)] + [r for r in prompts if r["split"] == "train"][: args.limit_prompts]
-    settings = DataSettings(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, forward_batch_size=(8 if large_vocab else 32) if device.type == "cuda" else 4, samples=args.samples, topk=16)
+    settings = DataSettings(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch, gen_rows=min(args.gen_batch, 256), samples=args.samples, synth=args.synth)
     t0 = time.perf_counter()
-    stats = generate_dataset(target, tokenizer, prompts, args.data_dir, settings, model_name=args.model, progress=not args.no_progress, deadline=clock.deadline(args.data_budget))
+    stats = generate_dataset(target, tokenizer, None if args.synth else prompts, args.data_dir, settings, model_name=args.model,
+                             progress=not args.no_progress, deadline=clock.deadline(args.data_budget))
     results["data"] = {**stats, "seconds": round(time.perf_counter() - t0, 1)}
     log("data", **results["data"])
-    data = SequenceData(load_shards(args.data_dir), device=device, max_seq_len=1024)
+    # token-only shards: the target recomputes features and top-16 for every batch
+    data = SequenceData(load_shards(args.data_dir), device=device, max_seq_len=args.max_seq_len, target=target, topk=16)
     mask_cumsum = torch.cat([torch.zeros(1, dtype=torch.int64), data.loss_mask.cpu().long().cumsum(0)])
     results["data"].update(train_seqs=len(data.train), eval_seqs=len(data.eval),
                            train_answer_tokens=int(sum(int(mask_cumsum[e] - mask_cumsum[s]) for s, e in data.train)))
