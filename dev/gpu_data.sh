@@ -26,8 +26,11 @@ OUT=${OUT:-/tmp/out}
 MAX_BACK=$((60 * 1000 * 1000))
 
 exclude() {  # keep the data out of git (the device tool carries ignored folders named in `carry`)
-  local ex="$ROOT/.git/info/exclude"
-  [ -f "$ex" ] || return 0
+  local ex
+  ex=$(cd "$ROOT" && git rev-parse --git-path info/exclude 2>/dev/null) || return 0
+  [[ "$ex" = /* ]] || ex="$ROOT/$ex"
+  mkdir -p "$(dirname "$ex")"
+  touch "$ex"
   grep -qx '/dev/data/' "$ex" || echo '/dev/data/' >>"$ex"
   grep -qx '/dev/carry/' "$ex" || echo '/dev/carry/' >>"$ex"
 }
@@ -50,6 +53,7 @@ pack-train)
   ;;
 unpack)
   FROM=${1:?the folder holding $MODEL.new.tar.part* (files_at of the run)}
+  exclude
   mkdir -p "$LOCAL"
   cat "$FROM"/"$MODEL".new.tar.part* | tar -x -C "$LOCAL"
   echo "$LOCAL: $(ls "$LOCAL" | grep -c '^shard_') shards"

@@ -35,6 +35,7 @@ DEFAULT_MIX = {"chat": 0.25, "two_turn": 0.1, "translation": 0.12, "summarizatio
 LANGUAGES = ["French", "Spanish", "German", "Italian", "Portuguese"]
 TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<start_of_turn>", "<end_of_turn>", "<eos>", "<bos>",
                     "<s>", "</s>", "[INST]", "[/INST]", "<|user|>", "<|assistant|>", "<|system|>")
+PREAMBLE = re.compile(r"^(?:sure|certainly|of course|here(?:'s| is| are)|below is)[^\n]{0,160}:[ \t]*\n", re.IGNORECASE)
 GENRES = ["news article", "encyclopedia entry", "blog post", "report", "short story", "essay", "guide", "product review", "history"]
 SUMMARY_ASKS = [
     "Summarize the following {genre} in {n} sentences.\n\n{doc}",
@@ -267,6 +268,8 @@ def synthesize_chunk(generate, tokenizer, chunk: int, n: int, seed: int, setting
         texts = generate([r for _, _, r in pairs], s.temperature, s.top_p, seed=_hash64(f"{seed}:{chunk}:{stage}") % (1 << 62))
         for (item, key, _), text in zip(pairs, texts):
             text = text.strip()
+            if key not in ("user", "user2", "answer"):
+                text = PREAMBLE.sub("", text, count=1).strip()  # "Here is a paragraph about X:" is not the material
             problem = text_problem(text, s) if item["kind"] != "translation" or key != "text" else text_problem(text, SynthSettings(min_letter_ratio=0.5))
             if problem:
                 drop(item, f"{key}:{problem}")
