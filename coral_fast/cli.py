@@ -24,7 +24,7 @@ USAGE = """usage: coral-fast <command> [options]
 commands:
   bench head        grouped LM head + fused top-k vs dense cuBLAS + torch.topk
   bench attention   tree attention vs SDPA with a tree mask and FlexAttention
-  bench e2e         draft/verify loop vs model.generate (eager and compiled)
+  bench e2e         the loop vs the engine's plain mode vs HF generate: task suite, --scale configs
   generate          speculative generation on a target model
   train             CORAL draft training (multi-step, CSRA, router)
   data              self-distillation data from a target model

@@ -129,7 +129,8 @@ def main_retrofit(parser, args) -> int:
     with argument_errors(parser):
         target, _ = load_target(args.model, torch.bfloat16 if device.type == "cuda" else torch.float32, args.device)
         target.requires_grad_(False)
-        data = SequenceData(load_shards(args.data), device=device, max_seq_len=args.max_seq_len, loss_on_prompt=args.loss_on_prompt)
+        data = SequenceData(load_shards(args.data), device=device, max_seq_len=args.max_seq_len, loss_on_prompt=args.loss_on_prompt,
+                            target=target)
         if not data.train:
             raise ValueError(f"--data {args.data} holds no training sequences")
         draft = DraftModel.from_pretrained(args.draft, target)
