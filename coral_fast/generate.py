@@ -97,7 +97,9 @@ class GenerationResult:
 class SpeculationPolicy:
     """Speculate while the expected rate (EMA of accepted length / round cost) beats plain decoding
     (1 / step cost) by `margin`; in plain mode, probe with one round every `interval` tokens (doubling
-    after each probe that does not pay, up to `max_interval`)."""
+    after each probe that does not pay, up to `max_interval`). The first interval grows with the cost
+    ratio (16 plain steps per plain step a probe costs beyond one), so that probing costs a few percent
+    where a round is dear (the CPU) and probes stay frequent where it is cheap (captured on a GPU)."""
 
     round_s: float
     plain_s: float
@@ -108,6 +110,13 @@ class SpeculationPolicy:
     ema_tau: float | None = None
     since_probe: int = 0
     interval: int = 16
+
+    def __post_init__(self):
+        ratio = self.round_s / self.plain_s if self.plain_s > 0 else float("nan")
+        if math.isfinite(ratio):
+            self.first_interval = max(self.first_interval, math.ceil(16 * (ratio - 1)))
+            self.max_interval = max(self.max_interval, 8 * self.first_interval)
+        self.interval = self.first_interval
 
     def pays(self) -> bool:
         return self.ema_tau is None or self.ema_tau / self.round_s > (1.0 + self.margin) / self.plain_s
@@ -210,6 +219,8 @@ class SpeculativeGenerator:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.warmed = False
         self.round_time_s = self.plain_step_time_s = float("nan")
+        self.refine_costs = True  # eager: update the policy's costs from the request's own step times
+        self.policy_options: dict = {}  # SpeculationPolicy fields (margin, first_interval, ...) for every request
         self._dynamo_graphs = 0
 
     # --- one-time set-up ------------------------------------------------------------------------------
@@ -339,14 +350,15 @@ class SpeculativeGenerator:
         done = emit([eng.prefill(P)])
         result.prefill_time_s = time.perf_counter() - t0
         speculate = self.speculative and not plain
-        policy = SpeculationPolicy(self.round_time_s, self.plain_step_time_s)
+        policy = SpeculationPolicy(self.round_time_s, self.plain_step_time_s, **self.policy_options)
         while not done:
             if speculate and (not self.adaptive or policy.speculate()):
+                t = time.perf_counter()
                 timer.mark("draft")
                 eng.catch_up()
-                t = time.perf_counter()
                 tokens = eng.round(timer)
-                if eager:  # the host timer synchronised: refine the cost estimate as the context grows
+                if eager and self.refine_costs:  # the host timer synchronised: refine the estimate (the draft's catch-up included:
+                    # it is what resuming speculation costs on top of a round)
                     policy.round_s = 0.8 * policy.round_s + 0.2 * (time.perf_counter() - t)
                 result.rounds += 1
                 result.accepted_lengths.append(len(tokens))
@@ -354,7 +366,7 @@ class SpeculativeGenerator:
             else:
                 t = time.perf_counter()
                 tokens = eng.plain(timer)
-                if eager:
+                if eager and self.refine_costs:
                     policy.plain_s = 0.8 * policy.plain_s + 0.2 * (time.perf_counter() - t)
                 result.plain_steps += 1
                 policy.after_plain()

@@ -23,7 +23,8 @@ def test_caches_equal_plain_run(make_target, mixed, seed, one_thread):
     install_oracle(gen, prompt.tolist() + ref, V, torch.Generator().manual_seed(seed))
     gen.warmup()
     if mixed:
-        gen.round_time_s, gen.plain_step_time_s = 100.0, 1.0
+        gen.round_time_s, gen.plain_step_time_s = 2.0, 1.0  # probes after 16, 32, ... plain steps
+        gen.refine_costs, gen.policy_options = False, dict(margin=10.0)  # and no round ever pays
     out = gen.generate(prompt, 60)
     assert out.token_ids == ref
     if mixed:
