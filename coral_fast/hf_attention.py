@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 ATTN_NAME = "coral_tree"
@@ -52,6 +53,26 @@ class _TreeCall:
     def __init__(self, cache, mask, positions, impl, slots, kv_len, tree=None, host_len=None):
         self.cache, self.mask, self.positions, self.impl = cache, mask, positions, impl
         self.slots, self.kv_len, self.tree, self.host_len = slots, kv_len, tree, host_len
+        self._allowed: dict = {}
+
+    def allowed(self, window: int | None) -> Tensor | None:
+        """Eager: [T, host_len] bool over the used slots (prefix, then the T new rows), built once per
+        forward and window size; None when every slot is visible (one new row, no window)."""
+        if window not in self._allowed:
+            T = self.mask.shape[0]
+            prefix = self.host_len - T
+            if T == 1 and window is None:
+                self._allowed[window] = None
+            else:
+                cols = torch.arange(prefix, device=self.mask.device)
+                seen = torch.ones(T, prefix, dtype=torch.bool, device=self.mask.device)
+                mask = self.mask
+                if window is not None:
+                    seen = cols[None, :] > self.positions[:, None] - window
+                    if window <= T:
+                        mask = mask & (self.positions[:, None] - self.positions[None, :] < window)
+                self._allowed[window] = torch.cat([seen, mask], dim=1)
+        return self._allowed[window]
 
 
 def _coral_tree_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -70,6 +91,11 @@ def _coral_tree_attention(module, query, key, value, attention_mask, scaling=Non
     v_layer.index_copy_(2, call.slots, value.to(v_layer.dtype))
     if call.host_len is not None:
         k_layer, v_layer = k_layer[:, :, : call.host_len], v_layer[:, :, : call.host_len]
+        if call.impl in ("sdpa", "reference"):  # eager on the used slots: one mask a forward, torch's SDPA
+            out = F.scaled_dot_product_attention(query, k_layer.to(query.dtype), v_layer.to(query.dtype),
+                                                 attn_mask=call.allowed(window), scale=scaling,
+                                                 enable_gqa=query.shape[1] != k_layer.shape[1])
+            return out.transpose(1, 2).contiguous(), None
     from coral_fast.kernels.tree_attention import SUPPORTED_HEAD_DIMS
 
     mask, tree = call.mask, call.tree
