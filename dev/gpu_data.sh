@@ -8,9 +8,9 @@
 #   bash dev/gpu_data.sh pack-train MODEL    -> dev/carry/MODEL.train.tar.gz: meta.json + the shards
 #   bash dev/gpu_data.sh unpack MODEL DIR    <- DIR/MODEL.new.tar.part* (a run's files) into dev/data/MODEL/
 # On the device (run tool; carry dev/carry with the call that brings the state, and the model parts as
-# docs/device.md says; the work folder /tmp/coral_data/MODEL survives between calls on a warm machine):
-#   source scripts/device_setup.sh && bash dev/gpu_data.sh generate MODEL --synth 40000 --samples 2 --time-budget-s 470
-#   source scripts/device_setup.sh && bash dev/gpu_data.sh train MODEL --time-budget-s 420 [coral-fast train flags]
+# dev/README.md says; the work folder /tmp/coral_data/MODEL survives between calls on a warm machine):
+#   source dev/device_setup.sh && bash dev/gpu_data.sh generate MODEL --synth 40000 --samples 2 --time-budget-s 470
+#   source dev/device_setup.sh && bash dev/gpu_data.sh train MODEL --time-budget-s 420 [coral-fast train flags]
 # generate: runs `coral-fast data` on the work folder (finished shards are skipped), then tars the files
 # this call added into $OUT/MODEL.new.tar.part00, part01, ... (15 MiB each: the device returns files of
 # at most 16 MiB, 8 files, 64 MiB in all; the call refuses to return more than 60 MB).

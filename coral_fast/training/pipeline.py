@@ -2,7 +2,7 @@
 
     python -m coral_fast.training.pipeline --model smollm2|gemma3-270m --out OUT [--budget 560]
 
-Used by `scripts/gpu_train.sh` for one device call: the target is loaded once, every stage has a
+Used by `dev/gpu_train.sh` for one device call: the target is loaded once, every stage has a
 deadline, and the stages run in order of importance:
   1. data (token ids; per chunk of prompts round 0 greedy, then sampled rounds, while time allows;
      the shipped prompt set or `--synth N` prompts made by the target)
@@ -285,7 +285,7 @@ def render_markdown(results: dict) -> str:
         f"# Draft training and loop evaluation ({results.get('args', {}).get('model')} target)",
         "",
         f"Device: {env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}, transformers {env.get('transformers')}; {env.get('date')}.",
-        "Produced by `scripts/gpu_train.sh` (`python -m coral_fast.training.pipeline`) in one device call.",
+        "Produced by `dev/gpu_train.sh` (`python -m coral_fast.training.pipeline`) in one device call.",
         "",
     ]
     data = results.get("data")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Grouped LM head (issue 2): the default config against a few candidates where the targets are still
-# missed, one device call (~6 min on an H100 with the seventh session's plan, compiles included; hard
+# missed, one device call (~6 min on an H100, compiles included; hard
 # limits per shape below; nothing to carry):
-#   source scripts/device_setup.sh && bash scripts/gpu_head_sweep.sh
+#   source dev/device_setup.sh && bash dev/gpu_head_sweep.sh
 # Cases and candidates: SWEEP_PLAN in coral_fast/benchmarks/head.py, each with the reasoning on work
 # items, persistent programs and how many are resident (registers, shared memory). Per config: bf16
 # check against the fp32 reference (fresh inputs, poisoned outputs), then one call a CUDA-graph replay

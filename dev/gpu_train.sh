@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One device call: self-distillation data + a draft + its evaluation in the real loop (+ the ablation).
-# Needs the target's GGUF assembled by scripts/device_setup.sh (docs/device.md): SmolLM2 from
+# Needs the target's GGUF assembled by dev/device_setup.sh (dev/README.md): SmolLM2 from
 # .carry/smol1 + .carry/smol2, Gemma 3 270M from .carry/gem1 .. .carry/gem5, one chunk per call, the
 # last call running this script. Everything lands in $OUT:
 #   $OUT/<model>/{config.json,model.safetensors}  the trained draft (fp16) -> coral_fast/drafts/<model>/
 #   $OUT/results.json, $OUT/ablation.md             numbers -> bench/results/ablation_<model>.md
 #   $OUT/train_main.jsonl, $OUT/log                 training logs
-# Usage (device tool): source scripts/device_setup.sh && bash scripts/gpu_train.sh [--model gemma3-270m] [pipeline args]
+# Usage (device tool): source dev/device_setup.sh && bash dev/gpu_train.sh [--model gemma3-270m] [pipeline args]
 set -o pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -23,7 +23,7 @@ case "$MODEL" in
   *) NEED="" ;;
 esac
 if [ -n "$NEED" ] && [ -z "${!NEED:-}" ]; then
-  echo "$NEED is not set: carry $CHUNKS, one per call, back to back (docs/device.md)" | tee "$OUT/log"
+  echo "$NEED is not set: carry $CHUNKS, one per call, back to back (dev/README.md)" | tee "$OUT/log"
   exit 2
 fi
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# `coral-fast bench e2e` on the GPU, one device-tool call per part (after `source scripts/device_setup.sh`):
-#   bash scripts/gpu_e2e.sh suite   SmolLM2 (the carried GGUF) + its shipped draft: task suite quick (PROMPTS a
+# `coral-fast bench e2e` on the GPU, one device-tool call per part (after `source dev/device_setup.sh`):
+#   bash dev/gpu_e2e.sh suite   SmolLM2 (the carried GGUF) + its shipped draft: task suite quick (PROMPTS a
 #                                   task, 128 tokens), greedy + sampling at 0.7, loop / plain / HF static
 #                                   -> $OUT/e2e_suite.{json,csv,md,png}, $OUT/suite.log
-#   bash scripts/gpu_e2e.sh scale   random weights of Llama-3.2-1B, Llama-3.1-8B, Qwen2.5-7B, Gemma-3-1B on the
+#   bash dev/gpu_e2e.sh scale   random weights of Llama-3.2-1B, Llama-3.1-8B, Qwen2.5-7B, Gemma-3-1B on the
 #                                   device, profile of a Llama-3.1-8B round -> $OUT/e2e_scale.{json,csv,md,png}, scale.log
-#   bash scripts/gpu_e2e.sh tests   the loop's CUDA tests -> $OUT/tests.log
+#   bash dev/gpu_e2e.sh tests   the loop's CUDA tests -> $OUT/tests.log
 # Each part is sized to finish in ~8 minutes; results files are rewritten as tasks / configs finish, so a
 # timeout still leaves what was measured. Env: MODELS (smollm2), MODE (suite engine mode: graphs | compile;
 # default graphs), PROMPTS (per task, 3), TASKS (all), SCALE (all), SCALE_MODE (graphs), TAUS (3,4,5),
@@ -33,5 +33,5 @@ case "$what" in
       tests/test_fusion.py -k cuda 2>&1 | tail -30 | tee "$OUT/tests.log"
     ;;
   *)
-    echo "usage: bash scripts/gpu_e2e.sh suite|scale|tests" >&2; exit 2 ;;
+    echo "usage: bash dev/gpu_e2e.sh suite|scale|tests" >&2; exit 2 ;;
 esac

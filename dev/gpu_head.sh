@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Grouped LM head on the GPU: CUDA tests, then `coral-fast bench head` (table under $OUT).
-# Device tool: source scripts/device_setup.sh && bash scripts/gpu_head.sh [bench flags, e.g. --sweep]
+# Device tool: source dev/device_setup.sh && bash dev/gpu_head.sh [bench flags, e.g. --sweep]
 # HEAD_STEPS=tests,table,pytest-bench picks the steps (default tests,table);
 # HEAD_BENCH_FILTER=llama3 narrows the pytest-benchmark suite (pytest -k);
 # HEAD_TEST_TIMEOUT / HEAD_TABLE_TIMEOUT (seconds) cap the steps to fit a device call.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Tree attention on the GPU: CUDA tests, then `coral-fast bench attention` (table under $OUT).
-# Device tool: source scripts/device_setup.sh && bash scripts/gpu_attention.sh [bench flags...]
+# Device tool: source dev/device_setup.sh && bash dev/gpu_attention.sh [bench flags...]
 # ATTN_STEPS=tests,table,pytest-bench picks the steps (default tests,table).
 set -o pipefail
 OUT=${OUT:-out/attention}
