@@ -315,7 +315,33 @@ def run_suite(model, tokenizer, draft, prompts: list[Prompt], args, log, name="m
             part["tasks"] = report.summarize(part["rows"])
             if on_task_done:
                 on_task_done(part)
+    part["meta"]["long_prompt"] = long_prompt_check(gen, encoded, args, device, log, name)
+    if on_task_done:
+        on_task_done(part)
     return part
+
+
+def long_prompt_check(gen, encoded, args, device, log, name, target_len: int = 3000) -> dict:
+    """Time to first token of a ~3,000-token prompt (the suite's prompts end to end) on the warm engine,
+    and the captures/compiles it caused (must be none: the engine is sized once for max_context)."""
+    import torch
+
+    ids = torch.cat(encoded)
+    while ids.shape[0] < target_len:
+        ids = torch.cat([ids, ids])
+    ids = ids[:min(target_len, gen.max_context - 64)]
+    before = (gen.captures, gen.compiles)
+    out = {"prompt_len": int(ids.shape[0])}
+    for label, plain in (("loop", False), ("plain", True)):
+        result = gen.generate(ids, 32, plain=plain, ignore_eos=True)
+        out[f"ttft_s_{label}"] = round(result.prefill_time_s, 4)
+        out[f"tok_s_{label}"] = round(result.tokens_per_s, 2)
+    out["captures_after_warmup"] = gen.captures - before[0]
+    out["compiles_after_warmup"] = gen.compiles - before[1]
+    log(f"{name}: {out['prompt_len']}-token prompt on the warm engine: time to first token "
+        f"{1e3 * out['ttft_s_loop']:.1f} ms (plain mode {1e3 * out['ttft_s_plain']:.1f} ms), "
+        f"new captures {out['captures_after_warmup']}, new compiled graphs {out['compiles_after_warmup']}")
+    return out
 
 
 def fp32_disagreements(part) -> list[str]:

@@ -126,6 +126,12 @@ def suite_markdown(suite: dict) -> str:
             cells = [f"{fmt(100 * s[f'{k}_tokens'], '.1f', '%')} / {fmt(100 * s[f'{k}_seqs'], '.0f', '%')}"
                      for k in ("loop_vs_plain", "loop_vs_hf", "plain_vs_hf", "hf_eager_vs_static")]
             lines.append(f"| {s['task']} | " + " | ".join(cells) + " |")
+        lp = m.get("long_prompt")
+        if lp:
+            lines += ["", f"A {lp['prompt_len']}-token prompt on the warm engine (32 new tokens): time to first token "
+                      f"{1e3 * lp['ttft_s_loop']:.1f} ms (plain mode {1e3 * lp['ttft_s_plain']:.1f} ms); new captures "
+                      f"{lp['captures_after_warmup']}, new compiled graphs {lp['compiles_after_warmup']} (the engine is "
+                      "sized once for its max_context)."]
         if "sample_loop_tok_s" in part["tasks"][-1]:
             lines += ["", f"Sampling at temperature {m['temperature']} (same prompts, a seed each):", "",
                       "| task | tau | loop tok/s | plain tok/s | loop / plain |", "|---|---|---|---|---|"]
