@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from coral_fast.kernels._dispatch import cuda_properties, dot_needs_fp32, resolve_impl
+from coral_fast.kernels._launch import Launcher
 
 try:
     import triton
@@ -496,6 +497,17 @@ if triton is not None:
         tl.store(logprobs_ptr + m * K + slots, tl.where(row_ok, out_val - lse, float("nan")), mask=out_ok)
 
 
+# eager launches past a shape's first call skip Triton's per-call binding (_launch.py); the names are
+# the parameters that change between calls, the plan's meta dicts fix the rest
+if triton is not None:
+    _launch_partials = Launcher(_grouped_head_partials_kernel, dynamic=(
+        "hidden_ptr", "weight_ptr", "groups_ptr", "offsets_ptr", "order_ptr", "part_key_ptr", "part_max_ptr",
+        "part_sum_ptr", "stride_hm", "stride_wv", "stride_gm", "h_desc", "w_desc", "TMA"))
+    _launch_merge = Launcher(_merge_topk_kernel, dynamic=(
+        "part_key_ptr", "part_max_ptr", "part_sum_ptr", "order_ptr", "ids_ptr", "logprobs_ptr", "groups_ptr",
+        "offsets_ptr", "stride_gm"))
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     block_m: int
@@ -697,10 +709,12 @@ def _plan(M: int, H: int, V: int, A: int, G: int, k: int, max_group_size: int, d
 def grouped_head_topk_triton(
     hidden: Tensor, weight: Tensor, offsets: Tensor, order: Tensor, groups: Tensor, k: int,
     max_group_size: int, config: KernelConfig | None = None, out: tuple[Tensor, Tensor] | None = None,
-    _merge: bool = True, desc_cache: dict | None = None,
+    _merge: bool = True, desc_cache: dict | None = None, direct: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Launch the two kernels (`_merge=False`: the first only, for the benchmark's breakdown). Shapes and
     dtypes are assumed checked (GroupedLMHead.topk); bad values give invalid rows (module docstring).
+    Eager CUDA calls skip Triton's per-call launcher work after a shape's first call (`_launch.py`);
+    direct=False keeps Triton's launch (the custom op, captured calls always do).
 
     hidden: [M, H] (weight's dtype); weight: [V, H] re-laid, rows contiguous; offsets: [G+1] int64;
     order: [V] int64; groups: [M, A] int32/int64, contiguous rows; max_group_size: host int.
@@ -731,14 +745,12 @@ def grouped_head_topk_triton(
     if _tma_ok(cfg, plan.gather, hidden, weight):
         h_desc = TensorDescriptor.from_tensor(hidden, [cfg.block_m, plan.block_k])
         w_desc = _weight_descriptor(weight, [cfg.block_v, plan.block_k], desc_cache)
-    _grouped_head_partials_kernel[plan.grid](
-        hidden, weight, groups, offsets, order, part_key, stats, part_sum,
-        stride_hm=hidden.stride(0), stride_wv=weight.stride(0), stride_gm=groups.stride(0),
-        h_desc=h_desc, w_desc=w_desc, TMA=h_desc is not None, **plan.partials_meta,
-    )
+    _launch_partials(plan.grid, plan.partials_meta, hidden, weight, groups, offsets, order, part_key, stats,
+                     part_sum, hidden.stride(0), weight.stride(0), groups.stride(0), h_desc, w_desc,
+                     h_desc is not None, device=device, direct=direct)
     if _merge:
-        _merge_topk_kernel[(M,)](part_key, stats, part_sum, order, ids, logprobs, groups, offsets,
-                                 stride_gm=groups.stride(0), **plan.merge_meta)
+        _launch_merge((M,), plan.merge_meta, part_key, stats, part_sum, order, ids, logprobs, groups, offsets,
+                      groups.stride(0), device=device, direct=direct)
     return ids, logprobs
 
 
@@ -780,7 +792,8 @@ def grouped_head_topk_op(hidden: Tensor, weight: Tensor, offsets: Tensor, order:
                          max_group_size: int) -> tuple[Tensor, Tensor]:
     """The launches as one opaque op for torch.compile (Inductor fuses the code around it; nothing is
     read back, so a compiled caller can still be captured). Arguments as grouped_head_topk_triton."""
-    return grouped_head_topk_triton(hidden, weight, offsets, order, groups.contiguous(), k, max_group_size)
+    return grouped_head_topk_triton(hidden, weight, offsets, order, groups.contiguous(), k, max_group_size,
+                                    direct=False)
 
 
 @grouped_head_topk_op.register_fake
