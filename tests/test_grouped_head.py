@@ -348,3 +348,161 @@ def test_invalid_rows_agree_without_check(case, M, seed):
         good = torch.arange(hidden.shape[0]) != bad
         clean = head.topk(hidden, groups, k, impl="reference")
         torch.testing.assert_close(got[1][good], clean[1][good], atol=2e-4, rtol=0)
+
+
+# --- eager launches: kernels/_launch.py ------------------------------------------------------------
+class _FakeCompiled:
+    """Stands in for a triton CompiledKernel: records what its launcher was called with."""
+
+    def __init__(self):
+        self.function, self.packed_metadata, self.calls = object(), object(), []
+
+    def run(self, *launch):
+        self.calls.append(launch)
+
+
+class _FakeJit:
+    """Stands in for a @triton.jit kernel: `fn[grid](**kwargs)` is Triton's launch (counted)."""
+
+    arg_names = ["x_ptr", "N", "stride_x", "BLOCK"]
+
+    def __init__(self):
+        self.normal, self.compiled = [], _FakeCompiled()
+
+    def __getitem__(self, grid):
+        def launch(**kwargs):
+            self.normal.append((grid, kwargs))
+            return self.compiled
+        return launch
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Direct launches allowed on CPU tensors, a fake stream: the launcher's cache logic alone."""
+    from coral_fast.kernels import _launch
+
+    monkeypatch.setattr(_launch, "direct_launch_allowed", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 7, raising=False)
+    monkeypatch.setattr(_launch, "_broken", False)
+    return _launch
+
+
+def test_arg_key_follows_triton_specialisation():
+    from coral_fast.kernels._launch import _Unkeyable, arg_key
+
+    buf = torch.zeros(64, dtype=torch.float32)
+    assert arg_key(buf) == arg_key(torch.zeros(3, dtype=torch.float32))  # aligned fp32 either way
+    assert arg_key(buf[1:]) != arg_key(buf)  # 4 bytes off: not 16-byte aligned
+    assert arg_key(buf.half()) != arg_key(buf)
+    assert arg_key(48) == arg_key(4096) != arg_key(47)  # divisible by 16 or not
+    assert arg_key(1) != arg_key(3) and arg_key(3) == arg_key(5)
+    assert arg_key(2**31) != arg_key(32) and arg_key(-16) != arg_key(16)
+    assert arg_key(0.5) == arg_key(2.0) and arg_key(True) != arg_key(False) and arg_key(None) is None
+    with pytest.raises(_Unkeyable):
+        arg_key("a string")
+
+
+def test_direct_launch_refused_off_cuda_and_when_switched_off(monkeypatch):
+    from coral_fast.kernels import _launch
+
+    assert not _launch.direct_launch_allowed(torch.device("cpu"))
+    monkeypatch.setattr(_launch, "_ENV_ON", False)
+    assert not _launch.direct_launch_allowed(torch.device("cuda"))
+    monkeypatch.setattr(_launch, "_ENV_ON", True)
+    monkeypatch.setattr(_launch, "_broken", True)
+    assert not _launch.direct_launch_allowed(torch.device("cuda"))
+
+
+def test_launcher_caches_per_specialisation(fake_cuda):
+    fn = _FakeJit()
+    launch = fake_cuda.Launcher(fn, dynamic=("x_ptr", "stride_x"))
+    meta = {"N": 100, "BLOCK": 64, "num_warps": 4}
+    x, y = torch.zeros(64), torch.ones(64)
+    launch((3,), meta, x, 16, device=x.device)
+    assert len(fn.normal) == 1 and launch.direct_launches == 0
+    launch((3,), meta, y, 32, device=y.device)  # same specialisation: the compiled kernel's own launcher
+    assert len(fn.normal) == 1 and launch.direct_launches == 1
+    grid0, grid1, grid2, stream, function, packed, launch_metadata, _, _, *args = fn.compiled.calls[0]
+    assert (grid0, grid1, grid2, stream) == (3, 1, 1, 7) and function is fn.compiled.function
+    assert args[0] is y and args[1:] == [100, 32, 64]  # parameters in the kernel's order
+    for x_new, stride in ((x[1:], 16), (x, 17), (x.double(), 16), (x, 1)):  # each a new specialisation
+        launch((3,), meta, x_new, stride, device=x.device)
+    assert len(fn.normal) == 5 and launch.direct_launches == 1
+    other_meta = dict(meta)  # equal values, another dict: another key (metas are cached per shape)
+    launch((3,), other_meta, x, 16, device=x.device)
+    assert len(fn.normal) == 6
+    for entry in launch.entries.values():  # no caller tensor is held past its call
+        assert not any(isinstance(a, torch.Tensor) for a in entry[4])
+
+
+def test_launcher_falls_back(fake_cuda, monkeypatch):
+    fn = _FakeJit()
+    launch = fake_cuda.Launcher(fn, dynamic=("x_ptr", "stride_x"))
+    meta = {"N": 100, "BLOCK": 64}
+    x = torch.zeros(64)
+    launch((1,), meta, x, 16, device=x.device, direct=False)  # the custom ops' launches: never cached
+    launch((1,), meta, x, 16, device=x.device, direct=False)
+    assert len(fn.normal) == 2 and not launch.entries
+    launch((1,), meta, "not keyable", 16, device=x.device)  # unknown argument type: Triton's launch
+    assert not launch.entries
+
+    def wrong_signature(*launch_args):
+        raise TypeError("launcher takes other arguments")
+
+    launch((1,), meta, x, 16, device=x.device)
+    monkeypatch.setattr(fn.compiled, "run", wrong_signature)
+    launch.entries = {key: (e[0], wrong_signature, *e[2:]) for key, e in launch.entries.items()}
+    launch((1,), meta, x, 16, device=x.device)  # another triton's launcher: give up direct launches
+    assert fake_cuda._broken and len(fn.normal) == 5 and not launch.entries
+    with pytest.raises(ValueError, match="no parameters"):
+        fake_cuda.Launcher(fn, dynamic=("y_ptr",))
+
+
+@pytest.mark.interpreter
+def test_interpreter_takes_triton_launch(seed):
+    from coral_fast.kernels import grouped_head_topk as kernel
+
+    V, H, G, M = 301, 48, 7, 3
+    weight = torch.randn(V, H)
+    head = GroupedLMHead(weight, VocabGrouping.contiguous(V, G))
+    before = kernel._launch_partials.direct_launches
+    for _ in range(2):
+        ids, _ = head.topk(torch.randn(M, H), _random_groups(M, 2, G, "cpu"), 5, impl="triton")
+    assert kernel._launch_partials.direct_launches == before and not kernel._launch_partials.entries
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("V,H,G,M,A,k", [(5003, 160, 9, 1, 3, 10), (20011, 640, 16, 7, 4, 17), (32000, 4096, 32, 1, 4, 10)])
+def test_direct_launch_equals_triton_launch_gpu(V, H, G, M, A, k, monkeypatch, seed):
+    """Eager bf16 calls through the direct launcher give bit-identical results to Triton's launch: two
+    different inputs in a row, an unaligned hidden view, then a new weight (another head)."""
+    from coral_fast.kernels import _launch
+    from coral_fast.kernels import grouped_head_topk as kernel
+
+    def both(head, hidden, groups):
+        monkeypatch.setattr(_launch, "_ENV_ON", False)
+        want = head.topk(hidden, groups, k)
+        monkeypatch.setattr(_launch, "_ENV_ON", True)
+        before = kernel._launch_partials.direct_launches
+        got = head.topk(hidden, groups, k)
+        return want, got, kernel._launch_partials.direct_launches - before
+
+    grouping = VocabGrouping.contiguous(V, G)
+    head = GroupedLMHead(torch.randn(V, H, dtype=torch.bfloat16, device="cuda") * 0.05, grouping)
+    head.topk(torch.randn(M, H, dtype=torch.bfloat16, device="cuda"), _random_groups(M, A, G, "cuda"), k)
+    direct = 0
+    for trial in range(3):
+        hidden = torch.randn(M, H + 1, dtype=torch.bfloat16, device="cuda")
+        hidden = hidden[:, 1:] if trial == 2 else hidden[:, :H].contiguous()  # trial 2: a 2-byte-offset view
+        groups = _random_groups(M, A, G, "cuda")
+        (want_ids, want_lp), (ids, lp), used = both(head, hidden, groups)
+        assert torch.equal(ids, want_ids) and torch.equal(lp, want_lp)
+        direct += used
+        _assert_topk_matches(ids, lp, hidden.float(), head.weight.float(), grouping, groups, k, atol=2e-2)
+    assert direct >= 2  # the aligned calls went direct
+    head2 = GroupedLMHead(torch.randn(V, H, dtype=torch.bfloat16, device="cuda"), grouping)
+    hidden, groups = torch.randn(M, H, dtype=torch.bfloat16, device="cuda"), _random_groups(M, A, G, "cuda")
+    (want_ids, want_lp), (ids, lp), used = both(head2, hidden, groups)
+    assert used == 1 and torch.equal(ids, want_ids) and torch.equal(lp, want_lp)
+    _assert_topk_matches(ids, lp, hidden.float(), head2.weight.float(), grouping, groups, k, atol=2e-2)

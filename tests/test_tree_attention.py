@@ -306,3 +306,57 @@ def test_pack_mask_bits_lives_with_the_kernel():
     assert tree_module.pack_mask_bits is ta.pack_mask_bits
     x = torch.randn(2, 3, 5, 4)
     assert torch.equal(ta.repeat_kv(x, 3)[:, 4], x[:, 1]) and ta.repeat_kv(x, 1) is x
+
+
+# --- eager launches: kernels/_launch.py (its cache logic is tested in test_grouped_head.py) ----------
+@pytest.mark.interpreter
+def test_interpreter_takes_triton_launch(seed):
+    from coral_fast.kernels import tree_attention as ta
+
+    q, k, v = make_inputs(1, 4, 2, 9, 40, 16, torch.float32, "cpu")
+    tree = random_tree(9, "cpu")
+    before = ta._launch_split.direct_launches
+    for _ in range(2):
+        out = tree_attention(q, k, v, tree, impl="triton")
+    assert ta._launch_split.direct_launches == before and not ta._launch_split.entries
+    assert rel_err(out, tree_attention_reference(q, k, v, tree.mask)) < TOL[torch.float32]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("heads,head_dim,num_queries", [((32, 8), 128, 64), ((9, 3), 64, 37), ((4, 1), 256, 13)])
+def test_direct_launch_equals_triton_launch_gpu(heads, head_dim, num_queries, monkeypatch, seed):
+    """Eager bf16 calls through the direct launcher give bit-identical results to Triton's launch: two
+    different inputs in a row, a KV buffer of another length, a bool mask, a window with kv_len."""
+    from coral_fast.kernels import _launch
+    from coral_fast.kernels import tree_attention as ta
+
+    num_q_heads, num_kv_heads = heads
+    tree = random_tree(num_queries, "cuda")
+
+    def both(*args, **kwargs):
+        monkeypatch.setattr(_launch, "_ENV_ON", False)
+        want = tree_attention(*args, **kwargs)
+        monkeypatch.setattr(_launch, "_ENV_ON", True)
+        before = ta._launch_split.direct_launches
+        got = tree_attention(*args, **kwargs)
+        return want, got, ta._launch_split.direct_launches - before
+
+    direct = 0
+    for slots in (3001, 3001, 5000, 777):  # the same buffer size twice, then other KV buffers
+        q, k, v = make_inputs(1, num_q_heads, num_kv_heads, num_queries, slots, head_dim, torch.bfloat16, "cuda")
+        tree_attention(q, k, v, tree)  # a new shape's first call takes Triton's launch
+        for mask in (tree, tree.mask):
+            want, got, used = both(q, k, v, mask)
+            assert torch.equal(got, want)
+            assert rel_err(got, tree_attention_reference(q, k, v, tree.mask)) < TOL[torch.bfloat16]
+            direct += used
+    assert direct >= 6
+    q, k, v = make_inputs(2, num_q_heads, num_kv_heads, num_queries, 1500, head_dim, torch.bfloat16, "cuda")
+    kv_len = torch.tensor([1500, 900], device="cuda")
+    positions = torch.stack([torch.arange(num_queries) + 1400, torch.arange(num_queries) + 800]).cuda()
+    for _ in range(2):
+        want, got, used = both(q, k, v, tree, kv_len=kv_len, window=512, query_positions=positions)
+        assert torch.equal(got, want)
+    assert used == 1
+    ref = tree_attention_reference(q, k, v, tree.mask, kv_len=kv_len, window=512, query_positions=positions)
+    assert rel_err(got, ref) < TOL[torch.bfloat16]
