@@ -147,10 +147,12 @@ def _text_config(model):
 
 
 def _feature_size(model, draft) -> int | None:
-    """Width of the draft's target features: the hidden size, or what draft.target_features returns for
-    an EAGLE-3 draft (`feature_layers`), found by calling it on zeros."""
+    """Width of the draft's target features: None (the hidden size), or for an EAGLE-3 draft
+    (`feature_layers` set) its `feature_size`, else what `target_features` returns on zeros."""
     if draft is None or getattr(draft, "feature_layers", None) is None:
         return None
+    if isinstance(getattr(draft, "feature_size", None), int):
+        return draft.feature_size
     cfg = _text_config(model)
     w = model.get_output_embeddings().weight
     states = tuple(torch.zeros(1, 1, cfg.hidden_size, dtype=w.dtype, device=w.device)
@@ -252,8 +254,10 @@ class SpeculativeGenerator:
         eng.reset(torch.arange(P, device=self.device) % self.vocab_size, 0.0, None)
         eng.prefill(P)
         if self.draft is not None:
-            if eng.n_host > eng.A:  # the extend step, captured on a valid state
-                eng.catch_up()
+            eng.catch_up()  # at most A rows left for the draft step
+            if self.mode != "eager" and ("extend", False) not in eng._prepared:  # a tiny max_context
+                eng.chunk.count.fill_(0)  # nothing committed: capture the step anyway
+                eng.run("extend")
             self.plain_step_time_s, self.round_time_s = self._measure([["plain"], ["draft", "verify"]])
         else:
             (self.plain_step_time_s,) = self._measure([["plain"]])

@@ -123,7 +123,6 @@ def main():
     p.add_argument("--sweep-variant", default="graphs")
     p.add_argument("--sweep", default="")
     p.add_argument("--attn-sweep", action="store_true")
-    p.add_argument("--compile-prefill", action="store_true")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "profile.log"), "a")
