@@ -91,7 +91,7 @@ def _coral_tree_attention(module, query, key, value, attention_mask, scaling=Non
     v_layer.index_copy_(2, call.slots, value.to(v_layer.dtype))
     if call.host_len is not None:
         k_layer, v_layer = k_layer[:, :, : call.host_len], v_layer[:, :, : call.host_len]
-        if call.impl in ("sdpa", "reference"):  # eager on the used slots: one mask a forward, torch's SDPA
+        if call.impl == "sdpa":  # eager on the used slots: one mask a forward, torch's SDPA
             out = F.scaled_dot_product_attention(query, k_layer.to(query.dtype), v_layer.to(query.dtype),
                                                  attn_mask=call.allowed(window), scale=scaling,
                                                  enable_gqa=query.shape[1] != k_layer.shape[1])
