@@ -96,13 +96,14 @@ class GenerationResult:
 @dataclass
 class SpeculationPolicy:
     """Speculate while the expected rate (EMA of accepted length / round cost) beats plain decoding
-    (1 / step cost) by `margin`; in plain mode, probe with one round every `interval` tokens (doubling
+    (1 / step cost) by `margin` (before any round: while a fully accepted round would gain 1.5x); in plain mode, probe with one round every `interval` tokens (doubling
     after each probe that does not pay, up to `max_interval`). The first interval grows with the cost
     ratio (16 plain steps per plain step a probe costs beyond one), so that probing costs a few percent
     where a round is dear (the CPU) and probes stay frequent where it is cheap (captured on a GPU)."""
 
     round_s: float
     plain_s: float
+    max_tau: int | None = None  # tokens of a fully accepted round (depth + 1)
     margin: float = 0.05
     first_interval: int = 16
     max_interval: int = 128
@@ -117,9 +118,14 @@ class SpeculationPolicy:
             self.first_interval = max(self.first_interval, math.ceil(16 * (ratio - 1)))
             self.max_interval = max(self.max_interval, 8 * self.first_interval)
         self.interval = self.first_interval
+        # start with a round unless even full acceptance would gain less than 1.5x: then start plainly and
+        # let the first probe find out (a round that dear costs more than it can win when it fails)
+        self.start_speculating = self.max_tau is None or self.max_tau / self.round_s >= 1.5 / self.plain_s
 
     def pays(self) -> bool:
-        return self.ema_tau is None or self.ema_tau / self.round_s > (1.0 + self.margin) / self.plain_s
+        if self.ema_tau is None:
+            return self.start_speculating
+        return self.ema_tau / self.round_s > (1.0 + self.margin) / self.plain_s
 
     def speculate(self) -> bool:
         return self.pays() or self.since_probe >= self.interval
@@ -354,7 +360,8 @@ class SpeculativeGenerator:
         done = emit([eng.prefill(P)])
         result.prefill_time_s = time.perf_counter() - t0
         speculate = self.speculative and not plain
-        policy = SpeculationPolicy(self.round_time_s, self.plain_step_time_s, **self.policy_options)
+        policy = SpeculationPolicy(self.round_time_s, self.plain_step_time_s, self.tree.depth + 1,
+                                   **self.policy_options)
         while not done:
             if speculate and (not self.adaptive or policy.speculate()):
                 t = time.perf_counter()

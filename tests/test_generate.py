@@ -118,7 +118,13 @@ def test_adaptive_falls_back_with_a_useless_draft(seed, one_thread):
 
 
 def test_policy_probes_and_backs_off():
-    assert SpeculationPolicy(round_s=4.0, plain_s=1.0).interval == 48  # dear rounds: rarer probes
+    dear = SpeculationPolicy(round_s=4.0, plain_s=1.0, max_tau=5)
+    assert dear.interval == 48  # dear rounds: rarer probes
+    assert not dear.speculate()  # and 5 tokens a round would gain 1.25x < 1.5x: start plainly
+    for _ in range(48):
+        dear.after_plain()
+    assert dear.speculate()
+    assert SpeculationPolicy(round_s=3.0, plain_s=1.0, max_tau=5).speculate()  # 1.67x possible: try a round
     policy = SpeculationPolicy(round_s=2.0, plain_s=1.0)
     assert policy.speculate()  # nothing seen yet: try
     policy.after_round(1)
