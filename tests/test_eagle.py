@@ -308,7 +308,6 @@ def test_loop_with_imported_eagle1_draft_is_greedy_exact(tmp_path, seed, one_thr
         assert gen.generate(prompt, n).token_ids == plain_greedy(target, prompt, n)
 
 
-@pytest.mark.xfail(strict=False, reason="needs the engine's EAGLE-3 feature hook (draft.feature_layers / target_features)")
 def test_loop_with_imported_eagle3_draft_is_greedy_exact(tmp_path, seed, one_thread):
     target = tiny_llama(layers=8)
     eagle3_folder(tmp_path, target, draft_vocab=31)

@@ -41,7 +41,7 @@ def head_mode(draft, head: str = "grouped", active_groups: int | None = None):
 def loop_acceptance(target, tokenizer, draft, prompts: list[dict], max_new_tokens: int = 128, head: str = "grouped", active_groups: int | None = None, depth: int = 6, topk: int = 10, total_tokens: int = 60, warmup: int = 1, deadline: float | None = None, loop_mode: dict | None = None, timed_s: float | None = None) -> dict:
     """Greedy speculative generation over `prompts` (rows of prompts.jsonl); pooled statistics.
 
-    loop_mode: keyword arguments of SpeculativeGenerator (e.g. {"static": False}); default: its fastest
+    loop_mode: keyword arguments of SpeculativeGenerator (e.g. {"mode": "eager"}); default: its fastest
     mode, falling back to eager ones if that fails. No prompt starts after `deadline` (a
     time.perf_counter() value) nor more than `timed_s` seconds after the untimed warm-up."""
     from coral_fast.generate import SpeculativeGenerator, TreeConfig
@@ -52,11 +52,12 @@ def loop_acceptance(target, tokenizer, draft, prompts: list[dict], max_new_token
     accepted, rounds, tokens, seconds, done = 0, 0, 0, 0.0, 0
     per_prompt = []
     with head_mode(draft, head, active_groups):
-        # the loop's fastest mode first (static engine + CUDA graphs); fall back to eager modes if it fails
+        # the loop's default mode first (CUDA graphs on the GPU), eager if that fails; always speculative
+        # (adaptive=False): this measures the draft's acceptance, not the fallback's choice
         errors = []
-        for mode in ([loop_mode] if loop_mode is not None else ({}, {"cuda_graphs": False}, {"static": False})):
+        for mode in ([loop_mode] if loop_mode is not None else ({}, {"mode": "eager"})):
             try:
-                gen = SpeculativeGenerator(target, draft, tree, **mode)
+                gen = SpeculativeGenerator(target, draft, tree, adaptive=False, **mode)
                 for row in prompts[:max(warmup, 1)]:  # a short untimed run: allocations, compilation, capture
                     gen.generate(prompt_token_ids(tokenizer, row["messages"]), max_new_tokens=16, temperature=0.0)
                 break
