@@ -98,10 +98,8 @@ def boolean(text: str) -> bool:
 # ---------------------------------------------------------------- file checks (ValueError, one line)
 
 
-def check_json_file(path: str) -> dict:
-    """The JSON object in `path`; ValueError naming the file when it is missing or malformed."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path} not found")
+def read_json(path) -> dict:
+    """A JSON object from `path`; ValueError naming the file when it is not one."""
     try:
         with open(path) as f:
             value = json.load(f)
@@ -110,6 +108,13 @@ def check_json_file(path: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
     return value
+
+
+def check_json_file(path: str) -> dict:
+    """The JSON object in `path`; ValueError naming the file when it is missing or malformed."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} not found")
+    return read_json(path)
 
 
 def check_safetensors(path: str) -> dict:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from coral_fast.cli_checks import read_json
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 GROUPINGS = ("contiguous", "frequency", "dense")
@@ -470,18 +472,6 @@ class DraftModel(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-
-
-def read_json(path) -> dict:
-    """A JSON object from `path`; ValueError naming the file when it is not one."""
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not readable JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold a JSON object, found {type(value).__name__}")
-    return value
 
 
 def load_weights(path) -> dict[str, Tensor]:

@@ -20,7 +20,8 @@ from torch import nn
 def draft_without_target(path):
     """A DraftModel from a coral-fast folder with placeholders for the target's embedding and head
     (export needs only the draft's own tensors)."""
-    from coral_fast.draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig, DraftModel, load_weights, read_json
+    from coral_fast.cli_checks import read_json
+    from coral_fast.draft import CONFIG_NAME, WEIGHTS_NAME, DraftConfig, DraftModel, load_weights
     from coral_fast.eagle import is_eagle_config
 
     raw = read_json(os.path.join(path, CONFIG_NAME))

@@ -155,7 +155,7 @@ def test_broken_draft_folders_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"model.safetensors not found"):
         DraftModel.from_pretrained(tmp_path / "d", target)
     (tmp_path / "d" / "config.json").write_text('{"architecture": "coral_fast.DraftModel", ')
-    with pytest.raises(ValueError, match=r"config.json is not readable JSON"):
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
         DraftModel.from_pretrained(tmp_path / "d", target)
     (tmp_path / "d" / "config.json").write_text('{"architecture": "coral_fast.DraftModel", "hidden_size": 48}')
     with pytest.raises(ValueError, match=r"config.json: .*missing"):

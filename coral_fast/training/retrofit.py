@@ -112,7 +112,8 @@ def main_retrofit(parser, args) -> int:
     import os
 
     from coral_fast.cli_checks import argument_errors
-    from coral_fast.draft import CONFIG_NAME, DraftModel, read_json
+    from coral_fast.cli_checks import read_json
+    from coral_fast.draft import CONFIG_NAME, DraftModel
     from coral_fast.grouping import VocabGrouping
     from coral_fast.models import load_target
     from coral_fast.training.data import load_shards
