@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from coral_fast.benchmarks.floors import time_graph_ms
+
 try:
     import triton
     import triton.language as tl
@@ -76,24 +78,8 @@ def _eager_us(fn, calls: int) -> tuple[float, float]:
 
 
 def _graph_us(fn, reps: int = 50) -> float:
-    """Median device time of `fn` replayed from a CUDA graph (events around each replay)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    """Median device time in us of `fn` replayed from a CUDA graph (events around each replay)."""
+    return time_graph_ms(fn, reps=reps, warmup=1) * 1e3
 
 
 def floor_rows(calls: int) -> list[tuple[str, float]]:

@@ -30,7 +30,7 @@ CONFIGS = {
 }
 
 
-def _time_graph_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+def time_graph_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     """Median ms of one replay of a CUDA graph capturing fn()."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -83,17 +83,17 @@ def main(argv=None) -> int:
 
     src = torch.randn(512 << 20, device=dev)  # 2 GiB of fp32 (a uint8 copy runs at 2/3 of this rate)
     dst = torch.empty_like(src)
-    copy_ms = _time_graph_ms(lambda: dst.copy_(src))
+    copy_ms = time_graph_ms(lambda: dst.copy_(src))
     copy_bw = 2 * src.numel() * 4 / (copy_ms / 1e3)
     del src, dst
     big = torch.ones(4 << 30, dtype=torch.bfloat16, device=dev)  # 8 GiB
     rows_of_big = big.view(1024, -1)
     acc = torch.empty(1024, dtype=torch.float32, device=dev)
-    read_ms = _time_graph_ms(lambda: torch.sum(rows_of_big, dim=1, dtype=torch.float32, out=acc), reps=10)
+    read_ms = time_graph_ms(lambda: torch.sum(rows_of_big, dim=1, dtype=torch.float32, out=acc), reps=10)
     read_bw = big.numel() * 2 / (read_ms / 1e3)
     del big
     one = torch.zeros(1, device=dev)
-    empty_us = _time_graph_ms(lambda: one.add_(1.0), reps=50) * 1e3
+    empty_us = time_graph_ms(lambda: one.add_(1.0), reps=50) * 1e3
     lines += [f"- copy bandwidth {copy_bw / 1e12:.2f} TB/s (2 GiB, read + written); read bandwidth "
               f"{read_bw / 1e12:.2f} TB/s (sum over 8 GiB); one tiny kernel in a graph {empty_us:.1f} us (the replay's launch included)", "",
               "| config | weights GB | M | products | bytes / copy BW ms | bytes / read BW ms | cuBLAS chain ms "
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
                 for w, out in zip(weights, outs):
                     torch.matmul(inputs[w.shape[1]], w.T, out=out)
 
-            ms = _time_graph_ms(chain, reps=15)
+            ms = time_graph_ms(chain, reps=15)
             floor_copy = nbytes / copy_bw * 1e3
             line = (f"| {name} | {nbytes / 1e9:.2f} | {M} | {len(weights)} | {floor_copy:.3f} | "
                     f"{nbytes / read_bw * 1e3:.3f} | {ms:.3f} | {ms / floor_copy:.2f}x | {nbytes / ms / 1e9:.2f} |")
