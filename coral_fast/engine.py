@@ -200,12 +200,14 @@ class Engine:
             dk.index_copy_(2, slots, k.to(dk.dtype))
             dv.index_copy_(2, slots, v.to(dv.dtype))
             keys, values = (dk, dv) if width is None else (dk[:, :, :width], dv[:, :, :width])
-            groups = q.shape[1] // keys.shape[1]
-            if groups > 1:
-                keys = keys.repeat_interleave(groups, dim=1)
-                values = values.repeat_interleave(groups, dim=1)
-            return torch.nn.functional.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype),
-                                                                    attn_mask=allowed, scale=scale)
+            # GQA by folding each KV head's query heads into its rows ([1, Hq, M, D] -> [1, Hkv, g * M, D]),
+            # never by repeating the keys: that would copy the whole cache every call
+            B, Hq, M, D = q.shape
+            groups = Hq // keys.shape[1]
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.reshape(B, keys.shape[1], groups * M, D), keys.to(q.dtype), values.to(q.dtype),
+                attn_mask=allowed.repeat(groups, 1), scale=scale)
+            return out.view(B, Hq, M, D)
 
         return attend
 
@@ -248,10 +250,9 @@ class Engine:
         """Keep verify rows `rows` [A] (count valid, root first) as slots n .. n + count - 1 of the target's
         cache; record their features and the accepted tokens + bonus (ids[n + 1 ..]); advance n. Rows past
         `count` write garbage past the new n (never read before being overwritten)."""
-        n, tc, hist = self.pos.n, self.tcache, self.hist
+        n, hist = self.pos.n, self.hist
         keep = n + torch.arange(self.A, device=self.device)
-        tc.k.index_copy_(3, keep, tc.k.index_select(3, n + rows))
-        tc.v.index_copy_(3, keep, tc.v.index_select(3, n + rows))
+        self.tcache.move_rows(n + rows, keep)
         hist.feats.index_copy_(0, keep, feats.index_select(0, rows).to(hist.feats.dtype))
         hist.ids.index_copy_(0, keep + 1, tokens)
         n.add_(count)

@@ -28,13 +28,24 @@ _registered = False
 
 
 class TreeKVCache:
-    """Static KV buffers of all layers: k, v [L, B, Hkv, S, D]."""
+    """Static KV buffers, one tensor per layer: k[layer], v[layer] [B, Hkv, S, D].
+
+    One tensor per layer, not one [L, ...] tensor indexed by layer: a compiled step writes its rows with
+    `index_copy_` on the buffer itself, which Inductor turns back into an in-place `index_put_`. A write
+    into a view of a larger buffer (`k[layer].index_copy_`) is functionalized into a copy of the whole
+    buffer and a copy back, every step (gpt-fast keeps one buffer per layer for the same reason).
+    """
 
     def __init__(self, num_layers, num_kv_heads, head_dim, max_len, dtype, device, batch_size=1):
-        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
+
+    def move_rows(self, src: Tensor, dst: Tensor) -> None:
+        """Copy slots `src` [M] to slots `dst` [M] in every layer (only those rows are read and written)."""
+        for buf in self.k + self.v:
+            buf.index_copy_(2, dst, buf.index_select(2, src))
 
     @classmethod
     def for_model(cls, model, max_len: int, batch_size: int = 1) -> "TreeKVCache":
@@ -190,7 +201,7 @@ def tree_forward(model, cache: TreeKVCache, tokens: Tensor, mask: Tensor, depth:
     positions = length + depth
     slots = length + torch.arange(T, device=tokens.device)
     kv_len = (length + T).to(torch.int64)
-    head_dim = cache.k.shape[-1]
+    head_dim = cache.k[0].shape[-1]
     from coral_fast.kernels.tree_attention import SUPPORTED_HEAD_DIMS
 
     tree = None if impl in ("sdpa", "reference") or head_dim not in SUPPORTED_HEAD_DIMS else _MaskAndBits(mask)
