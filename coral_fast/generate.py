@@ -93,13 +93,18 @@ class GenerationResult:
         }
 
 
+# plain steps between probes per plain step a probe costs beyond one: a failed probe costs
+# (round / plain - 1) steps, so probing a useless draft costs ~1/32 of the tokens
+PROBE_STEPS_PER_EXTRA_COST = 32
+
+
 @dataclass
 class SpeculationPolicy:
     """Speculate while the expected rate (EMA of accepted length / round cost) beats plain decoding
     (1 / step cost) by `margin` (before any round: while a fully accepted round would gain 1.5x); in plain mode, probe with one round every `interval` tokens (doubling
     after each probe that does not pay, up to `max_interval`). The first interval grows with the cost
-    ratio (16 plain steps per plain step a probe costs beyond one), so that probing costs a few percent
-    where a round is dear (the CPU) and probes stay frequent where it is cheap (captured on a GPU)."""
+    ratio (PROBE_STEPS_PER_EXTRA_COST), so that failed probes cost ~3% where a round is dear (the
+    CPU) and probes stay frequent where it is cheap (captured on a GPU)."""
 
     round_s: float
     plain_s: float
@@ -115,12 +120,14 @@ class SpeculationPolicy:
     def __post_init__(self):
         ratio = self.round_s / self.plain_s if self.plain_s > 0 else float("nan")
         if math.isfinite(ratio):
-            self.first_interval = max(self.first_interval, math.ceil(16 * (ratio - 1)))
+            self.first_interval = max(self.first_interval, math.ceil(PROBE_STEPS_PER_EXTRA_COST * (ratio - 1)))
             self.max_interval = max(self.max_interval, 8 * self.first_interval)
         self.interval = self.first_interval
         # start with a round unless even full acceptance would gain less than 1.5x: then start plainly and
         # let the first probe find out (a round that dear costs more than it can win when it fails)
         self.start_speculating = self.max_tau is None or self.max_tau / self.round_s >= 1.5 / self.plain_s
+        # no probes where even a fully accepted round cannot beat plain decoding
+        self.can_pay = self.max_tau is None or self.max_tau / self.round_s > (1.0 + self.margin) / self.plain_s
 
     def pays(self) -> bool:
         if self.ema_tau is None:
@@ -128,7 +135,7 @@ class SpeculationPolicy:
         return self.ema_tau / self.round_s > (1.0 + self.margin) / self.plain_s
 
     def speculate(self) -> bool:
-        return self.pays() or self.since_probe >= self.interval
+        return self.pays() or (self.can_pay and self.since_probe >= self.interval)
 
     def after_round(self, tau: int) -> None:
         probing = not self.pays()
