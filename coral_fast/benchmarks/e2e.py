@@ -96,7 +96,7 @@ def build_parser():
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-PROMPTS = [  # four short chat prompts (scripts/profile_loop.py)
+PROMPTS = [  # four short chat prompts (benchmarks/profile_loop.py)
     "Explain in two sentences why the sky is blue.",
     "Write a Python function that checks whether a number is prime.",
     "List five countries in Europe and their capitals.",

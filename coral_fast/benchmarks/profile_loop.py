@@ -1,8 +1,8 @@
 """Where a round's time goes (GPU): per-step graph replay times (draft, verify, plain step), kernel counts and the top kernels, for the
 plain captured engine and the compiled one, plus a tree-shape sweep. Device-tool script:
 
-    source scripts/device_setup.sh && python scripts/profile_loop.py --out $OUT
-    python scripts/profile_loop.py --attn-sweep --variants "" --out $OUT     # tree-attention configs only
+    source dev/device_setup.sh && python -m coral_fast.benchmarks.profile_loop --out $OUT
+    python -m coral_fast.benchmarks.profile_loop --attn-sweep --variants "" --out $OUT     # tree-attention configs only
 """
 import argparse
 import json
