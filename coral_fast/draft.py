@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from coral_fast.cli_checks import read_json
+from coral_fast.models import text_config
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -77,7 +78,7 @@ class DraftConfig:
     @classmethod
     def from_target_config(cls, hf_config, **overrides) -> "DraftConfig":
         """Shapes of the target's own decoder layer (Llama / Qwen2 / Gemma3 text configs)."""
-        text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        text = text_config(hf_config)
         heads = text.num_attention_heads
         values = dict(
             hidden_size=text.hidden_size,
@@ -506,7 +507,7 @@ def _placement(target_model) -> dict:
 
 
 def _check_matches_target(config: DraftConfig, target_model, source: str = "the draft") -> None:
-    text = target_model.config.get_text_config() if hasattr(target_model.config, "get_text_config") else target_model.config
+    text = text_config(target_model.config)
     name = getattr(text, "model_type", "target")
     if config.hidden_size != text.hidden_size:
         raise ValueError(

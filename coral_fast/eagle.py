@@ -37,6 +37,7 @@ from coral_fast.draft import (
     ACTIVATIONS, CONFIG_NAME, WEIGHTS_NAME, DraftConfig, DraftDecoderLayer, DraftModel, RMSNorm,
     RotaryEmbedding, _check_matches_target, _fitting_num_groups, _lm_head_weight, _placement, load_weights,
 )
+from coral_fast.models import text_config
 
 BIN_NAME = "pytorch_model.bin"
 EAGLE_ARCHITECTURE = "LlamaForCausalLMEagle"  # SGLang's name; vLLM maps it to EagleLlamaForCausalLM
@@ -129,7 +130,7 @@ def _draft_config(raw: dict, target_model, source: str, head_rows: int, **extra)
     act = raw.get("hidden_act", "silu")
     if act not in ACTIVATIONS:
         raise ValueError(f"{source}: hidden_act {act!r} is not supported ({', '.join(ACTIVATIONS)})")
-    text = target_model.config.get_text_config() if hasattr(target_model.config, "get_text_config") else target_model.config
+    text = text_config(target_model.config)
     vocab = _need(raw, "vocab_size", source)
     config = DraftConfig(
         hidden_size=H, intermediate_size=_need(raw, "intermediate_size", source), num_attention_heads=heads,
@@ -406,7 +407,7 @@ class Eagle3Draft(nn.Module):
 
 def _load_eagle3(path, target_model, raw: dict, tensors: dict) -> Eagle3Draft:
     source = os.path.join(str(path), CONFIG_NAME)
-    text = target_model.config.get_text_config() if hasattr(target_model.config, "get_text_config") else target_model.config
+    text = text_config(target_model.config)
     H = _need(raw, "hidden_size", source)
     if raw.get("target_hidden_size", H) != H or H != text.hidden_size:
         raise ValueError(f"{source}: EAGLE-3 draft of hidden size {H} (target_hidden_size "

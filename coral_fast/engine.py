@@ -31,6 +31,7 @@ from torch import Tensor
 
 from coral_fast.hf_attention import (ATTN_NAME, TreeKVCache, attention_implementation, final_logits, register,
                                      tree_forward)
+from coral_fast.models import text_config
 from coral_fast.tree import DraftTree, build_dynamic_tree
 from coral_fast.verify import accept_greedy, accept_sampling, sample_from
 
@@ -104,8 +105,7 @@ class Engine:
         i64 = dict(dtype=torch.int64, device=dev)
         self.pos = Position(torch.zeros(1, **i64), torch.zeros(1, **i64))
         self.n_host = self.d_len_host = 0
-        H = model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config") else \
-            model.config.hidden_size
+        H = text_config(model.config).hidden_size
         self.feature_layers = getattr(draft, "feature_layers", None) if draft is not None else None
         F = feature_size or H
         fdtype = model.get_output_embeddings().weight.dtype

@@ -72,13 +72,13 @@ def main(argv=None) -> int:
         embedding, positions = None, args.max_position_embeddings
         if args.model:
             from coral_fast.draft import _check_matches_target
-            from coral_fast.models import load_target
+            from coral_fast.models import load_target, text_config
 
             target, _ = load_target(args.model, torch.float32, "cpu")
             _check_matches_target(draft.config, target, source=args.draft)
             if args.with_embedding:
                 embedding = target.get_input_embeddings().weight
-            text = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
+            text = text_config(target.config)
             positions = positions or getattr(text, "max_position_embeddings", None)
         notes = draft.save_pretrained(args.out, format="eagle", embedding=embedding, weights=args.weights,
                                       architecture=args.architecture, max_position_embeddings=positions or 8192)

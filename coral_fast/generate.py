@@ -22,6 +22,7 @@ from torch import Tensor
 
 from coral_fast.engine import PREFILL_CHUNK, Engine, EventTimer, HostTimer
 from coral_fast.hf_attention import default_impl
+from coral_fast.models import text_config
 
 MODES = ("eager", "graphs", "compile")
 MAX_DEPTH, MAX_TOPK, MAX_TREE_TOKENS = 16, 32, 128
@@ -155,10 +156,6 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _text_config(model):
-    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-
-
 def _feature_size(model, draft) -> int | None:
     """Width of the draft's target features: None (the hidden size), or for an EAGLE-3 draft
     (`feature_layers` set) its `feature_size`, else what `target_features` returns on zeros."""
@@ -166,7 +163,7 @@ def _feature_size(model, draft) -> int | None:
         return None
     if isinstance(getattr(draft, "feature_size", None), int):
         return draft.feature_size
-    cfg = _text_config(model)
+    cfg = text_config(model.config)
     w = model.get_output_embeddings().weight
     states = tuple(torch.zeros(1, 1, cfg.hidden_size, dtype=w.dtype, device=w.device)
                    for _ in range(cfg.num_hidden_layers + 1))
@@ -199,7 +196,7 @@ class SpeculativeGenerator:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "graphs" and not on_cuda:
             raise ValueError("mode 'graphs' needs the model on a CUDA device")
-        limit = getattr(_text_config(model), "max_position_embeddings", None) or 4096
+        limit = getattr(text_config(model.config), "max_position_embeddings", None) or 4096
         self.max_context = min(4096, limit) if max_context is None else max_context
         if not _is_int(self.max_context) or not 1 <= self.max_context <= limit:
             raise ValueError(f"max_context must be an integer in [1, {limit}] (the model's "

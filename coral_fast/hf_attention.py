@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from coral_fast.models import text_config
+
 ATTN_NAME = "coral_tree"
 _registered = False
 
@@ -49,7 +51,7 @@ class TreeKVCache:
 
     @classmethod
     def for_model(cls, model, max_len: int, batch_size: int = 1) -> "TreeKVCache":
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = text_config(model.config)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         weight = model.get_output_embeddings().weight
@@ -165,7 +167,7 @@ def default_impl(device) -> str:
 
 def final_logits(model, hidden: Tensor) -> Tensor:
     logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
+    cap = getattr(text_config(model.config),
                   "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

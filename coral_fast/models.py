@@ -16,6 +16,11 @@ KNOWN_MODELS = ("smollm2", "gemma3-270m")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def text_config(config):
+    """The text model's part of an HF config: multimodal configs (Gemma 3) nest it, text-only ones are it."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 class ModelNotAvailable(RuntimeError):
     """A named model whose package (or file) is not installed; the message says how to install it."""
 

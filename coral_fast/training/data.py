@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from coral_fast.cli_checks import ArgumentParser, argument_errors, check_model_arg, finite_nonneg_float, nonnegative_int, positive_float, positive_int, unit_float
-from coral_fast.models import DTYPES, chat_prompt_ids, load_target
+from coral_fast.models import DTYPES, chat_prompt_ids, load_target, text_config
 from coral_fast.training.prompts import load_prompts
 
 FORMAT = "tokens-v2"
@@ -162,7 +162,7 @@ def target_features(model, input_ids: Tensor, attention_mask: Tensor, topk: int,
     chunks of at most `max_logits` logits (Gemma 3's 262144 ids at 16k rows would be 17 GB)."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     head = model.get_output_embeddings()
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     softcap = getattr(config, "final_logit_softcapping", None)
     hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     B, N, H = hidden.shape
@@ -269,11 +269,11 @@ def generate_dataset(model, tokenizer, prompts: list[dict] | None, out_dir: str 
         synth_settings = S.SynthSettings(max_prompt_tokens=settings.max_prompt_tokens)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    text = text_config(model.config)
     vocab_size = model.get_input_embeddings().weight.shape[0]
     meta = {
         **data_meta(model_name, next(model.parameters()).dtype, prompts, settings, synth_settings),
-        "model_type": getattr(text_config, "model_type", ""), "hidden_size": text_config.hidden_size, "vocab_size": vocab_size,
+        "model_type": getattr(text, "model_type", ""), "hidden_size": text.hidden_size, "vocab_size": vocab_size,
     }
     check_meta(out, meta)
     meta_path = out / "meta.json"
