@@ -30,7 +30,6 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from coral_fast.draft import (

@@ -8,7 +8,6 @@ EAGLE cannot express (an input norm on its layer, head_dim != hidden / heads) is
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import replace

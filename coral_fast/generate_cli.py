@@ -131,9 +131,11 @@ def main(argv=None) -> int:
                 total_tokens=(60 if on_gpu else 16) if args.tree_tokens is None else args.tree_tokens,
             )
         except ValueError as e:  # name the flags
+            message = str(e)
             for field, flag in (("depth", "--tree-depth"), ("topk", "--tree-topk"), ("total_tokens", "--tree-tokens")):
-                e = str(e).replace(f"tree {field} ", f"{flag} ").replace(f"for depth", "for --tree-depth")
-            raise ValueError(str(e).replace("and topk", "and --tree-topk")) from None
+                message = message.replace(f"tree {field} ", f"{flag} ")
+            message = message.replace("for depth", "for --tree-depth").replace("and topk", "and --tree-topk")
+            raise ValueError(message) from None
         check_model_arg(args.model)
         if args.draft and not args.no_draft:
             check_draft_folder(args.draft)

@@ -167,8 +167,7 @@ def default_impl(device) -> str:
 
 def final_logits(model, hidden: Tensor) -> Tensor:
     logits = model.get_output_embeddings()(hidden)
-    cap = getattr(text_config(model.config),
-                  "final_logit_softcapping", None)
+    cap = getattr(text_config(model.config), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits

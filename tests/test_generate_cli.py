@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from coral_fast import DraftModel, generate_cli, models
 from test_models import real_target, tiny_llama  # noqa: F401 (fixture)

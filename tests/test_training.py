@@ -9,7 +9,7 @@ from coral_fast.draft import DraftModel
 from coral_fast.training.data import build_shard, target_outputs
 from coral_fast.training.trainer import (
     SequenceData, TrainConfig, chain_acceptance, compute_losses, hass_mask, load_checkpoint_state,
-    save_checkpoint, token_groups_of, train, unrolled_forward,
+    token_groups_of, train, unrolled_forward,
 )
 
 

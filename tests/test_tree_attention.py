@@ -1,5 +1,4 @@
 """Tree attention: the Triton kernel (interpreter on the CPU, bf16 on the GPU) against the reference."""
-import math
 
 import pytest
 import torch

@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import platform
-import shutil
 import time
 import traceback
 from pathlib import Path
