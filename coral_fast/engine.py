@@ -36,7 +36,6 @@ from coral_fast.tree import DraftTree, build_dynamic_tree
 from coral_fast.verify import accept_greedy, accept_sampling, sample_from
 
 PREFILL_CHUNK = 64  # prompt tokens per captured prefill / draft-extend step (tree attention: <= 128 rows)
-STEPS = ("prefill", "extend", "draft", "verify", "plain")
 
 
 @dataclass
@@ -222,7 +221,7 @@ class Engine:
         """The draft over its pending rows [d_len, n) (at most A), then a tree from the last one's hidden."""
         k, pos, ti = self.topk, self.pos, self.tree_in
         positions = pos.d_len + torch.arange(self.A, device=self.device)
-        width = None if self.mode != "eager" else self.n_host + max(self.A, (self.depth - 1) * k)
+        width = self._width(max(self.A, (self.depth - 1) * k))
         hidden = self._draft_forward(positions, width)
         last = hidden.index_select(0, pos.n - pos.d_len - 1)  # [1, H]: predicts the target's feature at n
         pos.d_len.copy_(pos.n)
@@ -410,7 +409,6 @@ class HostTimer:
         self.device = device
         self.totals = {"draft": 0.0, "verify": 0.0}
         self.current, self.last = None, 0.0
-        self.last_step_s = 0.0
 
     def mark(self, name: str | None) -> None:
         if self.device.type == "cuda":
@@ -418,7 +416,6 @@ class HostTimer:
         now = time.perf_counter()
         if self.current is not None:
             self.totals[self.current] += now - self.last
-            self.last_step_s = now - self.last
         self.current, self.last = name, now
 
     def split(self):

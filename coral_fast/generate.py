@@ -289,8 +289,7 @@ class SpeculativeGenerator:
                     eng.run(name)
                 _synchronize(self.device)
                 seen.append(time.perf_counter() - t)
-                eng.pos.n.copy_(saved[0])
-                eng.pos.d_len.copy_(saved[1])
+                eng._restore(saved)
         return [sorted(seen[1:])[reps // 2] for seen in times]
 
     # --- requests --------------------------------------------------------------------------------------
