@@ -274,17 +274,10 @@ def _assert_same_weights(a, b):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch):
-    import json
-
+def _train_until_second_checkpoint(target, data, cfg, out_dir, monkeypatch):
+    """Train a fresh draft into `out_dir`, killed right after its second checkpoint became `last`."""
     from coral_fast.training import trainer
 
-    target, data, cfg = _resume_setup()
-    assert len(data.batch_plan(data.train, cfg["batch_tokens"])) < cfg["iters"] // 2
-    draft = tiny_draft(target)
-    full = train(draft, data, TrainConfig(**cfg), out_dir=tmp_path / "full", progress=False)
-    reference = _weights(draft)
-    # the run stops right after its iteration-6 checkpoint (mid-epoch, past an eval)
     done = []
 
     def stop_after_second(what):
@@ -294,8 +287,20 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "_written", stop_after_second)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_draft(target), data, TrainConfig(**cfg), out_dir=tmp_path / "cut", progress=False)
+        train(tiny_draft(target), data, TrainConfig(**cfg), out_dir=out_dir, progress=False)
     monkeypatch.setattr(trainer, "_written", lambda what: None)
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch):
+    import json
+
+    target, data, cfg = _resume_setup()
+    assert len(data.batch_plan(data.train, cfg["batch_tokens"])) < cfg["iters"] // 2
+    draft = tiny_draft(target)
+    full = train(draft, data, TrainConfig(**cfg), out_dir=tmp_path / "full", progress=False)
+    reference = _weights(draft)
+    # the run stops right after its iteration-6 checkpoint (mid-epoch, past an eval)
+    _train_until_second_checkpoint(target, data, cfg, tmp_path / "cut", monkeypatch)
     assert json.loads((tmp_path / "cut" / "last" / "trainer_state.json").read_text())["iteration"] == 6
     torch.manual_seed(1234)  # a new process: other global random state
     random.seed(99)
@@ -554,8 +559,6 @@ def test_training_from_token_only_shards_lowers_its_loss(seed, tmp_path):
 
 
 def test_resume_from_token_only_shards_is_bit_identical(tmp_path, monkeypatch):
-    from coral_fast.training import trainer
-
     target = tiny_target()
     data = SequenceData(token_data(target, n_seqs=14, new_tokens=17), target=target, topk=8)
     cfg = dict(iters=8, warmup=2, lr=3e-3, batch_tokens=96, eval_every=4, eval_unroll=2, checkpoint_every=3,
@@ -563,17 +566,7 @@ def test_resume_from_token_only_shards_is_bit_identical(tmp_path, monkeypatch):
     draft = tiny_draft(target)
     train(draft, data, TrainConfig(**cfg), out_dir=tmp_path / "full", progress=False)
     reference = _weights(draft)
-    done = []
-
-    def stop_after_second(what):
-        done.append(what)
-        if done.count("rename to last") == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer, "_written", stop_after_second)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_draft(target), data, TrainConfig(**cfg), out_dir=tmp_path / "cut", progress=False)
-    monkeypatch.setattr(trainer, "_written", lambda what: None)
+    _train_until_second_checkpoint(target, data, cfg, tmp_path / "cut", monkeypatch)
     torch.manual_seed(4321)
     resumed = tiny_draft(target)
     train(resumed, data, TrainConfig(**cfg), out_dir=tmp_path / "cut", resume=True, progress=False)
