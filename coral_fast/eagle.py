@@ -197,6 +197,17 @@ def _check_unknown(tensors: dict, known: set, source: str) -> None:
 
 
 # --- export ----------------------------------------------------------------------------------------
+def _llama_layer_config(architecture: str, cfg: DraftConfig) -> dict:
+    """The one-layer Llama fields both EAGLE formats' config.json share."""
+    return {
+        "architectures": [architecture], "model_type": "llama", "num_hidden_layers": 1,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim, "hidden_act": cfg.hidden_act, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling, "vocab_size": cfg.vocab_size,
+    }
+
+
 def eagle_state(draft: DraftModel) -> tuple[dict, dict[str, Tensor], list[str]]:
     """(config.json dict, EAGLE-named tensors, notes) of a DraftModel; ValueError if EAGLE cannot say it."""
     cfg = draft.config
@@ -233,11 +244,7 @@ def eagle_state(draft: DraftModel) -> tuple[dict, dict[str, Tensor], list[str]]:
         # (config bias false) and vLLM skip this tensor
         tensors["fc.bias"] = torch.zeros(cfg.hidden_size, dtype=fc.dtype)
     config = {
-        "architectures": [EAGLE_ARCHITECTURE], "model_type": "llama", "num_hidden_layers": 1,
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim, "hidden_act": cfg.hidden_act, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling, "vocab_size": cfg.vocab_size,
+        **_llama_layer_config(EAGLE_ARCHITECTURE, cfg),
         "bias": bool(cfg.fc_bias), "qkv_bias": bool(cfg.qkv_bias), "tie_word_embeddings": False,
         "torch_dtype": str(fc.dtype).replace("torch.", ""),
     }
@@ -392,11 +399,7 @@ class Eagle3Draft(nn.Module):
         t2d[torch.arange(self.draft_vocab_size) + tensors["d2t"]] = True
         tensors["t2d"] = t2d
         config = {
-            "architectures": [EAGLE3_ARCHITECTURE], "model_type": "llama", "num_hidden_layers": 1,
-            "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-            "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-            "head_dim": cfg.head_dim, "hidden_act": cfg.hidden_act, "rms_norm_eps": cfg.rms_norm_eps,
-            "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling, "vocab_size": cfg.vocab_size,
+            **_llama_layer_config(EAGLE3_ARCHITECTURE, cfg),
             "draft_vocab_size": self.draft_vocab_size, "tie_word_embeddings": False,
             "eagle_config": {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in self.feature_layers]},
             "torch_dtype": str(tensors["fc.weight"].dtype).replace("torch.", ""),
