@@ -306,13 +306,13 @@ class Engine:
         self.captures += 1
         if self.device.type != "cuda":
             return call
-        saved = (self.pos.n.clone(), self.pos.d_len.clone())
+        saved = self.save_positions()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up runs (autotuning, compilation, allocator) off the graph
             for _ in range(3):
                 call()
-                self._restore(saved)
+                self.restore_positions(saved)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         if self._pool is None:
@@ -323,7 +323,11 @@ class Engine:
         torch.cuda.synchronize()
         return graph.replay
 
-    def _restore(self, saved) -> None:
+    def save_positions(self) -> tuple[Tensor, Tensor]:
+        """Copies of (n, d_len), for running steps that must leave the request where it was."""
+        return self.pos.n.clone(), self.pos.d_len.clone()
+
+    def restore_positions(self, saved) -> None:
         self.pos.n.copy_(saved[0])
         self.pos.d_len.copy_(saved[1])
 

@@ -279,7 +279,7 @@ class SpeculativeGenerator:
         """Median seconds of each sequence of steps (after one untimed run that prepares them), the
         sequences interleaved so that a busy machine biases none of them; the state is restored."""
         eng = self.engine
-        saved = (eng.pos.n.clone(), eng.pos.d_len.clone())
+        saved = eng.save_positions()
         times = [[] for _ in sequences]
         for _ in range(reps + 1):
             for steps, seen in zip(sequences, times):
@@ -289,7 +289,7 @@ class SpeculativeGenerator:
                     eng.run(name)
                 _synchronize(self.device)
                 seen.append(time.perf_counter() - t)
-                eng._restore(saved)
+                eng.restore_positions(saved)
         return [sorted(seen[1:])[reps // 2] for seen in times]
 
     # --- requests --------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def _ready(gen, ids):
 def replay_ms(gen, ids, step, n=40):
     """Median ms of one replay of step `step` ("draft", "verify" or "plain"), the state restored each time."""
     eng = _ready(gen, ids)
-    saved = (eng.pos.n.clone(), eng.pos.d_len.clone())
+    saved = eng.save_positions()
     times = []
     for _ in range(n):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -36,8 +36,7 @@ def replay_ms(gen, ids, step, n=40):
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
-        eng.pos.n.copy_(saved[0])
-        eng.pos.d_len.copy_(saved[1])
+        eng.restore_positions(saved)
     return statistics.median(times)
 
 
