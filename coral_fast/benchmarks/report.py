@@ -146,14 +146,22 @@ def suite_markdown(suite: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_suite(suite: dict, path) -> str | None:
-    """tok/s per task, loop vs plain vs HF, one panel per model; None when matplotlib is missing."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_suite(suite: dict, path) -> str | None:
+    """tok/s per task, loop vs plain vs HF, one panel per model; None when matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
         return None
     parts = suite["parts"]
     fig, axes = plt.subplots(len(parts), 1, figsize=(11, 3.6 * len(parts)), squeeze=False)

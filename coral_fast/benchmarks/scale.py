@@ -349,12 +349,8 @@ def scale_markdown(result: dict) -> str:
 
 def plot_scale(result: dict, path) -> str | None:
     """ms per config: plain step, verify, draft (grouped, dense), each beside its floor; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = report.pyplot()
+    if plt is None:
         return None
     rows = result["rows"]
     parts = [("plain step", "plain_ms", "plain_floor_ms"), ("verify", "verify_ms", "verify_floor_ms"),
