@@ -7,7 +7,7 @@
 #     SmolLM2:      .carry/smol1 .. .carry/smol3 (smolpart_0..2, 31 MiB each) -> CORAL_FAST_SMOLLM2_GGUF
 #     Gemma 3 270M: .carry/gem1 .. .carry/gem7   (gempart_0..6, 34.5 MiB each) -> CORAL_FAST_GEMMA3_GGUF
 #   each checked against dev/<model>.sha256. One call carries at most 64 MiB with the tracked
-#   files (~25 MB), hence the chunk sizes. The older SmolLM2 halves (smolchunk_aa/ab) still assemble.
+#   files (~25 MB), hence the chunk sizes.
 set -e
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD:/tmp/pydeps:${PYTHONPATH:-}"
@@ -29,9 +29,7 @@ _coral_assemble() {
   (cd /tmp/models && echo "$(cut -d' ' -f1 < "$sha")  $file" | sha256sum -c -) || rm -f "/tmp/models/$file"
 }
 _coral_assemble SmolLM2-135M-Instruct.Q4_1.gguf "$PWD/dev/smollm2.sha256" smolpart_0 smolpart_1 smolpart_2
-_coral_assemble SmolLM2-135M-Instruct.Q4_1.gguf "$PWD/dev/smollm2.sha256" smolchunk_aa smolchunk_ab
 _coral_assemble gemma-3-270m-q4_k_m.gguf "$PWD/dev/gemma3.sha256" gempart_0 gempart_1 gempart_2 gempart_3 gempart_4 gempart_5 gempart_6
-_coral_assemble gemma-3-270m-q4_k_m.gguf "$PWD/dev/gemma3.sha256" gemchunk_0 gemchunk_1 gemchunk_2 gemchunk_3 gemchunk_4
 unset -f _coral_assemble
 if [ -f /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
   export CORAL_FAST_SMOLLM2_GGUF=/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf
