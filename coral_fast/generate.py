@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from coral_fast.engine import PREFILL_CHUNK, Engine, EventTimer, HostTimer
+from coral_fast.engine import Engine, EventTimer, HostTimer
 from coral_fast.hf_attention import default_impl
 from coral_fast.models import text_config
 
@@ -227,7 +227,7 @@ class SpeculativeGenerator:
                 fuse_projections(self.draft)
         self.engine = Engine(model, self.draft, self.tree, self.max_context, self.mode,
                              impl or default_impl(self.device), head_impl, _feature_size(model, self.draft),
-                             chunk or PREFILL_CHUNK)
+                             chunk)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.warmed = False
         self.round_time_s = self.plain_step_time_s = float("nan")
