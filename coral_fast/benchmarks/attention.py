@@ -44,11 +44,6 @@ HEADS = {
 }
 
 
-def random_parents(num_nodes: int, generator: torch.Generator) -> torch.Tensor:
-    upper = torch.arange(num_nodes) + 1
-    return (torch.rand(num_nodes, generator=generator) * upper).floor().to(torch.int64) - 1
-
-
 def eagle_like_parents(num_nodes: int, generator: torch.Generator) -> torch.Tensor:
     """A bushy tree like EAGLE-2's: each node's parent is among the few nodes before it at the previous level."""
     parents = [-1] * min(num_nodes, 8)

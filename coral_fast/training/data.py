@@ -404,11 +404,6 @@ def load_shards(data_dir: str | Path) -> dict:
     return merged
 
 
-def read_meta(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "meta.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 # --- command line ----------------------------------------------------------------------------------
 def parse_mix(text: str) -> dict:
     """--synth-mix "chat=0.3,qa=0.2,...": weights of the synthesized kinds (the others get 0)."""
