@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from coral_fast.cli_checks import read_json
+from coral_fast.kernels._gqa import repeat_kv
 from coral_fast.models import text_config
 
 CONFIG_NAME = "config.json"
@@ -192,10 +193,7 @@ def _scaled_inv_freq(inv_freq: Tensor, scaling: dict | None) -> Tensor:
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
     """Plain causal attention over the T inputs. q: [B, Hq, T, D], k, v: [B, Hkv, T, D] -> [B, Hq, T, D]."""
     groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), is_causal=True, scale=scale)
 
 
 class DraftDecoderLayer(nn.Module):

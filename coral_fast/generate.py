@@ -201,6 +201,9 @@ class SpeculativeGenerator:
         if not _is_int(self.max_context) or not 1 <= self.max_context <= limit:
             raise ValueError(f"max_context must be an integer in [1, {limit}] (the model's "
                              f"max_position_embeddings), got {max_context!r}")
+        if chunk is not None and (not _is_int(chunk) or not 1 <= chunk <= MAX_TREE_TOKENS):
+            raise ValueError(f"chunk (prompt rows a prefill step) must be an integer in [1, {MAX_TREE_TOKENS}] "
+                             f"(the tree-attention kernel's rows), got {chunk!r}")
         self.speculative, self.adaptive = speculative, adaptive
         self.tree = tree or TreeConfig()
         if speculative:

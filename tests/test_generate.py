@@ -250,6 +250,9 @@ def test_constructor_errors():
         SpeculativeGenerator(model, mode="graphs")
     with pytest.raises(ValueError, match="max_context must be an integer in \\[1, 2048\\]"):
         SpeculativeGenerator(model, max_context=10**6)
+    for chunk in (0, 129, 4.0):
+        with pytest.raises(ValueError, match="chunk .* must be an integer in \\[1, 128\\]"):
+            SpeculativeGenerator(model, chunk=chunk)
 
 
 @pytest.mark.interpreter

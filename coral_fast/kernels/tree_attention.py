@@ -19,7 +19,7 @@ Design (flash-decoding with a tree mask):
   valid length exit early, and check=False skips every validation that reads values back.
 
 The PyTorch reference (`tree_attention_reference`) lives beside the kernel and defines the semantics;
-`pack_mask_bits` (the kernel's mask layout) and `repeat_kv` (GQA for PyTorch code) live here too.
+`pack_mask_bits` (the kernel's mask layout) lives here too; `repeat_kv` (GQA for PyTorch code, torch only) in `_gqa.py`.
 Op: `coral_fast::tree_attention` (torch.library.custom_op below) is what `torch.compile` sees of the
 launches. Measured: bench/results/attention_h100.md.
 """
@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from coral_fast.kernels._dispatch import cuda_properties, dot_needs_fp32, resolve_impl
+from coral_fast.kernels._gqa import repeat_kv
 from coral_fast.kernels._launch import Launcher
 
 __all__ = ["tree_attention", "tree_attention_reference", "pack_mask_bits", "pack_tree_mask", "repeat_kv",
@@ -46,12 +47,6 @@ _LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------
 # helpers and reference
 # ----------------------------------------------------------------------------------------------
-def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
-    """GQA for PyTorch code: [B, Hkv, S, D] -> [B, Hkv * group, S, D], each KV head repeated for the
-    `group` query heads that share it (q head h reads kv head h // group)."""
-    return x if group == 1 else x.repeat_interleave(group, dim=1)
-
-
 def pack_mask_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a boolean mask along its last dim into 32-bit words: [..., T] bool -> [..., ceil(T/32)] int32.
 

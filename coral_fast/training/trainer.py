@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from coral_fast.kernels._gqa import repeat_kv
 from coral_fast.training import losses as L
 
 
@@ -91,10 +92,6 @@ def hass_mask(length: int, step: int, device=None) -> Tensor:
     return torch.cat(blocks, dim=1)
 
 
-def _repeat_kv(x: Tensor, groups: int) -> Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
 def unrolled_forward(draft, features: Tensor, tokens: Tensor, positions: Tensor, steps: int, detach: bool = True, noise: float = 0.0) -> list[Tensor]:
     """Run the draft for `steps` unrolled steps. features: [B, L, H] (f_t), tokens: [B, L] (x_{t+1}),
     positions: [B, L]. Returns [h_0, ..., h_{steps-1}], each [B, L, H]."""
@@ -115,11 +112,11 @@ def unrolled_forward(draft, features: Tensor, tokens: Tensor, positions: Tensor,
             values.append(v)
             if step == 0:
                 groups = q.shape[1] // k.shape[1]
-                return F.scaled_dot_product_attention(q, _repeat_kv(k, groups), _repeat_kv(v, groups), is_causal=True)
+                return F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), is_causal=True)
             all_k = torch.cat(keys, dim=2)
             all_v = torch.cat(values, dim=2)
             groups = q.shape[1] // all_k.shape[1]
-            return F.scaled_dot_product_attention(q, _repeat_kv(all_k, groups), _repeat_kv(all_v, groups), attn_mask=mask)
+            return F.scaled_dot_product_attention(q, repeat_kv(all_k, groups), repeat_kv(all_v, groups), attn_mask=mask)
 
         hidden = draft(step_features, tokens, positions, attn_fn=attn_fn)
         outputs.append(hidden)
