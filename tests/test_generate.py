@@ -120,13 +120,14 @@ def test_adaptive_falls_back_with_a_useless_draft(seed, one_thread):
 def test_policy_probes_and_backs_off():
     dear = SpeculationPolicy(round_s=4.0, plain_s=1.0, max_tau=5)
     assert dear.interval == 96  # dear rounds: rarer probes (32 plain steps per extra step a probe costs)
-    assert not dear.speculate()  # and 5 tokens a round would gain 1.25x < 1.5x: start plainly
+    assert not dear.speculate()  # and 5 tokens a round would gain 1.25x < 2x: start plainly
     for _ in range(95):
         dear.after_plain()
     assert not dear.speculate()
     dear.after_plain()
     assert dear.speculate()
-    assert SpeculationPolicy(round_s=3.0, plain_s=1.0, max_tau=5).speculate()  # 1.67x possible: try a round
+    assert not SpeculationPolicy(round_s=3.0, plain_s=1.0, max_tau=5).speculate()  # 1.67x at best: plainly
+    assert SpeculationPolicy(round_s=2.0, plain_s=1.0, max_tau=5).speculate()  # 2.5x possible: try a round
     hopeless = SpeculationPolicy(round_s=6.0, plain_s=1.0, max_tau=5)  # 5 tokens for 6 steps: never pays
     for _ in range(1000):
         assert not hopeless.speculate()
