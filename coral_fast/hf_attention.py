@@ -67,6 +67,15 @@ class _TreeCall:
         self.cache, self.mask, self.positions, self.impl = cache, mask, positions, impl
         self.slots, self.kv_len, self.tree, self.host_len = slots, kv_len, tree, host_len
         self._allowed: dict = {}
+        self._windowed: dict = {}
+
+    def windowed(self, window: int):
+        """(mask [T, T], tree) with tree keys farther back than `window` cut too (the kernel exempts tree
+        keys from the window, so a window no longer than the tree must cut them); built once per forward."""
+        if window not in self._windowed:
+            mask = self.mask & (self.positions[:, None] - self.positions[None, :] < window)
+            self._windowed[window] = (mask, _MaskAndBits(mask) if self.tree is not None else None)
+        return self._windowed[window]
 
     def allowed(self, window: int | None) -> Tensor | None:
         """Eager: [T, host_len] bool over the used slots (prefix, then the T new rows), built once per
@@ -111,11 +120,7 @@ def _coral_tree_attention(module, query, key, value, attention_mask, scaling=Non
             return out.transpose(1, 2).contiguous(), None
     from coral_fast.kernels.tree_attention import SUPPORTED_HEAD_DIMS
 
-    mask, tree = call.mask, call.tree
-    if window is not None and window <= query.shape[2]:
-        # the kernel exempts tree keys from the window; a window shorter than the tree must cut them too
-        mask = mask & (call.positions[:, None] - call.positions[None, :] < window)
-        tree = _MaskAndBits(mask) if tree is not None else None
+    mask, tree = call.windowed(window) if window is not None and window <= query.shape[2] else (call.mask, call.tree)
     positions = call.positions if window else None
     if call.impl in ("sdpa", "reference") or query.shape[-1] not in SUPPORTED_HEAD_DIMS:
         from coral_fast.kernels.tree_attention import tree_attention_reference
