@@ -108,6 +108,14 @@ class DraftConfig:
         return asdict(self)
 
     @classmethod
+    def from_file_dict(cls, raw: dict, config_path) -> "DraftConfig":
+        """from_dict for a config read from `config_path`: a bad field is a ValueError naming the file."""
+        try:
+            return cls.from_dict(raw)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{config_path}: {error}") from None
+
+    @classmethod
     def from_dict(cls, d) -> "DraftConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
@@ -439,10 +447,7 @@ class DraftModel(nn.Module):
                 f"{config_path} is neither a coral-fast draft config (architecture "
                 f"'coral_fast.DraftModel') nor an EAGLE one (Llama-style, num_hidden_layers 1)"
             )
-        try:
-            config = DraftConfig.from_dict(raw)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{config_path}: {error}") from None
+        config = DraftConfig.from_file_dict(raw, config_path)
         _check_matches_target(config, target_model, source=str(path))
         tensors = load_weights(os.path.join(path, WEIGHTS_NAME))
         grouping_state = {k[len("grouping."):]: v for k, v in tensors.items() if k.startswith("grouping.")}

@@ -26,10 +26,7 @@ def draft_without_target(path):
     raw = read_json(os.path.join(path, CONFIG_NAME))
     if is_eagle_config(raw):
         raise ValueError(f"{path} is already an EAGLE draft folder")
-    try:
-        config = DraftConfig.from_dict(raw)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{os.path.join(path, CONFIG_NAME)}: {error}") from None
+    config = DraftConfig.from_file_dict(raw, os.path.join(path, CONFIG_NAME))
     tensors = load_weights(os.path.join(path, WEIGHTS_NAME))
     dtype = tensors["fc.weight"].dtype if "fc.weight" in tensors else torch.float32
     dense = replace(config, grouping="dense")  # a zero-stride stand-in head: nothing to re-lay
