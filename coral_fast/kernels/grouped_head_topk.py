@@ -44,6 +44,7 @@ from torch import Tensor
 
 from coral_fast.kernels._dispatch import cuda_properties, dot_needs_fp32, resolve_impl
 from coral_fast.kernels._launch import Launcher
+from coral_fast.kernels._replay import eager_graphs
 
 try:
     import triton
@@ -807,13 +808,21 @@ def grouped_head_topk(
     max_group_size: int, impl: str = "auto", config: KernelConfig | None = None,
     out: tuple[Tensor, Tensor] | None = None, desc_cache: dict | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Dispatch: impl "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference"."""
+    """Dispatch: impl "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
+
+    Eager CUDA calls replay a CUDA graph of the launches after a key's second call (`_replay.py`):
+    hidden and groups are copied in, the weight, offsets and order are read in place."""
     if resolve_impl(impl, hidden.device) == "triton":
         if torch.compiler.is_compiling() and config is None:
             ids, logprobs = grouped_head_topk_op(hidden, weight, offsets, order, groups, k, max_group_size)
         else:
-            return grouped_head_topk_triton(hidden, weight, offsets, order, groups, k, max_group_size, config, out,
-                                            desc_cache=desc_cache)
+            def launch(streamed, resident, out):
+                (hidden, groups), (weight, offsets, order) = streamed, resident
+                return grouped_head_topk_triton(hidden, weight, offsets, order, groups, k, max_group_size, config,
+                                                out, desc_cache=desc_cache)
+
+            return eager_graphs("grouped_head_topk", launch, (hidden, groups), (weight, offsets, order),
+                                (k, max_group_size, config), out)
     else:
         ids, logprobs = grouped_head_topk_reference(hidden, weight, offsets, order, groups, k)
     if out is None:

@@ -35,6 +35,7 @@ import triton.language as tl
 from coral_fast.kernels._dispatch import cuda_properties, dot_needs_fp32, resolve_impl
 from coral_fast.kernels._gqa import repeat_kv
 from coral_fast.kernels._launch import Launcher
+from coral_fast.kernels._replay import eager_graphs
 
 __all__ = ["tree_attention", "tree_attention_reference", "pack_mask_bits", "pack_tree_mask", "repeat_kv",
            "TreeAttentionConfig", "SUPPORTED_HEAD_DIMS"]
@@ -634,7 +635,8 @@ def tree_attention(
         back (CUDA-graph capture); the kernel then computes what any mask says (a general mask is
         well defined: each query attends to the keys its row allows).
     out: optional [B, Hq, T, D] tensor to write into (any strides with a unit last stride).
-    Returns out [B, Hq, T, D] in q's dtype.
+    Returns out [B, Hq, T, D] in q's dtype. Eager CUDA calls replay a CUDA graph of the launches from a
+    key's second call on (`_replay.py`, docs/attention.md; CORAL_FAST_EAGER_GRAPHS=0 switches it off).
     """
     mask_bits = None
     if not isinstance(tree_mask, torch.Tensor):
@@ -663,4 +665,19 @@ def tree_attention(
         # under torch.compile the launch is an opaque custom op (Inductor fuses around it)
         result = tree_attention_op(q, k, v, mask_bits, kv_len, scale, window or 0, query_positions)
         return result if out is None else out.copy_(result)
-    return _tree_attention_triton(q, k, v, mask_bits, scale, kv_len, window, query_positions, out=out)
+    # eager CUDA calls replay a CUDA graph of the launches after a key's second call (`_replay.py`): q, the
+    # mask bits, a kv_len tensor and the positions are copied in, K and V read in place. An int kv_len is
+    # part of the key (a tensor takes another launch configuration, so it could not stand in for it with
+    # identical results): a loop passing a growing int launches directly; pass a [B] tensor to replay.
+    kv_len_tensor = kv_len if isinstance(kv_len, torch.Tensor) else None
+    kv_len_int = kv_len if isinstance(kv_len, int) else None
+
+    def launch(streamed, resident, out):
+        (q, mask_bits, kv_len_tensor, query_positions), (k, v) = streamed, resident
+        kv = kv_len_tensor if kv_len_tensor is not None else kv_len_int
+        return (_tree_attention_triton(q, k, v, mask_bits, scale, kv, window, query_positions,
+                                       out=None if out is None else out[0]),)
+
+    positions = query_positions if window is not None else None  # read only with a window
+    return eager_graphs("tree_attention", launch, (q, mask_bits, kv_len_tensor, positions), (k, v),
+                        (scale, kv_len_int, window), None if out is None else (out,))[0]

@@ -1,0 +1,177 @@
+"""Eager calls of an op replayed from CUDA graphs it captured itself: one graph launch instead of two
+Triton launches.
+
+On the H200 one Triton launch costs ~38 us of host time, a CUDA-graph replay ~5 us and a tiny copy
+~9 us (bench/results/eager_host_h200.md), so an eager call of a two-kernel op that copies its inputs
+into a graph's buffers and replays it costs less than launching the kernels. An op hands its launch to
+`eager_graphs(...)` with its arguments sorted in two kinds (the op knows which is which):
+
+- streamed: the per-call activations (hidden rows, queries, masks, lengths). The graph has its own
+  static copies of them; each call copies its values in (one `torch._foreach_copy_`).
+- resident: weights, tables, KV buffers. The graph reads them where they lie, so in-place updates are
+  seen; their data_ptr is part of the key, so another tensor (a new weight) is another graph.
+
+The key is (op name, device, the op's Python config, shape/stride/dtype of each streamed tensor,
+data_ptr/shape/stride/dtype of each resident one). The graph writes static outputs; a call returns
+clones of them, or copies them into the caller's `out` (never a view of a static buffer, which the
+next replay overwrites). The kernels are the direct launch's, so the results are bit-identical.
+
+When: the backend is usable (CUDA tensors on the current device, the current stream is the device's
+default stream, not torch.compile tracing) and a key has been seen `min_calls` (2) times, so a one-off
+call does not pay a capture (milliseconds). Anything else launches directly (`_launch.py`). The
+default-stream rule keeps CUDA-graph capture out (torch captures on side streams only, so the user's
+capture and the engine's get the op's own launches), and also the warm-up runs that torch documents on a
+side stream before a capture, which would otherwise capture graphs of their own; and replays from
+several streams, which would race on the shared buffers. At most `capacity` (16) graphs, least
+recently used out first, share one memory pool per device: what a graph allocates while it runs is
+dead when it ends, and all replays are serialised on the default stream under one lock. A key whose
+graph was evicted is not captured again while the cache remembers it (`remember` keys), so a loop over
+more keys than the capacity settles into replaying some and launching the rest directly instead of
+capturing on every call. CORAL_FAST_EAGER_GRAPHS=0 switches it all off.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+_NEVER = -1  # a seen-count: this key is not captured (evicted once, or its capture failed)
+
+
+class CudaGraphBackend:
+    """Capture and replay with torch.cuda.CUDAGraph (the seam: tests inject a fake with the same two
+    methods)."""
+
+    def __init__(self):
+        self._pools: dict[int, tuple] = {}  # device index -> the graphs' shared memory pool
+        self._default_streams: dict[int, int] = {}  # device index -> its default stream's handle
+
+    def usable(self, device: torch.device) -> bool:
+        """Whether an eager call on `device` may replay (module docstring)."""
+        if device.type != "cuda" or torch.compiler.is_compiling() or device.index != torch.cuda.current_device():
+            return False
+        default = self._default_streams.get(device.index)
+        if default is None:
+            default = self._default_streams[device.index] = torch.cuda.default_stream(device).cuda_stream
+        return torch._C._cuda_getCurrentRawStream(device.index) == default
+
+    def capture(self, fn: Callable[[], tuple], device: torch.device) -> tuple[Callable[[], None], tuple]:
+        """Warm `fn` up on a side stream, capture it into the device's pool; -> (replay, its outputs)."""
+        with torch.cuda.device(device):
+            if device.index not in self._pools:
+                self._pools[device.index] = torch.cuda.graph_pool_handle()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads' CUDA calls during the capture are not the capture's business
+            with torch.cuda.graph(graph, pool=self._pools[device.index], stream=side,
+                                  capture_error_mode="thread_local"):
+                outputs = fn()
+        return graph.replay, outputs
+
+
+@dataclass
+class _Graph:
+    replay: Callable[[], None]
+    inputs: list  # static copies of the streamed tensors that are not None, in order
+    outputs: tuple  # the static tensors the graph writes
+
+
+def _streamed_key(t: Optional[Tensor]):
+    return None if t is None else (t.shape, t.stride(), t.dtype)
+
+
+def _resident_key(t: Tensor):
+    return t.data_ptr(), t.shape, t.stride(), t.dtype
+
+
+class EagerGraphs:
+    """The cache of captured graphs of eager op calls (module docstring).
+
+        outputs = eager_graphs("my_op", launch, (x,), (weight,), (k,), out)
+        # launch(streamed, resident, out) -> tuple of output tensors (written into `out` when given)
+
+    `config`: the op's hashable Python arguments that decide its launch (sizes, scale, kernel config).
+    Counters `captures` and `replays` are kept for the tests and the benchmark.
+    """
+
+    def __init__(self, capacity: int = 16, min_calls: int = 2, remember: int = 1024, backend=None):
+        self.capacity, self.min_calls, self.remember = capacity, min_calls, remember
+        self.backend = backend if backend is not None else CudaGraphBackend()
+        self.enabled = os.environ.get("CORAL_FAST_EAGER_GRAPHS", "1") != "0"
+        self.graphs: OrderedDict = OrderedDict()  # key -> _Graph, least recently used first
+        self.seen: OrderedDict = OrderedDict()  # key -> calls so far (or _NEVER), for keys without a graph
+        self.captures = self.replays = 0
+        self._lock = threading.Lock()  # one call's copy-in, replay and copy-out at a time
+
+    def key(self, name: str, device: torch.device, config: tuple, streamed: tuple, resident: tuple) -> tuple:
+        return (name, device, config, *[_streamed_key(t) for t in streamed], *[_resident_key(t) for t in resident])
+
+    def __call__(self, name: str, launch: Callable, streamed: tuple, resident: tuple, config: tuple,
+                 out: Optional[tuple] = None) -> tuple:
+        """streamed: per-call tensors (None allowed: part of the key); resident: tensors read in place.
+        Returns launch's outputs: replayed (clones, or `out` filled) or from the direct launch."""
+        device = streamed[0].device
+        if not (self.enabled and self.backend.usable(device)):
+            return launch(streamed, resident, out)
+        key = self.key(name, device, config, streamed, resident)
+        with self._lock, torch.no_grad():
+            graph = self.graphs.get(key)
+            if graph is None:
+                graph = self._admit(key, name, launch, streamed, resident, device)
+            else:
+                self.graphs.move_to_end(key)
+            if graph is not None:
+                torch._foreach_copy_(graph.inputs, [t for t in streamed if t is not None])
+                graph.replay()
+                self.replays += 1
+                if out is None:
+                    return tuple(t.clone() for t in graph.outputs)
+                torch._foreach_copy_(list(out), list(graph.outputs))
+                return tuple(out)
+        return launch(streamed, resident, out)
+
+    def _admit(self, key, name, launch, streamed, resident, device) -> Optional[_Graph]:
+        """The graph of a key seen `min_calls` times, captured now; None: launch directly."""
+        calls = self.seen.pop(key, 0)
+        if calls == _NEVER or calls + 1 < self.min_calls:
+            self._remember(key, calls if calls == _NEVER else calls + 1)
+            return None
+        inputs = [t.clone() for t in streamed if t is not None]  # this call's values: a valid warm-up
+        slots = iter(inputs)
+        static = tuple(None if t is None else next(slots) for t in streamed)
+        try:
+            replay, outputs = self.backend.capture(lambda: tuple(launch(static, resident, None)), device)
+        except Exception as error:  # noqa: BLE001 - any failure: this key launches directly from now on
+            warnings.warn(f"{name}: CUDA-graph capture failed ({error!r}); launching directly", RuntimeWarning)
+            self._remember(key, _NEVER)
+            return None
+        self.captures += 1
+        graph = self.graphs[key] = _Graph(replay, inputs, outputs)
+        if len(self.graphs) > self.capacity:
+            evicted, _ = self.graphs.popitem(last=False)
+            self._remember(evicted, _NEVER)
+        return graph
+
+    def _remember(self, key, calls: int) -> None:
+        self.seen[key] = calls
+        if len(self.seen) > self.remember:
+            self.seen.popitem(last=False)
+
+    def clear(self) -> None:
+        """Drop every graph and every count (the memory pool is freed with the last graph)."""
+        with self._lock:
+            self.graphs.clear()
+            self.seen.clear()
+
+
+eager_graphs = EagerGraphs()  # the cache both ops use
