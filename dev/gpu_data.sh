@@ -10,7 +10,8 @@
 # On the device (run tool; carry dev/carry with the call that brings the state, and the model parts as
 # dev/README.md says; the work folder /tmp/coral_data/MODEL survives between calls on a warm machine):
 #   source dev/device_setup.sh && bash dev/gpu_data.sh generate MODEL --synth 40000 --samples 2 --time-budget-s 470
-#   source dev/device_setup.sh && bash dev/gpu_data.sh train MODEL --time-budget-s 420 [coral-fast train flags]
+#   source dev/device_setup.sh && [RUN=name] bash dev/gpu_data.sh train MODEL --time-budget-s 420 [coral-fast train flags]
+#     (trains on the carried MODEL.train.tar.gz, else on what generate left in /tmp/coral_data/MODEL)
 # generate: runs `coral-fast data` on the work folder (finished shards are skipped), then tars the files
 # this call added into $OUT/MODEL.new.tar.part00, part01, ... (15 MiB each: the device returns files of
 # at most 16 MiB, 8 files, 64 MiB in all; the call refuses to return more than 60 MB).
@@ -72,7 +73,8 @@ generate)
   : >"$stamp"
   sleep 1
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-  python3 -m coral_fast.training.data --model "$MODEL" --out "$WORK" --no-progress "$@" 2>&1 |
+  # a hard stop (GEN_TIMEOUT s) leaves time to pack: a shard cut short is a .tmp file, never returned
+  timeout "${GEN_TIMEOUT:-520}" python3 -m coral_fast.training.data --model "$MODEL" --out "$WORK" --no-progress "$@" 2>&1 |
     grep --line-buffered -v -E "Converting and de-quantizing|Loading weights" | tee "$OUT/data.log" || true
   (cd "$WORK" && find . -newer "$stamp" -type f ! -name '.*' ! -name '*.tmp' -size +0 | sort >"$WORK/.new")
   echo "new files: $(wc -l <"$WORK/.new")"
@@ -88,15 +90,26 @@ generate)
   ls -l "$OUT"
   ;;
 train)
+  # the data: a carried dev/carry/MODEL.train.tar.gz, else what `generate` left on this warm machine
   DATA="/tmp/coral_data/$MODEL-train"
-  mkdir -p "$DATA" "$OUT"
-  [ -f "$DATA/meta.json" ] || tar -xzf "$CARRY/$MODEL.train.tar.gz" -C "$DATA"
+  if [ -f "$CARRY/$MODEL.train.tar.gz" ]; then
+    mkdir -p "$DATA"
+    [ -f "$DATA/meta.json" ] || tar -xzf "$CARRY/$MODEL.train.tar.gz" -C "$DATA"
+  elif [ -f "$WORK/meta.json" ] && ! find "$WORK" -name 'shard_*' -size 0 | grep -q .; then
+    DATA="$WORK"
+  else
+    echo "no data: carry dev/carry/$MODEL.train.tar.gz (pack-train) or run generate on this machine first" >&2
+    exit 2
+  fi
+  RUN=${RUN:-$MODEL}  # several drafts on one machine: RUN=name each
+  mkdir -p "$OUT"
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
   # checkpoints stay on the machine (/tmp/coral_runs); the fp16 draft and the log come back
-  python3 -m coral_fast.training.cli --model "$MODEL" --data "$DATA" --out "/tmp/coral_runs/$MODEL" --no-progress "$@" 2>&1 |
-    grep --line-buffered -v -E "Converting and de-quantizing|Loading weights" | tee "$OUT/train.log"
-  mkdir -p "$OUT/$MODEL"
-  cp "/tmp/coral_runs/$MODEL"/{config.json,model.safetensors,log.jsonl} "$OUT/$MODEL/"
+  python3 -m coral_fast.training.cli --model "$MODEL" --data "$DATA" --out "/tmp/coral_runs/$RUN" --no-progress "$@" 2>&1 |
+    grep --line-buffered -v -E "Converting and de-quantizing|Loading weights" | tee "$OUT/$RUN.train.log"
+  mkdir -p "$OUT/$RUN"
+  cp "/tmp/coral_runs/$RUN"/{config.json,model.safetensors} "$OUT/$RUN/"
+  cp "/tmp/coral_runs/$RUN"/log.jsonl "$OUT/$RUN/" 2>/dev/null || true
   ;;
 *)
   echo "unknown mode $MODE: pack | pack-train | unpack | generate | train" >&2

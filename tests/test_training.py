@@ -588,3 +588,23 @@ def test_train_command_on_token_only_data(monkeypatch, tmp_path):
     save_file(tensors, str(data / "shard_00000_00.safetensors"), metadata={"coral_data": json.dumps(meta)})
     code, loads = _train_main(monkeypatch, tmp_path, ["--seed", "2"])
     assert code == 0 and loads and (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_sequences_longer_than_max_seq_len_keep_their_end():
+    """A long prompt (a document to summarize) must not push its answer out of the training window."""
+    from coral_fast.training.trainer import SequenceData
+
+    lengths, H, K = [11, 4, 7], 6, 3
+    offsets = torch.tensor([0, 11, 15, 22])
+    n = int(offsets[-1])
+    loss_mask = torch.zeros(n, dtype=torch.bool)
+    loss_mask[8:10] = True  # the first sequence's answer: its last three tokens (mask marks predictors)
+    loss_mask[13:14] = True
+    loss_mask[19:21] = True
+    shards = dict(offsets=offsets, input_ids=torch.arange(n), loss_mask=loss_mask, is_eval=torch.zeros(3, dtype=torch.bool),
+                  hidden=torch.randn(n, H), topk_ids=torch.zeros(n, K, dtype=torch.long), topk_logprobs=torch.zeros(n, K))
+    data = SequenceData(shards, max_seq_len=5)
+    assert data.train == [(6, 11), (11, 15), (17, 22)]
+    batch = data.collate([data.train[0]])
+    assert batch["tokens"][0].tolist() == [7, 8, 9, 10] and batch["mask"][0].tolist() == [False, True, True, False]
+    assert sum(lengths) == n

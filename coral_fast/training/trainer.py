@@ -157,7 +157,9 @@ class SequenceData:
             for end in offsets[1:]:
                 mask[end - 1] = False  # the last position has no next token
         self.loss_mask = mask.to(device)
-        spans = [(s, min(e, s + max_seq_len)) for s, e in zip(offsets[:-1], offsets[1:])]
+        # a sequence longer than max_seq_len keeps its end: the answer is what it is there for (a long
+        # document's summary would otherwise be cut away with the document's tail)
+        spans = [(max(s, e - max_seq_len), e) for s, e in zip(offsets[:-1], offsets[1:])]
         is_eval = shards["is_eval"].bool().tolist()
         self.train = [sp for sp, ev in zip(spans, is_eval) if not ev and sp[1] - sp[0] >= 3]
         self.eval = [sp for sp, ev in zip(spans, is_eval) if ev and sp[1] - sp[0] >= 3]
