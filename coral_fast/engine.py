@@ -206,7 +206,7 @@ class Engine:
             out = torch.nn.functional.scaled_dot_product_attention(
                 q.reshape(B, keys.shape[1], groups * M, D), keys.to(q.dtype), values.to(q.dtype),
                 attn_mask=allowed.repeat(groups, 1), scale=scale)
-            return out.view(B, Hq, M, D)
+            return out.reshape(B, Hq, M, D)  # SDPA may return another layout of the same values
 
         return attend
 

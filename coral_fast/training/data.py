@@ -233,6 +233,9 @@ class IdGenerator:
         self.model, self.rows, self.eos, self.pad, self.mode = model, rows, eos, pad, mode
         self.generators = {}
         self.tokens = 0
+        # where the time goes, per (cache length, rows): calls, steps' tokens, seconds; a generator's first
+        # call apart (it includes building its decode step: compile + capture on the GPU)
+        self.timings: dict[str, dict] = {}
 
     def __call__(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int) -> list[list[int]]:
         from coral_fast.training.batched import BatchedGenerator
@@ -246,10 +249,17 @@ class IdGenerator:
             for start in range(0, len(members), self.rows):
                 rows = members[start:start + self.rows]
                 width = self.rows if len(rows) > max(1, self.rows // 8) else max(1, self.rows // 8)
-                if (length, width) not in self.generators:
+                first = (length, width) not in self.generators
+                started = time.perf_counter()
+                if first:
                     self.generators[length, width] = BatchedGenerator(self.model, width, length, self.mode)
                 out = self.generators[length, width].generate([prompts[i] for i in rows], max_new_tokens, self.eos, self.pad,
                                                               temperature, top_p, seed=_seed_of(seed, length, start))
+                t = self.timings.setdefault(f"{length}x{width}" + (" first call" if first else ""),
+                                            {"calls": 0, "tokens": 0, "seconds": 0.0})
+                t["calls"] += 1
+                t["tokens"] += sum(len(a) for a in out)
+                t["seconds"] = round(t["seconds"] + time.perf_counter() - started, 2)
                 for i, a in zip(rows, out):
                     answers[i] = a
                     self.tokens += len(a)
@@ -349,6 +359,7 @@ def generate_dataset(model, tokenizer, prompts: list[dict] | None, out_dir: str 
             break
     stats["seconds"] = round(time.perf_counter() - started, 1)
     stats["generated_tok_s"] = round(generate_ids.tokens / max(stats["seconds"], 1e-9), 1)
+    stats["decode_timings"] = generate_ids.timings
     return stats
 
 
