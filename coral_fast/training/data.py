@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,6 +356,10 @@ def generate_dataset(model, tokenizer, prompts: list[dict] | None, out_dir: str 
             stats["answer_tokens"] += sum(len(a) for _, a in kept)
             stats["prompt_tokens"] += sum(len(ids[i]) for i, _ in kept)
             bar.set_postfix(answer_tokens=stats["answer_tokens"], tok_s=f"{generate_ids.tokens / (time.perf_counter() - started):.0f}")
+            if not progress:  # logs of runs that a hard stop may cut: each shard's totals as it lands
+                print(json.dumps({"shard": path.name, "answer_tokens": stats["answer_tokens"],
+                                  "seconds": round(time.perf_counter() - started, 1),
+                                  "decode_timings": generate_ids.timings}), file=sys.stderr, flush=True)
         if stats["stopped_at"]:
             break
     stats["seconds"] = round(time.perf_counter() - started, 1)
