@@ -7,8 +7,7 @@
 set -o pipefail
 OUT=${OUT:-out}; R="$OUT/r"; mkdir -p "$R"
 log() { tee -a "$R/log.txt"; }
-nvidia-smi --query-gpu=name,memory.used --format=csv,noheader | log
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | log
+bash "$(dirname "$0")/gpu_info.sh" | log
 quiet() { grep --line-buffered -v -E "Converting and de-quantizing|Loading weights"; }
 timeout 100 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_generate.py -k "graphs or recapture or bf16 or direct_launch" \
   tests/test_grouped_head.py tests/test_tree_attention.py 2>&1 | tail -8 | log

@@ -6,8 +6,7 @@ set -o pipefail
 OUT=${OUT:-out/attention}
 mkdir -p "$OUT"
 STEPS=${ATTN_STEPS:-tests,table}
-nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+bash "$(dirname "$0")/gpu_info.sh" | tee "$OUT/gpu.txt"
 status=0
 if [[ $STEPS == *pytest-bench* ]]; then
   timeout 120 python3 -m pytest -q bench/test_bench_attention.py --benchmark-only --benchmark-columns=median,iqr,rounds 2>&1 | tee "$OUT/pytest_bench.log" || status=1

@@ -13,13 +13,8 @@ T=${TRAIN_S:-170}
 FLAGS=(--max-seq-len 4096 --batch-tokens 16384 --lr 8e-4 --keep-best true --eval-every 400 --time-budget-s "$T")
 RUN=eagle bash dev/gpu_data.sh train smollm2 --draft-arch eagle "${FLAGS[@]}"
 RUN=coral bash dev/gpu_data.sh train smollm2 --draft-arch coral "${FLAGS[@]}"
-DATA=/tmp/coral_data/smollm2
-[ -d /tmp/coral_data/smollm2-train ] && DATA=/tmp/coral_data/smollm2-train
 python3 -m coral_fast export --format eagle "$OUT/eagle" /tmp/eagle_export 2>&1 | tee "$OUT/export.log"
-timeout 150 python3 -m coral_fast.training.cli --retrofit-router --draft /tmp/eagle_export --model smollm2 --data "$DATA" \
-  --out /tmp/coral_runs/retrofit --iters "${RETROFIT_ITERS:-1000}" --no-progress 2>&1 |
-  grep --line-buffered -v -E "Converting and de-quantizing|Loading weights" | tee "$OUT/retrofit.log"
-cp -r /tmp/coral_runs/retrofit "$OUT/" 2>/dev/null
+RUN=retrofit timeout 150 bash dev/gpu_data.sh train smollm2 --retrofit-router --draft /tmp/eagle_export --iters "${RETROFIT_ITERS:-1000}"
 # three fp16 drafts are ~26 MB: parts of 15 MiB (the device returns files of at most 16 MiB)
 cd "$OUT" && tar czf - $(ls -d eagle coral retrofit *.log 2>/dev/null) | split -b 15M -d -a 1 - drafts.tgz.part &&
   rm -rf eagle coral retrofit *.log

@@ -13,8 +13,7 @@
 set -o pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 what=${1:-suite}
-nvidia-smi --query-gpu=name,memory.used --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
+bash "$(dirname "$0")/gpu_info.sh" | tee "$OUT/gpu.txt"
 quiet() { grep --line-buffered -v -E "Converting and de-quantizing|Loading weights"; }
 case "$what" in
   suite)

@@ -8,8 +8,7 @@ set -o pipefail
 OUT=${OUT:-out/head}
 mkdir -p "$OUT"
 STEPS=${HEAD_STEPS:-tests,table}
-nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+bash "$(dirname "$0")/gpu_info.sh" | tee "$OUT/gpu.txt"
 status=0
 if [[ $STEPS == *tests* ]]; then
   timeout ${HEAD_TEST_TIMEOUT:-200} python3 -m pytest -q -rs tests/test_grouped_head.py tests/test_grouped_head_configs.py tests/test_grouping.py 2>&1 | tee "$OUT/tests.log" || status=1

@@ -13,8 +13,7 @@ set -o pipefail
 OUT=${OUT:-out/head_sweep}
 mkdir -p "$OUT"
 t0=$(date +%s)
-nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm --format=csv > "$OUT/gpu.txt" 2>&1
-cat "$OUT/gpu.txt"  # torch / triton versions: in each table's header
+bash "$(dirname "$0")/gpu_info.sh" | tee "$OUT/gpu.txt"
 status=0
 run() {  # run SHAPE TIMEOUT: each shape its own process (a CUDA error or a timeout costs that shape only)
   local shape=$1 limit=$2

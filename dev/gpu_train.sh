@@ -27,6 +27,5 @@ if [ -n "$NEED" ] && [ -z "${!NEED:-}" ]; then
   exit 2
 fi
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv 2>&1 | tee "$OUT/log"
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" 2>&1 | tee -a "$OUT/log"
+bash "$(dirname "$0")/gpu_info.sh" | tee "$OUT/log"
 python3 -m coral_fast.training.pipeline --model "$MODEL" --out "$OUT" --no-progress "$@" 2>&1 | grep --line-buffered -v -E "Converting and de-quantizing|Loading weights" | tee -a "$OUT/log"
