@@ -8,7 +8,7 @@ back to when speculation does not pay.
 A request: the prompt is prefilled in chunks (`Engine.prefill`), then each step is either a speculative
 round (`Engine.round`: draft_tree -> verify -> accept -> commit) or a plain one-token step
 (`Engine.plain`), chosen by `SpeculationPolicy` from the engine's measured round and step costs and the
-acceptance seen so far. Greedy output is the target's argmax sequence either way.
+acceptance seen so far (in this request and the ones before). Greedy output is the target's argmax sequence either way.
 """
 from __future__ import annotations
 
@@ -154,6 +154,13 @@ class SpeculationPolicy:
     def after_plain(self) -> None:
         self.since_probe += 1
 
+    def new_request(self) -> None:
+        """A request starts from what the previous ones saw (the EMA, the probe interval): a stream of
+        requests where the draft is poor does not pay a failed round at each start. A request probes
+        within `first_interval` plain tokens at the latest, so a task where the draft is good is found
+        quickly after a poor one."""
+        self.since_probe = max(self.since_probe, self.interval - self.first_interval)
+
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -240,6 +247,7 @@ class SpeculativeGenerator:
         self.round_time_s = self.plain_step_time_s = float("nan")
         self.refine_costs = True  # eager: update the policy's costs from the request's own step times
         self.policy_options: dict = {}  # SpeculationPolicy fields (margin, first_interval, ...) for every request
+        self._policies: dict = {}  # one SpeculationPolicy per (greedy or sampling, costs, options), across requests
         self._dynamo_graphs = 0
 
     # --- one-time set-up ------------------------------------------------------------------------------
@@ -300,6 +308,14 @@ class SpeculativeGenerator:
         return [sorted(seen[1:])[reps // 2] for seen in times]
 
     # --- requests --------------------------------------------------------------------------------------
+    def _policy(self, sampling: bool) -> SpeculationPolicy:
+        """The policy that carries acceptance across requests (greedy and sampling accept differently)."""
+        key = (sampling, self.round_time_s, self.plain_step_time_s, tuple(sorted(self.policy_options.items())))
+        if key not in self._policies:
+            self._policies[key] = SpeculationPolicy(self.round_time_s, self.plain_step_time_s, self.tree.depth + 1,
+                                                    **self.policy_options)
+        return self._policies[key]
+
     def _check_request(self, input_ids, max_new_tokens, temperature) -> Tensor:
         """ValueError for a bad request, before the engine is touched. Returns the prompt [P] int64."""
         if isinstance(input_ids, Tensor):
@@ -370,8 +386,8 @@ class SpeculativeGenerator:
         done = emit([eng.prefill(P)])
         result.prefill_time_s = time.perf_counter() - t0
         speculate = self.speculative and not plain
-        policy = SpeculationPolicy(self.round_time_s, self.plain_step_time_s, self.tree.depth + 1,
-                                   **self.policy_options)
+        policy = self._policy(temperature > 0)
+        policy.new_request()
         while not done:
             if speculate and (not self.adaptive or policy.speculate()):
                 t = time.perf_counter()

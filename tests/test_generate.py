@@ -115,6 +115,12 @@ def test_adaptive_falls_back_with_a_useless_draft(seed, one_thread):
     assert out.token_ids == plain_greedy(model, prompt, 120)
     assert gen.round_time_s > gen.plain_step_time_s > 0
     assert out.plain_steps > 90 and out.rounds <= 12, (out.plain_steps, out.rounds)
+    # costs where rounds could pay (a CPU round is too dear to try at all): the first request opens with a
+    # round and probes; the next one starts from the poor acceptance seen, and rounds less
+    gen.round_time_s, gen.plain_step_time_s, gen.refine_costs = 1.5, 1.0, False
+    first, again = gen.generate(prompt, 120), gen.generate(prompt, 120)
+    assert first.token_ids == again.token_ids == out.token_ids
+    assert first.accepted_lengths[0] <= 2 and again.rounds < first.rounds, (again.rounds, first.rounds)
 
 
 def test_policy_probes_and_backs_off():
@@ -146,6 +152,25 @@ def test_policy_probes_and_backs_off():
     for tau in (6, 6, 6, 6, 6):  # acceptance recovers: speculation pays again (2.0 * 1.05 < ema)
         policy.after_round(tau)
     assert policy.speculate() and policy.interval == 32
+
+
+def test_policy_carries_acceptance_across_requests():
+    policy = SpeculationPolicy(round_s=2.0, plain_s=1.0, max_tau=5)
+    policy.new_request()
+    assert policy.speculate()  # nothing seen: the first request opens with a round
+    policy.after_round(1)
+    for _ in range(32):
+        policy.after_plain()
+    policy.after_round(1)  # a failed probe: the next one after 64 plain tokens
+    for _ in range(10):
+        policy.after_plain()
+    policy.new_request()  # no round at the start of the next request (acceptance was poor) ...
+    assert not policy.speculate() and policy.since_probe == 64 - 32
+    for _ in range(31):
+        policy.after_plain()
+    assert not policy.speculate()
+    policy.after_plain()
+    assert policy.speculate()  # ... but a probe within first_interval (32) tokens of it
 
 
 @pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])
