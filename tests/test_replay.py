@@ -107,6 +107,25 @@ def test_out_and_optional_streamed_and_config():
     assert cache.replays == 2
 
 
+def test_mixed_dtype_inputs_copied_in_as_bytes_unless_strided():
+    """Several streamed tensors of mixed dtypes go in through one copy of byte views; a strided one
+    keeps the per-tensor copy. Either way each replay sees this call's values."""
+    def scaled_op(cache, x, shift):  # x float streamed, shift int streamed
+        def launch(streamed, resident, out):
+            x, shift = streamed
+            return (x * 2 + shift,)
+        return cache("scaled", launch, (x, shift), (), (), None)[0]
+
+    for strided in (False, True):
+        cache = EagerGraphs(backend=FakeGraphs())
+        for _ in range(4):
+            x = torch.randn(5, 6)[:, ::2] if strided else torch.randn(5, 3)
+            shift = torch.randint(-9, 9, (5, 3), dtype=torch.int32)
+            assert torch.equal(scaled_op(cache, x, shift), x * 2 + shift)
+        (graph,) = cache.graphs.values()
+        assert cache.replays == 3 and graph.as_bytes == (not strided)
+
+
 def test_lru_eviction_and_no_recapture_of_evicted_keys():
     cache = EagerGraphs(capacity=2, remember=4, backend=FakeGraphs())
     weights = [torch.randn(4, 5) for _ in range(3)]
@@ -115,7 +134,7 @@ def test_lru_eviction_and_no_recapture_of_evicted_keys():
         for w in weights:  # three keys in turn through two slots
             assert torch.equal(matmul_op(cache, x, w), x @ w)
     assert cache.captures == 3  # the first key's graph was evicted by the third, never captured again
-    kept = {key[-1][0] for key in cache.graphs}
+    kept = {key[-1][0][0] for key in cache.graphs}  # the first resident tensor's address
     assert kept == {weights[1].data_ptr(), weights[2].data_ptr()}
     before = cache.replays
     matmul_op(cache, x, weights[0])

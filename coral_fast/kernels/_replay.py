@@ -7,7 +7,9 @@ into a graph's buffers and replays it costs less than launching the kernels. An 
 `eager_graphs(...)` with its arguments sorted in two kinds (the op knows which is which):
 
 - streamed: the per-call activations (hidden rows, queries, masks, lengths). The graph has its own
-  static copies of them; each call copies its values in (one `torch._foreach_copy_`).
+  static copies of them; each call copies its values in with one `torch._foreach_copy_` (over flat byte
+  views where the tensors are of mixed dtypes and contiguous: one launch, where it would otherwise make
+  one copy per tensor).
 - resident: weights, tables, KV buffers. The graph reads them where they lie, so in-place updates are
   seen; their data_ptr is part of the key, so another tensor (a new weight) is another graph.
 
@@ -82,16 +84,26 @@ class CudaGraphBackend:
 @dataclass
 class _Graph:
     replay: Callable[[], None]
-    inputs: list  # static copies of the streamed tensors that are not None, in order
+    inputs: list  # static copies of the streamed tensors that are not None, in order (byte views if `as_bytes`)
     outputs: tuple  # the static tensors the graph writes
+    as_bytes: bool  # the streamed tensors are contiguous: copied in as flat byte views (module docstring)
+
+
+def _bytes(t: Tensor) -> Tensor:
+    """A contiguous tensor's memory as a flat uint8 view."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _contiguous(tensors) -> bool:
+    return all(t.is_contiguous() for t in tensors)
 
 
 def _streamed_key(t: Optional[Tensor]):
     return None if t is None else (t.shape, t.stride(), t.dtype)
 
 
-def _resident_key(t: Tensor):
-    return t.data_ptr(), t.shape, t.stride(), t.dtype
+def _resident_key(t: Optional[Tensor]):
+    return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype)
 
 
 class EagerGraphs:
@@ -114,30 +126,38 @@ class EagerGraphs:
         self._lock = threading.Lock()  # one call's copy-in, replay and copy-out at a time
 
     def key(self, name: str, device: torch.device, config: tuple, streamed: tuple, resident: tuple) -> tuple:
-        return (name, device, config, *[_streamed_key(t) for t in streamed], *[_resident_key(t) for t in resident])
+        return name, device, config, tuple(map(_streamed_key, streamed)), tuple(map(_resident_key, resident))
 
     def __call__(self, name: str, launch: Callable, streamed: tuple, resident: tuple, config: tuple,
                  out: Optional[tuple] = None) -> tuple:
-        """streamed: per-call tensors (None allowed: part of the key); resident: tensors read in place.
+        """streamed: per-call tensors; resident: tensors read in place (None allowed in both: part of the key).
         Returns launch's outputs: replayed (clones, or `out` filled) or from the direct launch."""
         device = streamed[0].device
         if not (self.enabled and self.backend.usable(device)):
             return launch(streamed, resident, out)
         key = self.key(name, device, config, streamed, resident)
-        with self._lock, torch.no_grad():
-            graph = self.graphs.get(key)
-            if graph is None:
-                graph = self._admit(key, name, launch, streamed, resident, device)
-            else:
-                self.graphs.move_to_end(key)
-            if graph is not None:
-                torch._foreach_copy_(graph.inputs, [t for t in streamed if t is not None])
-                graph.replay()
-                self.replays += 1
-                if out is None:
-                    return tuple(t.clone() for t in graph.outputs)
-                torch._foreach_copy_(list(out), list(graph.outputs))
-                return tuple(out)
+        grad = torch.is_grad_enabled()  # copies into the static inputs must not join an autograd graph
+        torch._C._set_grad_enabled(False)  # (what torch.no_grad() does, without its per-call object)
+        try:
+            with self._lock:
+                graph = self.graphs.get(key)
+                if graph is None:
+                    graph = self._admit(key, name, launch, streamed, resident, device)
+                else:
+                    self.graphs.move_to_end(key)
+                if graph is not None:
+                    if graph.as_bytes:
+                        torch._foreach_copy_(graph.inputs, [_bytes(t) for t in streamed if t is not None])
+                    else:
+                        torch._foreach_copy_(graph.inputs, [t for t in streamed if t is not None])
+                    graph.replay()
+                    self.replays += 1
+                    if out is None:
+                        return tuple([t.clone() for t in graph.outputs])
+                    torch._foreach_copy_(list(out), list(graph.outputs))
+                    return tuple(out)
+        finally:
+            torch._C._set_grad_enabled(grad)
         return launch(streamed, resident, out)
 
     def _admit(self, key, name, launch, streamed, resident, device) -> Optional[_Graph]:
@@ -156,7 +176,11 @@ class EagerGraphs:
             self._remember(key, _NEVER)
             return None
         self.captures += 1
-        graph = self.graphs[key] = _Graph(replay, inputs, outputs)
+        # byte views only where they save launches: several tensors of mixed dtypes, all contiguous
+        # (the caller's tensors decide: a clone of a strided one is contiguous; the key fixes the strides)
+        as_bytes = len({t.dtype for t in inputs}) > 1 and _contiguous([t for t in streamed if t is not None])
+        graph = self.graphs[key] = _Graph(replay, [_bytes(t) for t in inputs] if as_bytes else inputs, outputs,
+                                          as_bytes)
         if len(self.graphs) > self.capacity:
             evicted, _ = self.graphs.popitem(last=False)
             self._remember(evicted, _NEVER)

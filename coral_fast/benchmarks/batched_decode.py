@@ -1,0 +1,123 @@
+"""Where the data pipeline's decode time goes: `BatchedGenerator` steps timed on a model of the target's shape.
+
+    python -m coral_fast.benchmarks.batched_decode [--shape smollm2] [--rows 256,512] [--cache 1024,4096]
+        [--modes compile,eager] [--prompt 200] [--out DIR]
+
+The weights are random (bf16; a step's time does not depend on them) and eos is an id the model never
+emits, so every row decodes every step. For each (mode, rows, cache length): one warm-up `generate`
+(compile + capture apart), then the median over 3 calls of `generate` with 16 and with 80 new tokens;
+a step costs (t80 - t16) / 64. Beside it the floor of a step: the weights once plus the whole static
+cache (K and V of every layer: attention reads all `cache` slots every step, masked or not) over the
+read bandwidth, and tokens/s = rows / step. torch._dynamo's counters (graph breaks, recompiles,
+CUDA-graph skips) are printed after each compiled configuration. `--out DIR`: batched_decode.md/json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+# (hidden, intermediate, layers, q heads, kv heads, vocab): the real configs' shapes
+SHAPES = {"smollm2": (576, 1536, 30, 9, 3, 49152), "gemma3-270m": (640, 2048, 18, 4, 1, 262144)}
+READ_TBS = {"H200": 4.8, "H100": 3.35}  # nominal; the floors benchmark measures the real one
+
+
+def build_model(shape: str, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, heads, kv, vocab = SHAPES[shape]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                         max_position_embeddings=8192, tie_word_embeddings=True)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    return model
+
+
+def time_generate(gen, prompts, new_tokens: int, eos: int, reps: int = 3) -> float:
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        gen.generate(prompts, new_tokens, [eos], 0, sync_every=10**9)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m coral_fast.benchmarks.batched_decode")
+    p.add_argument("--shape", default="smollm2", choices=sorted(SHAPES))
+    p.add_argument("--rows", default="256,512")
+    p.add_argument("--cache", default="1024,4096")
+    p.add_argument("--modes", default="compile,eager")
+    p.add_argument("--prompt", type=int, default=200, help="prompt tokens of every row")
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("batched_decode: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from torch._dynamo.utils import counters
+
+    from coral_fast.training.batched import BatchedGenerator
+
+    torch.manual_seed(0)
+    model = build_model(args.shape, "cuda")
+    hidden, inter, layers, heads, kv, vocab = SHAPES[args.shape]
+    head_dim = hidden // heads
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+    name = torch.cuda.get_device_name()
+    tbs = next((v for k, v in READ_TBS.items() if k in name), 3.35)
+    import transformers
+
+    rows_out, lines = [], []
+
+    def emit(line=""):
+        print(line, flush=True)
+        lines.append(line)
+
+    emit(f"{name}; torch {torch.__version__}; transformers {transformers.__version__}; {time.strftime('%Y-%m-%d')}; "
+         f"shape {args.shape}, random bf16 weights, prompt {args.prompt} tokens a row, eos never emitted\n")
+    emit("| mode | rows | cache | warm-up s | ms / step | floor ms (weights + whole cache at "
+         f"{tbs} TB/s) | tokens/s (all rows decoding) |\n|---|---|---|---|---|---|---|")
+    for mode in args.modes.split(","):
+        for rows in map(int, args.rows.split(",")):
+            for cache in map(int, args.cache.split(",")):
+                counters.clear()
+                gen = BatchedGenerator(model, rows, cache, mode)
+                prompts = [torch.randint(1, vocab - 1, (args.prompt,)).tolist() for _ in range(rows)]
+                t0 = time.perf_counter()
+                gen.generate(prompts, 16, [vocab], 0, sync_every=10**9)
+                torch.cuda.synchronize()
+                warm = time.perf_counter() - t0
+                short = time_generate(gen, prompts, 16, vocab)
+                long = time_generate(gen, prompts, 80, vocab)
+                step_ms = (long - short) / 64 * 1e3
+                kv_bytes = 2 * layers * rows * cache * kv * head_dim * 2
+                floor_ms = (weight_bytes + kv_bytes) / (tbs * 1e12) * 1e3
+                emit(f"| {mode} | {rows} | {cache} | {warm:.1f} | {step_ms:.2f} | {floor_ms:.2f} | {rows / step_ms * 1e3:.0f} |")
+                rows_out.append(dict(mode=mode, rows=rows, cache=cache, warmup_s=round(warm, 2), step_ms=round(step_ms, 3),
+                                     floor_ms=round(floor_ms, 3), tok_s=round(rows / step_ms * 1e3),
+                                     counters={k: dict(v) for k, v in counters.items() if v}))
+                if mode == "compile":
+                    print("counters:", json.dumps({k: dict(v) for k, v in counters.items() if v}, default=str), flush=True)
+                del gen
+                torch.cuda.empty_cache()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "batched_decode.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(os.path.join(args.out, "batched_decode.json"), "w") as f:
+            json.dump(dict(device=name, torch=torch.__version__, transformers=transformers.__version__,
+                           date=time.strftime("%Y-%m-%d"), shape=args.shape, rows=rows_out), f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
