@@ -107,6 +107,8 @@ def _coral_tree_attention(module, query, key, value, attention_mask, scaling=Non
         )
     if getattr(module, "attn_logit_softcapping", None):
         raise ValueError("attention logit soft-capping (Gemma 2) is not supported by the tree attention")
+    if hasattr(coral_tree, "attend"):  # a call that does its own writes and attention (training/batched.py)
+        return coral_tree.attend(module, query, key, value, scaling, sliding_window)
     call, layer, window = coral_tree, module.layer_idx, sliding_window or None
     k_layer, v_layer = call.cache.k[layer], call.cache.v[layer]
     k_layer.index_copy_(2, call.slots, key.to(k_layer.dtype))

@@ -1,15 +1,17 @@
 """Where the data pipeline's decode time goes: `BatchedGenerator` steps timed on a model of the target's shape.
 
     python -m coral_fast.benchmarks.batched_decode [--shape smollm2] [--rows 256,512] [--cache 1024,4096]
-        [--modes compile,eager] [--prompt 200] [--out DIR]
+        [--modes graphs,eager] [--prompt 200] [--old FILE] [--out DIR]
 
 The weights are random (bf16; a step's time does not depend on them) and eos is an id the model never
 emits, so every row decodes every step. For each (mode, rows, cache length): one warm-up `generate`
 (compile + capture apart), then the median over 3 calls of `generate` with 16 and with 80 new tokens;
-a step costs (t80 - t16) / 64. Beside it the floor of a step: the weights once plus the whole static
-cache (K and V of every layer: attention reads all `cache` slots every step, masked or not) over the
-read bandwidth, and tokens/s = rows / step. torch._dynamo's counters (graph breaks, recompiles,
-CUDA-graph skips) are printed after each compiled configuration. `--out DIR`: batched_decode.md/json.
+a step costs (t80 - t16) / 64. Beside it the floors of a step over the read bandwidth: the weights
+once plus the keys/values of the filled slots (prompt + 48 new tokens a row, the mean over the timed
+steps), and plus the whole static cache (what attention over every slot reads, masked or not); tokens/s
+= rows / step. `--old FILE`: a Python file with an earlier `BatchedGenerator` (mode "compile"), timed in
+the same run as a baseline row. torch._dynamo's counters (graph breaks, recompiles, CUDA-graph skips)
+are printed after each compiled configuration. `--out DIR`: batched_decode.md/json.
 """
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="smollm2", choices=sorted(SHAPES))
     p.add_argument("--rows", default="256,512")
     p.add_argument("--cache", default="1024,4096")
-    p.add_argument("--modes", default="compile,eager")
+    p.add_argument("--modes", default="graphs,eager")
+    p.add_argument("--old", help="a file with an earlier BatchedGenerator: timed too, mode compile")
     p.add_argument("--prompt", type=int, default=200, help="prompt tokens of every row")
     p.add_argument("--out")
     args = p.parse_args(argv)
@@ -84,13 +87,21 @@ def main(argv=None) -> int:
 
     emit(f"{name}; torch {torch.__version__}; transformers {transformers.__version__}; {time.strftime('%Y-%m-%d')}; "
          f"shape {args.shape}, random bf16 weights, prompt {args.prompt} tokens a row, eos never emitted\n")
-    emit("| mode | rows | cache | warm-up s | ms / step | floor ms (weights + whole cache at "
-         f"{tbs} TB/s) | tokens/s (all rows decoding) |\n|---|---|---|---|---|---|---|")
-    for mode in args.modes.split(","):
+    variants = [("coral_tree", BatchedGenerator, mode) for mode in args.modes.split(",")]
+    if args.old:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("old_batched", args.old)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        variants.append(("old (HF StaticCache)", module.BatchedGenerator, "compile"))
+    emit(f"| generator | mode | rows | cache | warm-up s | ms / step | floor ms: weights + filled KV | "
+         f"floor ms: weights + whole cache | tokens/s (all rows decoding) |\n|---|---|---|---|---|---|---|---|---|")
+    for label, cls, mode in variants:
         for rows in map(int, args.rows.split(",")):
             for cache in map(int, args.cache.split(",")):
                 counters.clear()
-                gen = BatchedGenerator(model, rows, cache, mode)
+                gen = cls(model, rows, cache, mode)
                 prompts = [torch.randint(1, vocab - 1, (args.prompt,)).tolist() for _ in range(rows)]
                 t0 = time.perf_counter()
                 gen.generate(prompts, 16, [vocab], 0, sync_every=10**9)
@@ -99,11 +110,14 @@ def main(argv=None) -> int:
                 short = time_generate(gen, prompts, 16, vocab)
                 long = time_generate(gen, prompts, 80, vocab)
                 step_ms = (long - short) / 64 * 1e3
-                kv_bytes = 2 * layers * rows * cache * kv * head_dim * 2
-                floor_ms = (weight_bytes + kv_bytes) / (tbs * 1e12) * 1e3
-                emit(f"| {mode} | {rows} | {cache} | {warm:.1f} | {step_ms:.2f} | {floor_ms:.2f} | {rows / step_ms * 1e3:.0f} |")
-                rows_out.append(dict(mode=mode, rows=rows, cache=cache, warmup_s=round(warm, 2), step_ms=round(step_ms, 3),
-                                     floor_ms=round(floor_ms, 3), tok_s=round(rows / step_ms * 1e3),
+                slot_bytes = 2 * layers * rows * kv * head_dim * 2  # K and V of one slot of every row
+                filled_ms = (weight_bytes + slot_bytes * (args.prompt + 48)) / (tbs * 1e12) * 1e3
+                whole_ms = (weight_bytes + slot_bytes * cache) / (tbs * 1e12) * 1e3
+                emit(f"| {label} | {mode} | {rows} | {cache} | {warm:.1f} | {step_ms:.2f} | {filled_ms:.2f} | {whole_ms:.2f} "
+                     f"| {rows / step_ms * 1e3:.0f} |")
+                rows_out.append(dict(generator=label, mode=mode, rows=rows, cache=cache, warmup_s=round(warm, 2),
+                                     step_ms=round(step_ms, 3), floor_filled_ms=round(filled_ms, 3),
+                                     floor_whole_cache_ms=round(whole_ms, 3), tok_s=round(rows / step_ms * 1e3),
                                      counters={k: dict(v) for k, v in counters.items() if v}))
                 if mode == "compile":
                     print("counters:", json.dumps({k: dict(v) for k, v in counters.items() if v}, default=str), flush=True)

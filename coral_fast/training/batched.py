@@ -1,34 +1,37 @@
-"""Batched generation for the data pipeline: left-padded prompts, one static KV cache, per-row stop.
+"""Batched generation for the data pipeline: one static KV cache, rows of their own lengths, per-row stop.
 
-    gen = BatchedGenerator(model, batch_size=256, max_len=2048, mode="auto")
+    gen = BatchedGenerator(model, batch_size=256, max_len=4096)
     answers = gen.generate(prompts, max_new_tokens=512, eos=[2], pad_id=0)            # greedy
     answers = gen.generate(prompts, 512, [2], 0, temperature=0.8, top_p=0.95, seed=7)  # sampled
 
-Prompts (lists of ids) of one call are left-padded to the longest; the batch is always `batch_size`
-rows (missing rows are dummies that are done from the start), so every decode step has one shape:
+Every row keeps its own length: row b's prompt fills cache slots [0, len_b) and its k-th new token goes
+to slot len_b + k (position len_b + k). The model runs under the "coral_tree" attention function
+(`coral_fast.hf_attention`) with a `_Rows` call that writes the keys/values and attends:
 
-    prefill   [B, W] tokens at cache positions 0..W-1 (eager: W changes from call to call)
-    decode    [B, 1] tokens at cache position W + k, attention mask [B, max_len] (static)
+    prefill   [B, W] right-padded prompts (eager: W changes from call to call), causal SDPA; a row's
+              pads sit after its prompt and are overwritten by its decode before anything reads them
+    decode    [B, 1] tokens, one write per row at its own slot, then the tree-attention kernel with
+              T = 1 and kv_len[b] = len_b + k + 1: it reads only the row's filled slots and the KV
+              heads as they are (GQA without repeating them), so a step costs the weights plus the
+              keys actually written, not the whole static cache
 
-On CUDA the decode step is `model.forward` compiled with mode="reduce-overhead" (Inductor + CUDA
-graphs, replayed each step); on the CPU it runs eager. Rows stop at an eos id or after
-`max_new_tokens`; the loop ends when every row stopped (checked every `sync_every` steps, the only
-host read-back). The answer of a row is cut after its first eos (the eos is kept).
+The decode step has one shape (the batch is always `batch_size` rows; missing rows are dummies, done from
+the start): on CUDA it is captured in a CUDA graph once (mode "graphs", the default there) or compiled
+and then captured ("compile"); "eager" runs it as is (the CPU). Rows stop at an eos id or after
+`max_new_tokens`; the loop ends when every row stopped (checked every `sync_every` steps, the only host
+read-back). The answer of a row is cut after its first eos (the eos is kept).
 
-Greedy answers equal `model.generate(do_sample=False)` of each prompt alone (fp32, tests/test_synth.py):
-pad positions are masked out of attention and positions count from each row's first real token.
+Greedy answers equal `model.generate(do_sample=False)` of each prompt alone (fp32, tests/test_synth.py).
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from coral_fast.hf_attention import ATTN_NAME, TreeKVCache, _MaskAndBits, attention_implementation, final_logits, register
 
-def _cache_argument(model) -> str:
-    """transformers renamed `past_key_values` to `cache` in model.forward (5.2x); the GPU image has 5.17."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+MODES = ("auto", "eager", "graphs", "compile")
 
 
 def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
@@ -46,48 +49,114 @@ def sample_next(logits: Tensor, temperature: float, top_p: float, generator: tor
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class _Rows:
+    """One forward of BatchedGenerator inside "coral_tree" (hf_attention calls `attend` per layer).
+
+    prefill: [B, W] tokens at slots [0, W) of every row. decode: one token a row at slot start[b]
+    (device [B]), attending over slots [0, start[b]] of its row; positions [B, 1] = start[:, None]."""
+
+    def __init__(self, cache: TreeKVCache, start: Tensor | None, impl: str, one: _MaskAndBits):
+        self.cache, self.start, self.impl, self.one = cache, start, impl, one
+        self.prefill = start is None
+        if not self.prefill:
+            self.rows = torch.arange(start.shape[0], device=start.device)
+            self.kv_len, self.positions = start + 1, start[:, None]
+
+    def attend(self, module, query: Tensor, key: Tensor, value: Tensor, scaling, window):
+        """query [B, Hq, T, D], key/value [B, Hkv, T, D] -> ([B, T, Hq, D], None), as HF expects."""
+        k_layer, v_layer = self.cache.k[module.layer_idx], self.cache.v[module.layer_idx]
+        if self.prefill:
+            width = query.shape[2]
+            k_layer[:, :, :width].copy_(key)
+            v_layer[:, :, :width].copy_(value)
+            if window and window < width:  # a sliding layer (Gemma 3): a mask, so the memory-efficient kernel
+                from coral_fast.kernels.tree_attention import repeat_kv
+
+                idx = torch.arange(width, device=query.device)
+                seen = (idx[:, None] >= idx[None, :]) & (idx[:, None] - idx[None, :] < window)
+                group = query.shape[1] // key.shape[1]
+                out = F.scaled_dot_product_attention(query, repeat_kv(key, group), repeat_kv(value, group),
+                                                     attn_mask=seen, scale=scaling)
+            else:  # causal, no mask: the flash kernel, GQA as is (a masked GQA call would take the math kernel)
+                out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                                     enable_gqa=query.shape[1] != key.shape[1])
+        else:
+            from coral_fast.kernels.tree_attention import SUPPORTED_HEAD_DIMS, tree_attention, tree_attention_reference
+
+            k_layer[self.rows, :, self.start] = key[:, :, 0].to(k_layer.dtype)  # [B, Hkv, D] at each row's slot
+            v_layer[self.rows, :, self.start] = value[:, :, 0].to(v_layer.dtype)
+            window, positions = window or None, self.positions if window else None
+            if self.impl == "reference" or query.shape[-1] not in SUPPORTED_HEAD_DIMS:
+                out = tree_attention_reference(query, k_layer, v_layer, self.one.mask, scaling, self.kv_len, window, positions)
+            else:
+                out = tree_attention(query, k_layer, v_layer, self.one, impl=self.impl, scale=scaling, kv_len=self.kv_len,
+                                     window=window, query_positions=positions, check=False)
+        return out.transpose(1, 2).contiguous(), None
+
+
 class BatchedGenerator:
     """Static-cache batched decoding of one model (see the module docstring).
 
-    batch_size: rows per step (B); max_len: prompt width + new tokens, at most (the cache length).
-    mode: "eager" | "compile" (reduce-overhead: CUDA graphs) | "auto" (compile on CUDA, else eager)."""
+    batch_size: rows per step (B); max_len: the cache length (a row's prompt + new tokens, at most).
+    mode: "auto" (graphs on CUDA, else eager) | "eager" | "graphs" (the decode step captured in a CUDA
+    graph) | "compile" (torch.compile, then captured)."""
 
     def __init__(self, model, batch_size: int, max_len: int, mode: str = "auto"):
-        if mode not in ("auto", "eager", "compile"):
-            raise ValueError(f"mode must be auto, eager or compile, got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if batch_size < 1 or max_len < 2:
             raise ValueError(f"batch_size must be >= 1 and max_len >= 2, got {batch_size} and {max_len}")
-        from transformers import StaticCache
-
         self.model = model
         self.device = next(model.parameters()).device
-        self.batch_size, self.max_len = batch_size, max_len
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        self.cache_kw = _cache_argument(model)
         if mode == "auto":
-            mode = "compile" if self.device.type == "cuda" else "eager"
-        self.mode = mode
-        if mode == "compile":
-            # every generator's decode step is one more compiled shape of the same code object
-            import torch._dynamo.config as dynamo_config
+            mode = "graphs" if self.device.type == "cuda" else "eager"
+        if mode != "eager" and self.device.type != "cuda":
+            raise ValueError(f"mode {mode!r} needs the model on a CUDA device")
+        self.mode, self.batch_size, self.max_len = mode, batch_size, max_len
+        register()
+        self.cache = TreeKVCache.for_model(model, max_len, batch_size)
+        self.impl = "auto" if self.device.type == "cuda" else "reference"
+        self.one = _MaskAndBits(torch.ones(1, 1, dtype=torch.bool, device=self.device))  # the T = 1 "tree"
+        # the decode step's inputs and output live in fixed buffers (a captured graph reads and writes them)
+        self.step_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self.step_start = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.logits = None
+        self._decode = None  # built on the first decode (graphs / compile: a capture)
 
-            for name in ("cache_size_limit", "recompile_limit"):
-                if hasattr(dynamo_config, name):
-                    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
-            self._decode = torch.compile(self._forward, mode="reduce-overhead", dynamic=False)
-        else:
-            self._decode = self._forward
-        # decode inputs live in fixed buffers (the captured graph reads them from the same addresses)
-        B = batch_size
-        self.mask = torch.zeros(B, max_len, dtype=torch.long, device=self.device)
-        self.step_ids = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-        self.step_pos = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-        self.step_cache_pos = torch.zeros(1, dtype=torch.long, device=self.device)
+    def _forward(self, ids: Tensor, start: Tensor | None, last: Tensor) -> Tensor:
+        """[B, V] fp32 logits at column `last` [B] of each row (prefill: len_b - 1; decode: 0)."""
+        out = self.model.model(input_ids=ids, position_ids=self.positions(ids, start), use_cache=False,
+                               coral_tree=_Rows(self.cache, start, self.impl, self.one))
+        hidden = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last]
+        return final_logits(self.model, hidden).float()
 
-    def _forward(self, input_ids: Tensor, position_ids: Tensor, cache_position: Tensor, attention_mask: Tensor) -> Tensor:
-        out = self.model(input_ids=input_ids, position_ids=position_ids, cache_position=cache_position,
-                         attention_mask=attention_mask, use_cache=True, logits_to_keep=1, **{self.cache_kw: self.cache})
-        return out.logits[:, -1].float()
+    @staticmethod
+    def positions(ids: Tensor, start: Tensor | None) -> Tensor:
+        if start is None:
+            return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        return start[:, None]
+
+    def _decode_body(self) -> None:
+        zero = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+        self.logits.copy_(self._forward(self.step_ids, self.step_start, zero))
+
+    def _build_decode(self):
+        if self.mode == "eager":
+            return self._decode_body
+        body = torch.compile(self._decode_body, dynamic=False) if self.mode == "compile" else self._decode_body
+        # warm-up runs (compilation, autotuning, the allocator) off the graph; they write the next token's
+        # slot of every row, which the real step rewrites before anything reads it
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                body()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        torch.cuda.synchronize()
+        return graph.replay
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos: list[int], pad_id: int,
@@ -99,44 +168,42 @@ class BatchedGenerator:
             raise ValueError("an empty prompt (every prompt needs at least one token)")
         if not eos:
             raise ValueError("no eos ids: rows could never stop before max_new_tokens (pass the model's eos ids)")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         width = max(len(p) for p in prompts)
         if width + max_new_tokens > self.max_len:
-            raise ValueError(f"prompt width {width} + max_new_tokens {max_new_tokens} exceeds the cache length {self.max_len}")
+            raise ValueError(f"prompt of {width} tokens + max_new_tokens {max_new_tokens} exceeds the cache length {self.max_len}")
         B, dev = self.batch_size, self.device
         rows = prompts + [prompts[0]] * (B - len(prompts))  # dummies: done from the start
         ids = torch.full((B, width), pad_id, dtype=torch.long)
         for r, p in enumerate(rows):
-            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            ids[r, :len(p)] = torch.tensor(p, dtype=torch.long)
         lengths = torch.tensor([len(p) for p in rows], dtype=torch.long, device=dev)
-        self.cache.reset()
-        self.mask.zero_()
-        self.mask[:, :width] = (torch.arange(width, device=dev)[None] >= width - lengths[:, None]).long()
-        positions = (self.mask[:, :width].cumsum(-1) - 1).clamp_min(0)
         generator = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None
         eos_ids = torch.tensor(sorted(set(eos)), dtype=torch.long, device=dev)
 
-        logits = self._forward(ids.to(dev), positions, torch.arange(width, device=dev), self.mask)
-        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        done[len(prompts):] = True
-        steps = 0
-        for k in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_p, generator)
-            token = torch.where(done, torch.full_like(token, pad_id), token)
-            out[:, k] = token
-            done |= torch.isin(token, eos_ids)
-            steps = k + 1
-            if k + 1 == max_new_tokens:
-                break
-            if (k + 1) % sync_every == 0 and bool(done.all()):
-                break
-            self.mask[:, width + k] = 1
-            self.step_ids.copy_(token[:, None])
-            self.step_pos.copy_((lengths + k)[:, None])
-            self.step_cache_pos.fill_(width + k)
-            logits = self._decode(self.step_ids, self.step_pos, self.step_cache_pos, self.mask)
-            if self.mode == "compile":
-                logits = logits.clone()  # the graph's output buffer is overwritten by the next replay
+        with attention_implementation(self.model, ATTN_NAME):
+            logits = self._forward(ids.to(dev), None, lengths - 1)
+            if self.logits is None:
+                self.logits = torch.empty_like(logits)
+            out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+            done = torch.zeros(B, dtype=torch.bool, device=dev)
+            done[len(prompts):] = True
+            steps = 0
+            for k in range(max_new_tokens):
+                token = sample_next(logits, temperature, top_p, generator)
+                token = torch.where(done, torch.full_like(token, pad_id), token)
+                out[:, k] = token
+                done |= torch.isin(token, eos_ids)
+                steps = k + 1
+                if k + 1 == max_new_tokens or ((k + 1) % sync_every == 0 and bool(done.all())):
+                    break
+                self.step_ids.copy_(token[:, None])
+                torch.add(lengths, k, out=self.step_start)  # the token's slot and position
+                if self._decode is None:
+                    self._decode = self._build_decode()
+                self._decode()
+                logits = self.logits
         answers = []
         eos_set = set(eos)
         for row in out[: len(prompts), :steps].tolist():

@@ -46,7 +46,7 @@ from coral_fast.training.prompts import load_prompts
 FORMAT = "tokens-v2"
 SHARD_TENSORS = ("input_ids", "offsets", "prompt_lengths", "task_ids", "is_eval", "sampled")
 LEGACY_TENSORS = ("input_ids", "hidden", "topk_ids", "topk_logprobs", "loss_mask", "offsets", "is_eval")
-CACHE_BUCKETS = (1024, 4096)  # static-cache lengths (longer: multiples of 4096); one compiled decode step each
+CACHE_BUCKETS = (1024, 4096)  # static-cache lengths (longer: multiples of 4096); one captured decode step each
 
 
 def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -225,10 +225,10 @@ def _seed_of(*parts) -> int:
 class IdGenerator:
     """generate(prompts, max_new_tokens, temperature, top_p, seed) -> answers over batched.py.
 
-    Prompts are grouped by the static-cache length they need (CACHE_BUCKETS: attention reads the whole
-    cache every step, so short prompts must not share a long one), then decoded `rows` at a time; a
-    group of at most rows // 8 prompts (the long documents of a chunk) uses a generator of rows // 8
-    rows. Each (length, rows) pair is one compiled decode step on the GPU (4 for the defaults)."""
+    Prompts are grouped by the static-cache length they need (CACHE_BUCKETS: a step reads only each row's
+    filled slots, so the length costs memory, not time), then decoded `rows` at a time; a group of at
+    most rows // 8 prompts (the long documents of a chunk) uses a generator of rows // 8 rows. Each
+    (length, rows) pair is one captured decode step on the GPU (4 for the defaults)."""
 
     def __init__(self, model, rows: int, eos: list[int], pad: int, mode: str = "auto"):
         self.model, self.rows, self.eos, self.pad, self.mode = model, rows, eos, pad, mode
@@ -459,7 +459,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top-p", type=unit_float, default=0.95)
     parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--time-budget-s", type=finite_nonneg_float, default=0.0, help="start no chunk or shard after this many seconds (0: no limit)")
-    parser.add_argument("--decode", default="auto", choices=["auto", "eager", "compile"], help="decode step: compiled with CUDA graphs on the GPU (auto), eager on the CPU")
+    parser.add_argument("--decode", default="auto", choices=["auto", "eager", "graphs", "compile"],
+                        help="decode step: captured in a CUDA graph on the GPU (auto), eager on the CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--no-progress", action="store_true")
