@@ -15,8 +15,9 @@ to slot len_b + k (position len_b + k). The model runs under the "coral_tree" at
               heads as they are (GQA without repeating them), so a step costs the weights plus the
               keys actually written, not the whole static cache
 
-The decode step has one shape (the batch is always `batch_size` rows; missing rows are dummies, done from
-the start): on CUDA it is captured in a CUDA graph once (mode "graphs", the default there) or compiled
+The decode step has one shape (the batch is always `batch_size` rows; missing rows are one-token dummies,
+done from the start, and a row that stopped stays on its last slot, so neither reads more keys a step):
+on CUDA it is captured in a CUDA graph once (mode "graphs", the default there) or compiled
 and then captured ("compile"); "eager" runs it as is (the CPU). Rows stop at an eos id or after
 `max_new_tokens`; the loop ends when every row stopped (checked every `sync_every` steps, the only host
 read-back). The answer of a row is cut after its first eos (the eos is kept).
@@ -174,7 +175,7 @@ class BatchedGenerator:
         if width + max_new_tokens > self.max_len:
             raise ValueError(f"prompt of {width} tokens + max_new_tokens {max_new_tokens} exceeds the cache length {self.max_len}")
         B, dev = self.batch_size, self.device
-        rows = prompts + [prompts[0]] * (B - len(prompts))  # dummies: done from the start
+        rows = prompts + [prompts[0][:1]] * (B - len(prompts))  # dummies: one token, done from the start
         ids = torch.full((B, width), pad_id, dtype=torch.long)
         for r, p in enumerate(rows):
             ids[r, :len(p)] = torch.tensor(p, dtype=torch.long)
@@ -190,6 +191,7 @@ class BatchedGenerator:
             done = torch.zeros(B, dtype=torch.bool, device=dev)
             done[len(prompts):] = True
             steps = 0
+            self.step_start.copy_(lengths - 1)
             for k in range(max_new_tokens):
                 token = sample_next(logits, temperature, top_p, generator)
                 token = torch.where(done, torch.full_like(token, pad_id), token)
@@ -199,7 +201,8 @@ class BatchedGenerator:
                 if k + 1 == max_new_tokens or ((k + 1) % sync_every == 0 and bool(done.all())):
                     break
                 self.step_ids.copy_(token[:, None])
-                torch.add(lengths, k, out=self.step_start)  # the token's slot and position
+                # the token's slot and position; a stopped row stays on its last slot (its reads stop growing)
+                torch.where(done, self.step_start, lengths + k, out=self.step_start)
                 if self._decode is None:
                     self._decode = self._build_decode()
                 self._decode()
