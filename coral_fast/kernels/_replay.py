@@ -90,12 +90,12 @@ class _Graph:
 
 
 def _bytes(t: Tensor) -> Tensor:
-    """A contiguous tensor's memory as a flat uint8 view."""
-    return t.reshape(-1).view(torch.uint8)
+    """A contiguous tensor's memory as a uint8 view (last dim times the element size; one view op)."""
+    return t.view(torch.uint8)
 
 
 def _contiguous(tensors) -> bool:
-    return all(t.is_contiguous() for t in tensors)
+    return all(t.dim() > 0 and t.is_contiguous() for t in tensors)
 
 
 def _streamed_key(t: Optional[Tensor]):
