@@ -29,6 +29,20 @@ def test_suite_has_every_task_with_enough_prompts():
     assert min(len(p.turns[0]) for p in prompts if p.task == "summarization") > 2500
 
 
+def test_continuation_task_by_name_only():
+    """Document openings for a base model: raw text without a chat template, a user turn asking to
+    continue with one; never part of "all"."""
+    assert all(p.task != "continuation" for p in load_suite())
+    docs = load_suite("continuation")
+    assert len(docs) >= 10 and len({p.id for p in docs}) == len(docs)
+    for p in docs:
+        assert p.text() == p.turns[0] and len(p.turns[0]) > 700
+        (msg,) = p.messages()
+        assert msg["role"] == "user" and msg["content"].endswith(p.turns[0]) and msg["content"] != p.turns[0]
+    with pytest.raises(ValueError, match="unknown task 'continuations'.*continuation"):
+        load_suite("continuations")
+
+
 def _write(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return str(path)

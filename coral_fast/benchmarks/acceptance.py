@@ -22,7 +22,7 @@ import sys
 import time
 
 from coral_fast.benchmarks import report
-from coral_fast.benchmarks.tasks import SUITE_TASKS, load_suite
+from coral_fast.benchmarks.tasks import EXTRA_TASKS, SUITE_TASKS, load_suite
 
 # issue 18's held-out targets for SmolLM2 (greedy, 6/10/60 tree): tau at least this much per task
 TARGETS = {"multi_turn": 4.0, "math_reasoning": 4.0, "translation": 3.0, "summarization": 3.0, "qa": 3.0, "rag": 3.0}
@@ -47,7 +47,7 @@ def build_parser():
     p.add_argument("--heads", default="grouped", help="comma list of grouped, dense")
     p.add_argument("--temperatures", default="0", help="comma list; 0 = greedy")
     p.add_argument("--suite", default="full", choices=("quick", "full"), help="quick = 3 prompts a task")
-    p.add_argument("--tasks", default="all", help=f"comma list of: {', '.join(SUITE_TASKS)}")
+    p.add_argument("--tasks", default="all", help=f"comma list of: {', '.join(SUITE_TASKS + EXTRA_TASKS)} (default all: {', '.join(SUITE_TASKS)})")
     p.add_argument("--prompts-per-task", type=_positive_int, default=None)
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--tree", type=_tree, default=(6, 10, 60))

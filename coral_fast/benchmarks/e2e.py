@@ -27,7 +27,7 @@ import sys
 import time
 
 from coral_fast.benchmarks import report
-from coral_fast.benchmarks.tasks import SUITE_TASKS, Prompt, load_spec_bench, load_suite
+from coral_fast.benchmarks.tasks import EXTRA_TASKS, SUITE_TASKS, Prompt, load_spec_bench, load_suite
 
 SUITE_SIZES = {"quick": 3, "full": None}  # prompts per task (None: all)
 MODES = ("eager", "graphs", "compile")
@@ -66,7 +66,7 @@ def build_parser():
     p.add_argument("--models", default="smollm2", help="comma list of targets for the suite (smollm2, gemma3-270m, a path)")
     p.add_argument("--suite", default="quick", choices=("quick", "full", "none"),
                    help="built-in task suite: quick = first 3 prompts a task, full = all, none = skip the suite")
-    p.add_argument("--tasks", default="all", help=f"comma list of: {', '.join(SUITE_TASKS)} (default all)")
+    p.add_argument("--tasks", default="all", help=f"comma list of: {', '.join(SUITE_TASKS + EXTRA_TASKS)} (default all: {', '.join(SUITE_TASKS)})")
     p.add_argument("--prompts-per-task", type=_positive_int, default=None, help="override the suite size")
     p.add_argument("--prompt-file", default=None,
                    help="Spec-Bench question.jsonl (question_id, category, turns) instead of the built-in suite; "

@@ -11,6 +11,10 @@ the prompt as a prior exchange (multi-turn chat without generating the first ans
 A Spec-Bench file has rows {"question_id", "category", "turns"}; its first turn is the prompt, and its
 categories are grouped into tasks as Spec-Bench's own speed report groups them (the eight MT-bench
 categories -> mt_bench; translation, summarization, qa, math_reasoning, rag as they are).
+
+`continuation` (EXTRA_TASKS, by name only): openings of documents of several kinds (history, minutes,
+code, fiction, a recipe, a manual, a paper, a letter, a guide, terms, sport, health) for a base model
+to continue; rows {"id", "task": "continuation", "turns": [opening]}.
 """
 from __future__ import annotations
 
@@ -20,6 +24,10 @@ from dataclasses import dataclass, field
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tasks")
 SUITE_TASKS = ("multi_turn", "code", "math_reasoning", "translation", "summarization", "qa", "rag")
+# tasks outside "all": document continuation, what a base model (Gemma 3 270M) is for; a chat model gets
+# the opening in a user turn that asks it to continue
+EXTRA_TASKS = ("continuation",)
+CONTINUE_ASK = "Continue this text:\n\n"
 MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 
 
@@ -33,6 +41,8 @@ class Prompt:
 
     def messages(self) -> list[dict]:
         """Chat messages: system, then user/assistant alternating, ending with the last user turn."""
+        if self.task == "continuation":
+            return [{"role": "user", "content": CONTINUE_ASK + self.turns[0]}]
         msgs = [{"role": "system", "content": self.system}] if self.system else []
         for i, turn in enumerate(self.turns):
             msgs.append({"role": "user", "content": turn})
@@ -41,7 +51,10 @@ class Prompt:
         return msgs
 
     def text(self) -> str:
-        """The conversation as plain text, for a tokenizer without a chat template."""
+        """The conversation as plain text, for a tokenizer without a chat template (a continuation: the
+        opening itself)."""
+        if self.task == "continuation":
+            return self.turns[0]
         parts = [self.system] if self.system else []
         for m in self.messages()[len(parts):]:
             parts.append(("User: " if m["role"] == "user" else "Assistant: ") + m["content"])
@@ -78,11 +91,12 @@ def _turns(path: str, lineno: int, row: dict, key: str = "turns", required: bool
 
 
 def load_suite(tasks: str | list[str] | None = None, per_task: int | None = None) -> list[Prompt]:
-    """The built-in suite: the first `per_task` prompts (all if None) of each task, in SUITE_TASKS order."""
+    """The built-in suite: the first `per_task` prompts (all if None) of each task, in SUITE_TASKS order
+    ("all"; EXTRA_TASKS only by name)."""
     names = list(SUITE_TASKS) if tasks in (None, "all") else (tasks.split(",") if isinstance(tasks, str) else tasks)
-    unknown = [t for t in names if t not in SUITE_TASKS]
+    unknown = [t for t in names if t not in SUITE_TASKS + EXTRA_TASKS]
     if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r}; known: {', '.join(SUITE_TASKS)}")
+        raise ValueError(f"unknown task {unknown[0]!r}; known: {', '.join(SUITE_TASKS + EXTRA_TASKS)}")
     if per_task is not None and per_task < 1:
         raise ValueError(f"prompts per task must be >= 1, got {per_task}")
     prompts = []
