@@ -127,7 +127,7 @@ def test_synthesis_is_deterministic_given_the_seed_and_covers_the_kinds():
     other, _ = _chunk(word_salad_generator(), seed=4, n=80)
     assert rows == again and rows != other
     kinds = {r["category"] for r in rows}
-    assert kinds == set(S.KINDS), (kinds, dropped)
+    assert kinds == set(S.DEFAULT_MIX), (kinds, dropped)
     assert all(r["messages"][-1]["role"] == "user" for r in rows)
     two_turn = next(r for r in rows if r["category"] == "two_turn")
     assert [m["role"] for m in two_turn["messages"]] == ["user", "assistant", "user"]
@@ -148,6 +148,38 @@ def test_synthesis_drops_duplicates_and_task_suite_prompts():
     first, _ = _chunk(word_salad_generator(), seed=1, n=30, index=index)
     second, dropped = _chunk(word_salad_generator(), seed=1, n=30, index=index)  # same chunk and seed: all repeats
     assert first and not second and dropped["duplicate"] == len(first)
+
+
+def test_document_kind_for_a_base_model_continues_a_title():
+    """A base model continues a title into a document opening (its text kept whole, paragraphs too); the
+    prompt asks to continue it as the evaluation's continuation task does, and a base tokenizer sees
+    the opening alone; a chat model is asked to write the opening."""
+    from coral_fast.benchmarks.tasks import CONTINUE_ASK
+    from coral_fast.training.data import prompt_token_ids
+
+    class BaseCharTokenizer(CharChatTokenizer):
+        chat_template = None
+
+    requests = []
+
+    def generate(reqs, temperature, top_p, seed):
+        requests.extend(reqs)
+        return [f"the harbour town of {chr(97 + i % 26)}{i} holds a fair every year.\n\nthe second paragraph goes on about boats {i}."
+                for i in range(len(reqs))]
+
+    settings = S.SynthSettings(mix={"document": 1.0})
+    count = lambda messages: sum(len(m["content"].split()) for m in messages)
+    tok = BaseCharTokenizer()
+    rows, dropped = S.synthesize_chunk(generate, tok, 0, 12, 5, settings, S.DedupIndex(), S.suite_ngrams(), count)
+    assert len(rows) == 12 and {r["category"] for r in rows} == {"document"}, dropped
+    assert all(r.raw is not None and r.whole and r.raw.endswith("\n\n") for r in requests)
+    (msg,) = rows[0]["messages"]
+    assert msg["content"].startswith(CONTINUE_ASK + requests[0].raw) and "second paragraph" in msg["content"]
+    assert prompt_token_ids(tok, rows[0]["messages"]) == tok(msg["content"][len(CONTINUE_ASK):])["input_ids"]
+    requests.clear()
+    rows, _ = S.synthesize_chunk(generate, CharChatTokenizer(), 0, 4, 5, settings, S.DedupIndex(), S.suite_ngrams(), count)
+    assert all(r.raw is None and "first paragraphs" in r.messages[0]["content"] for r in requests)
+    assert rows[0]["messages"][0]["content"].startswith(CONTINUE_ASK + "the harbour town")
 
 
 def test_magpie_prefix_is_the_user_turn_start():

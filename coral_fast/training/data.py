@@ -54,7 +54,11 @@ def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
     ids = chat_prompt_ids(tokenizer, messages)
     if ids is not None:
         return ids
-    # base models (Gemma 3 270M's GGUF): a plain "User: ...\nAssistant:" transcript
+    # base models (Gemma 3 270M's GGUF): a document to continue as it is, else a plain "User: ...\nAssistant:" transcript
+    from coral_fast.benchmarks.tasks import CONTINUE_ASK
+
+    if len(messages) == 1 and messages[0]["role"] == "user" and messages[0]["content"].startswith(CONTINUE_ASK):
+        return list(tokenizer(messages[0]["content"][len(CONTINUE_ASK):])["input_ids"])
     text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
     ids = tokenizer(text)["input_ids"]
     return list(ids)

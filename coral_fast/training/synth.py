@@ -10,6 +10,11 @@ c-th chunk of prompts, deterministically from (seed, c) on a given machine, in t
     2. questions over the passages; the assistant's answer of a two-turn conversation's first turn
     3. the second user turn of a two-turn conversation (Magpie again, after the first exchange)
 
+Kind "document" (not in the default mix; a base model's data, `--synth-mix document=1`): the model
+writes the opening of a document (a base model continues a title), and the prompt asks to continue it
+(`CONTINUE_ASK` + opening, as the evaluation's continuation task; a base model gets the opening alone,
+data.prompt_token_ids).
+
 Each prompt is filtered (length, mostly-letters text, no repeated-token loops, no chat-template
 tokens, under `max_prompt_tokens`), deduplicated (normalized-text hash, then MinHash LSH over word
 3-gram shingles with a Jaccard check) against every earlier prompt, and dropped when it shares a word
@@ -27,10 +32,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coral_fast.benchmarks.tasks import CONTINUE_ASK
 from coral_fast.training.prompts import ALL_TOPICS, CODE_LANGS, CODE_TASKS, EVERYDAY, _math_problem
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
-KINDS = ("chat", "two_turn", "translation", "summarization", "qa", "rag", "math", "code")
+KINDS = ("chat", "two_turn", "translation", "summarization", "qa", "rag", "math", "code", "document")
 DEFAULT_MIX = {"chat": 0.25, "two_turn": 0.1, "translation": 0.12, "summarization": 0.12, "qa": 0.1, "rag": 0.1, "math": 0.11, "code": 0.1}
 LANGUAGES = ["French", "Spanish", "German", "Italian", "Portuguese"]
 TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<start_of_turn>", "<end_of_turn>", "<eos>", "<bos>",
@@ -179,10 +185,12 @@ def text_problem(text: str, settings: SynthSettings, markers=TEMPLATE_MARKERS) -
 # --- the model as a text generator ---------------------------------------------------------------------
 @dataclass
 class Request:
-    """One generation: `messages` through the chat template, or `raw` text as is (Magpie prefixes)."""
+    """One generation: `messages` through the chat template, or `raw` text as is (Magpie prefixes; a base
+    model's text is cut at its turn's end unless `whole`)."""
     max_new_tokens: int
     messages: list | None = None
     raw: str | None = None
+    whole: bool = False
 
 
 def user_turn_prefix(tokenizer, history: list[dict] | None = None) -> str | None:
@@ -247,6 +255,13 @@ def synthesize_chunk(generate, tokenizer, chunk: int, n: int, seed: int, setting
             else:
                 grade = rng.choice(["primary school", "middle school", "high school", "first-year university"])
                 item["req"] = Request(s.paragraph_tokens, messages=[{"role": "user", "content": f"Write a math word problem for a {grade} student about {rng.choice(EVERYDAY + ALL_TOPICS)}. Only write the problem, not the solution."}])
+        elif kind == "document":  # the opening of a document, which the answer continues (base models)
+            genre = rng.choice(GENRES)
+            if getattr(tokenizer, "chat_template", None):
+                item["req"] = Request(s.paragraph_tokens, messages=[{"role": "user", "content": f"Write the first paragraphs of a {genre} about {topic}. Only write the text."}])
+            else:
+                item["req"] = Request(s.paragraph_tokens, raw=f"{topic[:1].upper()}{topic[1:]}\n\n", whole=True)
+                item["title"] = f"{topic[:1].upper()}{topic[1:]}\n\n"
         elif kind == "code":
             lang = rng.choice(CODE_LANGS)
             if rng.random() < 0.3:
@@ -282,7 +297,8 @@ def synthesize_chunk(generate, tokenizer, chunk: int, n: int, seed: int, setting
     stage1 = []
     for item in items:
         if "req" in item:
-            key = {"chat": "user", "two_turn": "user", "translation": "text", "summarization": "doc", "qa": "passage", "math": "prompt", "code": "prompt"}[item["kind"]]
+            key = {"chat": "user", "two_turn": "user", "translation": "text", "summarization": "doc", "qa": "passage", "math": "prompt",
+                   "code": "prompt", "document": "opening"}[item["kind"]]
             stage1.append((item, key, item["req"]))
         for req in item.get("reqs", []):
             item.setdefault("passages", [])
@@ -346,6 +362,8 @@ def _messages(item: dict, rng: random.Random) -> list[dict]:
     elif kind == "rag":
         docs = "\n\n".join(f"[{i + 1}] {p}" for i, p in enumerate(item["passages"]))
         content = rng.choice(RAG_ASKS).format(docs=docs, q=item["question"])
+    elif kind == "document":
+        content = CONTINUE_ASK + item.get("title", "") + item["opening"]
     else:  # math, code
         content = item["prompt"]
     return [{"role": "user", "content": content}]
@@ -377,7 +395,7 @@ def model_text_generator(generate_ids, tokenizer, eos: list[int]):
                 if ids and ids[-1] in eos_set:
                     ids = ids[:-1]
                 text = tokenizer.decode(ids, skip_special_tokens=False)
-                if requests[i].raw is not None and not getattr(tokenizer, "chat_template", None):
+                if requests[i].raw is not None and not requests[i].whole and not getattr(tokenizer, "chat_template", None):
                     text = re.split(r"\n(?:User|Assistant):|\n\n", text)[0]  # a base model's turn ends at the line
                 texts[i] = text
         return texts
