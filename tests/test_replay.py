@@ -126,6 +126,38 @@ def test_mixed_dtype_inputs_copied_in_as_bytes_unless_strided():
         assert cache.replays == 3 and graph.as_bytes == (not strided)
 
 
+
+def test_several_outputs_cloned_as_one_buffer():
+    """An op with outputs of mixed dtypes and odd sizes: each replayed call returns its own values, as
+    views of one fresh buffer (one clone), and `out` is filled too."""
+    def argmax_op(cache, x, out=None):
+        def launch(streamed, resident, out):
+            values, ids = streamed[0].max(dim=1)
+            if out is None:
+                return values, ids
+            out[0].copy_(values)
+            out[1].copy_(ids)
+            return out
+        return cache("argmax", launch, (x,), (), (), out)
+
+    cache = EagerGraphs(backend=FakeGraphs())
+    results = []
+    for _ in range(4):
+        x = torch.randn(7, 3)
+        results.append((x, argmax_op(cache, x)))
+    (graph,) = cache.graphs.values()
+    assert cache.captures == 1 and cache.replays == 3 and graph.packed is not None
+    for x, (values, ids) in results:  # none overwritten by a later replay
+        want_values, want_ids = x.max(dim=1)
+        assert torch.equal(values, want_values) and torch.equal(ids, want_ids) and ids.dtype == torch.int64
+    values, ids = results[-1][1]
+    assert values.untyped_storage().data_ptr() == ids.untyped_storage().data_ptr()
+    assert values.untyped_storage().data_ptr() != graph.packed.data_ptr()
+    out = (torch.full((7,), float("nan")), torch.full((7,), -5, dtype=torch.int64))
+    x = torch.randn(7, 3)
+    assert argmax_op(cache, x, out=out) is not None and cache.replays == 4
+    assert torch.equal(out[0], x.max(dim=1).values) and torch.equal(out[1], x.max(dim=1).indices)
+
 def test_lru_eviction_and_no_recapture_of_evicted_keys():
     cache = EagerGraphs(capacity=2, remember=4, backend=FakeGraphs())
     weights = [torch.randn(4, 5) for _ in range(3)]

@@ -16,7 +16,9 @@ into a graph's buffers and replays it costs less than launching the kernels. An 
 The key is (op name, device, the op's Python config, shape/stride/dtype of each streamed tensor,
 data_ptr/shape/stride/dtype of each resident one). The graph writes static outputs; a call returns
 clones of them, or copies them into the caller's `out` (never a view of a static buffer, which the
-next replay overwrites). The kernels are the direct launch's, so the results are bit-identical.
+next replay overwrites). Several outputs lie in one byte buffer (captured a second time with them as
+`out`), so the clone is one copy and the outputs are views of it. The kernels are the direct launch's,
+so the results are bit-identical.
 
 When: the backend is usable (CUDA tensors on the current device, the current stream is the device's
 default stream, not torch.compile tracing) and a key has been seen `min_calls` (2) times, so a one-off
@@ -87,11 +89,28 @@ class _Graph:
     inputs: list  # static copies of the streamed tensors that are not None, in order (byte views if `as_bytes`)
     outputs: tuple  # the static tensors the graph writes
     as_bytes: bool  # the streamed tensors are contiguous: copied in as flat byte views (module docstring)
+    packed: Optional[Tensor] = None  # several outputs: the one uint8 buffer they are views of
+    layout: tuple = ()  # (byte offset, bytes, dtype, shape) of each output in `packed`
 
 
 def _bytes(t: Tensor) -> Tensor:
     """A contiguous tensor's memory as a uint8 view (last dim times the element size; one view op)."""
     return t.view(torch.uint8)
+
+
+def _pack(outputs: tuple) -> tuple[Tensor, tuple, tuple]:
+    """One uint8 buffer for all `outputs` (each at a 16-byte aligned offset) -> (buffer, layout, views)."""
+    layout, offset = [], 0
+    for t in outputs:
+        size = t.numel() * t.element_size()
+        layout.append((offset, size, t.dtype, t.shape))
+        offset += -(-size // 16) * 16
+    packed = torch.empty(offset, dtype=torch.uint8, device=outputs[0].device)
+    return packed, tuple(layout), _unpack(packed, layout)
+
+
+def _unpack(packed: Tensor, layout) -> tuple:
+    return tuple([packed[o:o + n].view(dtype).view(shape) for o, n, dtype, shape in layout])
 
 
 def _contiguous(tensors) -> bool:
@@ -153,8 +172,13 @@ class EagerGraphs:
                     graph.replay()
                     self.replays += 1
                     if out is None:
+                        if graph.packed is not None:
+                            return _unpack(graph.packed.clone(), graph.layout)
                         return tuple([t.clone() for t in graph.outputs])
-                    torch._foreach_copy_(list(out), list(graph.outputs))
+                    if graph.packed is not None and _contiguous(out):  # one copy of same-dtype byte views
+                        torch._foreach_copy_([_bytes(t) for t in out], [_bytes(t) for t in graph.outputs])
+                    else:
+                        torch._foreach_copy_(list(out), list(graph.outputs))
                     return tuple(out)
         finally:
             torch._C._set_grad_enabled(grad)
@@ -169,22 +193,37 @@ class EagerGraphs:
         inputs = [t.clone() for t in streamed if t is not None]  # this call's values: a valid warm-up
         slots = iter(inputs)
         static = tuple(None if t is None else next(slots) for t in streamed)
-        try:
-            replay, outputs = self.backend.capture(lambda: tuple(launch(static, resident, None)), device)
-        except Exception as error:  # noqa: BLE001 - any failure: this key launches directly from now on
-            warnings.warn(f"{name}: CUDA-graph capture failed ({error!r}); launching directly", RuntimeWarning)
-            self._remember(key, _NEVER)
+        captured = self._capture(name, key, lambda: tuple(launch(static, resident, None)), device)
+        if captured is None:
             return None
+        replay, outputs = captured
+        packed, layout = None, ()
+        if len(outputs) > 1 and _contiguous(outputs):
+            # again, writing into views of one buffer: a call then clones one buffer, not each output
+            packed, layout, views = _pack(outputs)
+            captured = self._capture(name, key, lambda: tuple(launch(static, resident, views)), device)
+            if captured is None:
+                return None
+            replay, outputs = captured
         self.captures += 1
         # byte views only where they save launches: several tensors of mixed dtypes, all contiguous
         # (the caller's tensors decide: a clone of a strided one is contiguous; the key fixes the strides)
         as_bytes = len({t.dtype for t in inputs}) > 1 and _contiguous([t for t in streamed if t is not None])
         graph = self.graphs[key] = _Graph(replay, [_bytes(t) for t in inputs] if as_bytes else inputs, outputs,
-                                          as_bytes)
+                                          as_bytes, packed, layout)
         if len(self.graphs) > self.capacity:
             evicted, _ = self.graphs.popitem(last=False)
             self._remember(evicted, _NEVER)
         return graph
+
+    def _capture(self, name, key, fn, device):
+        """backend.capture(fn, device), or None (and the key launches directly from now on) if it fails."""
+        try:
+            return self.backend.capture(fn, device)
+        except Exception as error:  # noqa: BLE001 - any failure: this key launches directly from now on
+            warnings.warn(f"{name}: CUDA-graph capture failed ({error!r}); launching directly", RuntimeWarning)
+            self._remember(key, _NEVER)
+            return None
 
     def _remember(self, key, calls: int) -> None:
         self.seen[key] = calls
