@@ -56,6 +56,10 @@ class DraftConfig:
     fc_bias: bool = False
     qkv_bias: bool = False
     rope_scaling: dict | None = None  # None | {"rope_type": "linear" | "llama3", "factor": ..., ...}
+    # EAGLE-3-style inputs: the target's hidden states of these layers (indices into HF's
+    # output_hidden_states, 0 = embeddings) concatenated and fused by `fuse` [k H -> H] into the features
+    # the draft reads from the target; None: the last hidden state (after the final norm) as it is
+    feature_layers: tuple | None = None
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
@@ -71,6 +75,13 @@ class DraftConfig:
             raise ValueError(f"need 1 <= active_groups ({self.active_groups}) <= num_groups ({self.num_groups})")
         if self.fc_input_order not in FC_INPUT_ORDERS:
             raise ValueError(f"fc_input_order must be one of {FC_INPUT_ORDERS}, got {self.fc_input_order!r}")
+        if self.feature_layers is not None:
+            layers = self.feature_layers
+            if (isinstance(layers, (str, bytes)) or not hasattr(layers, "__len__") or len(layers) < 2
+                    or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+                    or len(set(layers)) != len(layers)):
+                raise ValueError(f"feature_layers must be None or at least two distinct layer indices >= 0, got {layers!r}")
+            self.feature_layers = tuple(sorted(layers))
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ROPE_SCALINGS:
@@ -301,6 +312,9 @@ class DraftModel(nn.Module):
         # borrowed modules/tensors are kept out of the module registry: no parameters(), no state_dict
         object.__setattr__(self, "_embed_tokens", embed_tokens)
         self.fc = nn.Linear(2 * H, H, bias=config.fc_bias)
+        if config.feature_layers is not None:
+            self.feature_layers = config.feature_layers  # the loop then asks the target for these states
+            self.fuse = nn.Linear(len(config.feature_layers) * H, H, bias=False)
         self.layer = DraftDecoderLayer(config)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.head = self._build_head(config, lm_head_weight.detach(), grouping)
@@ -337,12 +351,21 @@ class DraftModel(nn.Module):
 
     @property
     def feature_size(self) -> int:
-        """F, the size of one feature row the draft reads (H here; 3 H for EAGLE-3)."""
-        return self.config.hidden_size
+        """F, the size of one feature row the draft reads from the target (H; k H with k feature_layers)."""
+        return self.config.hidden_size * len(self.feature_layers or (None,))
 
     def target_features(self, hidden_states, last_hidden: Tensor) -> Tensor:
-        """The draft's features from one target forward: last_hidden [T, H] (after the final norm)."""
-        return last_hidden
+        """The draft's features from one target forward: last_hidden [T, H] (after the final norm), or
+        with feature_layers the concatenation of those hidden states (HF's tuple of [1, T, H]) [T, k H]."""
+        if self.feature_layers is None:
+            return last_hidden
+        return torch.cat([hidden_states[i][0] for i in self.feature_layers], dim=-1)
+
+    def input_features(self, features: Tensor) -> Tensor:
+        """[..., F] target features or [..., H] draft outputs -> [..., H] what the fc reads."""
+        if self.feature_layers is not None and features.shape[-1] != self.config.hidden_size:
+            return self.fuse(features.to(self.fuse.weight.dtype))
+        return features
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """input_ids: [B, T] -> [B, T, H] through the target's embedding (Gemma's scaling included)."""
@@ -353,22 +376,23 @@ class DraftModel(nn.Module):
     def forward(self, features: Tensor, input_ids: Tensor, position_ids: Tensor, attn_fn=None) -> Tensor:
         """One draft step over T positions.
 
-        features: [B, T, H] target (or draft) features f_t; input_ids: [B, T] the tokens x_{t+1} that
+        features: [B, T, H] target (or draft) features f_t (from the target [B, T, k H] with k
+        feature_layers: fused first); input_ids: [B, T] the tokens x_{t+1} that
         follow each feature; position_ids: [B, T]. attn_fn(q, k, v) with q: [B, Hq, T, D] and
         k, v: [B, Hkv, T, D] (RoPE applied) returns [B, Hq, T, D]; None = causal over the T inputs.
         Returns hidden: [B, T, H], the predicted next features f_{t+1}.
         """
-        if features.dim() != 3 or features.shape[-1] != self.config.hidden_size:
-            raise ValueError(
-                f"features must be [B, T, {self.config.hidden_size}], got {tuple(features.shape)}"
-            )
+        H = self.config.hidden_size
+        if features.dim() != 3 or features.shape[-1] not in (H, self.feature_size):
+            widths = f"[B, T, {H}]" if self.feature_size == H else f"[B, T, {self.feature_size}] (target) or [B, T, {H}] (draft)"
+            raise ValueError(f"features must be {widths}, got {tuple(features.shape)}")
         if input_ids.shape != features.shape[:2] or position_ids.shape != features.shape[:2]:
             raise ValueError(
                 f"input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} must "
                 f"both be [B, T] = {tuple(features.shape[:2])}"
             )
         dtype = self.fc.weight.dtype
-        pair = [features.to(dtype), self.embed(input_ids).to(dtype)]
+        pair = [self.input_features(features).to(dtype), self.embed(input_ids).to(dtype)]
         if self.config.fc_input_order == "embedding_first":
             pair.reverse()
         x = self.fc(torch.cat(pair, dim=-1))
@@ -464,6 +488,7 @@ class DraftModel(nn.Module):
     def random_init(cls, target_model, **config_overrides) -> "DraftModel":
         """An untrained draft for `target_model`: small random weights (std 0.02), fp of the target."""
         config = DraftConfig.from_target_config(target_model.config, **config_overrides)
+        _check_matches_target(config, target_model)
         model = cls(config, target_model.get_input_embeddings(), _lm_head_weight(target_model))
         model.reset_parameters()
         return model.to(**_placement(target_model))
@@ -521,4 +546,9 @@ def _check_matches_target(config: DraftConfig, target_model, source: str = "the 
         raise ValueError(
             f"draft {source} was built for vocabulary {config.vocab_size} ({config.target or '?'}), "
             f"the target ({name}) has {text.vocab_size}"
+        )
+    if config.feature_layers is not None and max(config.feature_layers) > text.num_hidden_layers:
+        raise ValueError(
+            f"draft {source} reads the target's hidden states {list(config.feature_layers)}, the target "
+            f"({name}) has {text.num_hidden_layers} layers (states 0..{text.num_hidden_layers})"
         )

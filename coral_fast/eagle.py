@@ -211,6 +211,9 @@ def _llama_layer_config(architecture: str, cfg: DraftConfig) -> dict:
 def eagle_state(draft: DraftModel) -> tuple[dict, dict[str, Tensor], list[str]]:
     """(config.json dict, EAGLE-named tensors, notes) of a DraftModel; ValueError if EAGLE cannot say it."""
     cfg = draft.config
+    if cfg.feature_layers is not None:
+        raise ValueError(f"this draft fuses the target's hidden states {list(cfg.feature_layers)} into its features; "
+                         "EAGLE-1/2's format reads the last hidden state only (train without --feature-layers to export)")
     if cfg.input_norm:
         raise ValueError("this draft normalises its layer's input; EAGLE's layer 0 has no input norm "
                          "(train with input_norm=False to export)")

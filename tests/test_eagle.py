@@ -356,3 +356,30 @@ def test_trainer_eagle_arch_exports(tmp_path, seed):
     torch.testing.assert_close(back(feats, ids, pos), draft(feats, ids, pos), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError):
         build_draft(model, "tiny", "dense", 4, 2, None, "cpu", seed=3).save_pretrained(tmp_path / "x", format="eagle")
+
+
+def test_loop_with_fused_feature_draft_is_greedy_exact_and_not_exported(tmp_path, seed, one_thread):
+    """A coral draft with EAGLE-3-style inputs (three target layers fused by `fuse`): the loop asks the
+    target for those states and stays greedy-exact; the folder round-trips; EAGLE-1's format refuses it."""
+    target = tiny_llama(layers=8)
+    draft = DraftModel.random_init(target, feature_layers=[7, 2, 4], num_groups=4, active_groups=2)
+    assert draft.feature_layers == (2, 4, 7) and draft.feature_size == 3 * target.config.hidden_size
+    draft.save_pretrained(tmp_path / "fused")
+    back = DraftModel.from_pretrained(tmp_path / "fused", target)
+    H = target.config.hidden_size
+    feats, ids, pos = torch.randn(1, 5, 3 * H), torch.randint(0, 97, (1, 5)), torch.arange(5)[None]
+    assert back.feature_layers == (2, 4, 7) and torch.equal(back(feats, ids, pos), draft(feats, ids, pos))
+    assert not torch.equal(draft(feats, ids, pos), draft(feats * 2, ids, pos))  # the fused features are read
+    with pytest.raises(ValueError, match=rf"features must be \[B, T, {3 * H}\] \(target\) or \[B, T, {H}\] \(draft\)"):
+        draft(torch.randn(1, 5, 2 * H), ids, pos)
+    gen = SpeculativeGenerator(target, draft, TreeConfig(depth=3, topk=3, total_tokens=8))
+    for prompt_len, n in [(1, 9), (7, 20)]:
+        prompt = torch.randint(0, 97, (prompt_len,))
+        assert gen.generate(prompt, n).token_ids == plain_greedy(target, prompt, n)
+    with pytest.raises(ValueError, match=r"fuses the target's hidden states \[2, 4, 7\]"):
+        DraftModel.random_init(target, input_norm=False, feature_layers=(2, 4, 7)).save_pretrained(tmp_path / "e", format="eagle")
+    with pytest.raises(ValueError, match="the target .* has 8 layers"):
+        DraftModel.random_init(target, feature_layers=(2, 9))
+    for bad in ([3], [2, 2], [-1, 3], "2,3"):
+        with pytest.raises(ValueError, match="feature_layers must be"):
+            DraftModel.random_init(target, feature_layers=bad)

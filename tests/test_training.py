@@ -590,6 +590,46 @@ def test_train_command_on_token_only_data(monkeypatch, tmp_path):
     assert code == 0 and loads and (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_fused_feature_draft_trains_on_online_states(seed, tmp_path):
+    """--feature-layers: the batches carry the target's chosen hidden states concatenated (checked against
+    HF's output_hidden_states), the unrolled steps fuse them at step 0 and feed back their own outputs,
+    and training lowers the loss; stored-feature shards refuse such a draft."""
+    from coral_fast.training.cli import build_draft, feature_layers_arg
+
+    target = tiny_target(seed=seed % 1000)
+    data = SequenceData(token_data(target, n_seqs=30, seed=seed % 1000), target=target, topk=8)
+    draft = build_draft(target, "tiny", "contiguous", 8, 2, data, "cpu", seed=seed % 1000,
+                        feature_layers=feature_layers_arg("0,2,1"))
+    assert draft.config.feature_layers == (0, 1, 2) and data.feature_layers == (0, 1, 2)
+    spans = data.train[:3]
+    batch = data.collate(spans)
+    H = target.config.hidden_size
+    assert batch["features"].shape[-1] == 3 * H and batch["target_features"].shape[-1] == H
+    s, e = spans[0]
+    with torch.no_grad():
+        states = target.model(input_ids=data.input_ids[s:e][None], output_hidden_states=True).hidden_states
+    want = torch.cat([states[0], states[1], states[2]], dim=-1)[0, :-1]
+    torch.testing.assert_close(batch["features"][0, : e - s - 1], want, rtol=1e-5, atol=1e-5)
+    outputs = unrolled_forward(draft, batch["features"], batch["tokens"], batch["positions"], 3)
+    assert [o.shape[-1] for o in outputs] == [H] * 3 and all(torch.isfinite(o).all() for o in outputs)
+    cfg = TrainConfig(iters=60, warmup=5, lr=3e-3, batch_tokens=384, eval_every=0, checkpoint_every=0, eval_unroll=3,
+                      seed=seed % 1000)
+    fuse_before = draft.fuse.weight.detach().clone()
+    with torch.no_grad():
+        before, _ = compute_losses(draft, batch, cfg, token_groups_of(draft))
+    train(draft, data, cfg, out_dir=tmp_path, progress=False, eval_groups=[2])
+    with torch.no_grad():
+        after, _ = compute_losses(draft, batch, cfg, token_groups_of(draft))
+    assert after.item() < 0.95 * before.item()  # (slower than the last-state draft on this random toy)
+    assert (draft.fuse.weight - fuse_before).abs().max() > 1e-3  # the fuse layer is trained
+    stored = SequenceData(tiny_data(target, n_seqs=6))
+    with pytest.raises(ValueError, match="stored features hold the last hidden state only"):
+        stored.set_feature_layers((0, 1, 2))
+    for bad in ("1", "1,1", "a,b", "-1,2"):
+        with pytest.raises(Exception):
+            feature_layers_arg(bad)
+
+
 def test_sequences_longer_than_max_seq_len_keep_their_end():
     """A long prompt (a document to summarize) must not push its answer out of the training window."""
     from coral_fast.training.trainer import SequenceData

@@ -31,19 +31,50 @@ from coral_fast.training.trainer import SequenceData, TrainConfig, find_checkpoi
 DRAFT_ARCHS = {"coral": {}, "eagle": {"input_norm": False, "fc_input_order": "embedding_first"}}
 
 
-def build_draft(target, name: str, grouping: str, num_groups: int, active_groups: int, data: SequenceData | None, device, init_from: str | None = None, seed: int = 0, arch: str = "coral"):
-    """A fresh (or `init_from`) fp32 draft for `target` with the requested vocabulary grouping and
-    layer architecture (`DRAFT_ARCHS`).
+def feature_layers_arg(text: str):
+    """--feature-layers: "last" -> None, "eagle3" (resolved once the target is known), "2,15,27" -> (2, 15, 27)."""
+    if text in ("last", "eagle3"):
+        return None if text == "last" else text
+    try:
+        layers = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected last, eagle3 or comma-separated layer indices, got {text!r}") from None
+    if len(layers) < 2 or len(set(layers)) != len(layers) or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"expected at least two distinct layer indices >= 0, got {text!r}")
+    return layers
+
+
+def resolve_feature_layers(layers, target):
+    """--feature-layers for `target`: "eagle3" -> EAGLE-3's three layers of it (coral_fast.eagle)."""
+    if layers == "eagle3":
+        from coral_fast.eagle import eagle3_feature_layers
+        from coral_fast.models import text_config
+
+        return eagle3_feature_layers(text_config(target.config).num_hidden_layers)
+    return layers
+
+
+def build_draft(target, name: str, grouping: str, num_groups: int, active_groups: int, data: SequenceData | None, device, init_from: str | None = None, seed: int = 0, arch: str = "coral",
+                feature_layers=None):
+    """A fresh (or `init_from`) fp32 draft for `target` with the requested vocabulary grouping, layer
+    architecture (`DRAFT_ARCHS`) and target features (`feature_layers`: None = the last hidden state, or
+    layer indices / "eagle3" fused EAGLE-3-style); `data` is told which features to compute.
 
     A fresh draft's weights are drawn from torch's generator seeded with `seed` right here, so they
     do not depend on what ran before (loading the target draws from it, differently per process)."""
-    from coral_fast.draft import DraftConfig, DraftModel
+    from coral_fast.draft import DraftConfig, DraftModel, _check_matches_target
 
     if init_from:
         draft = DraftModel.from_pretrained(init_from, target)
+        if data is not None:
+            data.set_feature_layers(draft.config.feature_layers)
         return draft.to(device=device, dtype=torch.float32)
     config = DraftConfig.from_target_config(target.config, num_groups=num_groups, active_groups=active_groups,
-                                            grouping=grouping, target=name, **DRAFT_ARCHS[arch])
+                                            grouping=grouping, target=name, **DRAFT_ARCHS[arch],
+                                            feature_layers=resolve_feature_layers(feature_layers, target))
+    _check_matches_target(config, target)
+    if data is not None:
+        data.set_feature_layers(config.feature_layers)
     vocab_grouping = None
     if grouping == "frequency":
         try:
@@ -120,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grouping", default="contiguous", choices=["contiguous", "frequency", "dense"])
     parser.add_argument("--draft-arch", default="coral", choices=sorted(DRAFT_ARCHS),
                         help="coral: input norm on the layer (the shipped drafts); eagle: EAGLE-1/2's layer, exportable")
+    parser.add_argument("--feature-layers", type=feature_layers_arg, default=None, metavar="last|eagle3|I,J,K",
+                        help="the target features the draft reads: the last hidden state (default), or these hidden "
+                             "states (0 = embeddings; eagle3 = layers 2, L/2, L-3) fused by a linear layer")
     parser.add_argument("--num-groups", type=positive_int, default=32)
     parser.add_argument("--active-groups", type=positive_int, default=4)
     parser.add_argument("--eval-groups", type=positive_int, nargs="*", default=[1, 2, 4, 8], help="active-group counts of the held-out estimate")
@@ -141,6 +175,9 @@ def check_arguments(parser: argparse.ArgumentParser, args) -> str | None:
             raise ValueError(f"--active-groups ({args.active_groups}) must be <= --num-groups ({args.num_groups})")
         if args.resume and args.init_from:
             raise ValueError("--resume continues from --out's checkpoint: leave out --init-from")
+        if args.feature_layers is not None and (args.resume or args.init_from):
+            raise ValueError("the draft's features are set by the draft it starts from: leave out --feature-layers "
+                             "with --resume or --init-from")
         check_model_arg(args.model)
         check_data_folder(args.data)
         if args.init_from:
@@ -174,7 +211,7 @@ def main(argv=None) -> int:
         if not data.train:
             raise ValueError(f"--data {args.data} holds no training sequences")
         draft = build_draft(target, args.model, args.grouping, args.num_groups, args.active_groups, data, device, init, seed=cfg.seed,
-                            arch=args.draft_arch)
+                            arch=args.draft_arch, feature_layers=args.feature_layers)
     print(json.dumps({"train_seqs": len(data.train), "eval_seqs": len(data.eval), "params": sum(p.numel() for p in draft.parameters() if p.requires_grad), "config": cfg.to_dict()}))
     eval_groups = [a for a in args.eval_groups if a <= draft.config.num_groups] if args.grouping != "dense" else []
     history = train(draft, data, cfg, out_dir=args.out, resume=args.resume, progress=not args.no_progress, eval_groups=eval_groups,

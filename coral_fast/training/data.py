@@ -150,7 +150,7 @@ def target_outputs(model, sequences: list[list[int]], topk: int, batch_size: int
         for row, seq in enumerate(chunk):
             ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, :len(seq)] = 1
-        hidden, top_ids, top_lps = target_features(model, ids.to(device), mask.to(device), topk)
+        hidden, top_ids, top_lps, _ = target_features(model, ids.to(device), mask.to(device), topk)
         for row, seq in enumerate(chunk):
             n = len(seq)
             out[0].append(hidden[row, :n].to(torch.bfloat16).cpu())
@@ -160,16 +160,21 @@ def target_outputs(model, sequences: list[list[int]], topk: int, batch_size: int
 
 
 @torch.no_grad()
-def target_features(model, input_ids: Tensor, attention_mask: Tensor, topk: int, max_logits: int = 1 << 28) -> tuple[Tensor, Tensor, Tensor]:
+def target_features(model, input_ids: Tensor, attention_mask: Tensor, topk: int, max_logits: int = 1 << 28,
+                    feature_layers=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One forward of the frozen target over right-padded rows: input_ids, attention_mask [B, N] ->
     last hidden states [B, N, H] (after the final norm, in the model's dtype), top-k next-token ids
-    [B, N, K] int64 and their log-probabilities [B, N, K] fp32 (full softmax). The head runs in row
-    chunks of at most `max_logits` logits (Gemma 3's 262144 ids at 16k rows would be 17 GB)."""
+    [B, N, K] int64, their log-probabilities [B, N, K] fp32 (full softmax) and the draft's inputs. The head runs in row
+    chunks of at most `max_logits` logits (Gemma 3's 262144 ids at 16k rows would be 17 GB).
+    The inputs are the last hidden states again, or with feature_layers (a draft's EAGLE-3-style
+    inputs) those hidden states (HF's output_hidden_states indices) concatenated, [B, N, k H]."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     head = model.get_output_embeddings()
     config = text_config(model.config)
     softcap = getattr(config, "final_logit_softcapping", None)
-    hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    out = base(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=feature_layers is not None)
+    hidden = out.last_hidden_state
+    inputs = hidden if feature_layers is None else torch.cat([out.hidden_states[i] for i in feature_layers], dim=-1)
     B, N, H = hidden.shape
     flat = hidden.reshape(B * N, H)
     vocab = head.weight.shape[0]
@@ -182,7 +187,7 @@ def target_features(model, input_ids: Tensor, attention_mask: Tensor, topk: int,
             logits = torch.tanh(logits / softcap) * softcap
         values, top = torch.log_softmax(logits, dim=-1).topk(topk, dim=-1)
         ids[start:start + step], lps[start:start + step] = top, values
-    return hidden, ids.view(B, N, topk), lps.view(B, N, topk)
+    return hidden, ids.view(B, N, topk), lps.view(B, N, topk), inputs
 
 
 def shard_path(out_dir, chunk: int, round_: int) -> Path:

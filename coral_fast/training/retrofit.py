@@ -138,6 +138,7 @@ def main_retrofit(parser, args) -> int:
         if not isinstance(draft, DraftModel):
             raise ValueError("an EAGLE-3 draft has its own reduced-vocabulary head; retrofit takes EAGLE-1/2/HASS or coral-fast drafts")
         draft = draft.to(device=device, dtype=torch.float32)
+        data.set_feature_layers(draft.config.feature_layers)
         V = draft.config.vocab_size
         if args.grouping == "frequency":
             grouping = VocabGrouping.from_token_counts(data.token_counts(V), args.num_groups)

@@ -93,7 +93,8 @@ def hass_mask(length: int, step: int, device=None) -> Tensor:
 
 
 def unrolled_forward(draft, features: Tensor, tokens: Tensor, positions: Tensor, steps: int, detach: bool = True, noise: float = 0.0) -> list[Tensor]:
-    """Run the draft for `steps` unrolled steps. features: [B, L, H] (f_t), tokens: [B, L] (x_{t+1}),
+    """Run the draft for `steps` unrolled steps. features: [B, L, H] (f_t; [B, L, k H] target states of a
+    draft with feature_layers), tokens: [B, L] (x_{t+1}),
     positions: [B, L]. Returns [h_0, ..., h_{steps-1}], each [B, L, H]."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -121,7 +122,10 @@ def unrolled_forward(draft, features: Tensor, tokens: Tensor, positions: Tensor,
         hidden = draft(step_features, tokens, positions, attn_fn=attn_fn)
         outputs.append(hidden)
         previous = hidden.detach() if detach else hidden
-        step_features = torch.cat([features[:, :1].to(previous.dtype), previous[:, :-1]], dim=1)
+        first = features[:, :1]  # position 0 has no earlier draft output: its target feature again
+        if first.shape[-1] != previous.shape[-1]:  # k H target states (feature_layers): fused to H
+            first = draft.input_features(first)
+        step_features = torch.cat([first.to(previous.dtype), previous[:, :-1]], dim=1)
     return outputs
 
 
@@ -131,13 +135,14 @@ class SequenceData:
 
     Token-only shards (the `coral-fast data` format) need `target`: each batch runs the frozen target
     over its sequences (`data.target_features`: last hidden states and top-`topk` log-probabilities)
-    when it is collated, so features are never stored. Shards of the older format carry them."""
+    when it is collated, so features are never stored. Shards of the older format carry them.
+    `set_feature_layers` for a draft with EAGLE-3-style inputs."""
 
     def __init__(self, shards: dict, device="cpu", max_seq_len: int = 1024, loss_on_prompt: bool = False, target=None, topk: int = 16):
         self.device = torch.device(device)
         offsets = shards["offsets"].tolist()
         self.input_ids = shards["input_ids"].long().to(device)
-        self.target, self.topk = target, topk
+        self.target, self.topk, self.feature_layers = target, topk, None
         if "hidden" in shards:
             self.hidden = shards["hidden"].to(device)
             self.topk_ids = shards["topk_ids"].long().to(device)
@@ -163,6 +168,14 @@ class SequenceData:
         is_eval = shards["is_eval"].bool().tolist()
         self.train = [sp for sp, ev in zip(spans, is_eval) if not ev and sp[1] - sp[0] >= 3]
         self.eval = [sp for sp, ev in zip(spans, is_eval) if ev and sp[1] - sp[0] >= 3]
+
+    def set_feature_layers(self, layers) -> None:
+        """A draft's DraftConfig.feature_layers (None: the last hidden state): the batches' "features" are
+        then those target hidden states concatenated [B, L, k H]; "target_features" stay the last."""
+        if layers is not None and self.hidden is not None:
+            raise ValueError("shards with stored features hold the last hidden state only: a draft with feature_layers "
+                             "needs token-only shards (features computed online by the target)")
+        self.feature_layers = layers
 
     def token_counts(self, vocab_size: int) -> Tensor:
         """Counts of the answer tokens of the train split (for frequency-balanced grouping)."""
@@ -235,9 +248,10 @@ class SequenceData:
             ids[row, : e - s] = self.input_ids[s:e]
             attention[row, : e - s] = 1
             mask[row, : e - s - 1] = self.loss_mask[s + 1:e]
-        hidden, top_ids, top_lps = target_features(self.target, ids, attention, self.topk)
+        hidden, top_ids, top_lps, inputs = target_features(self.target, ids, attention, self.topk,
+                                                           feature_layers=self.feature_layers)
         return {
-            "features": hidden[:, :-1], "tokens": ids[:, 1:], "target_features": hidden[:, 1:],
+            "features": inputs[:, :-1], "tokens": ids[:, 1:], "target_features": hidden[:, 1:],
             "topk_ids": top_ids[:, 1:], "topk_logprobs": top_lps[:, 1:], "mask": mask,
             "positions": torch.arange(width - 1, device=dev).expand(B, width - 1),
         }
