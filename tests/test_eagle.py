@@ -383,3 +383,20 @@ def test_loop_with_fused_feature_draft_is_greedy_exact_and_not_exported(tmp_path
     for bad in ([3], [2, 2], [-1, 3], "2,3"):
         with pytest.raises(ValueError, match="feature_layers must be"):
             DraftModel.random_init(target, feature_layers=bad)
+
+
+def test_loop_features_equal_the_training_features_of_a_fused_draft(seed, one_thread):
+    """The loop feeds a fused-feature draft the same target states that training computes (a mismatch
+    would keep the output exact and only lose acceptance): the engine's feature history of the committed
+    tokens equals `data.target_features`'s inputs over the same ids."""
+    from coral_fast.training.data import target_features
+
+    target = tiny_llama(layers=8)
+    draft = DraftModel.random_init(target, feature_layers=(2, 4, 7), num_groups=4, active_groups=2)
+    gen = SpeculativeGenerator(target, draft, TreeConfig(depth=3, topk=3, total_tokens=8))
+    prompt = torch.randint(0, 97, (11,))
+    out = gen.generate(prompt, 12).token_ids
+    ids = torch.cat([prompt, torch.tensor(out)])[None]
+    _, _, _, inputs = target_features(target, ids, torch.ones_like(ids), 4, feature_layers=(2, 4, 7))
+    n = ids.shape[1] - 1  # features of every committed position but the last token's (not yet verified)
+    torch.testing.assert_close(gen.engine.hist.feats[:n], inputs[0, :n], rtol=1e-4, atol=1e-4)
