@@ -9,7 +9,7 @@
 #   bash dev/gpu_data.sh unpack MODEL DIR    <- DIR/MODEL.new.tar.part* (a run's files) into dev/data/MODEL/
 # On the device (run tool; carry dev/carry with the call that brings the state, and the model parts as
 # dev/README.md says; the work folder /tmp/coral_data/MODEL survives between calls on a warm machine):
-#   source dev/device_setup.sh && bash dev/gpu_data.sh generate MODEL --synth 40000 --samples 2 --time-budget-s 470
+#   source dev/device_setup.sh && bash dev/gpu_data.sh generate MODEL --synth 40000 --samples 3 --batch-size 2048 --gen-rows 256 --time-budget-s 470
 #   source dev/device_setup.sh && [RUN=name] bash dev/gpu_data.sh train MODEL --time-budget-s 420 [coral-fast train flags]
 #     (trains on the carried MODEL.train.tar.gz, else on what generate left in /tmp/coral_data/MODEL)
 # generate: runs `coral-fast data` on the work folder (finished shards are skipped), then tars the files

@@ -224,6 +224,11 @@ def test_batched_greedy_equals_hf_generate_per_row(seed, arch):
     print(f"batched eager CPU: {sum(map(len, answers)) / seconds:.0f} tok/s ({len(prompts)} rows)")
     for p, a, r in zip(prompts, answers, reference):
         assert a == r, (p, a, r)
+    # more prompts than rows: stopped rows take the next prompts (a refill prefill of those rows only)
+    few = BatchedGenerator(model, batch_size=3, max_len=64, mode="eager")
+    for sync_every in (1, 3):
+        assert few.generate(prompts, n_new, eos, pad_id=0, sync_every=sync_every) == reference
+    assert few.generate(prompts[:1], n_new, eos, pad_id=0) == reference[:1]  # rows left empty: dummies
     if arch == "gemma3" and interpreter_enabled():  # the decode through the Triton kernel (head dim 16)
         batched.impl = "triton"
         assert batched.generate(prompts, n_new, eos, pad_id=0) == reference
@@ -237,8 +242,8 @@ def test_batched_greedy_equals_hf_generate_per_row(seed, arch):
 def test_batched_generation_refuses_bad_requests():
     model = tiny_llama(vocab=31, hidden=16, layers=1)
     gen = BatchedGenerator(model, batch_size=2, max_len=16, mode="eager")
-    with pytest.raises(ValueError, match="between 1 and 2 prompts"):
-        gen.generate([[3]] * 3, 4, [1], 0)
+    with pytest.raises(ValueError, match="no prompts"):
+        gen.generate([], 4, [1], 0)
     with pytest.raises(ValueError, match="exceeds the cache length 16"):
         gen.generate([[3] * 10], 7, [1], 0)
     with pytest.raises(ValueError, match="empty prompt"):

@@ -19,8 +19,9 @@ The decode step has one shape (the batch is always `batch_size` rows; missing ro
 done from the start, and a row that stopped stays on its last slot, so neither reads more keys a step):
 on CUDA it is captured in a CUDA graph once (mode "graphs", the default there) or compiled
 and then captured ("compile"); "eager" runs it as is (the CPU). Rows stop at an eos id or after
-`max_new_tokens`; the loop ends when every row stopped (checked every `sync_every` steps, the only host
-read-back). The answer of a row is cut after its first eos (the eos is kept).
+`max_new_tokens`; every `sync_every` steps (the only host read-back) stopped rows hand in their answers
+and take the next prompts (continuous batching, `generate`). The answer of a row is cut after its first
+eos (the eos is kept).
 
 Greedy answers equal `model.generate(do_sample=False)` of each prompt alone (fp32, tests/test_synth.py).
 """
@@ -53,12 +54,13 @@ def sample_next(logits: Tensor, temperature: float, top_p: float, generator: tor
 class _Rows:
     """One forward of BatchedGenerator inside "coral_tree" (hf_attention calls `attend` per layer).
 
-    prefill: [B, W] tokens at slots [0, W) of every row. decode: one token a row at slot start[b]
-    (device [B]), attending over slots [0, start[b]] of its row; positions [B, 1] = start[:, None]."""
+    prefill: [R, W] tokens at slots [0, W) of the cache rows `rows` (None: all B rows). decode: one token a
+    row at slot start[b] (device [B]), attending over slots [0, start[b]] of its row; positions [B, 1] =
+    start[:, None]."""
 
-    def __init__(self, cache: TreeKVCache, start: Tensor | None, impl: str, one: _MaskAndBits):
+    def __init__(self, cache: TreeKVCache, start: Tensor | None, impl: str, one: _MaskAndBits, rows: Tensor | None = None):
         self.cache, self.start, self.impl, self.one = cache, start, impl, one
-        self.prefill = start is None
+        self.prefill, self.prefill_rows = start is None, rows
         if not self.prefill:
             self.rows = torch.arange(start.shape[0], device=start.device)
             self.kv_len, self.positions = start + 1, start[:, None]
@@ -68,8 +70,12 @@ class _Rows:
         k_layer, v_layer = self.cache.k[module.layer_idx], self.cache.v[module.layer_idx]
         if self.prefill:
             width = query.shape[2]
-            k_layer[:, :, :width].copy_(key)
-            v_layer[:, :, :width].copy_(value)
+            if self.prefill_rows is None:
+                k_layer[:, :, :width].copy_(key)
+                v_layer[:, :, :width].copy_(value)
+            else:  # a refill: these rows only, the others keep decoding from their slots
+                k_layer[self.prefill_rows, :, :width] = key.to(k_layer.dtype)
+                v_layer[self.prefill_rows, :, :width] = value.to(v_layer.dtype)
             if window and window < width:  # a sliding layer (Gemma 3): a mask, so the memory-efficient kernel
                 from coral_fast.kernels.tree_attention import repeat_kv
 
@@ -124,10 +130,11 @@ class BatchedGenerator:
         self.logits = None
         self._decode = None  # built on the first decode (graphs / compile: a capture)
 
-    def _forward(self, ids: Tensor, start: Tensor | None, last: Tensor) -> Tensor:
-        """[B, V] fp32 logits at column `last` [B] of each row (prefill: len_b - 1; decode: 0)."""
+    def _forward(self, ids: Tensor, start: Tensor | None, last: Tensor, rows: Tensor | None = None) -> Tensor:
+        """[R, V] fp32 logits at column `last` [R] of each row (prefill of cache rows `rows`: len_b - 1;
+        decode: 0)."""
         out = self.model.model(input_ids=ids, position_ids=self.positions(ids, start), use_cache=False,
-                               coral_tree=_Rows(self.cache, start, self.impl, self.one))
+                               coral_tree=_Rows(self.cache, start, self.impl, self.one, rows))
         hidden = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last]
         return final_logits(self.model, hidden).float()
 
@@ -162,54 +169,94 @@ class BatchedGenerator:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos: list[int], pad_id: int,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, sync_every: int = 16) -> list[list[int]]:
-        """Answers (ids after each prompt, cut after the first eos) of up to `batch_size` prompts."""
-        if not 1 <= len(prompts) <= self.batch_size:
-            raise ValueError(f"between 1 and {self.batch_size} prompts per call, got {len(prompts)}")
+        """Answers (ids after each prompt, cut after the first eos) of any number of prompts.
+
+        The first `batch_size` prompts fill the rows; every `sync_every` steps (the only host read-back)
+        the rows that stopped hand in their answers and, once at least batch_size // 8 of them are free
+        (or no row is left running), take the next prompts: one prefill of those rows, while the others
+        keep their caches (continuous batching: a step decodes rows, not padding behind a long answer)."""
+        if not prompts:
+            raise ValueError("no prompts")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("an empty prompt (every prompt needs at least one token)")
         if not eos:
             raise ValueError("no eos ids: rows could never stop before max_new_tokens (pass the model's eos ids)")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        width = max(len(p) for p in prompts)
-        if width + max_new_tokens > self.max_len:
-            raise ValueError(f"prompt of {width} tokens + max_new_tokens {max_new_tokens} exceeds the cache length {self.max_len}")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the cache length {self.max_len}")
         B, dev = self.batch_size, self.device
-        rows = prompts + [prompts[0][:1]] * (B - len(prompts))  # dummies: one token, done from the start
-        ids = torch.full((B, width), pad_id, dtype=torch.long)
-        for r, p in enumerate(rows):
-            ids[r, :len(p)] = torch.tensor(p, dtype=torch.long)
-        lengths = torch.tensor([len(p) for p in rows], dtype=torch.long, device=dev)
         generator = torch.Generator(device=dev).manual_seed(seed) if temperature > 0 else None
         eos_ids = torch.tensor(sorted(set(eos)), dtype=torch.long, device=dev)
+        lengths = torch.ones(B, dtype=torch.long, device=dev)
+        produced = torch.zeros(B, dtype=torch.long, device=dev)  # new tokens of each row's current prompt
+        done = torch.ones(B, dtype=torch.bool, device=dev)
+        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+        owner = [-1] * B  # the prompt each row decodes (-1: none)
+        answers: list[list[int] | None] = [None] * len(prompts)
+        queue = iter(range(len(prompts)))
+        pending = len(prompts)
+        eos_set = set(eos)
+
+        def fill(rows: list[int], members: list[int]) -> None:
+            """Prefill `members`' prompts into cache `rows` (rows past the members: one-token dummies, done)."""
+            chosen = [prompts[i] for i in members] + [prompts[0][:1]] * (len(rows) - len(members))
+            width = max(len(p) for p in chosen)
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            for r, p in enumerate(chosen):
+                ids[r, :len(p)] = torch.tensor(p, dtype=torch.long)
+            index = torch.tensor(rows, dtype=torch.long, device=dev)
+            row_lengths = torch.tensor([len(p) for p in chosen], dtype=torch.long, device=dev)
+            logits = self._forward(ids.to(dev), None, row_lengths - 1, None if len(rows) == B else index)
+            if self.logits is None:
+                self.logits = torch.empty(B, logits.shape[-1], dtype=logits.dtype, device=dev)
+            self.logits[index] = logits
+            lengths[index] = row_lengths
+            produced[index] = 0
+            done[index] = torch.arange(len(rows), device=dev) >= len(members)
+            out[index] = pad_id
+            self.step_start[index] = row_lengths - 1
+            for r, i in zip(rows, members):
+                owner[r] = i
 
         with attention_implementation(self.model, ATTN_NAME):
-            logits = self._forward(ids.to(dev), None, lengths - 1)
-            if self.logits is None:
-                self.logits = torch.empty_like(logits)
-            out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-            done = torch.zeros(B, dtype=torch.bool, device=dev)
-            done[len(prompts):] = True
-            steps = 0
-            self.step_start.copy_(lengths - 1)
-            for k in range(max_new_tokens):
-                token = sample_next(logits, temperature, top_p, generator)
-                token = torch.where(done, torch.full_like(token, pad_id), token)
-                out[:, k] = token
-                done |= torch.isin(token, eos_ids)
-                steps = k + 1
-                if k + 1 == max_new_tokens or ((k + 1) % sync_every == 0 and bool(done.all())):
-                    break
-                self.step_ids.copy_(token[:, None])
+            first = [next(queue) for _ in range(min(B, pending))]
+            pending -= len(first)
+            fill(list(range(B)), first)
+            step = filled_at = 0
+            while True:
+                token = sample_next(self.logits, temperature, top_p, generator)
+                running = ~done
+                at = produced.clamp(max=max_new_tokens - 1)[:, None]
+                out.scatter_(1, at, torch.where(running, token, out.gather(1, at)[:, 0])[:, None])
+                slot = lengths + produced  # this token's cache slot
+                produced += running
+                done |= running & (torch.isin(token, eos_ids) | (produced >= max_new_tokens))
                 # the token's slot and position; a stopped row stays on its last slot (its reads stop growing)
-                torch.where(done, self.step_start, lengths + k, out=self.step_start)
+                self.step_ids.copy_(token[:, None])
+                torch.where(done, self.step_start, slot, out=self.step_start)
                 if self._decode is None:
                     self._decode = self._build_decode()
                 self._decode()
-                logits = self.logits
-        answers = []
-        eos_set = set(eos)
-        for row in out[: len(prompts), :steps].tolist():
-            cut = next((i + 1 for i, t in enumerate(row) if t in eos_set), len(row))
-            answers.append(row[:cut])
+                step += 1
+                if step % sync_every and step - filled_at < max_new_tokens:  # (by then every row stopped)
+                    continue
+                stopped, counts = done.tolist(), produced.tolist()
+                finished = [r for r in range(B) if owner[r] >= 0 and stopped[r]]
+                if finished:  # one read-back of their rows
+                    for r, row in zip(finished, out[torch.tensor(finished, device=dev)].tolist()):
+                        answers[owner[r]] = row[:counts[r]]
+                        owner[r] = -1
+                free = [r for r in range(B) if owner[r] < 0]
+                if pending and (len(free) >= min(pending, max(1, B // 8)) or len(free) == B):
+                    members = [next(queue) for _ in range(min(len(free), pending))]
+                    pending -= len(members)
+                    fill(free[:len(members)], members)  # their first tokens come from this prefill's logits
+                    filled_at = step
+                elif not pending and len(free) == B:
+                    break
+        for i, row in enumerate(answers):
+            cut = next((j + 1 for j, t in enumerate(row) if t in eos_set), len(row))
+            answers[i] = row[:cut]
         return answers

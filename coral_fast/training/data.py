@@ -235,7 +235,8 @@ class IdGenerator:
     """generate(prompts, max_new_tokens, temperature, top_p, seed) -> answers over batched.py.
 
     Prompts are grouped by the static-cache length they need (CACHE_BUCKETS: a step reads only each row's
-    filled slots, so the length costs memory, not time), then decoded `rows` at a time; a group of at
+    filled slots, so the length costs memory, not time), and each group is decoded in one call over
+    `rows` rows, a stopped row taking the next prompt (continuous batching, batched.py); a group of at
     most rows // 8 prompts (the long documents of a chunk) uses a generator of rows // 8 rows. Each
     (length, rows) pair is one captured decode step on the GPU (4 for the defaults)."""
 
@@ -256,23 +257,21 @@ class IdGenerator:
             groups.setdefault(next((b for b in CACHE_BUCKETS if b >= need), -(-need // 4096) * 4096), []).append(i)
         answers: list[list[int] | None] = [None] * len(prompts)
         for length, members in sorted(groups.items()):
-            for start in range(0, len(members), self.rows):
-                rows = members[start:start + self.rows]
-                width = self.rows if len(rows) > max(1, self.rows // 8) else max(1, self.rows // 8)
-                first = (length, width) not in self.generators
-                started = time.perf_counter()
-                if first:
-                    self.generators[length, width] = BatchedGenerator(self.model, width, length, self.mode)
-                out = self.generators[length, width].generate([prompts[i] for i in rows], max_new_tokens, self.eos, self.pad,
-                                                              temperature, top_p, seed=_seed_of(seed, length, start))
-                t = self.timings.setdefault(f"{length}x{width}" + (" first call" if first else ""),
-                                            {"calls": 0, "tokens": 0, "seconds": 0.0})
-                t["calls"] += 1
-                t["tokens"] += sum(len(a) for a in out)
-                t["seconds"] = round(t["seconds"] + time.perf_counter() - started, 2)
-                for i, a in zip(rows, out):
-                    answers[i] = a
-                    self.tokens += len(a)
+            width = self.rows if len(members) > max(1, self.rows // 8) else max(1, self.rows // 8)
+            first = (length, width) not in self.generators
+            started = time.perf_counter()
+            if first:
+                self.generators[length, width] = BatchedGenerator(self.model, width, length, self.mode)
+            out = self.generators[length, width].generate([prompts[i] for i in members], max_new_tokens, self.eos, self.pad,
+                                                          temperature, top_p, seed=_seed_of(seed, length))
+            t = self.timings.setdefault(f"{length}x{width}" + (" first call" if first else ""),
+                                        {"calls": 0, "tokens": 0, "seconds": 0.0})
+            t["calls"] += 1
+            t["tokens"] += sum(len(a) for a in out)
+            t["seconds"] = round(t["seconds"] + time.perf_counter() - started, 2)
+            for i, a in zip(members, out):
+                answers[i] = a
+                self.tokens += len(a)
         return answers
 
 
