@@ -1,7 +1,7 @@
 """Where the data pipeline's decode time goes: `BatchedGenerator` steps timed on a model of the target's shape.
 
     python -m coral_fast.benchmarks.batched_decode [--shape smollm2] [--rows 256,512] [--cache 1024,4096]
-        [--modes graphs,eager] [--prompt 200] [--old FILE] [--out DIR]
+        [--modes graphs,eager] [--prompt 200] [--old FILE] [--waves 4] [--eos-every 128] [--out DIR]
 
 The weights are random (bf16; a step's time does not depend on them) and eos is an id the model never
 emits, so every row decodes every step. For each (mode, rows, cache length): one warm-up `generate`
@@ -12,6 +12,12 @@ steps), and plus the whole static cache (what attention over every slot reads, m
 = rows / step. `--old FILE`: a Python file with an earlier `BatchedGenerator` (mode "compile"), timed in
 the same run as a baseline row. torch._dynamo's counters (graph breaks, recompiles, CUDA-graph skips)
 are printed after each compiled configuration. `--out DIR`: batched_decode.md/json.
+
+`--waves N` adds continuous batching (mode graphs, each rows x cache): N x rows prompts whose answers
+end at random lengths (every `--eos-every`-th id is an eos, so a random model stops after ~that many
+tokens, at most 512), decoded in one call (stopped rows take the next prompts) against N calls of
+`rows` prompts each (every call runs until its longest answer ends), on the same generator; answer
+tokens / s of each and the share of identical answers.
 """
 from __future__ import annotations
 
@@ -61,6 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="graphs,eager")
     p.add_argument("--old", help="a file with an earlier BatchedGenerator: timed too, mode compile")
     p.add_argument("--prompt", type=int, default=200, help="prompt tokens of every row")
+    p.add_argument("--waves", type=int, default=0, help="continuous batching: N x rows prompts in one call vs N calls")
+    p.add_argument("--eos-every", type=int, default=128, help="with --waves: every K-th id is an eos")
     p.add_argument("--out")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -123,13 +131,40 @@ def main(argv=None) -> int:
                     print("counters:", json.dumps({k: dict(v) for k, v in counters.items() if v}, default=str), flush=True)
                 del gen
                 torch.cuda.empty_cache()
+    waves = []
+    if args.waves > 0:
+        eos_ids = list(range(1, vocab, args.eos_every))
+        emit(f"\n{args.waves} x rows prompts, answers ending at an eos (every {args.eos_every}th id) or 512 tokens, "
+             f"mode graphs\n\n| rows | cache | answer tokens | one call (continuous) s | {args.waves} calls of rows prompts s "
+             f"| continuous tok/s | calls tok/s | ratio | identical answers |\n|---|---|---|---|---|---|---|---|---|")
+        for rows in map(int, args.rows.split(",")):
+            for cache in map(int, args.cache.split(",")):
+                gen = BatchedGenerator(model, rows, cache, "graphs")
+                prompts = [torch.randint(1, vocab - 1, (args.prompt,)).tolist() for _ in range(rows * args.waves)]
+                gen.generate(prompts[:rows], 16, eos_ids, 0)  # capture
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                one = gen.generate(prompts, 512, eos_ids, 0)
+                torch.cuda.synchronize()
+                t1 = time.perf_counter()
+                calls = [a for w in range(args.waves) for a in gen.generate(prompts[w * rows:(w + 1) * rows], 512, eos_ids, 0)]
+                torch.cuda.synchronize()
+                t2 = time.perf_counter()
+                tokens = sum(map(len, one))
+                same = sum(a == b for a, b in zip(one, calls)) / len(one)
+                emit(f"| {rows} | {cache} | {tokens} | {t1 - t0:.2f} | {t2 - t1:.2f} | {tokens / (t1 - t0):.0f} "
+                     f"| {sum(map(len, calls)) / (t2 - t1):.0f} | {(t2 - t1) / (t1 - t0):.2f}x | {same:.0%} |")
+                waves.append(dict(rows=rows, cache=cache, answer_tokens=tokens, continuous_s=round(t1 - t0, 3),
+                                  calls_s=round(t2 - t1, 3), calls_tokens=sum(map(len, calls)), identical=round(same, 4)))
+                del gen
+                torch.cuda.empty_cache()
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "batched_decode.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
         with open(os.path.join(args.out, "batched_decode.json"), "w") as f:
             json.dump(dict(device=name, torch=torch.__version__, transformers=transformers.__version__,
-                           date=time.strftime("%Y-%m-%d"), shape=args.shape, rows=rows_out), f, indent=1, default=str)
+                           date=time.strftime("%Y-%m-%d"), shape=args.shape, rows=rows_out, waves=waves), f, indent=1, default=str)
     return 0
 
 
