@@ -76,12 +76,7 @@ class DraftConfig:
         if self.fc_input_order not in FC_INPUT_ORDERS:
             raise ValueError(f"fc_input_order must be one of {FC_INPUT_ORDERS}, got {self.fc_input_order!r}")
         if self.feature_layers is not None:
-            layers = self.feature_layers
-            if (isinstance(layers, (str, bytes)) or not hasattr(layers, "__len__") or len(layers) < 2
-                    or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
-                    or len(set(layers)) != len(layers)):
-                raise ValueError(f"feature_layers must be None or at least two distinct layer indices >= 0, got {layers!r}")
-            self.feature_layers = tuple(sorted(layers))
+            self.feature_layers = checked_feature_layers(self.feature_layers)
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ROPE_SCALINGS:
@@ -130,6 +125,15 @@ class DraftConfig:
     def from_dict(cls, d) -> "DraftConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def checked_feature_layers(layers) -> tuple[int, ...]:
+    """DraftConfig.feature_layers as a sorted tuple; ValueError unless at least two distinct indices >= 0."""
+    if (isinstance(layers, (str, bytes)) or not hasattr(layers, "__len__") or len(layers) < 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+            or len(set(layers)) != len(layers)):
+        raise ValueError(f"feature_layers must be None or at least two distinct layer indices >= 0, got {layers!r}")
+    return tuple(sorted(layers))
 
 
 def _fitting_num_groups(vocab_size: int, wanted: int) -> int:

@@ -32,16 +32,16 @@ DRAFT_ARCHS = {"coral": {}, "eagle": {"input_norm": False, "fc_input_order": "em
 
 
 def feature_layers_arg(text: str):
-    """--feature-layers: "last" -> None, "eagle3" (resolved once the target is known), "2,15,27" -> (2, 15, 27)."""
+    """--feature-layers: "last" -> None, "eagle3" (resolved once the target is known), "27,2,15" -> (2, 15, 27)."""
     if text in ("last", "eagle3"):
         return None if text == "last" else text
+    from coral_fast.draft import checked_feature_layers
+
     try:
-        layers = tuple(int(part) for part in text.split(","))
+        return checked_feature_layers([int(part) for part in text.split(",")])
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected last, eagle3 or comma-separated layer indices, got {text!r}") from None
-    if len(layers) < 2 or len(set(layers)) != len(layers) or min(layers) < 0:
-        raise argparse.ArgumentTypeError(f"expected at least two distinct layer indices >= 0, got {text!r}")
-    return layers
+        raise argparse.ArgumentTypeError(f"expected last, eagle3 or at least two distinct comma-separated layer "
+                                         f"indices >= 0, got {text!r}") from None
 
 
 def resolve_feature_layers(layers, target):
