@@ -195,8 +195,6 @@ class BatchedGenerator:
         out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
         owner = [-1] * B  # the prompt each row decodes (-1: none)
         answers: list[list[int] | None] = [None] * len(prompts)
-        queue = iter(range(len(prompts)))
-        pending = len(prompts)
         eos_set = set(eos)
 
         def fill(rows: list[int], members: list[int]) -> None:
@@ -221,9 +219,8 @@ class BatchedGenerator:
                 owner[r] = i
 
         with attention_implementation(self.model, ATTN_NAME):
-            first = [next(queue) for _ in range(min(B, pending))]
-            pending -= len(first)
-            fill(list(range(B)), first)
+            taken = min(B, len(prompts))  # prompts[:taken] have had a row
+            fill(list(range(B)), list(range(taken)))
             step = filled_at = 0
             while True:
                 token = sample_next(self.logits, temperature, top_p, generator)
@@ -249,9 +246,10 @@ class BatchedGenerator:
                         answers[owner[r]] = row[:counts[r]]
                         owner[r] = -1
                 free = [r for r in range(B) if owner[r] < 0]
+                pending = len(prompts) - taken
                 if pending and (len(free) >= min(pending, max(1, B // 8)) or len(free) == B):
-                    members = [next(queue) for _ in range(min(len(free), pending))]
-                    pending -= len(members)
+                    members = list(range(taken, taken + min(len(free), pending)))
+                    taken += len(members)
                     fill(free[:len(members)], members)  # their first tokens come from this prefill's logits
                     filled_at = step
                 elif not pending and len(free) == B:
