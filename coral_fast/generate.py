@@ -106,7 +106,7 @@ START_GAIN = 2.0
 class SpeculationPolicy:
     """Speculate while the expected rate (EMA of accepted length / round cost) beats plain decoding
     (1 / step cost) by `margin` (before any round: while a fully accepted round would gain 2x); in plain
-    mode, probe with one round every `interval` tokens (doubling
+    mode, probe with one round every `interval` tokens (its accepted length replaces the EMA; doubling
     after each probe that does not pay, up to `max_interval`). The first interval grows with the cost
     ratio (PROBE_STEPS_PER_EXTRA_COST), so that failed probes cost ~3% where a round is dear (the
     CPU) and probes stay frequent where it is cheap (captured on a GPU)."""
@@ -144,7 +144,12 @@ class SpeculationPolicy:
 
     def after_round(self, tau: int) -> None:
         probing = not self.pays()
-        self.ema_tau = tau if self.ema_tau is None else (1 - self.alpha) * self.ema_tau + self.alpha * tau
+        # a probe's round stands on its own: blended into the estimate of a poor stretch (or of an earlier
+        # request) one good probe could not switch speculation back on, and a request would end plainly
+        if probing or self.ema_tau is None:
+            self.ema_tau = float(tau)
+        else:
+            self.ema_tau = (1 - self.alpha) * self.ema_tau + self.alpha * tau
         self.since_probe = 0
         if self.pays():
             self.interval = self.first_interval

@@ -164,6 +164,16 @@ def test_policy_probes_and_backs_off():
     for tau in (6, 6, 6, 6, 6):  # acceptance recovers: speculation pays again (2.0 * 1.05 < ema)
         policy.after_round(tau)
     assert policy.speculate() and policy.interval == 32
+    for _ in range(6):  # a poor stretch while speculating: the EMA falls below 2.1, back to plain ...
+        policy.after_round(1)
+    assert not policy.speculate() and policy.ema_tau < 1.6
+    for _ in range(policy.interval):  # (the rounds past the turn counted as failed probes: a longer wait)
+        policy.after_plain()
+    assert policy.speculate()
+    policy.after_round(3)  # ... and one good probe is enough to switch speculation back on (3 > 2.1)
+    assert policy.speculate() and policy.ema_tau == 3 and policy.interval == 32
+    policy.after_round(1)  # while speculating a round joins the EMA: 0.7 * 3 + 0.3 * 1 = 2.4 still pays
+    assert policy.speculate() and abs(policy.ema_tau - 2.4) < 1e-9
 
 
 def test_policy_carries_acceptance_across_requests():
