@@ -446,6 +446,9 @@ def test_train_seed_makes_two_runs_identical(monkeypatch, tmp_path, capsys):
     (["--active-groups", "9"], "--active-groups (9) must be <= --num-groups (8)"),
     (["--resume"], "--resume: no checkpoint in"),
     (["--init-from", "/nonexistent/draft"], "draft folder '/nonexistent/draft' does not exist"),
+    (["--max-train-tokens", "0"], "argument --max-train-tokens: must be an integer >= 1"),
+    (["--feature-layers", "3"], "argument --feature-layers: expected last, eagle3 or at least two distinct"),
+    (["--feature-layers", "1,2", "--resume"], "leave out --feature-layers with --resume or --init-from"),
 ])
 def test_train_bad_arguments_exit_2_in_one_line_before_the_model_loads(monkeypatch, tmp_path, capsys, argv, named):
     code, loads = _train_main(monkeypatch, tmp_path, argv)
@@ -628,6 +631,18 @@ def test_fused_feature_draft_trains_on_online_states(seed, tmp_path):
     for bad in ("1", "1,1", "a,b", "-1,2"):
         with pytest.raises(Exception):
             feature_layers_arg(bad)
+
+
+def test_limit_train_keeps_the_first_sequences_up_to_a_token_count(seed):
+    target = tiny_target(seed=seed % 1000)
+    data = SequenceData(token_data(target, n_seqs=12, seed=seed % 1000), target=target, topk=8)
+    full, evals = list(data.train), list(data.eval)
+    per_seq = [data.answer_tokens([sp]) for sp in full]
+    budget = per_seq[0] + per_seq[1] + per_seq[2] // 2  # room for two sequences and half a third
+    assert data.limit_train(budget) == per_seq[0] + per_seq[1] and data.train == full[:2] and data.eval == evals
+    assert data.limit_train(1) == per_seq[0] and data.train == full[:1]  # at least one sequence
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        data.limit_train(0)
 
 
 def test_sequences_longer_than_max_seq_len_keep_their_end():

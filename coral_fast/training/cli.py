@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--feature-layers", type=feature_layers_arg, default=None, metavar="last|eagle3|I,J,K",
                         help="the target features the draft reads: the last hidden state (default), or these hidden "
                              "states (0 = embeddings; eagle3 = layers 2, L/2, L-3) fused by a linear layer")
+    parser.add_argument("--max-train-tokens", type=positive_int, default=None,
+                        help="train on the first sequences up to this many answer tokens (acceptance against data size)")
     parser.add_argument("--num-groups", type=positive_int, default=32)
     parser.add_argument("--active-groups", type=positive_int, default=4)
     parser.add_argument("--eval-groups", type=positive_int, nargs="*", default=[1, 2, 4, 8], help="active-group counts of the held-out estimate")
@@ -210,9 +212,11 @@ def main(argv=None) -> int:
         data = SequenceData(load_shards(args.data), device=device, max_seq_len=cfg.max_seq_len, loss_on_prompt=cfg.loss_on_prompt, target=target)
         if not data.train:
             raise ValueError(f"--data {args.data} holds no training sequences")
+        if args.max_train_tokens:
+            data.limit_train(args.max_train_tokens)
         draft = build_draft(target, args.model, args.grouping, args.num_groups, args.active_groups, data, device, init, seed=cfg.seed,
                             arch=args.draft_arch, feature_layers=args.feature_layers)
-    print(json.dumps({"train_seqs": len(data.train), "eval_seqs": len(data.eval), "params": sum(p.numel() for p in draft.parameters() if p.requires_grad), "config": cfg.to_dict()}))
+    print(json.dumps({"train_seqs": len(data.train), "train_answer_tokens": data.answer_tokens(data.train), "eval_seqs": len(data.eval), "params": sum(p.numel() for p in draft.parameters() if p.requires_grad), "config": cfg.to_dict()}))
     eval_groups = [a for a in args.eval_groups if a <= draft.config.num_groups] if args.grouping != "dense" else []
     history = train(draft, data, cfg, out_dir=args.out, resume=args.resume, progress=not args.no_progress, eval_groups=eval_groups,
                     report=lambda line: print(line, file=sys.stderr))

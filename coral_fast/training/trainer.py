@@ -177,6 +177,25 @@ class SequenceData:
                              "needs token-only shards (features computed online by the target)")
         self.feature_layers = layers
 
+    def answer_tokens(self, spans) -> int:
+        """Positions with a loss (answer tokens) in `spans`."""
+        return sum(int(self.loss_mask[s + 1:e].sum()) for s, e in spans)
+
+    def limit_train(self, max_tokens: int) -> int:
+        """Keep the first training sequences (in the data's order) up to `max_tokens` answer tokens (at
+        least one sequence): a smaller data set of the same kind (acceptance against data size). -> kept."""
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        kept, total = [], 0
+        for s, e in self.train:
+            n = int(self.loss_mask[s + 1:e].sum())
+            if kept and total + n > max_tokens:
+                break
+            kept.append((s, e))
+            total += n
+        self.train = kept
+        return total
+
     def token_counts(self, vocab_size: int) -> Tensor:
         """Counts of the answer tokens of the train split (for frequency-balanced grouping)."""
         counts = torch.zeros(vocab_size, dtype=torch.float64)
