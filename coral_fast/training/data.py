@@ -164,10 +164,10 @@ def target_features(model, input_ids: Tensor, attention_mask: Tensor, topk: int,
                     feature_layers=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One forward of the frozen target over right-padded rows: input_ids, attention_mask [B, N] ->
     last hidden states [B, N, H] (after the final norm, in the model's dtype), top-k next-token ids
-    [B, N, K] int64, their log-probabilities [B, N, K] fp32 (full softmax) and the draft's inputs. The head runs in row
-    chunks of at most `max_logits` logits (Gemma 3's 262144 ids at 16k rows would be 17 GB).
-    The inputs are the last hidden states again, or with feature_layers (a draft's EAGLE-3-style
-    inputs) those hidden states (HF's output_hidden_states indices) concatenated, [B, N, k H]."""
+    [B, N, K] int64, their log-probabilities [B, N, K] fp32 (full softmax) and the draft's inputs: the
+    last hidden states again, or with feature_layers (a draft's EAGLE-3-style inputs) those hidden
+    states (HF's output_hidden_states indices) concatenated, [B, N, k H]. The head runs in row chunks
+    of at most `max_logits` logits (Gemma 3's 262144 ids at 16k rows would be 17 GB)."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     head = model.get_output_embeddings()
     config = text_config(model.config)
