@@ -195,7 +195,6 @@ class BatchedGenerator:
         out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
         owner = [-1] * B  # the prompt each row decodes (-1: none)
         answers: list[list[int] | None] = [None] * len(prompts)
-        eos_set = set(eos)
 
         def fill(rows: list[int], members: list[int]) -> None:
             """Prefill `members`' prompts into cache `rows` (rows past the members: one-token dummies, done)."""
@@ -243,7 +242,7 @@ class BatchedGenerator:
                 finished = [r for r in range(B) if owner[r] >= 0 and stopped[r]]
                 if finished:  # one read-back of their rows
                     for r, row in zip(finished, out[torch.tensor(finished, device=dev)].tolist()):
-                        answers[owner[r]] = row[:counts[r]]
+                        answers[owner[r]] = row[:counts[r]]  # a row stops at its first eos: the cut is here
                         owner[r] = -1
                 free = [r for r in range(B) if owner[r] < 0]
                 pending = len(prompts) - taken
@@ -254,7 +253,4 @@ class BatchedGenerator:
                     filled_at = step
                 elif not pending and len(free) == B:
                     break
-        for i, row in enumerate(answers):
-            cut = next((j + 1 for j, t in enumerate(row) if t in eos_set), len(row))
-            answers[i] = row[:cut]
         return answers

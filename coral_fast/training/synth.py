@@ -260,8 +260,8 @@ def synthesize_chunk(generate, tokenizer, chunk: int, n: int, seed: int, setting
             if getattr(tokenizer, "chat_template", None):
                 item["req"] = Request(s.paragraph_tokens, messages=[{"role": "user", "content": f"Write the first paragraphs of a {genre} about {topic}. Only write the text."}])
             else:
-                item["req"] = Request(s.paragraph_tokens, raw=f"{topic[:1].upper()}{topic[1:]}\n\n", whole=True)
                 item["title"] = f"{topic[:1].upper()}{topic[1:]}\n\n"
+                item["req"] = Request(s.paragraph_tokens, raw=item["title"], whole=True)
         elif kind == "code":
             lang = rng.choice(CODE_LANGS)
             if rng.random() < 0.3:
