@@ -60,6 +60,7 @@ class DraftTree:
         self.depth = depth
         self.num_nodes = int(parents.shape[0])
         self._mask_bits = None
+        self._batched_mask_bits = None
         self._paths = None
         self._max_depth = None
 
@@ -95,6 +96,14 @@ class DraftTree:
         if self._mask_bits is None:
             self._mask_bits = pack_mask_bits(self.mask)
         return self._mask_bits
+
+    @property
+    def batched_mask_bits(self) -> torch.Tensor:
+        """[1, T, W] int32: `mask_bits` as the kernel takes it, kept (an eager `tree_attention` call per
+        layer would otherwise make the view on every call)."""
+        if self._batched_mask_bits is None:
+            self._batched_mask_bits = self.mask_bits.unsqueeze(0)
+        return self._batched_mask_bits
 
     def position_ids(self, prefix_len: Union[int, torch.Tensor]) -> torch.Tensor:
         """[T] (or [B, T] for a [B] tensor of prefix lengths): prefix_len + depth."""

@@ -176,6 +176,14 @@ def test_bad_inputs_raise():
     mask = random_tree(4, "cpu").mask
     with pytest.raises(ValueError, match="4-D"):
         tree_attention(q[0], k, v, mask)
+    with pytest.raises(ValueError, match="4-D"):
+        tree_attention(q.tolist(), k, v, mask)
+    with pytest.raises(ValueError, match="4-D"):
+        tree_attention(q, k[0], v, mask)
+    with pytest.raises(ValueError, match="the tree has 5 nodes"):
+        tree_attention(q, k, v, random_tree(5, "cpu"))
+    with pytest.raises(ValueError, match="DraftTree"):
+        tree_attention(q, k, v, object())
     with pytest.raises(ValueError, match="share a dtype"):
         tree_attention(q, k.half(), v, mask)
     with pytest.raises(ValueError, match="multiple"):

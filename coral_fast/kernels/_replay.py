@@ -117,14 +117,6 @@ def _contiguous(tensors) -> bool:
     return all(t.dim() > 0 and t.is_contiguous() for t in tensors)
 
 
-def _streamed_key(t: Optional[Tensor]):
-    return None if t is None else (t.shape, t.stride(), t.dtype)
-
-
-def _resident_key(t: Optional[Tensor]):
-    return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype)
-
-
 class EagerGraphs:
     """The cache of captured graphs of eager op calls (module docstring).
 
@@ -145,7 +137,10 @@ class EagerGraphs:
         self._lock = threading.Lock()  # one call's copy-in, replay and copy-out at a time
 
     def key(self, name: str, device: torch.device, config: tuple, streamed: tuple, resident: tuple) -> tuple:
-        return name, device, config, tuple(map(_streamed_key, streamed)), tuple(map(_resident_key, resident))
+        # _streamed_key / _resident_key inlined: this runs on every eager call
+        return (name, device, config,
+                tuple([None if t is None else (t.shape, t.stride(), t.dtype) for t in streamed]),
+                tuple([None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype) for t in resident]))
 
     def __call__(self, name: str, launch: Callable, streamed: tuple, resident: tuple, config: tuple,
                  out: Optional[tuple] = None) -> tuple:
@@ -166,7 +161,7 @@ class EagerGraphs:
                     self.graphs.move_to_end(key)
                 if graph is not None:
                     if graph.as_bytes:
-                        torch._foreach_copy_(graph.inputs, [_bytes(t) for t in streamed if t is not None])
+                        torch._foreach_copy_(graph.inputs, [t.view(torch.uint8) for t in streamed if t is not None])
                     else:
                         torch._foreach_copy_(graph.inputs, [t for t in streamed if t is not None])
                     graph.replay()

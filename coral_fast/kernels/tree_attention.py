@@ -478,22 +478,34 @@ def _tree_attention_triton(q, k, v, mask_bits, scale, kv_len, window, query_posi
 # ----------------------------------------------------------------------------------------------
 # public entry point
 # ----------------------------------------------------------------------------------------------
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
 def _validate(q, k, v, tree_mask, mask_bits, kv_len, window, query_positions, check):
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    """Shapes, dtypes and devices of a call (no device read-back unless `check` with a kv_len tensor).
+    Written for the eager host path: each tensor attribute is read once (an eager call's budget is a few
+    microseconds of Python, docs/attention.md)."""
+    try:
+        batch, num_q_heads, num_queries, head_dim = q.shape
+        kv_shape, v_shape = k.shape, v.shape
+        dtype, device = q.dtype, q.device
+    except (AttributeError, ValueError):
+        raise ValueError(f"q must be a 4-D tensor, got {getattr(q, 'shape', type(q))}") from None
+    for name, t in (("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor, got {getattr(t, 'shape', type(t))}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    batch, num_q_heads, num_queries, head_dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(f"k/v {tuple(k.shape)} must be [B={batch}, Hkv, S, D={head_dim}] to match q {tuple(q.shape)}")
-    num_kv_heads, num_slots = k.shape[1], k.shape[2]
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"q must be float16, bfloat16 or float32, got {dtype}")
+    if k.dtype is not dtype or v.dtype is not dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {dtype}, {k.dtype}, {v.dtype}")
+    if k.device != device or v.device != device:
+        raise ValueError(f"q, k, v must be on one device, got {device}, {k.device}, {v.device}")
+    if kv_shape != v_shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(kv_shape)} and {tuple(v_shape)}")
+    kv_batch, num_kv_heads, num_slots, kv_dim = kv_shape
+    if kv_batch != batch or kv_dim != head_dim:
+        raise ValueError(f"k/v {tuple(kv_shape)} must be [B={batch}, Hkv, S, D={head_dim}] to match q {tuple(q.shape)}")
     if num_kv_heads == 0 or num_q_heads % num_kv_heads:
         raise ValueError(f"Hq={num_q_heads} must be a multiple of Hkv={num_kv_heads}")
     if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -502,20 +514,29 @@ def _validate(q, k, v, tree_mask, mask_bits, kv_len, window, query_positions, ch
         raise ValueError(f"T={num_queries} tree tokens: must be 1 to {MAX_TREE_TOKENS}")
     if num_slots < num_queries:
         raise ValueError(f"k/v hold S={num_slots} slots, fewer than the T={num_queries} tree tokens")
-    if tree_mask.dtype != torch.bool:
-        raise ValueError(f"tree_mask must be bool, got {tree_mask.dtype}")
-    if tree_mask.device != q.device:
-        raise ValueError(f"tree_mask is on {tree_mask.device}, q on {q.device}")
-    if tree_mask.shape[-2:] != (num_queries, num_queries) or tree_mask.dim() not in (2, 3) or (
-        tree_mask.dim() == 3 and tree_mask.shape[0] not in (1, batch)
-    ):
-        raise ValueError(f"tree_mask must be [T, T] or [B, T, T] with T={num_queries}, B={batch}; got {tuple(tree_mask.shape)}")
+    if mask_bits is not None:
+        # a DraftTree (or alike): its bits are what the kernel reads, its bool mask is not looked at
+        if mask_bits.device != device:
+            raise ValueError(f"the tree's mask bits are on {mask_bits.device}, q on {device}")
+        if mask_bits.shape != (1, num_queries, (num_queries + 31) // 32) or mask_bits.dtype is not torch.int32:
+            raise ValueError(f"the tree has {mask_bits.shape[-2]} nodes (mask bits {tuple(mask_bits.shape)} "
+                             f"{mask_bits.dtype}), q has T={num_queries} tree tokens")
+    else:
+        if tree_mask.dtype is not torch.bool:
+            raise ValueError(f"tree_mask must be bool, got {tree_mask.dtype}")
+        if tree_mask.device != device:
+            raise ValueError(f"tree_mask is on {tree_mask.device}, q on {device}")
+        mask_shape = tree_mask.shape
+        if mask_shape[-2:] != (num_queries, num_queries) or len(mask_shape) not in (2, 3) or (
+            len(mask_shape) == 3 and mask_shape[0] not in (1, batch)
+        ):
+            raise ValueError(f"tree_mask must be [T, T] or [B, T, T] with T={num_queries}, B={batch}; got {tuple(mask_shape)}")
     if kv_len is not None:
         if isinstance(kv_len, torch.Tensor):
-            if kv_len.shape != (batch,) or kv_len.dtype not in (torch.int32, torch.int64):
+            if kv_len.shape != (batch,) or kv_len.dtype not in _INDEX_DTYPES:
                 raise ValueError(f"kv_len must be an int32/int64 tensor [B={batch}], got {kv_len.dtype} {tuple(kv_len.shape)}")
-            if kv_len.device != q.device:
-                raise ValueError(f"kv_len is on {kv_len.device}, q on {q.device}")
+            if kv_len.device != device:
+                raise ValueError(f"kv_len is on {kv_len.device}, q on {device}")
         elif isinstance(kv_len, int):
             if not num_queries <= kv_len <= num_slots:
                 raise ValueError(f"kv_len={kv_len} must be in [T={num_queries}, S={num_slots}]")
@@ -529,8 +550,8 @@ def _validate(q, k, v, tree_mask, mask_bits, kv_len, window, query_positions, ch
     if query_positions is not None:
         if query_positions.shape not in ((num_queries,), (batch, num_queries)):
             raise ValueError(f"query_positions must be [T={num_queries}] or [B={batch}, T], got {tuple(query_positions.shape)}")
-        if query_positions.device != q.device or query_positions.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"query_positions must be an int tensor on {q.device}")
+        if query_positions.device != device or query_positions.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"query_positions must be an int tensor on {device}")
     if check and isinstance(kv_len, torch.Tensor) and bool(((kv_len < num_queries) | (kv_len > num_slots)).any()):
         # a read-back: kv_len is the static-cache path's argument, which runs with check=False
         raise ValueError(f"kv_len values must be in [T={num_queries}, S={num_slots}], got {kv_len.tolist()}")
@@ -640,9 +661,11 @@ def tree_attention(
     """
     mask_bits = None
     if not isinstance(tree_mask, torch.Tensor):
-        if not hasattr(tree_mask, "mask_bits"):
-            raise ValueError(f"tree_mask must be a bool tensor or a DraftTree, got {type(tree_mask)}")
-        mask_bits = tree_mask.mask_bits.unsqueeze(0)
+        mask_bits = getattr(tree_mask, "batched_mask_bits", None)  # a DraftTree keeps its [1, T, W] view
+        if mask_bits is None:
+            if not hasattr(tree_mask, "mask_bits"):
+                raise ValueError(f"tree_mask must be a bool tensor or a DraftTree, got {type(tree_mask)}")
+            mask_bits = tree_mask.mask_bits.unsqueeze(0)
         tree_mask = tree_mask.mask
     _validate(q, k, v, tree_mask, mask_bits, kv_len, window, query_positions, check)
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1):
