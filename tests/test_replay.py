@@ -235,6 +235,31 @@ def test_ops_replay_equals_direct_interpreter(fake_cache, one_thread, seed):
     assert fake_cache.captures == 2 and fake_cache.replays == 4
 
 
+@pytest.mark.interpreter
+def test_tree_attention_checks_once_per_replay_key_interpreter(fake_cache, one_thread, monkeypatch, seed):
+    """With a DraftTree, a replay skips the checks its key fixes (shapes, dtypes, config) and still makes
+    the ones it does not (a kv_len tensor's values, `out`); a new layout is checked in full."""
+    calls = []
+    full_check = ta._validate
+    monkeypatch.setattr(ta, "_validate", lambda *args: calls.append(1) or full_check(*args))
+    q, k, v = (torch.randn(1, 4, 7, 16), torch.randn(1, 2, 30, 16), torch.randn(1, 2, 30, 16))
+    kv_len = torch.tensor([21])
+    for _ in range(3):
+        tree = _tree(7, "cpu")
+        got = tree_attention(q, k, v, tree, impl="triton", kv_len=kv_len)
+        want = ta.tree_attention_reference(q, k, v, tree.mask, kv_len=kv_len)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert len(calls) == 2 and fake_cache.captures == 1 and fake_cache.replays == 2
+    with pytest.raises(ValueError, match="kv_len values"):  # same key: the values are still read back
+        tree_attention(q, k, v, tree, impl="triton", kv_len=torch.tensor([31]))
+    with pytest.raises(ValueError, match="out must be"):
+        tree_attention(q, k, v, tree, impl="triton", kv_len=kv_len, out=torch.empty(1, 4, 7, 8))
+    assert len(calls) == 2 and fake_cache.replays == 2  # both refused before a replay
+    with pytest.raises(ValueError, match="the tree has 7 nodes"):  # another layout: the full checks
+        tree_attention(q[:, :, :6], k, v, _tree(7, "cpu"), impl="triton", kv_len=kv_len)
+    assert len(calls) == 3
+
+
 # --- the GPU: real graphs against the direct launch -----------------------------------------------------
 @pytest.fixture
 def gpu_cache(monkeypatch):

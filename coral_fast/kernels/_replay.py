@@ -143,11 +143,17 @@ class EagerGraphs:
                 tuple([None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype) for t in resident]))
 
     def __call__(self, name: str, launch: Callable, streamed: tuple, resident: tuple, config: tuple,
-                 out: Optional[tuple] = None) -> tuple:
+                 out: Optional[tuple] = None, validate: Optional[Callable[[bool], None]] = None) -> tuple:
         """streamed: per-call tensors; resident: tensors read in place (None allowed in both: part of the key).
+        validate(replaying): the op's checks, left to this call so that a replay skips what its key fixes:
+        called with False before any direct launch or capture (every check), with True before a replay
+        (only what the key does not fix: values, `out`). The streamed tensors' devices are not in the key:
+        a replay copies from wherever they lie, which gives the same result.
         Returns launch's outputs: replayed (clones, or `out` filled) or from the direct launch."""
         device = streamed[0].device
         if not (self.enabled and self.backend.usable(device)):
+            if validate is not None:
+                validate(False)
             return launch(streamed, resident, out)
         key = self.key(name, device, config, streamed, resident)
         grad = torch.is_grad_enabled()  # copies into the static inputs must not join an autograd graph
@@ -156,8 +162,12 @@ class EagerGraphs:
             with self._lock:
                 graph = self.graphs.get(key)
                 if graph is None:
+                    if validate is not None:
+                        validate(False)
                     graph = self._admit(key, name, launch, streamed, resident, device)
                 else:
+                    if validate is not None:
+                        validate(True)
                     self.graphs.move_to_end(key)
                 if graph is not None:
                     if graph.as_bytes:

@@ -552,8 +552,13 @@ def _validate(q, k, v, tree_mask, mask_bits, kv_len, window, query_positions, ch
             raise ValueError(f"query_positions must be [T={num_queries}] or [B={batch}, T], got {tuple(query_positions.shape)}")
         if query_positions.device != device or query_positions.dtype not in _INDEX_DTYPES:
             raise ValueError(f"query_positions must be an int tensor on {device}")
-    if check and isinstance(kv_len, torch.Tensor) and bool(((kv_len < num_queries) | (kv_len > num_slots)).any()):
-        # a read-back: kv_len is the static-cache path's argument, which runs with check=False
+    if check and isinstance(kv_len, torch.Tensor):
+        _check_kv_len_values(kv_len, num_queries, num_slots)
+
+
+def _check_kv_len_values(kv_len: torch.Tensor, num_queries: int, num_slots: int) -> None:
+    # a read-back: kv_len is the static-cache path's argument, which runs with check=False
+    if bool(((kv_len < num_queries) | (kv_len > num_slots)).any()):
         raise ValueError(f"kv_len values must be in [T={num_queries}, S={num_slots}], got {kv_len.tolist()}")
 
 
@@ -667,11 +672,25 @@ def tree_attention(
                 raise ValueError(f"tree_mask must be a bool tensor or a DraftTree, got {type(tree_mask)}")
             mask_bits = tree_mask.mask_bits.unsqueeze(0)
         tree_mask = tree_mask.mask
-    _validate(q, k, v, tree_mask, mask_bits, kv_len, window, query_positions, check)
-    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1):
-        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a unit last stride")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     compiling = torch.compiler.is_compiling()
+    if (mask_bits is not None and not compiling and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+            and isinstance(v, torch.Tensor) and (query_positions is None or isinstance(query_positions, torch.Tensor))
+            and resolve_impl(impl, q.device) == "triton"):
+        # an eager call with a DraftTree: the checks run once per replay key (`_launch_eager`)
+        def validate(replaying: bool) -> None:
+            if replaying:  # the key fixed every shape, dtype and config; what it does not fix:
+                _check_out(out, q)
+                if check and isinstance(kv_len, torch.Tensor):
+                    _check_kv_len_values(kv_len, q.shape[2], k.shape[2])
+            else:
+                _validate(q, k, v, tree_mask, mask_bits, kv_len, window, query_positions, check)
+                _check_out(out, q)
+
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        return _launch_eager(q, k, v, mask_bits, scale, kv_len, window, query_positions, out, validate)
+    _validate(q, k, v, tree_mask, mask_bits, kv_len, window, query_positions, check)
+    _check_out(out, q)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if resolve_impl(impl, q.device) == "reference":
         if check and mask_bits is None and not compiling:
             problem = mask_problem(tree_mask)
@@ -688,10 +707,20 @@ def tree_attention(
         # under torch.compile the launch is an opaque custom op (Inductor fuses around it)
         result = tree_attention_op(q, k, v, mask_bits, kv_len, scale, window or 0, query_positions)
         return result if out is None else out.copy_(result)
-    # eager CUDA calls replay a CUDA graph of the launches after a key's second call (`_replay.py`): q, the
-    # mask bits, a kv_len tensor and the positions are copied in, K and V read in place. An int kv_len is
-    # part of the key (a tensor takes another launch configuration, so it could not stand in for it with
-    # identical results): a loop passing a growing int launches directly; pass a [B] tensor to replay.
+    return _launch_eager(q, k, v, mask_bits, scale, kv_len, window, query_positions, out)
+
+
+def _check_out(out, q) -> None:
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1):
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a unit last stride")
+
+
+def _launch_eager(q, k, v, mask_bits, scale, kv_len, window, query_positions, out, validate=None):
+    """The Triton launches of an eager call. Eager CUDA calls replay a CUDA graph of them after a key's
+    second call (`_replay.py`): q, the mask bits, a kv_len tensor and the positions are copied in, K and V
+    read in place. An int kv_len is part of the key (a tensor takes another launch configuration, so it
+    could not stand in for it with identical results): a loop passing a growing int launches directly;
+    pass a [B] tensor to replay. validate: see `EagerGraphs.__call__`."""
     kv_len_tensor = kv_len if isinstance(kv_len, torch.Tensor) else None
     kv_len_int = kv_len if isinstance(kv_len, int) else None
 
@@ -703,4 +732,4 @@ def tree_attention(
 
     positions = query_positions if window is not None else None  # read only with a window
     return eager_graphs("tree_attention", launch, (q, mask_bits, kv_len_tensor, positions), (k, v),
-                        (scale, kv_len_int, window), None if out is None else (out,))[0]
+                        (scale, kv_len_int, window), None if out is None else (out,), validate)[0]
