@@ -113,6 +113,12 @@ class Engine:
         self.sampling = Sampling(torch.ones(1, dtype=torch.float64, device=dev),
                                  torch.zeros(self.depth + 1, self.topk + 1, dtype=torch.float64, device=dev))
         self.result = torch.zeros(self.A + 1, **i64)  # [count, tokens...] of the last round / plain step
+        # a probe's first look (`draft_extend_step(scout=True)`): [hits, rows] of the draft's top-1 against the
+        # tokens the target chose over the rows it caught up on; prompt_len: rows predicting prompt tokens
+        # do not count (the draft is judged on the answer)
+        self.scout = torch.zeros(2, **i64)
+        self.prompt_len = torch.zeros(1, **i64)
+        self.prompt_len_host = 0
         if draft is not None:
             dcfg = draft.config
             self.d_slots = self.S + max(self.A, (self.depth - 1) * self.topk, self.C)
@@ -142,6 +148,9 @@ class Engine:
         self.pos.n.zero_()
         self.pos.d_len.zero_()
         self.n_host = self.d_len_host = 0
+        self.prompt_len.fill_(P)
+        self.prompt_len_host = P
+        self.scout.zero_()
         self.sampling_on = temperature > 0
         self.sampling.temperature.fill_(temperature if temperature > 0 else 1.0)
         self.rng = generator
@@ -210,11 +219,21 @@ class Engine:
 
         return attend
 
-    def draft_extend_step(self) -> None:
-        """Catch-up: the draft over positions [d_len, d_len + C), chunk.count of them real."""
+    def draft_extend_step(self, scout: bool = False) -> None:
+        """Catch-up: the draft over positions [d_len, d_len + C), chunk.count of them real. scout: also count
+        how often its first guess there (top-1 of its head, teacher-forced on the target's features) is the
+        token the target chose, into `scout` [hits, rows]: what a probe looks at before paying for a round."""
         positions = self.pos.d_len + torch.arange(self.C, device=self.device)
         width = None if self.mode != "eager" else self.d_len_host + self.C
-        self._draft_forward(positions, width)
+        hidden = self._draft_forward(positions, width)
+        if scout:
+            # the pair at t predicts the feature at t + 1, so its head's guess is the token ids[t + 2]
+            guess, _ = self.draft.topk(hidden, 1, impl=self.head_impl, check=self.head_check)
+            chosen = self.hist.ids.index_select(0, (positions + 2).clamp(max=self.S - 1))
+            real = torch.arange(self.C, device=self.device) < self.chunk.count
+            judged = real & (positions + 2 >= self.prompt_len) & (positions + 2 <= self.pos.n)
+            self.scout[0].add_((judged & (guess[:, 0] == chosen)).sum())
+            self.scout[1].add_(judged.sum())
         self.pos.d_len.add_(self.chunk.count)
 
     def draft_tree_step(self) -> None:
@@ -279,6 +298,8 @@ class Engine:
             return lambda: self.verify_step(sampling)
         if name == "plain":
             return lambda: self.plain_step(sampling)
+        if name == "extend_scout":
+            return lambda: self.draft_extend_step(scout=True)
         return {"extend": self.draft_extend_step, "draft": self.draft_tree_step}[name]
 
     def run(self, name: str) -> None:
@@ -343,13 +364,22 @@ class Engine:
             self.n_host += count
         return int(self.hist.ids[prompt_len])
 
-    def catch_up(self) -> None:
-        """Extend the draft in chunks until at most A rows are pending (what draft_tree takes)."""
+    def catch_up(self, scout: bool = False) -> None:
+        """Extend the draft in chunks until at most A rows are pending (what draft_tree takes). scout: the
+        chunks that reach the answer also count the draft's first guesses (`take_scout`)."""
         while self.n_host - self.d_len_host > self.A:
             count = min(self.C, self.n_host - self.d_len_host - 1)
             self.chunk.count.fill_(count)
-            self.run("extend")
+            # rows t predict ids[t + 2]: a chunk judges some answer token when t + 2 >= prompt_len
+            judges = scout and self.d_len_host + count + 1 >= self.prompt_len_host
+            self.run("extend_scout" if judges else "extend")
             self.d_len_host += count
+
+    def take_scout(self) -> tuple[int, int]:
+        """(hits, rows) counted since the last call, then zeroed (one small read-back)."""
+        hits, rows = self.scout.tolist()
+        self.scout.zero_()
+        return hits, rows
 
     def round(self, timer) -> list[int]:
         """draft_tree, then verify/accept/commit; returns the emitted tokens (one host read)."""

@@ -63,6 +63,7 @@ class GenerationResult:
     rounds: int = 0  # speculative rounds
     accepted_lengths: list[int] = field(default_factory=list)  # tokens per round, bonus included
     plain_steps: int = 0  # one-token steps (plain mode: fallback or plain=True)
+    scouted: int = 0  # probes that ended at the draft's first look (SpeculationPolicy.scout_fails): no round
     prefill_time_s: float = 0.0  # time to first token (prompt prefill + first token), warm-up excluded
     draft_time_s: float = 0.0  # draft catch-up + tree building
     verify_time_s: float = 0.0  # verify rounds and plain steps (the target's forwards)
@@ -84,6 +85,7 @@ class GenerationResult:
             "new_tokens": len(self.token_ids),
             "rounds": self.rounds,
             "plain_steps": self.plain_steps,
+            "scouted": self.scouted,
             "mean_accepted_length": round(self.mean_accepted_length, 4),
             "tokens_per_s": round(self.tokens_per_s, 3),
             "prefill_s": round(self.prefill_time_s, 4),
@@ -100,6 +102,10 @@ PROBE_STEPS_PER_EXTRA_COST = 32
 # a request opens with a round only where a fully accepted one would be this much faster than plain
 # steps (captured GPU engines: 3-4x; the 2-core CPU: ~1.6x, where a round rarely pays)
 START_GAIN = 2.0
+# a probe looks first at the draft's top-1 guesses over the plain stretch it catches up on (teacher-forced
+# hit rate p) and ends there when a chain's 1 + p + ... + p^depth tokens a round is below this share of
+# what a round must commit to pay (a tree commits more than its top-1 chain, hence the slack)
+SCOUT_FRACTION = 0.75
 
 
 @dataclass
@@ -118,6 +124,8 @@ class SpeculationPolicy:
     first_interval: int = 16
     max_interval: int = 128
     alpha: float = 0.3
+    scout_fraction: float = SCOUT_FRACTION
+    min_scout_rows: int = 16  # fewer judged guesses: the probe runs its round
     ema_tau: float | None = None
     since_probe: int = 0
     interval: int = 16
@@ -155,6 +163,20 @@ class SpeculationPolicy:
             self.interval = self.first_interval
         elif probing:
             self.interval = min(2 * self.interval, self.max_interval)
+
+    def scout_fails(self, hits: int, rows: int) -> bool:
+        """A probe's first look: the draft guessed `hits` of `rows` answer tokens right (top-1, teacher-forced)
+        over the stretch it just caught up on. True: even a chain at that hit rate is far from paying, so the
+        probe ends without its round and counts as a failed one (the interval doubles)."""
+        if rows < self.min_scout_rows or self.max_tau is None:
+            return False
+        p = hits / rows
+        chain = sum(p ** i for i in range(self.max_tau))  # 1 + p + ... + p^depth
+        if chain >= self.scout_fraction * (1.0 + self.margin) * self.round_s / self.plain_s:
+            return False
+        self.since_probe = 0
+        self.interval = min(2 * self.interval, self.max_interval)
+        return True
 
     def after_plain(self) -> None:
         self.since_probe += 1
@@ -285,9 +307,11 @@ class SpeculativeGenerator:
         eng.prefill(P)
         if self.draft is not None:
             eng.catch_up()  # at most A rows left for the draft step
-            if self.mode != "eager" and ("extend", False) not in eng._prepared:  # a tiny max_context
-                eng.chunk.count.fill_(0)  # nothing committed: capture the step anyway
-                eng.run("extend")
+            if self.mode != "eager":
+                for name in ("extend", "extend_scout"):  # (extend: not run above for a tiny max_context)
+                    if (name, False) not in eng._prepared:
+                        eng.chunk.count.fill_(0)  # nothing committed or counted: capture the step anyway
+                        eng.run(name)
             self.plain_step_time_s, self.round_time_s = self._measure([["plain"], ["draft", "verify"]])
         else:
             (self.plain_step_time_s,) = self._measure([["plain"]])
@@ -394,10 +418,17 @@ class SpeculativeGenerator:
         policy = self._policy(temperature > 0)
         policy.new_request()
         while not done:
-            if speculate and (not self.adaptive or policy.speculate()):
+            round_now = speculate and (not self.adaptive or policy.speculate())
+            if round_now:
                 t = time.perf_counter()
                 timer.mark("draft")
-                eng.catch_up()
+                # a greedy probe first looks at the draft's guesses over the stretch it catches up on
+                scouting = self.adaptive and temperature == 0 and not policy.pays()
+                eng.catch_up(scout=scouting)
+                if scouting and policy.scout_fails(*eng.take_scout()):
+                    result.scouted += 1
+                    round_now = False
+            if round_now:
                 tokens = eng.round(timer)
                 if eager and self.refine_costs:  # the host timer synchronised: refine the estimate (the draft's catch-up included:
                     # it is what resuming speculation costs on top of a round)

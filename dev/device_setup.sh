@@ -4,7 +4,9 @@
 # - puts the repo on PYTHONPATH (no pip install needed there)
 # - assembles the model GGUFs from chunks carried one per call, in calls made back to back (a warm
 #   machine keeps /tmp/models between calls); see dev/README.md:
-#     SmolLM2:      .carry/smol1 .. .carry/smol3 (smolpart_0..2, 31 MiB each) -> CORAL_FAST_SMOLLM2_GGUF
+#     SmolLM2:      .carry/smol1 .. .carry/smol3 (smolpart_0..2, 31 MiB each) -> CORAL_FAST_SMOLLM2_GGUF,
+#                   or .carry/smolA, .carry/smolB (smolhalf_0..1, 47 MiB each) in calls whose tree leaves
+#                   out the Gemma draft (dev/README.md)
 #     Gemma 3 270M: .carry/gem1 .. .carry/gem7   (gempart_0..6, 34.5 MiB each) -> CORAL_FAST_GEMMA3_GGUF
 #   each checked against dev/<model>.sha256. One call carries at most 64 MiB with the tracked
 #   files (~25 MB), hence the chunk sizes.
@@ -15,7 +17,7 @@ if [ -d .carry/wheels ] && [ ! -d /tmp/pydeps/gguf ]; then
   python3 -m pip install -q --no-deps --target /tmp/pydeps .carry/wheels/*.whl >/dev/null 2>&1 || true
 fi
 mkdir -p /tmp/models
-for part in .carry/smol[0-9]*/* .carry/gem[0-9]*/*; do
+for part in .carry/smol[0-9]*/* .carry/smol[AB]/* .carry/gem[0-9]*/*; do
   [ -f "$part" ] && cp -n "$part" /tmp/models/ 2>/dev/null || true
 done
 
@@ -29,6 +31,7 @@ _coral_assemble() {
   (cd /tmp/models && echo "$(cut -d' ' -f1 < "$sha")  $file" | sha256sum -c -) || rm -f "/tmp/models/$file"
 }
 _coral_assemble SmolLM2-135M-Instruct.Q4_1.gguf "$PWD/dev/smollm2.sha256" smolpart_0 smolpart_1 smolpart_2
+_coral_assemble SmolLM2-135M-Instruct.Q4_1.gguf "$PWD/dev/smollm2.sha256" smolhalf_0 smolhalf_1
 _coral_assemble gemma-3-270m-q4_k_m.gguf "$PWD/dev/gemma3.sha256" gempart_0 gempart_1 gempart_2 gempart_3 gempart_4 gempart_5 gempart_6
 unset -f _coral_assemble
 if [ -f /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf ]; then

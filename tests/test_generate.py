@@ -195,6 +195,76 @@ def test_policy_carries_acceptance_across_requests():
     assert policy.speculate()  # ... but a probe within first_interval (32) tokens of it
 
 
+def test_policy_scout_ends_hopeless_probes():
+    policy = SpeculationPolicy(round_s=2.0, plain_s=1.0, max_tau=5)  # a round must commit 2.1 tokens
+    policy.after_round(1)
+    interval = policy.interval
+    assert not policy.scout_fails(0, 15)  # too few guesses judged: the probe runs its round
+    assert policy.interval == interval
+    # hit rate 0.4: a chain commits 1 + .4 + .16 + .064 + .0256 = 1.65 >= 0.75 * 2.1 = 1.575: run the round
+    assert not policy.scout_fails(8, 20)
+    # 0.35: 1.53 < 1.575: the probe ends here, as a failed one (the next waits twice as long)
+    assert policy.scout_fails(7, 20) and policy.interval == 2 * interval and policy.since_probe == 0
+    assert not SpeculationPolicy(round_s=2.0, plain_s=1.0).scout_fails(0, 100)  # no depth known: no verdict
+
+
+@pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])
+def test_scout_counts_the_drafts_first_guesses(make_target, seed, one_thread, monkeypatch):
+    """A probe's catch-up judges the draft's top-1 guess at every row that predicts an answer token (not a
+    prompt token) against the token the target chose there. The head is replaced by one that knows, for
+    each teacher-forced draft state (the training-style forward over the whole sequence), the token two
+    positions on: every judged guess is then right if and only if the rows and offsets line up."""
+    model = make_target()
+    V = model.config.vocab_size
+    torch.manual_seed(seed)
+    draft = DraftModel.random_init(model)
+    gen = SpeculativeGenerator(model, draft, TreeConfig(3, 3, 8), max_context=128, chunk=8)
+    gen.warmup()
+    eng, P, steps = gen.engine, 10, 30
+    eng.reset(torch.randint(0, V, (P,)), 0.0, None)
+    eng.prefill(P)
+    timer = type("NoTimer", (), {"mark": lambda self, name: None})()
+    for _ in range(steps):
+        eng.plain(timer)
+    n = eng.n_host
+    with torch.no_grad():  # the draft state at every t < n - 1, teacher-forced, and the token it should guess
+        states = draft(eng.hist.feats[None, : n - 1], eng.hist.ids[None, 1:n], torch.arange(n - 1)[None])[0]
+    answers = eng.hist.ids[2 : n + 1].clone()
+
+    def knowing_head(hidden, k, impl="auto", check=True):
+        near = torch.cdist(hidden.float(), states.float()).min(dim=1)
+        guess = torch.where(near.values < 1e-3, answers[near.indices], torch.full_like(near.indices, -1))
+        return guess[:, None], torch.zeros(hidden.shape[0], 1)
+
+    monkeypatch.setattr(draft, "topk", knowing_head)
+    eng.catch_up(scout=True)
+    hits, rows = eng.take_scout()
+    # caught up on t < d_len; judged: t + 2 >= P (an answer token) and t + 2 <= n (one the target chose)
+    assert rows == eng.d_len_host - (P - 2) and rows >= 20, (rows, eng.d_len_host)
+    assert hits == rows
+    assert eng.take_scout() == (0, 0)  # taken: zeroed
+
+
+def test_adaptive_scout_skips_rounds_of_a_useless_draft(seed, one_thread):
+    """With costs where a round could pay, a random draft's probes end at the first look (no round); the
+    output is the target's, and fewer rounds run than with the look switched off."""
+    model = tiny_llama(hidden=64)
+    draft = random_weights_draft(model, seed)
+    gen = SpeculativeGenerator(model, draft, TreeConfig(4, 4, 16), max_context=256)
+    gen.warmup()
+    gen.round_time_s, gen.plain_step_time_s, gen.refine_costs = 1.5, 1.0, False
+    prompt = torch.randint(0, 97, (11,))
+    runs = {}
+    for fraction in (0.0, 0.75):
+        gen.policy_options = dict(scout_fraction=fraction)
+        runs[fraction] = [gen.generate(prompt, 120) for _ in range(2)]
+    want = plain_greedy(model, prompt, 120)
+    assert all(out.token_ids == want for outs in runs.values() for out in outs)
+    looked, blind = sum(o.rounds for o in runs[0.75]), sum(o.rounds for o in runs[0.0])
+    assert sum(o.scouted for o in runs[0.75]) >= 2 and looked < blind, (looked, blind)
+    assert sum(o.scouted for o in runs[0.0]) == 0
+
+
 @pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])
 def test_plain_steps_then_rounds_keep_the_draft_in_step(make_target, seed, one_thread):
     """Switching modes mid-request: plain steps, then the draft catches up in chunks and rounds resume
@@ -209,7 +279,7 @@ def test_plain_steps_then_rounds_keep_the_draft_in_step(make_target, seed, one_t
     gen.round_time_s, gen.plain_step_time_s = 1.5, 1.0  # probes after 16, 32, ... plain steps
     # no round pays (an accepted length <= 6 gives <= 4 tokens a plain step's time, under 1 + margin),
     # while a full one (7 tokens: 4.7) could, so the policy keeps probing
-    gen.refine_costs, gen.policy_options = False, dict(margin=3.2)
+    gen.refine_costs, gen.policy_options = False, dict(margin=3.2, scout_fraction=0.0)  # (a random draft: no first look)
     out = gen.generate(prompt, 70)
     assert out.token_ids == ref
     assert out.plain_steps > 40 and out.rounds >= 2
@@ -339,7 +409,7 @@ def test_compiled_engine_greedy_identical(monkeypatch, seed, one_thread):
                                impl="triton", head_impl="triton", fuse=True, max_context=48, chunk=8)
     gen.warmup()
     captured, compiled = gen.captures, gen.compiles
-    assert captured == 5 and compiled >= 5  # prefill, extend, draft, verify, plain
+    assert captured == 6 and compiled >= 6  # prefill, extend, extend_scout, draft, verify, plain
     for prompt_len, n in [(7, 20), (1, 6), (19, 9)]:
         prompt = torch.randint(0, V, (prompt_len,))
         assert gen.generate(prompt, n).token_ids == plain_greedy(model, prompt, n), prompt_len

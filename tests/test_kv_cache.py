@@ -26,7 +26,7 @@ def test_caches_equal_plain_run(make_target, mixed, seed, one_thread):
         gen.round_time_s, gen.plain_step_time_s = 1.5, 1.0  # probes after 16, 32, ... plain steps
         # no round pays (an accepted length <= 6 gives <= 4 tokens a plain step's time, under 1 + margin),
         # while a full one (7 tokens: 4.7) could, so the policy keeps probing
-        gen.refine_costs, gen.policy_options = False, dict(margin=3.2)
+        gen.refine_costs, gen.policy_options = False, dict(margin=3.2, scout_fraction=0.0)  # (random draft: no first look)
     out = gen.generate(prompt, 60)
     assert out.token_ids == ref
     if mixed:
