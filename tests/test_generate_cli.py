@@ -104,7 +104,8 @@ def test_json_fields_with_and_without_draft(monkeypatch, capsys, extra, one_thre
     out = capsys.readouterr()
     payload = json.loads(out.out.strip().splitlines()[-1])
     assert len(payload["token_ids"]) == 12 and payload["tokens_per_s"] > 0
-    assert payload["engine_plain_tokens_per_s"] > 0 and payload["plain_tokens_per_s"] > 0
+    assert payload["engine_plain_tokens_per_s"] > 0 and payload["plain_tokens_per_s"] > 0 and payload["loop_tokens_per_s"] > 0
+    assert payload["scouted"] >= 0
     if "--no-draft" in extra:
         assert payload["draft"] == "none" and payload["mean_accepted_length"] == 1.0 and payload["rounds"] == 0
     if "--temperature" not in extra:
