@@ -56,9 +56,30 @@ def grouped_topk(
 ) -> tuple[Tensor, Tensor]:
     """Validate, then run the grouped head (shared by GroupedLMHead and RoutedLMHead).
 
-    Shape, dtype and device checks read only metadata and always run; value checks run with
-    check=True on CPU tensors (module docstring: on CUDA, bad rows come out as ids -1, NaN).
+    Shape, dtype and device checks read only metadata; value checks run with check=True on CPU tensors
+    (module docstring: on CUDA, bad rows come out as ids -1, NaN). An eager call that a replayed graph
+    serves (`kernels/_replay.py`) makes the metadata checks once per replay key: the key fixes them.
     """
+    def validate(replaying: bool) -> None:
+        if not replaying:
+            _check_layout(hidden, groups, k, relaid_weight, offsets, impl)
+        if out is not None:
+            _check_out(out, hidden.shape[0], k, relaid_weight.device)
+        if check and hidden.device.type == "cpu":
+            _check_values(hidden, groups, k, offsets.numel() - 1, group_sizes)
+
+    if isinstance(hidden, Tensor) and isinstance(groups, Tensor) and hidden.dtype is relaid_weight.dtype:
+        # no conversion needed: the dispatch validates (once per replay key where a graph serves the call)
+        return grouped_head_topk(hidden.contiguous(), relaid_weight, offsets, order, groups.contiguous(), k,
+                                 max_group_size, impl=impl, out=out, desc_cache=desc_cache, validate=validate)
+    validate(False)
+    return grouped_head_topk(
+        hidden.contiguous().to(relaid_weight.dtype), relaid_weight, offsets, order, groups.contiguous(), k,
+        max_group_size, impl=impl, out=out, desc_cache=desc_cache,
+    )
+
+
+def _check_layout(hidden, groups, k, relaid_weight, offsets, impl) -> None:
     H = relaid_weight.shape[1]
     G = offsets.numel() - 1
     if not isinstance(hidden, Tensor) or hidden.dim() != 2:
@@ -78,7 +99,7 @@ def grouped_topk(
             f"device mismatch: weight on {relaid_weight.device}, hidden on {hidden.device}, groups on {groups.device}"
         )
     M, A = groups.shape
-    if not isinstance(k, int) or k < 1:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     if A < 1 or A > G:
         raise ValueError(f"each row needs between 1 and G={G} active groups, got A={A}")
@@ -86,29 +107,40 @@ def grouped_topk(
         raise ValueError("hidden has no rows")
     if resolve_impl(impl, hidden.device) == "triton" and k > MAX_K:
         raise ValueError(f"k={k} is above the Triton path's limit of {MAX_K}; use impl='reference'")
-    if check and hidden.device.type == "cpu":
-        lo, hi = int(groups.min()), int(groups.max())
-        if lo < 0 or hi >= G:
-            raise ValueError(f"group ids must lie in [0, {G}), found [{lo}, {hi}]")
-        if A > 1:
-            sorted_groups = groups.sort(dim=1).values
-            dup = (sorted_groups[:, 1:] == sorted_groups[:, :-1]).any(dim=1)
-            if bool(dup.any()):
-                row = int(torch.nonzero(dup)[0, 0])
-                raise ValueError(f"duplicate group ids in row {row}: {groups[row].tolist()}")
-        smallest = int(group_sizes[groups.long()].sum(dim=1).min())
-        if k > smallest:
-            raise ValueError(f"k={k} is larger than the active vocabulary of some row ({smallest} tokens)")
-        finite = torch.isfinite(hidden).all(dim=1)
-        if not bool(finite.all()):
-            row = int(torch.nonzero(~finite)[0, 0])
-            raise ValueError(f"hidden row {row} holds NaN or inf (rows must be finite)")
-    if hidden.dtype != relaid_weight.dtype:
-        hidden = hidden.to(relaid_weight.dtype)
-    return grouped_head_topk(
-        hidden.contiguous(), relaid_weight, offsets, order, groups.contiguous(), k,
-        max_group_size, impl=impl, out=out, desc_cache=desc_cache,
-    )
+
+
+def _check_out(out, rows: int, k: int, device) -> None:
+    """out: (ids [M, k] int64, logprobs [M, k] fp32), contiguous, on the weight's device: the kernels
+    write them row-major, so any other shape would be written out of bounds."""
+    want = ((torch.int64, "ids"), (torch.float32, "logprobs"))
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise ValueError(f"out must be a pair (ids [M, k] int64, logprobs [M, k] float32), got {type(out)}")
+    for t, (dtype, name) in zip(out, want):
+        if (not isinstance(t, Tensor) or t.shape != (rows, k) or t.dtype != dtype or t.device != device
+                or not t.is_contiguous()):
+            raise ValueError(f"out {name} must be a contiguous [{rows}, {k}] {dtype} tensor on {device}, got "
+                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+
+
+def _check_values(hidden, groups, k, G, group_sizes) -> None:
+    """Group ids in range and distinct per row, k within every row's active vocabulary, finite rows
+    (read-backs: CPU tensors only)."""
+    lo, hi = int(groups.min()), int(groups.max())
+    if lo < 0 or hi >= G:
+        raise ValueError(f"group ids must lie in [0, {G}), found [{lo}, {hi}]")
+    if groups.shape[1] > 1:
+        sorted_groups = groups.sort(dim=1).values
+        dup = (sorted_groups[:, 1:] == sorted_groups[:, :-1]).any(dim=1)
+        if bool(dup.any()):
+            row = int(torch.nonzero(dup)[0, 0])
+            raise ValueError(f"duplicate group ids in row {row}: {groups[row].tolist()}")
+    smallest = int(group_sizes[groups.long()].sum(dim=1).min())
+    if k > smallest:
+        raise ValueError(f"k={k} is larger than the active vocabulary of some row ({smallest} tokens)")
+    finite = torch.isfinite(hidden).all(dim=1)
+    if not bool(finite.all()):
+        row = int(torch.nonzero(~finite)[0, 0])
+        raise ValueError(f"hidden row {row} holds NaN or inf (rows must be finite)")
 
 
 class GroupedLMHead(nn.Module):
@@ -130,14 +162,17 @@ class GroupedLMHead(nn.Module):
         self.register_buffer("group_sizes", grouping.group_sizes.to(device), persistent=False)
         self._descriptors = {}  # the weight's TMA descriptors, built on the first call
 
-    @torch.no_grad()
     def topk(self, hidden: Tensor, groups: Tensor, k: int, impl: str = "auto", check: bool = True, out=None):
         """hidden: [M, H]; groups: [M, A] int (distinct per row) -> ids [M, k] int64, logprobs [M, k] fp32.
 
         Bad values: module docstring (CPU: ValueError with check=True; CUDA: that row as ids -1, NaN)."""
+        if torch.is_grad_enabled():  # (no @torch.no_grad(): its per-call object costs an eager call ~2 us)
+            with torch.no_grad():
+                return self.topk(hidden, groups, k, impl, check, out)
+        buffers = self._buffers  # (nn.Module.__getattr__ costs as much again, four times)
         return grouped_topk(
-            hidden, groups, k, relaid_weight=self.weight, offsets=self.offsets, order=self.order,
-            group_sizes=self.group_sizes, max_group_size=self.max_group_size, impl=impl, check=check, out=out,
+            hidden, groups, k, relaid_weight=buffers["weight"], offsets=buffers["offsets"], order=buffers["order"],
+            group_sizes=buffers["group_sizes"], max_group_size=self.max_group_size, impl=impl, check=check, out=out,
             desc_cache=self._descriptors,
         )
 

@@ -260,6 +260,37 @@ def test_tree_attention_checks_once_per_replay_key_interpreter(fake_cache, one_t
     assert len(calls) == 3
 
 
+@pytest.mark.interpreter
+def test_head_checks_once_per_replay_key_interpreter(fake_cache, one_thread, monkeypatch, seed):
+    """GroupedLMHead.topk: the layout checks run until a graph serves the key; a replay still checks the
+    values (CPU, check=True) and `out`, which the key does not fix."""
+    from coral_fast import head as head_module
+
+    calls = []
+    full_check = head_module._check_layout
+    monkeypatch.setattr(head_module, "_check_layout", lambda *args: calls.append(1) or full_check(*args))
+    V, H, G, M = 211, 32, 5, 3
+    head = GroupedLMHead(torch.randn(V, H), VocabGrouping.contiguous(V, G))
+    groups = torch.stack([torch.randperm(G)[:2] for _ in range(M)])
+    for _ in range(3):
+        hidden = torch.randn(M, H)
+        got = head.topk(hidden, groups, 4, impl="triton")
+        want = head.topk(hidden, groups, 4, impl="reference")
+        assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], atol=1e-5)
+    assert fake_cache.captures == 1 and fake_cache.replays == 2
+    layout_checks = len(calls)
+    assert layout_checks == 2 + 3  # the two calls before the graph, and the three reference calls
+    bad = torch.randn(M, H)
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="row 1 holds NaN"):  # same key: the values are still checked
+        head.topk(bad, groups, 4, impl="triton")
+    with pytest.raises(ValueError, match="out ids must be"):  # and out (the kernels would write past it)
+        head.topk(hidden, groups, 4, impl="triton", out=(torch.empty(M, 3, dtype=torch.int64), torch.empty(M, 4)))
+    assert len(calls) == layout_checks and fake_cache.replays == 2
+    with pytest.raises(ValueError, match="hidden size mismatch"):  # another layout: the full checks
+        head.topk(torch.randn(M, H + 1), groups, 4, impl="triton")
+
+
 # --- the GPU: real graphs against the direct launch -----------------------------------------------------
 @pytest.fixture
 def gpu_cache(monkeypatch):

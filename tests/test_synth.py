@@ -229,6 +229,10 @@ def test_batched_greedy_equals_hf_generate_per_row(seed, arch):
     for sync_every in (1, 3):
         assert few.generate(prompts, n_new, eos, pad_id=0, sync_every=sync_every) == reference
     assert few.generate(prompts[:1], n_new, eos, pad_id=0) == reference[:1]  # rows left empty: dummies
+    # budgets: each prompt's own cap on new tokens, also for the prompts that take a freed row
+    budgets = [int(b) for b in torch.randint(1, n_new + 1, (len(prompts),), generator=gen)]
+    capped = few.generate(prompts, n_new, eos, pad_id=0, sync_every=2, budgets=budgets)
+    assert capped == [r[:b] for r, b in zip(reference, budgets)]
     if arch == "gemma3" and interpreter_enabled():  # the decode through the Triton kernel (head dim 16)
         batched.impl = "triton"
         assert batched.generate(prompts, n_new, eos, pad_id=0) == reference
@@ -242,6 +246,9 @@ def test_batched_greedy_equals_hf_generate_per_row(seed, arch):
 def test_batched_generation_refuses_bad_requests():
     model = tiny_llama(vocab=31, hidden=16, layers=1)
     gen = BatchedGenerator(model, batch_size=2, max_len=16, mode="eager")
+    for budgets in ([3], [3, 0], [3, 5], [3, 2.0]):
+        with pytest.raises(ValueError, match="budgets"):
+            gen.generate([[1, 2], [3]], 4, [5], 0, budgets=budgets)
     with pytest.raises(ValueError, match="no prompts"):
         gen.generate([], 4, [1], 0)
     with pytest.raises(ValueError, match="exceeds the cache length 16"):

@@ -1,7 +1,7 @@
 """Where the data pipeline's decode time goes: `BatchedGenerator` steps timed on a model of the target's shape.
 
     python -m coral_fast.benchmarks.batched_decode [--shape smollm2] [--rows 256,512] [--cache 1024,4096]
-        [--modes graphs,eager] [--prompt 200] [--old FILE] [--waves 4] [--eos-every 128] [--out DIR]
+        [--modes graphs,eager] [--prompt 200] [--old FILE] [--waves 4] [--mean-answer 128] [--out DIR]
 
 The weights are random (bf16; a step's time does not depend on them) and eos is an id the model never
 emits, so every row decodes every step. For each (mode, rows, cache length): one warm-up `generate`
@@ -14,10 +14,11 @@ the same run as a baseline row. torch._dynamo's counters (graph breaks, recompil
 are printed after each compiled configuration. `--out DIR`: batched_decode.md/json.
 
 `--waves N` adds continuous batching (mode graphs, each rows x cache): N x rows prompts whose answers
-end at random lengths (every `--eos-every`-th id is an eos, so a random model stops after ~that many
-tokens, at most 512), decoded in one call (stopped rows take the next prompts) against N calls of
-`rows` prompts each (every call runs until its longest answer ends), on the same generator; answer
-tokens / s of each and the share of identical answers.
+end at random lengths (each prompt's budget drawn from a geometric distribution of mean
+`--mean-answer`, at most 512: a random model's own eos would decide nothing, it seldom emits one),
+decoded in one call (stopped rows take the next prompts) against N calls of `rows` prompts each
+(every call runs until its longest answer ends), on the same generator; answer tokens / s of each and
+the share of identical answers.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--old", help="a file with an earlier BatchedGenerator: timed too, mode compile")
     p.add_argument("--prompt", type=int, default=200, help="prompt tokens of every row")
     p.add_argument("--waves", type=int, default=0, help="continuous batching: N x rows prompts in one call vs N calls")
-    p.add_argument("--eos-every", type=int, default=128, help="with --waves: every K-th id is an eos")
+    p.add_argument("--mean-answer", type=int, default=128, help="with --waves: mean answer budget (tokens)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -133,21 +134,25 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     waves = []
     if args.waves > 0:
-        eos_ids = list(range(1, vocab, args.eos_every))
-        emit(f"\n{args.waves} x rows prompts, answers ending at an eos (every {args.eos_every}th id) or 512 tokens, "
+        never = [vocab - 1]  # an eos id no prompt holds; the budgets end the answers
+        emit(f"\n{args.waves} x rows prompts, answers of random budgets (geometric, mean {args.mean_answer}, at most "
+             f"512 tokens), "
              f"mode graphs\n\n| rows | cache | answer tokens | one call (continuous) s | {args.waves} calls of rows prompts s "
              f"| continuous tok/s | calls tok/s | ratio | identical answers |\n|---|---|---|---|---|---|---|---|---|")
         for rows in map(int, args.rows.split(",")):
             for cache in map(int, args.cache.split(",")):
                 gen = BatchedGenerator(model, rows, cache, "graphs")
                 prompts = [torch.randint(1, vocab - 1, (args.prompt,)).tolist() for _ in range(rows * args.waves)]
-                gen.generate(prompts[:rows], 16, eos_ids, 0)  # capture
+                draws = torch.distributions.Geometric(probs=torch.tensor(1.0 / args.mean_answer)).sample((len(prompts),))
+                budgets = [int(b) for b in (draws + 1).clamp(max=512)]
+                gen.generate(prompts[:rows], 16, never, 0)  # capture
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                one = gen.generate(prompts, 512, eos_ids, 0)
+                one = gen.generate(prompts, 512, never, 0, budgets=budgets)
                 torch.cuda.synchronize()
                 t1 = time.perf_counter()
-                calls = [a for w in range(args.waves) for a in gen.generate(prompts[w * rows:(w + 1) * rows], 512, eos_ids, 0)]
+                calls = [a for w in range(args.waves) for a in gen.generate(
+                    prompts[w * rows:(w + 1) * rows], 512, never, 0, budgets=budgets[w * rows:(w + 1) * rows])]
                 torch.cuda.synchronize()
                 t2 = time.perf_counter()
                 tokens, calls_tokens = sum(map(len, one)), sum(map(len, calls))

@@ -99,18 +99,29 @@ def _bytes(t: Tensor) -> Tensor:
 
 
 def _pack(outputs: tuple) -> tuple[Tensor, tuple, tuple]:
-    """One uint8 buffer for all `outputs` (each at a 16-byte aligned offset) -> (buffer, layout, views)."""
+    """One uint8 buffer for all `outputs` (each at a 16-byte aligned offset, the total a multiple of 16, so
+    the buffer views as any dtype) -> (buffer, layout, views). layout: (dtype, shape, contiguous strides,
+    offset in elements of that dtype) of each output."""
     layout, offset = [], 0
     for t in outputs:
         size = t.numel() * t.element_size()
-        layout.append((offset, size, t.dtype, t.shape))
+        layout.append((t.dtype, tuple(t.shape), _row_major(t.shape), offset // t.element_size()))
         offset += -(-size // 16) * 16
     packed = torch.empty(offset, dtype=torch.uint8, device=outputs[0].device)
     return packed, tuple(layout), _unpack(packed, layout)
 
 
+def _row_major(shape) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
 def _unpack(packed: Tensor, layout) -> tuple:
-    return tuple([packed[o:o + n].view(dtype).view(shape) for o, n, dtype, shape in layout])
+    # two view ops an output (a dtype view of the whole buffer, then its window): this runs on every replay
+    return tuple([packed.view(dtype).as_strided(shape, stride, offset) for dtype, shape, stride, offset in layout])
 
 
 def _contiguous(tensors) -> bool:

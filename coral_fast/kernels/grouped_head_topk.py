@@ -806,23 +806,25 @@ def _(hidden, weight, offsets, order, groups, k, max_group_size):
 def grouped_head_topk(
     hidden: Tensor, weight: Tensor, offsets: Tensor, order: Tensor, groups: Tensor, k: int,
     max_group_size: int, impl: str = "auto", config: KernelConfig | None = None,
-    out: tuple[Tensor, Tensor] | None = None, desc_cache: dict | None = None,
+    out: tuple[Tensor, Tensor] | None = None, desc_cache: dict | None = None, validate=None,
 ) -> tuple[Tensor, Tensor]:
     """Dispatch: impl "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
 
     Eager CUDA calls replay a CUDA graph of the launches after a key's second call (`_replay.py`):
-    hidden and groups are copied in, the weight, offsets and order are read in place."""
-    if resolve_impl(impl, hidden.device) == "triton":
-        if torch.compiler.is_compiling() and config is None:
-            ids, logprobs = grouped_head_topk_op(hidden, weight, offsets, order, groups, k, max_group_size)
-        else:
-            def launch(streamed, resident, out):
-                (hidden, groups), (weight, offsets, order) = streamed, resident
-                return grouped_head_topk_triton(hidden, weight, offsets, order, groups, k, max_group_size, config,
-                                                out, desc_cache=desc_cache)
+    hidden and groups are copied in, the weight, offsets and order are read in place. validate(replaying):
+    the caller's checks, run here (in full unless a replay serves the call: `EagerGraphs.__call__`)."""
+    if resolve_impl(impl, hidden.device) == "triton" and not (torch.compiler.is_compiling() and config is None):
+        def launch(streamed, resident, out):
+            (hidden, groups), (weight, offsets, order) = streamed, resident
+            return grouped_head_topk_triton(hidden, weight, offsets, order, groups, k, max_group_size, config,
+                                            out, desc_cache=desc_cache)
 
-            return eager_graphs("grouped_head_topk", launch, (hidden, groups), (weight, offsets, order),
-                                (k, max_group_size, config), out)
+        return eager_graphs("grouped_head_topk", launch, (hidden, groups), (weight, offsets, order),
+                            (k, max_group_size, config), out, validate)
+    if validate is not None:
+        validate(False)
+    if resolve_impl(impl, hidden.device) == "triton":  # under torch.compile: one opaque op
+        ids, logprobs = grouped_head_topk_op(hidden, weight, offsets, order, groups, k, max_group_size)
     else:
         ids, logprobs = grouped_head_topk_reference(hidden, weight, offsets, order, groups, k)
     if out is None:

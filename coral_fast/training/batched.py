@@ -168,8 +168,10 @@ class BatchedGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos: list[int], pad_id: int,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, sync_every: int = 16) -> list[list[int]]:
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, sync_every: int = 16,
+                 budgets: list[int] | None = None) -> list[list[int]]:
         """Answers (ids after each prompt, cut after the first eos) of any number of prompts.
+        budgets: new tokens each prompt may take (1 to max_new_tokens; default max_new_tokens for all).
 
         The first `batch_size` prompts fill the rows; every `sync_every` steps (the only host read-back)
         the rows that stopped hand in their answers and, once at least batch_size // 8 of them are free
@@ -183,6 +185,9 @@ class BatchedGenerator:
             raise ValueError("no eos ids: rows could never stop before max_new_tokens (pass the model's eos ids)")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if budgets is not None and (len(budgets) != len(prompts)
+                                    or any(not isinstance(b, int) or not 1 <= b <= max_new_tokens for b in budgets)):
+            raise ValueError(f"budgets must give each of the {len(prompts)} prompts an int in [1, {max_new_tokens}]")
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > self.max_len:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the cache length {self.max_len}")
@@ -191,6 +196,7 @@ class BatchedGenerator:
         eos_ids = torch.tensor(sorted(set(eos)), dtype=torch.long, device=dev)
         lengths = torch.ones(B, dtype=torch.long, device=dev)
         produced = torch.zeros(B, dtype=torch.long, device=dev)  # new tokens of each row's current prompt
+        limit = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)  # its budget
         done = torch.ones(B, dtype=torch.bool, device=dev)
         out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
         owner = [-1] * B  # the prompt each row decodes (-1: none)
@@ -211,6 +217,9 @@ class BatchedGenerator:
             self.logits[index] = logits
             lengths[index] = row_lengths
             produced[index] = 0
+            if budgets is not None:
+                limit[index] = torch.tensor([budgets[i] for i in members] + [1] * (len(rows) - len(members)),
+                                            dtype=torch.long, device=dev)
             done[index] = torch.arange(len(rows), device=dev) >= len(members)
             out[index] = pad_id
             self.step_start[index] = row_lengths - 1
@@ -228,7 +237,7 @@ class BatchedGenerator:
                 out.scatter_(1, at, torch.where(running, token, out.gather(1, at)[:, 0])[:, None])
                 slot = lengths + produced  # this token's cache slot
                 produced += running
-                done |= running & (torch.isin(token, eos_ids) | (produced >= max_new_tokens))
+                done |= running & (torch.isin(token, eos_ids) | (produced >= limit))
                 # the token's slot and position; a stopped row stays on its last slot (its reads stop growing)
                 self.step_ids.copy_(token[:, None])
                 torch.where(done, self.step_start, slot, out=self.step_start)
