@@ -115,7 +115,8 @@ class SpeculationPolicy:
     mode, probe with one round every `interval` tokens (its accepted length replaces the EMA; doubling
     after each probe that does not pay, up to `max_interval`). The first interval grows with the cost
     ratio (PROBE_STEPS_PER_EXTRA_COST), so that failed probes cost ~3% where a round is dear (the
-    CPU) and probes stay frequent where it is cheap (captured on a GPU)."""
+    CPU) and probes stay frequent where it is cheap (captured on a GPU). A greedy probe may end before its
+    round (`scout_fails`): the draft's guesses over the stretch it caught up on say the round cannot pay."""
 
     round_s: float
     plain_s: float
