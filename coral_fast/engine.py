@@ -413,17 +413,21 @@ def dynamic_tree(engine: Engine, last: Tensor, n: Tensor, width: int | None):
     cols = torch.arange(S, device=dev)
     table_size = k + (engine.depth - 1) * k * k
     hidden_of = torch.zeros(table_size, last.shape[-1], dtype=last.dtype, device=dev)
-    slot_of = torch.full((table_size,), S, dtype=torch.int64, device=dev)  # S: "no slot"
+    # an expanded node's draft-cache slots: its ancestors' at columns 0 .. level - 2, its own at level - 1,
+    # S ("no slot") after; a level's attention rows are then one gather of its parents' rows (every
+    # ancestor of a frontier node was itself expanded) instead of a walk up the table
+    path_slots = torch.full((table_size, engine.depth), S, dtype=torch.int64, device=dev)
     prefix = cols[None, :] < n
 
     def expand(level, frontier, table):
-        features = last.expand(k, -1) if level == 1 else hidden_of[table.parents[frontier]]
+        parents = table.parents[frontier]
+        features = last.expand(k, -1) if level == 1 else hidden_of[parents]
         node_slots = n + (level - 1) * k + torch.arange(k, device=dev)
-        slot_of[frontier] = node_slots
-        ancestors = table.ancestors(frontier, level)
-        anc_slots = torch.where(ancestors >= 0, slot_of[ancestors.clamp(min=0)], torch.full_like(ancestors, S))
+        rows = torch.full((k, engine.depth), S, dtype=torch.int64, device=dev) if level == 1 else path_slots[parents]
+        rows[:, level - 1] = node_slots
+        path_slots[frontier] = rows
         allowed = torch.zeros(k, S + 1, dtype=torch.bool, device=dev)
-        allowed.scatter_(1, anc_slots, True)
+        allowed.scatter_(1, rows, True)
         allowed = allowed[:, :S] | prefix
         h = draft(features[None], table.tokens[frontier][None], (n + table.depth[frontier])[None],
                   attn_fn=engine._draft_attention(node_slots, allowed, width))[0]

@@ -168,16 +168,6 @@ class CandidateTable:
     scores: torch.Tensor  # [N] float32 cumulative log-probs
     size: int  # entries filled so far (a Python int: static per level)
 
-    def ancestors(self, nodes: torch.Tensor, max_len: int) -> torch.Tensor:
-        """[n, max_len] int64: the table indices of each node's ancestors-or-self, node first, then its
-        parent, ..., padded with -1 (a fixed number of gathers; useful for the draft's attention mask)."""
-        out = torch.full((nodes.shape[0], max_len), -1, dtype=torch.int64, device=nodes.device)
-        cur = nodes.to(torch.int64)
-        for step in range(max_len):
-            out[:, step] = cur
-            cur = torch.where(cur >= 0, self.parents[cur.clamp(min=0)], cur)
-        return out
-
 
 ExpandFn = Callable[[int, torch.Tensor, CandidateTable], "tuple[torch.Tensor, torch.Tensor]"]
 

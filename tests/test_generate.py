@@ -195,6 +195,55 @@ def test_policy_carries_acceptance_across_requests():
     assert policy.speculate()  # ... but a probe within first_interval (32) tokens of it
 
 
+@pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])
+def test_draft_tree_states_equal_the_draft_run_along_each_path(make_target, seed, one_thread, monkeypatch):
+    """Every expanded tree node's draft state (what its children are drafted from) equals the draft run
+    causally over the prefix and then along that node's root path: the tree's slots, positions and
+    attention masks in the draft's cache are right (the output's exactness cannot show a wrong mask: it
+    only lowers acceptance)."""
+    import coral_fast.engine as engine_module
+
+    model = make_target()
+    V = model.config.vocab_size
+    torch.manual_seed(seed)
+    draft = DraftModel.random_init(model)
+    gen = SpeculativeGenerator(model, draft, TreeConfig(4, 3, 12), max_context=128, chunk=8)
+    gen.warmup()
+    eng = gen.engine
+    eng.reset(torch.randint(0, V, (13,)), 0.0, None)
+    eng.prefill(13)
+    eng.catch_up()
+    states, levels = [], []  # the hidden rows each draft.topk call ranks; (level, frontier, tokens, parents)
+    topk = draft.topk
+    monkeypatch.setattr(draft, "topk", lambda hidden, k, **kw: states.append(hidden.clone()) or topk(hidden, k, **kw))
+    build = engine_module.build_dynamic_tree
+
+    def recording_build(root_ids, root_logprobs, expand, **kw):
+        def recorded(level, frontier, table):
+            levels.append((level, frontier.clone(), table.tokens.clone(), table.parents.clone()))
+            return expand(level, frontier, table)
+        return build(root_ids, root_logprobs, recorded, **kw)
+
+    monkeypatch.setattr(engine_module, "build_dynamic_tree", recording_build)
+    n = eng.n_host
+    eng.run("draft")
+    last = states[0]  # [1, H]: the root's state, predicting position n
+    state_of = {}
+    for (level, frontier, tokens, parents), hidden in zip(levels, states[1:]):
+        for row, node in enumerate(frontier.tolist()):
+            state_of[node] = hidden[row]
+            path = [node]
+            while parents[path[-1]] >= 0:
+                path.append(int(parents[path[-1]]))
+            path.reverse()  # depth 0 first; len(path) == level
+            feats = torch.cat([eng.hist.feats[:n], last] + [state_of[a][None] for a in path[:-1]])
+            ids = torch.cat([eng.hist.ids[1 : n + 1], tokens[path]])
+            with torch.no_grad():
+                want = draft(feats[None], ids[None], torch.arange(n + level)[None])[0, -1]
+            torch.testing.assert_close(hidden[row], want, rtol=1e-4, atol=1e-4)
+    assert [lv for lv, *_ in levels] == [1, 2, 3]
+
+
 def test_policy_scout_ends_hopeless_probes():
     policy = SpeculationPolicy(round_s=2.0, plain_s=1.0, max_tau=5)  # a round must commit 2.1 tokens
     policy.after_round(1)

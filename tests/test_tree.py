@@ -175,26 +175,3 @@ def test_dynamic_tree_bad_arguments():
         build_dynamic_tree(ids, lps[:3], expand, depth=2, topk=4, total_tokens=5)
     with pytest.raises(ValueError, match="shape"):
         build_dynamic_tree(ids, lps, lambda level, frontier, table: (torch.zeros(4, 3, dtype=torch.int64), torch.zeros(4, 3)), depth=2, topk=4, total_tokens=5)
-
-
-def test_candidate_table_ancestors(seed):
-    """table.ancestors(nodes, max_len): self first, then parent, ..., -1 padded (the draft's mask)."""
-    vocab, topk, depth = 15, 3, 4
-    next_logprobs = torch.log_softmax(torch.randn(vocab, vocab), dim=-1)
-    root_logprobs, root_ids = torch.topk(torch.log_softmax(torch.randn(vocab), -1), topk)
-    seen = []
-
-    def expand(level, frontier, table):
-        got = table.ancestors(frontier, level + 1)
-        parents = table.parents.tolist()
-        for row, node in enumerate(frontier.tolist()):
-            chain = [node]
-            while parents[chain[-1]] >= 0:
-                chain.append(parents[chain[-1]])
-            assert got[row].tolist() == chain + [-1] * (level + 1 - len(chain))
-        seen.append(level)
-        values, ids = torch.topk(next_logprobs[table.tokens[frontier]], topk, dim=-1)
-        return ids, values
-
-    build_dynamic_tree(root_ids, root_logprobs, expand, depth=depth, topk=topk, total_tokens=20)
-    assert seen == [1, 2, 3]
