@@ -195,6 +195,18 @@ def test_policy_carries_acceptance_across_requests():
     assert policy.speculate()  # ... but a probe within first_interval (32) tokens of it
 
 
+def engine_after_prefill(make_target, seed, tree: TreeConfig, prompt_len: int):
+    """(draft, engine) of a warm eager generator with a random-init draft, a random prompt prefilled."""
+    model = make_target()
+    torch.manual_seed(seed)
+    draft = DraftModel.random_init(model)
+    gen = SpeculativeGenerator(model, draft, tree, max_context=128, chunk=8)
+    gen.warmup()
+    gen.engine.reset(torch.randint(0, model.config.vocab_size, (prompt_len,)), 0.0, None)
+    gen.engine.prefill(prompt_len)
+    return draft, gen.engine
+
+
 @pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])
 def test_draft_tree_states_equal_the_draft_run_along_each_path(make_target, seed, one_thread, monkeypatch):
     """Every expanded tree node's draft state (what its children are drafted from) equals the draft run
@@ -203,15 +215,7 @@ def test_draft_tree_states_equal_the_draft_run_along_each_path(make_target, seed
     only lowers acceptance)."""
     import coral_fast.engine as engine_module
 
-    model = make_target()
-    V = model.config.vocab_size
-    torch.manual_seed(seed)
-    draft = DraftModel.random_init(model)
-    gen = SpeculativeGenerator(model, draft, TreeConfig(4, 3, 12), max_context=128, chunk=8)
-    gen.warmup()
-    eng = gen.engine
-    eng.reset(torch.randint(0, V, (13,)), 0.0, None)
-    eng.prefill(13)
+    draft, eng = engine_after_prefill(make_target, seed, TreeConfig(4, 3, 12), 13)
     eng.catch_up()
     states, levels = [], []  # the hidden rows each draft.topk call ranks; (level, frontier, tokens, parents)
     topk = draft.topk
@@ -263,15 +267,8 @@ def test_scout_counts_the_drafts_first_guesses(make_target, seed, one_thread, mo
     prompt token) against the token the target chose there. The head is replaced by one that knows, for
     each teacher-forced draft state (the training-style forward over the whole sequence), the token two
     positions on: every judged guess is then right if and only if the rows and offsets line up."""
-    model = make_target()
-    V = model.config.vocab_size
-    torch.manual_seed(seed)
-    draft = DraftModel.random_init(model)
-    gen = SpeculativeGenerator(model, draft, TreeConfig(3, 3, 8), max_context=128, chunk=8)
-    gen.warmup()
-    eng, P, steps = gen.engine, 10, 30
-    eng.reset(torch.randint(0, V, (P,)), 0.0, None)
-    eng.prefill(P)
+    P, steps = 10, 30
+    draft, eng = engine_after_prefill(make_target, seed, TreeConfig(3, 3, 8), P)
     timer = type("NoTimer", (), {"mark": lambda self, name: None})()
     for _ in range(steps):
         eng.plain(timer)
