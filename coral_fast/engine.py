@@ -10,8 +10,9 @@ One round of EAGLE-2-style speculative decoding is four named steps over the sta
 A plain step (target forward of one token, argmax or sampling, commit) shares the caches, so a request
 can switch between speculation and plain decoding at any token. Every step has fixed shapes and reads
 no device value on the host, so each one is captured in a CUDA graph ("graphs"), or torch.compile'd
-and then captured ("compile"); on the CPU they run eagerly ("eager"), attending only up to the host's
-copy of the committed length so that a large cache does not slow small prompts down.
+and then captured ("compile"; "compile-draft": only the draft's steps); on the CPU they run eagerly
+("eager"), attending only up to the host's copy of the committed length so that a large cache does not
+slow small prompts down.
 
 State (device tensors; the host keeps `n` and `d_len` mirrors from what each step reports):
     n       [1]  the target's committed length; ids[n] is the root (the last token, not yet in its cache)
@@ -35,6 +36,7 @@ from coral_fast.models import text_config
 from coral_fast.tree import DraftTree, build_dynamic_tree
 from coral_fast.verify import accept_greedy, accept_sampling, sample_from
 
+DRAFT_STEPS = ("draft", "extend", "extend_scout")  # what mode "compile-draft" compiles
 PREFILL_CHUNK = 64  # prompt tokens per captured prefill / draft-extend step (tree attention: <= 128 rows)
 
 
@@ -315,9 +317,10 @@ class Engine:
         fn()
 
     def _prepare(self, name: str, sampling: bool):
-        """Compile (mode "compile") and capture (on CUDA) one step; counted in `captures`."""
+        """Compile (mode "compile"; "compile-draft": the draft's steps) and capture (on CUDA) one step;
+        counted in `captures`."""
         body = self._body(name, sampling)
-        if self.mode == "compile":
+        if self.mode == "compile" or (self.mode == "compile-draft" and name in DRAFT_STEPS):
             body = torch.compile(body, dynamic=False)
 
         def call():

@@ -24,7 +24,7 @@ from coral_fast.engine import Engine, EventTimer, HostTimer
 from coral_fast.hf_attention import default_impl
 from coral_fast.models import text_config
 
-MODES = ("eager", "graphs", "compile")
+MODES = ("eager", "graphs", "compile", "compile-draft")
 MAX_DEPTH, MAX_TOPK, MAX_TREE_TOKENS = 16, 32, 128
 MIN_TEMPERATURE = 1e-6  # below it 1 / temperature scales logits past float64 (denormals crash sampling)
 
@@ -213,7 +213,8 @@ class SpeculativeGenerator:
     """Speculative decoding of an HF causal LM (`model`) with a `DraftModel` (random if None). Batch 1.
 
     mode: "eager" (the CPU default), "graphs" (every step captured in a CUDA graph; the CUDA default),
-    "compile" (torch.compile'd steps, then captured on CUDA).
+    "compile" (torch.compile'd steps, then captured on CUDA), "compile-draft" (only the draft's steps
+    compiled, where a round's many small kernels are; the target's captured as in "graphs").
     max_context: prompt + new tokens a request may hold; the caches are sized once for it (default
     min(4096, the model's max_position_embeddings)).
     adaptive: fall back to plain decoding when speculation does not pay (output unchanged).

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--mode", default=None, choices=list(MODES),
                    help="eager (the CPU default) | graphs (every step in a CUDA graph, the CUDA default) | compile "
-                        "(torch.compile the steps, then capture them: minutes once)")
+                        "(torch.compile the steps, then capture them: minutes once) | compile-draft (only the "
+                        "draft's steps compiled)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--compare", action="store_true",
                    help="also run plain decoding (the engine's plain mode and HF model.generate) and print the speeds")

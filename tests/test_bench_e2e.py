@@ -14,6 +14,12 @@ from coral_fast.benchmarks import e2e, report, scale
 from coral_fast.benchmarks.tasks import SUITE_TASKS, load_spec_bench, load_suite
 
 
+def test_bench_offers_every_engine_mode():
+    from coral_fast import generate
+
+    assert e2e.MODES == generate.MODES
+
+
 def test_suite_has_every_task_with_enough_prompts():
     prompts = load_suite()
     assert [t for t in SUITE_TASKS if sum(p.task == t for p in prompts) < 8] == []

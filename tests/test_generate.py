@@ -464,6 +464,25 @@ def test_compiled_engine_greedy_identical(monkeypatch, seed, one_thread):
     torch._dynamo.reset()
 
 
+def test_compile_draft_mode_compiles_the_draft_steps_only(monkeypatch, seed, one_thread):
+    """mode "compile-draft": the draft's steps (draft, extend, extend_scout) compiled, the target's as in
+    graphs; greedy output is generate's (aot_eager backend on the CPU, as above)."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    model = tiny_llama(hidden=64)
+    V = model.config.vocab_size
+    gen = SpeculativeGenerator(model, None, TreeConfig(depth=3, topk=3, total_tokens=8), mode="compile-draft",
+                               max_context=48, chunk=8)
+    gen.warmup()
+    assert gen.captures == 6 and 3 <= gen.compiles < 6, (gen.captures, gen.compiles)  # three of six compiled
+    for prompt_len, n in [(7, 20), (19, 9)]:
+        prompt = torch.randint(0, V, (prompt_len,))
+        assert gen.generate(prompt, n).token_ids == plain_greedy(model, prompt, n), prompt_len
+    torch._dynamo.reset()
+
+
 # --- the real models (fp32, CPU) ----------------------------------------------------------------
 def random_weights_draft(model, seed):
     """A 'random' draft: weights far from a trained one (std 1), unlike random_init's small std."""
@@ -528,7 +547,7 @@ def test_real_model_oracle_acceptances(one_thread):
 
 # --- GPU: the captured and compiled engines -------------------------------------------------------
 @pytest.mark.cuda
-@pytest.mark.parametrize("mode", ["graphs", "compile"])
+@pytest.mark.parametrize("mode", ["graphs", "compile", "compile-draft"])
 @pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])
 def test_cuda_greedy_identical(make_target, mode):
     """The captured loop with the fp32 reference attention (no TF32 in it) is exactly `generate`, in rounds

@@ -30,7 +30,7 @@ from coral_fast.benchmarks import report
 from coral_fast.benchmarks.tasks import EXTRA_TASKS, SUITE_TASKS, Prompt, load_spec_bench, load_suite
 
 SUITE_SIZES = {"quick": 3, "full": None}  # prompts per task (None: all)
-MODES = ("eager", "graphs", "compile")
+MODES = ("eager", "graphs", "compile", "compile-draft")  # = coral_fast.generate.MODES (tests/test_bench_e2e.py)
 
 
 def _tree(text: str):
