@@ -68,15 +68,12 @@ def grouped_topk(
         if check and hidden.device.type == "cpu":
             _check_values(hidden, groups, k, offsets.numel() - 1, group_sizes)
 
-    if isinstance(hidden, Tensor) and isinstance(groups, Tensor) and hidden.dtype is relaid_weight.dtype:
-        # no conversion needed: the dispatch validates (once per replay key where a graph serves the call)
-        return grouped_head_topk(hidden.contiguous(), relaid_weight, offsets, order, groups.contiguous(), k,
-                                 max_group_size, impl=impl, out=out, desc_cache=desc_cache, validate=validate)
-    validate(False)
-    return grouped_head_topk(
-        hidden.contiguous().to(relaid_weight.dtype), relaid_weight, offsets, order, groups.contiguous(), k,
-        max_group_size, impl=impl, out=out, desc_cache=desc_cache,
-    )
+    rows, checks = hidden, validate  # no conversion needed: the dispatch validates (once per replay key)
+    if not (isinstance(hidden, Tensor) and isinstance(groups, Tensor) and hidden.dtype is relaid_weight.dtype):
+        validate(False)  # before the conversion, which needs a valid tensor
+        rows, checks = hidden.to(relaid_weight.dtype), None
+    return grouped_head_topk(rows.contiguous(), relaid_weight, offsets, order, groups.contiguous(), k,
+                             max_group_size, impl=impl, out=out, desc_cache=desc_cache, validate=checks)
 
 
 def _check_layout(hidden, groups, k, relaid_weight, offsets, impl) -> None:

@@ -90,7 +90,7 @@ class _Graph:
     outputs: tuple  # the static tensors the graph writes
     as_bytes: bool  # the streamed tensors are contiguous: copied in as flat byte views (module docstring)
     packed: Optional[Tensor] = None  # several outputs: the one uint8 buffer they are views of
-    layout: tuple = ()  # (byte offset, bytes, dtype, shape) of each output in `packed`
+    layout: tuple = ()  # (dtype, shape, strides, element offset) of each output in `packed` (`_pack`)
 
 
 def _bytes(t: Tensor) -> Tensor:

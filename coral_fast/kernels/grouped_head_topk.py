@@ -813,7 +813,8 @@ def grouped_head_topk(
     Eager CUDA calls replay a CUDA graph of the launches after a key's second call (`_replay.py`):
     hidden and groups are copied in, the weight, offsets and order are read in place. validate(replaying):
     the caller's checks, run here (in full unless a replay serves the call: `EagerGraphs.__call__`)."""
-    if resolve_impl(impl, hidden.device) == "triton" and not (torch.compiler.is_compiling() and config is None):
+    triton = resolve_impl(impl, hidden.device) == "triton"
+    if triton and not (torch.compiler.is_compiling() and config is None):
         def launch(streamed, resident, out):
             (hidden, groups), (weight, offsets, order) = streamed, resident
             return grouped_head_topk_triton(hidden, weight, offsets, order, groups, k, max_group_size, config,
@@ -823,7 +824,7 @@ def grouped_head_topk(
                             (k, max_group_size, config), out, validate)
     if validate is not None:
         validate(False)
-    if resolve_impl(impl, hidden.device) == "triton":  # under torch.compile: one opaque op
+    if triton:  # under torch.compile: one opaque op
         ids, logprobs = grouped_head_topk_op(hidden, weight, offsets, order, groups, k, max_group_size)
     else:
         ids, logprobs = grouped_head_topk_reference(hidden, weight, offsets, order, groups, k)

@@ -678,13 +678,11 @@ def tree_attention(
             and resolve_impl(impl, q.device) == "triton"):
         # an eager call with a DraftTree: the checks run once per replay key (`_launch_eager`)
         def validate(replaying: bool) -> None:
-            if replaying:  # the key fixed every shape, dtype and config; what it does not fix:
-                _check_out(out, q)
-                if check and isinstance(kv_len, torch.Tensor):
-                    _check_kv_len_values(kv_len, q.shape[2], k.shape[2])
-            else:
+            if not replaying:
                 _validate(q, k, v, tree_mask, mask_bits, kv_len, window, query_positions, check)
-                _check_out(out, q)
+            elif check and isinstance(kv_len, torch.Tensor):  # the key fixed every shape, dtype and config
+                _check_kv_len_values(kv_len, q.shape[2], k.shape[2])
+            _check_out(out, q)
 
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         return _launch_eager(q, k, v, mask_bits, scale, kv_len, window, query_positions, out, validate)

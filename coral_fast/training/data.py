@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from coral_fast.benchmarks.tasks import CONTINUE_ASK
 from coral_fast.cli_checks import ArgumentParser, argument_errors, check_model_arg, finite_nonneg_float, nonnegative_int, positive_float, positive_int, unit_float
 from coral_fast.models import DTYPES, chat_prompt_ids, load_target, text_config
 from coral_fast.training.prompts import load_prompts
@@ -55,8 +56,6 @@ def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
     if ids is not None:
         return ids
     # base models (Gemma 3 270M's GGUF): a document to continue as it is, else a plain "User: ...\nAssistant:" transcript
-    from coral_fast.benchmarks.tasks import CONTINUE_ASK
-
     if len(messages) == 1 and messages[0]["role"] == "user" and messages[0]["content"].startswith(CONTINUE_ASK):
         return list(tokenizer(messages[0]["content"][len(CONTINUE_ASK):])["input_ids"])
     text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"

@@ -187,11 +187,11 @@ class SequenceData:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         kept, total = [], 0
-        for s, e in self.train:
-            n = int(self.loss_mask[s + 1:e].sum())
+        for span in self.train:
+            n = self.answer_tokens([span])
             if kept and total + n > max_tokens:
                 break
-            kept.append((s, e))
+            kept.append(span)
             total += n
         self.train = kept
         return total
