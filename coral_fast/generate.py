@@ -20,11 +20,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from coral_fast.engine import Engine, EventTimer, HostTimer
+from coral_fast.engine import SCOUT_ROWS, Engine, EventTimer, HostTimer
 from coral_fast.hf_attention import default_impl
 from coral_fast.models import text_config
 
 MODES = ("eager", "graphs", "compile", "compile-draft")
+
+
+def default_mode(device) -> str:
+    """The engine mode used when none is named: "compile-draft" on CUDA (the draft's ~700 small kernels a
+    round fused by Inductor, the target captured; a one-time compile of ~40 s, seconds with a warm Inductor
+    cache), "eager" elsewhere. bench/results/e2e_suite_full_compile-draft_h100.md has it against "graphs"."""
+    return "compile-draft" if torch.device(device).type == "cuda" else "eager"
 MAX_DEPTH, MAX_TOPK, MAX_TREE_TOKENS = 16, 32, 128
 MIN_TEMPERATURE = 1e-6  # below it 1 / temperature scales logits past float64 (denormals crash sampling)
 
@@ -126,7 +133,7 @@ class SpeculationPolicy:
     max_interval: int = 128
     alpha: float = 0.3
     scout_fraction: float = SCOUT_FRACTION
-    min_scout_rows: int = 16  # fewer judged guesses: the probe runs its round
+    min_scout_rows: int = SCOUT_ROWS  # fewer judged guesses: the probe runs its round
     ema_tau: float | None = None
     since_probe: int = 0
     interval: int = 16
@@ -212,9 +219,9 @@ def _feature_size(model, draft) -> int | None:
 class SpeculativeGenerator:
     """Speculative decoding of an HF causal LM (`model`) with a `DraftModel` (random if None). Batch 1.
 
-    mode: "eager" (the CPU default), "graphs" (every step captured in a CUDA graph; the CUDA default),
-    "compile" (torch.compile'd steps, then captured on CUDA), "compile-draft" (only the draft's steps
-    compiled, where a round's many small kernels are; the target's captured as in "graphs").
+    mode: "eager" (the CPU default), "graphs" (every step captured in a CUDA graph; no compile),
+    "compile" (torch.compile'd steps, then captured on CUDA), "compile-draft" (the CUDA default: only the
+    draft's steps compiled, where a round's many small kernels are; the target's captured as in "graphs").
     max_context: prompt + new tokens a request may hold; the caches are sized once for it (default
     min(4096, the model's max_position_embeddings)).
     adaptive: fall back to plain decoding when speculation does not pay (output unchanged).
@@ -231,7 +238,7 @@ class SpeculativeGenerator:
         self.model = model
         self.device = model.get_output_embeddings().weight.device
         on_cuda = self.device.type == "cuda"
-        self.mode = mode or ("graphs" if on_cuda else "eager")
+        self.mode = mode or default_mode(self.device)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "graphs" and not on_cuda:
@@ -418,14 +425,19 @@ class SpeculativeGenerator:
         result.prefill_time_s = time.perf_counter() - t0
         speculate = self.speculative and not plain
         policy = self._policy(temperature > 0)
-        policy.new_request()
+        if speculate:  # plain-mode requests leave the policy as it is
+            policy.new_request()
         while not done:
             round_now = speculate and (not self.adaptive or policy.speculate())
+            # a greedy probe first looks at the draft's guesses over the stretch it catches up on, so it
+            # waits until the answer holds enough tokens to judge them by (blind, a failed round costs more)
+            scouting = (round_now and self.adaptive and temperature == 0 and policy.scout_fraction > 0
+                        and not policy.pays())
+            if scouting and len(out) <= policy.min_scout_rows:
+                round_now = False
             if round_now:
                 t = time.perf_counter()
                 timer.mark("draft")
-                # a greedy probe first looks at the draft's guesses over the stretch it catches up on
-                scouting = self.adaptive and temperature == 0 and not policy.pays()
                 eng.catch_up(scout=scouting)
                 if scouting and policy.scout_fails(*eng.take_scout()):
                     result.scouted += 1
@@ -444,7 +456,8 @@ class SpeculativeGenerator:
                 if eager and self.refine_costs:
                     policy.plain_s = 0.8 * policy.plain_s + 0.2 * (time.perf_counter() - t)
                 result.plain_steps += 1
-                policy.after_plain()
+                if speculate:
+                    policy.after_plain()
             done = emit(tokens)
         result.total_time_s = time.perf_counter() - t0
         result.draft_time_s, result.verify_time_s = timer.split()

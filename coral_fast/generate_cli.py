@@ -55,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--mode", default=None, choices=list(MODES),
-                   help="eager (the CPU default) | graphs (every step in a CUDA graph, the CUDA default) | compile "
-                        "(torch.compile the steps, then capture them: minutes once) | compile-draft (only the "
-                        "draft's steps compiled)")
+                   help="eager (the CPU default) | graphs (every step in a CUDA graph, no compile) | compile "
+                        "(torch.compile the steps, then capture them: minutes once) | compile-draft (the CUDA "
+                        "default: only the draft's steps compiled, ~40 s once)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--compare", action="store_true",
                    help="also run plain decoding (the engine's plain mode and HF model.generate) and print the speeds")
@@ -221,12 +221,18 @@ def main(argv=None) -> int:
         # sampling, one token a step), interleaved COMPARE_REPS times, medians: one run each on a busy
         # 2-core CPU differs by +-5% between identical step sequences
         rates = {False: [], True: []}  # plain mode -> tokens/s of each run
+        loop_probes = 0  # rounds and probes that ended at the first look
         for _ in range(COMPARE_REPS):
             for plain_mode in (False, True):
                 run = generator.generate(torch.tensor(prompt_ids), args.max_new_tokens, args.temperature,
                                          torch.Generator().manual_seed(args.seed), plain=plain_mode)
                 rates[plain_mode].append(run.tokens_per_s)
+                loop_probes += 0 if plain_mode else run.rounds + run.scouted
         loop_tps, engine_tps = statistics.median(rates[False]), statistics.median(rates[True])
+        runs = rates[False] + rates[True]
+        spread = (max(runs) - min(runs)) / statistics.median(runs)
+        ratio_note = (f" (the loop ran no round and no probe: the same plain steps as plain mode, so the ratio is this "
+                      f"machine's noise; the {len(runs)} runs spread {100 * spread:.0f}%)" if loop_probes == 0 else "")
         ids = torch.tensor([prompt_ids], device=model.device)
         kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=sample, attention_mask=torch.ones_like(ids))
         if sample:
@@ -243,7 +249,7 @@ def main(argv=None) -> int:
         note(
             f"plain decoding (median of {COMPARE_REPS} runs each, interleaved): loop {loop_tps:.2f} tok/s, engine "
             f"plain mode {engine_tps:.2f} tok/s, HF model.generate {plain_tps:.2f} tok/s (one run); loop / engine "
-            f"plain = {loop_tps / engine_tps:.2f}x, loop / HF generate = {loop_tps / plain_tps:.2f}x; "
+            f"plain = {loop_tps / engine_tps:.2f}x{ratio_note}, loop / HF generate = {loop_tps / plain_tps:.2f}x; "
             + (f"identical tokens: {same}" if not sample else "sampling: outputs differ by chance")
         )
         payload.update(plain_tokens_per_s=round(plain_tps, 3), plain_token_ids=plain,

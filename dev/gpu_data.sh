@@ -90,9 +90,17 @@ generate)
   ls -l "$OUT"
   ;;
 train)
-  # the data: a carried dev/carry/MODEL.train.tar.gz, else what `generate` left on this warm machine
+  # the data: a carried dev/carry/MODEL.train.tar.gz, what `generate` left on this warm machine, or both (the
+  # carried shards then fill generate's empty stand-ins of the shards it skipped)
   DATA="/tmp/coral_data/$MODEL-train"
-  if [ -f "$CARRY/$MODEL.train.tar.gz" ]; then
+  if [ -f "$CARRY/$MODEL.train.tar.gz" ] && [ -f "$WORK/meta.json" ]; then
+    [ -f "$WORK/.merged" ] || { tar -xzf "$CARRY/$MODEL.train.tar.gz" -C "$WORK" --exclude meta.json && touch "$WORK/.merged"; }
+    if find "$WORK" -name 'shard_*' -size 0 | grep -q .; then
+      echo "the carried data does not fill every shard $WORK names: pack-train again after unpacking every call" >&2
+      exit 2
+    fi
+    DATA="$WORK"
+  elif [ -f "$CARRY/$MODEL.train.tar.gz" ]; then
     mkdir -p "$DATA"
     [ -f "$DATA/meta.json" ] || tar -xzf "$CARRY/$MODEL.train.tar.gz" -C "$DATA"
   elif [ -f "$WORK/meta.json" ] && ! find "$WORK" -name 'shard_*' -size 0 | grep -q .; then

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from coral_fast import DraftModel, SpeculativeGenerator
+from coral_fast.engine import SCOUT_ROWS
 from coral_fast.generate import SpeculationPolicy, TreeConfig
 from coral_fast.tree import DraftTree
 from test_models import real_target, tiny_gemma3, tiny_llama  # noqa: F401 (fixture)
@@ -195,12 +196,12 @@ def test_policy_carries_acceptance_across_requests():
     assert policy.speculate()  # ... but a probe within first_interval (32) tokens of it
 
 
-def engine_after_prefill(make_target, seed, tree: TreeConfig, prompt_len: int):
+def engine_after_prefill(make_target, seed, tree: TreeConfig, prompt_len: int, chunk: int = 8):
     """(draft, engine) of a warm eager generator with a random-init draft, a random prompt prefilled."""
     model = make_target()
     torch.manual_seed(seed)
     draft = DraftModel.random_init(model)
-    gen = SpeculativeGenerator(model, draft, tree, max_context=128, chunk=8)
+    gen = SpeculativeGenerator(model, draft, tree, max_context=128, chunk=chunk)
     gen.warmup()
     gen.engine.reset(torch.randint(0, model.config.vocab_size, (prompt_len,)), 0.0, None)
     gen.engine.prefill(prompt_len)
@@ -263,12 +264,14 @@ def test_policy_scout_ends_hopeless_probes():
 
 @pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])
 def test_scout_counts_the_drafts_first_guesses(make_target, seed, one_thread, monkeypatch):
-    """A probe's catch-up judges the draft's top-1 guess at every row that predicts an answer token (not a
-    prompt token) against the token the target chose there. The head is replaced by one that knows, for
-    each teacher-forced draft state (the training-style forward over the whole sequence), the token two
-    positions on: every judged guess is then right if and only if the rows and offsets line up."""
-    P, steps = 10, 30
-    draft, eng = engine_after_prefill(make_target, seed, TreeConfig(3, 3, 8), P)
+    """A probe's catch-up judges the draft's top-1 guess at the last SCOUT_ROWS rows it extends (rows that
+    predict answer tokens, not prompt tokens) against the token the target chose there. The head is
+    replaced by one that knows, for each of those teacher-forced draft states (the training-style forward
+    over the whole sequence), the token two positions on, and guesses wrong elsewhere: every judged guess
+    is then right if and only if the rows and offsets line up. A chunk of 24 rows and a stretch of ~40:
+    the short chunk must come first for the last one to hold SCOUT_ROWS rows."""
+    P, steps, C = 10, 30, 24
+    draft, eng = engine_after_prefill(make_target, seed, TreeConfig(3, 3, 8), P, chunk=C)
     timer = type("NoTimer", (), {"mark": lambda self, name: None})()
     for _ in range(steps):
         eng.plain(timer)
@@ -276,6 +279,7 @@ def test_scout_counts_the_drafts_first_guesses(make_target, seed, one_thread, mo
     with torch.no_grad():  # the draft state at every t < n - 1, teacher-forced, and the token it should guess
         states = draft(eng.hist.feats[None, : n - 1], eng.hist.ids[None, 1:n], torch.arange(n - 1)[None])[0]
     answers = eng.hist.ids[2 : n + 1].clone()
+    answers[: n - 1 - SCOUT_ROWS] = -2  # states before the last SCOUT_ROWS: known to guess wrong
 
     def knowing_head(hidden, k, impl="auto", check=True):
         near = torch.cdist(hidden.float(), states.float()).min(dim=1)
@@ -285,9 +289,9 @@ def test_scout_counts_the_drafts_first_guesses(make_target, seed, one_thread, mo
     monkeypatch.setattr(draft, "topk", knowing_head)
     eng.catch_up(scout=True)
     hits, rows = eng.take_scout()
-    # caught up on t < d_len; judged: t + 2 >= P (an answer token) and t + 2 <= n (one the target chose)
-    assert rows == eng.d_len_host - (P - 2) and rows >= 20, (rows, eng.d_len_host)
-    assert hits == rows
+    # caught up on t < d_len = n - 1 (more than C rows); judged: the last SCOUT_ROWS, all predicting answer tokens
+    assert eng.d_len_host == n - 1 and n - 1 > C and n - 1 - SCOUT_ROWS >= P
+    assert (hits, rows) == (SCOUT_ROWS, SCOUT_ROWS)
     assert eng.take_scout() == (0, 0)  # taken: zeroed
 
 
@@ -309,6 +313,30 @@ def test_adaptive_scout_skips_rounds_of_a_useless_draft(seed, one_thread):
     looked, blind = sum(o.rounds for o in runs[0.75]), sum(o.rounds for o in runs[0.0])
     assert sum(o.scouted for o in runs[0.75]) >= 2 and looked < blind, (looked, blind)
     assert sum(o.scouted for o in runs[0.0]) == 0
+
+
+def test_greedy_probe_waits_for_answer_tokens_to_judge(seed, one_thread):
+    """A probe due at the start of a request (carried over from a poor one) waits until the answer holds
+    SCOUT_ROWS tokens for its first look; with the look switched off it runs its round at once, blind.
+    A plain-mode request in between changes nothing of the policy."""
+    model = tiny_llama(hidden=64)
+    gen = SpeculativeGenerator(model, random_weights_draft(model, seed), TreeConfig(4, 4, 16), max_context=256)
+    gen.warmup()
+    gen.round_time_s, gen.plain_step_time_s, gen.refine_costs = 1.5, 1.0, False
+    prompt = torch.randint(0, 97, (11,))
+    want = plain_greedy(model, prompt, SCOUT_ROWS)
+    for fraction, probes_at_once in ((0.75, False), (0.0, True)):
+        gen.policy_options = dict(scout_fraction=fraction)
+        gen.generate(prompt, 40)  # a random draft: the estimate is poor afterwards
+        policy = gen._policy(sampling=False)
+        assert not policy.pays()
+        policy.since_probe = policy.interval  # a probe is due
+        state = (policy.since_probe, policy.interval, policy.ema_tau)
+        assert gen.generate(prompt, 30, plain=True).token_ids[:SCOUT_ROWS] == want
+        assert (policy.since_probe, policy.interval, policy.ema_tau) == state  # plain mode leaves the policy be
+        out = gen.generate(prompt, SCOUT_ROWS)
+        assert out.token_ids == want
+        assert (out.rounds + out.scouted > 0) == probes_at_once, (fraction, out.rounds, out.scouted)
 
 
 @pytest.mark.parametrize("make_target", [tiny_llama, tiny_gemma3])

@@ -108,6 +108,7 @@ def test_json_fields_with_and_without_draft(monkeypatch, capsys, extra, one_thre
     assert payload["scouted"] >= 0
     if "--no-draft" in extra:
         assert payload["draft"] == "none" and payload["mean_accepted_length"] == 1.0 and payload["rounds"] == 0
+        assert "the loop ran no round and no probe" in out.err  # the ratio is called noise only when the steps were the same
     if "--temperature" not in extra:
         assert payload["identical_to_plain"] is True
     assert "engine plain mode" in out.err

@@ -51,7 +51,7 @@ def build_parser():
     p.add_argument("--prompts-per-task", type=_positive_int, default=None)
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--tree", type=_tree, default=(6, 10, 60))
-    p.add_argument("--mode", default=None, choices=MODES, help="engine mode (default: graphs on CUDA, eager on CPU)")
+    p.add_argument("--mode", default=None, choices=MODES, help="engine mode (default: compile-draft on CUDA, eager on CPU)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--out-dir", default="bench/results/acceptance")
@@ -145,6 +145,7 @@ def main(argv=None) -> int:
 
     from coral_fast.benchmarks.e2e import encode, environment, make_generator
     from coral_fast.draft import DraftModel
+    from coral_fast.generate import default_mode
     from coral_fast.models import load_target, parse_dtype
     from coral_fast.training.evaluate import head_mode
 
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
         counts[p.task] = counts.get(p.task, 0) + 1
     result = dict(env=env, rows=[], settings=dict(
         model=args.model, drafts=dict(args.drafts), heads=heads, temperatures=temperatures, tree=list(args.tree),
-        max_new_tokens=args.max_new_tokens, dtype=args.dtype, mode=args.mode or ("graphs" if device.type == "cuda" else "eager"),
+        max_new_tokens=args.max_new_tokens, dtype=args.dtype, mode=args.mode or default_mode(device),
         prompts_per_task=counts))
     os.makedirs(args.out_dir, exist_ok=True)
     for name, path in args.drafts:

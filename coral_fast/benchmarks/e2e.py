@@ -74,7 +74,7 @@ def build_parser():
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--mode", default=None, choices=MODES, help="engine mode (default: graphs on CUDA, eager on CPU)")
+    p.add_argument("--mode", default=None, choices=MODES, help="engine mode (default: compile-draft on CUDA, eager on CPU)")
     p.add_argument("--draft", default=None, help="draft folder (default: the shipped draft of the model)")
     p.add_argument("--tree", type=_tree, default=(6, 10, 60), help="depth,topk,total_tokens (default 6,10,60)")
     p.add_argument("--no-adaptive", action="store_true", help="always speculate (no fallback to plain decoding)")
@@ -295,7 +295,7 @@ def run_suite(model, tokenizer, draft, prompts: list[Prompt], args, log, name="m
             log(f"{name}: HF static generate skipped, its warm-up failed: {type(e).__name__}: {e}")
             hf = None
     meta = dict(model=name, draft=draft_label, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-                mode=args.mode or ("graphs" if device.type == "cuda" else "eager"), tree=list(args.tree),
+                mode=gen.mode, tree=list(args.tree),
                 adaptive=not args.no_adaptive, max_new_tokens=args.max_new_tokens, warmup_s=warmup_s,
                 hf_warmup_s=hf_warmup_s, round_ms=1e3 * gen.round_time_s,
                 plain_step_ms=1e3 * gen.plain_step_time_s, weight_gb=w_bytes / 1e9, copy_tb_s=bandwidth / 1e12,

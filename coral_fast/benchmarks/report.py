@@ -87,13 +87,19 @@ def write_csv(rows: list[dict], path):
             w.writerow({k: ("" if v is None else v) for k, v in _clean(r).items()})
 
 
+def _percent(x):
+    return None if x is None else 100 * x  # None: n/a (a NaN written to JSON comes back as None)
+
+
 def fmt(x, spec=".0f", suffix=""):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{spec}}{suffix}"
 
 
 def _env_lines(env):
-    return [f"{env['device']}, torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
-            f"{env['date']}.", "", f"`{env['command']}`", ""]
+    """The device/versions/date line and the command; `env["note"]` (optional) says what the command line
+    cannot (a draft's folder on the GPU machine that is now the shipped one, say)."""
+    return ([f"{env['device']}, torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
+             f"{env['date']}.", "", f"`{env['command']}`", ""] + ([env["note"], ""] if env.get("note") else []))
 
 
 def suite_markdown(suite: dict) -> str:
@@ -123,7 +129,7 @@ def suite_markdown(suite: dict) -> str:
                   "| task | loop = plain | loop = HF static | plain = HF static | HF eager = HF static |",
                   "|---|---|---|---|---|"]
         for s in part["tasks"]:
-            cells = [f"{fmt(100 * s[f'{k}_tokens'], '.1f', '%')} / {fmt(100 * s[f'{k}_seqs'], '.0f', '%')}"
+            cells = [f"{fmt(_percent(s[f'{k}_tokens']), '.1f', '%')} / {fmt(_percent(s[f'{k}_seqs']), '.0f', '%')}"
                      for k in ("loop_vs_plain", "loop_vs_hf", "plain_vs_hf", "hf_eager_vs_static")]
             lines.append(f"| {s['task']} | " + " | ".join(cells) + " |")
         lp = m.get("long_prompt")
@@ -170,7 +176,7 @@ def plot_suite(suite: dict, path) -> str | None:
         x = range(len(tasks))
         for j, (key, label) in enumerate((("loop_tok_s", "loop"), ("plain_tok_s", "plain (same engine)"),
                                           ("hf_tok_s", "HF static generate"))):
-            values = [0 if math.isnan(s[key]) else s[key] for s in tasks]
+            values = [0 if s[key] is None or math.isnan(s[key]) else s[key] for s in tasks]
             bars = ax.bar([i + (j - 1) * 0.27 for i in x], values, width=0.27, label=label)
             if key == "loop_tok_s":
                 for b, s in zip(bars, tasks):

@@ -52,7 +52,7 @@ def loop_acceptance(target, tokenizer, draft, prompts: list[dict], max_new_token
     accepted, rounds, tokens, seconds, done = 0, 0, 0, 0.0, 0
     per_prompt = []
     with head_mode(draft, head, active_groups):
-        # the loop's default mode first (CUDA graphs on the GPU), eager if that fails; always speculative
+        # the loop's default mode first (compile-draft on the GPU), eager if that fails; always speculative
         # (adaptive=False): this measures the draft's acceptance, not the fallback's choice
         errors = []
         for mode in ([loop_mode] if loop_mode is not None else ({}, {"mode": "eager"})):
