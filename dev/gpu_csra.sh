@@ -5,8 +5,8 @@
 # machine (dev/README.md). Nine drafts do not fit one 10-minute call: split them, e.g.
 #   RUNS="single:0 multi:0 csra:0 single:1 multi:1" bash dev/gpu_csra.sh train
 #   RUNS="csra:1 single:2 multi:2 csra:2" bash dev/gpu_csra.sh train && bash dev/gpu_csra.sh eval
-# (calls back to back on one warm machine: the drafts stay in /tmp/coral_runs). Back: $OUT/csra_*.train.log,
-# $OUT/csra_*/ (the drafts), $OUT/csra_acc (the acceptance tables, eval).
+# (calls back to back on one warm machine: the drafts stay in /tmp/coral_runs). Back: $OUT/csra_train.jsonl (each
+# run's final teacher-forced evaluation), $OUT/csra_acc (the acceptance tables, eval).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ITERS=${ITERS:-300}
@@ -25,7 +25,9 @@ train)
     variant=${run%%:*}; seed=${run##*:}
     f=$(flags "$variant") || exit 2
     # shellcheck disable=SC2086
-    RUN="csra_${variant}_s$seed" bash dev/gpu_data.sh train smollm2 "${COMMON[@]}" $f --seed "$seed" | tail -1
+    # the drafts and logs stay on the machine (a call returns at most 8 files); one summary line a run comes back
+    RUN="csra_${variant}_s$seed" OUT=/tmp/csra_out bash dev/gpu_data.sh train smollm2 "${COMMON[@]}" $f \
+      --seed "$seed" | tail -1 | sed "s/^/{\"run\": \"csra_${variant}_s$seed\", \"last\": /; s/$/}/" | tee -a "$OUT/csra_train.jsonl"
   done
   ;;
 eval)
