@@ -233,7 +233,8 @@ class Engine:
         width = None if self.mode != "eager" else self.d_len_host + self.C
         hidden = self._draft_forward(positions, width)
         if scout:
-            rows = self.chunk.count - min(SCOUT_ROWS, self.C) + torch.arange(min(SCOUT_ROWS, self.C), device=self.device)
+            judge = min(SCOUT_ROWS, self.C)
+            rows = self.chunk.count - judge + torch.arange(judge, device=self.device)
             real = rows >= 0  # a chunk of fewer rows: the ones before it are not judged
             rows = rows.clamp(min=0)
             at = positions.index_select(0, rows)

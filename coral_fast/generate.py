@@ -25,6 +25,8 @@ from coral_fast.hf_attention import default_impl
 from coral_fast.models import text_config
 
 MODES = ("eager", "graphs", "compile", "compile-draft")
+MAX_DEPTH, MAX_TOPK, MAX_TREE_TOKENS = 16, 32, 128
+MIN_TEMPERATURE = 1e-6  # below it 1 / temperature scales logits past float64 (denormals crash sampling)
 
 
 def default_mode(device) -> str:
@@ -32,8 +34,6 @@ def default_mode(device) -> str:
     round fused by Inductor, the target captured; a one-time compile of ~40 s, seconds with a warm Inductor
     cache), "eager" elsewhere. bench/results/e2e_suite_full_compile-draft_h100.md has it against "graphs"."""
     return "compile-draft" if torch.device(device).type == "cuda" else "eager"
-MAX_DEPTH, MAX_TOPK, MAX_TREE_TOKENS = 16, 32, 128
-MIN_TEMPERATURE = 1e-6  # below it 1 / temperature scales logits past float64 (denormals crash sampling)
 
 
 def _is_int(value) -> bool:

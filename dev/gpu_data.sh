@@ -36,6 +36,10 @@ exclude() {  # keep the data out of git (the device tool carries ignored folders
   grep -qx '/dev/carry/' "$ex" || echo '/dev/carry/' >>"$ex"
 }
 
+has_stand_ins() {  # the work folder still names shards that live on the CPU machine (generate's empty files)
+  find "$WORK" -name 'shard_*' -size 0 | grep -q .
+}
+
 case "$MODE" in
 pack)
   exclude
@@ -95,7 +99,7 @@ train)
   DATA="/tmp/coral_data/$MODEL-train"
   if [ -f "$CARRY/$MODEL.train.tar.gz" ] && [ -f "$WORK/meta.json" ]; then
     [ -f "$WORK/.merged" ] || { tar -xzf "$CARRY/$MODEL.train.tar.gz" -C "$WORK" --exclude meta.json && touch "$WORK/.merged"; }
-    if find "$WORK" -name 'shard_*' -size 0 | grep -q .; then
+    if has_stand_ins; then
       echo "the carried data does not fill every shard $WORK names: pack-train again after unpacking every call" >&2
       exit 2
     fi
@@ -103,7 +107,7 @@ train)
   elif [ -f "$CARRY/$MODEL.train.tar.gz" ]; then
     mkdir -p "$DATA"
     [ -f "$DATA/meta.json" ] || tar -xzf "$CARRY/$MODEL.train.tar.gz" -C "$DATA"
-  elif [ -f "$WORK/meta.json" ] && ! find "$WORK" -name 'shard_*' -size 0 | grep -q .; then
+  elif [ -f "$WORK/meta.json" ] && ! has_stand_ins; then
     DATA="$WORK"
   else
     echo "no data: carry dev/carry/$MODEL.train.tar.gz (pack-train) or run generate on this machine first" >&2

@@ -295,14 +295,20 @@ def test_scout_counts_the_drafts_first_guesses(make_target, seed, one_thread, mo
     assert eng.take_scout() == (0, 0)  # taken: zeroed
 
 
+def random_draft_where_rounds_could_pay(seed):
+    """(model, warm generator) of a tiny Llama with a random draft, its costs set so that a round of full
+    acceptance would pay (round 1.5 plain steps) and kept there: the policy then probes."""
+    model = tiny_llama(hidden=64)
+    gen = SpeculativeGenerator(model, random_weights_draft(model, seed), TreeConfig(4, 4, 16), max_context=256)
+    gen.warmup()
+    gen.round_time_s, gen.plain_step_time_s, gen.refine_costs = 1.5, 1.0, False
+    return model, gen
+
+
 def test_adaptive_scout_skips_rounds_of_a_useless_draft(seed, one_thread):
     """With costs where a round could pay, a random draft's probes end at the first look (no round); the
     output is the target's, and fewer rounds run than with the look switched off."""
-    model = tiny_llama(hidden=64)
-    draft = random_weights_draft(model, seed)
-    gen = SpeculativeGenerator(model, draft, TreeConfig(4, 4, 16), max_context=256)
-    gen.warmup()
-    gen.round_time_s, gen.plain_step_time_s, gen.refine_costs = 1.5, 1.0, False
+    model, gen = random_draft_where_rounds_could_pay(seed)
     prompt = torch.randint(0, 97, (11,))
     runs = {}
     for fraction in (0.0, 0.75):
@@ -319,10 +325,7 @@ def test_greedy_probe_waits_for_answer_tokens_to_judge(seed, one_thread):
     """A probe due at the start of a request (carried over from a poor one) waits until the answer holds
     SCOUT_ROWS tokens for its first look; with the look switched off it runs its round at once, blind.
     A plain-mode request in between changes nothing of the policy."""
-    model = tiny_llama(hidden=64)
-    gen = SpeculativeGenerator(model, random_weights_draft(model, seed), TreeConfig(4, 4, 16), max_context=256)
-    gen.warmup()
-    gen.round_time_s, gen.plain_step_time_s, gen.refine_costs = 1.5, 1.0, False
+    model, gen = random_draft_where_rounds_could_pay(seed)
     prompt = torch.randint(0, 97, (11,))
     want = plain_greedy(model, prompt, SCOUT_ROWS)
     for fraction, probes_at_once in ((0.75, False), (0.0, True)):
