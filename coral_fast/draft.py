@@ -25,7 +25,7 @@ from coral_fast.models import text_config
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-GROUPINGS = ("contiguous", "frequency", "dense")
+GROUPINGS = ("contiguous", "frequency", "embedding", "dense")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 FC_INPUT_ORDERS = ("feature_first", "embedding_first")
 ROPE_SCALINGS = ("default", "linear", "llama3")
@@ -47,7 +47,7 @@ class DraftConfig:
     hidden_act: str  # "silu" | "gelu_pytorch_tanh"
     num_groups: int = 32
     active_groups: int = 4
-    grouping: str = "contiguous"  # "contiguous" | "frequency" | "dense"
+    grouping: str = "contiguous"  # "contiguous" | "frequency" | "embedding" (stored in the weights) | "dense"
     target: str = ""  # e.g. "smollm2", for error messages
     # architecture variants (defaults: coral-fast's own draft; EAGLE-1/2/HASS drafts import with
     # input_norm=False, fc_input_order="embedding_first" and, for some, fc / q-k-v biases)
@@ -332,8 +332,9 @@ class DraftModel(nn.Module):
         from coral_fast.head import RoutedLMHead
 
         if grouping is None:
-            if config.grouping == "frequency":
-                raise ValueError("grouping='frequency' needs a VocabGrouping built from token counts")
+            if config.grouping != "contiguous":
+                raise ValueError(f"grouping={config.grouping!r} needs its VocabGrouping (token counts or LM-head clusters; "
+                                 f"a saved draft stores it in model.safetensors)")
             grouping = VocabGrouping.contiguous(config.vocab_size, config.num_groups)
         head = RoutedLMHead(weight, grouping, config.active_groups)
         for name, p in list(head.named_parameters()):

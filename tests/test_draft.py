@@ -106,16 +106,23 @@ def test_state_dict_excludes_target_and_roundtrips(tmp_path, seed):
     assert torch.equal(loaded.topk(h, 4)[0], draft.topk(h, 4)[0])
 
 
-def test_frequency_grouping_survives_save(tmp_path):
+@pytest.mark.parametrize("kind", ["frequency", "embedding"])
+def test_stored_grouping_survives_save(tmp_path, kind):
     from coral_fast import VocabGrouping
 
     target = tiny_llama()
-    counts = torch.randint(0, 1000, (97,))
-    grouping = VocabGrouping.from_token_counts(counts, 4)
-    config = DraftConfig.from_target_config(target.config, num_groups=4, active_groups=1, grouping="frequency")
+    if kind == "frequency":
+        grouping = VocabGrouping.from_token_counts(torch.randint(0, 1000, (97,)), 4)
+    else:
+        grouping = VocabGrouping.from_embeddings(target.lm_head.weight, 4)
+    assert not grouping.is_identity
+    config = DraftConfig.from_target_config(target.config, num_groups=4, active_groups=1, grouping=kind)
+    with pytest.raises(ValueError, match=f"grouping='{kind}' needs its VocabGrouping"):
+        DraftModel(config, target.get_input_embeddings(), target.lm_head.weight)
     draft = DraftModel(config, target.get_input_embeddings(), target.lm_head.weight, grouping)
     draft.save_pretrained(tmp_path)
     loaded = DraftModel.from_pretrained(tmp_path, target)
+    assert loaded.config.grouping == kind
     assert torch.equal(loaded.head.grouping.group_of, grouping.group_of)
 
 

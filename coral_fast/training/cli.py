@@ -54,6 +54,24 @@ def resolve_feature_layers(layers, target):
     return layers
 
 
+def make_grouping(kind: str, num_groups: int, lm_head_weight, data: SequenceData | None):
+    """The VocabGrouping of `kind`: contiguous ids, frequency-balanced (token counts of `data`'s train split) or
+    embedding (balanced k-means over the LM-head rows [V, H]: tokens the head confuses share a group, so the
+    router has to find the neighbourhood, not the token)."""
+    from coral_fast.grouping import VocabGrouping
+
+    vocab_size = lm_head_weight.shape[0]
+    if kind == "contiguous":
+        return VocabGrouping.contiguous(vocab_size, num_groups)
+    if kind == "frequency":
+        if data is None:
+            raise ValueError("grouping='frequency' needs data for the token counts")
+        return VocabGrouping.from_token_counts(data.token_counts(vocab_size), num_groups)
+    if kind == "embedding":
+        return VocabGrouping.from_embeddings(lm_head_weight, num_groups)
+    raise ValueError(f"no vocabulary grouping of kind {kind!r}: contiguous | frequency | embedding")
+
+
 def build_draft(target, name: str, grouping: str, num_groups: int, active_groups: int, data: SequenceData | None, device, init_from: str | None = None, seed: int = 0, arch: str = "coral",
                 feature_layers=None):
     """A fresh (or `init_from`) fp32 draft for `target` with the requested vocabulary grouping, layer
@@ -76,14 +94,8 @@ def build_draft(target, name: str, grouping: str, num_groups: int, active_groups
     if data is not None:
         data.set_feature_layers(config.feature_layers)
     vocab_grouping = None
-    if grouping == "frequency":
-        try:
-            from coral_fast.grouping import VocabGrouping
-        except ImportError as error:
-            raise ValueError("grouping='frequency' needs coral_fast.grouping (VocabGrouping)") from error
-        if data is None:
-            raise ValueError("grouping='frequency' needs data for the token counts")
-        vocab_grouping = VocabGrouping.from_token_counts(data.token_counts(config.vocab_size), num_groups)
+    if grouping in ("frequency", "embedding"):
+        vocab_grouping = make_grouping(grouping, num_groups, target.get_output_embeddings().weight, data)
     torch.manual_seed(seed)
     draft = DraftModel(config, target.get_input_embeddings(), target.get_output_embeddings().weight, vocab_grouping)
     draft.reset_parameters()
@@ -148,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="smollm2", help="smollm2 | gemma3-270m | PATH")
     parser.add_argument("--data", required=True, help="folder written by `coral-fast data`")
     parser.add_argument("--out", required=True, help="output folder (draft + checkpoints + logs)")
-    parser.add_argument("--grouping", default="contiguous", choices=["contiguous", "frequency", "dense"])
+    parser.add_argument("--grouping", default="contiguous", choices=["contiguous", "frequency", "embedding", "dense"],
+                        help="how the grouped head splits the vocabulary (docs/head.md); dense: no grouped head")
     parser.add_argument("--draft-arch", default="coral", choices=sorted(DRAFT_ARCHS),
                         help="coral: input norm on the layer (the shipped drafts); eagle: EAGLE-1/2's layer, exportable")
     parser.add_argument("--feature-layers", type=feature_layers_arg, default=None, metavar="last|eagle3|I,J,K",

@@ -1,7 +1,7 @@
 """Router retrofit: a grouped head for a draft that already exists (ours with a dense head, or an
 imported EAGLE-1/2/HASS draft).
 
-    coral-fast train --retrofit-router --draft DIR --model M --data D --out O [--grouping frequency]
+    coral-fast train --retrofit-router --draft DIR --model M --data D --out O [--grouping embedding]
 
 The draft stays frozen. Its hidden states over the self-distilled data (`coral-fast data`; the same
 unrolled forward as training, so deeper tree levels are covered) are computed once, with the dense
@@ -24,9 +24,14 @@ from coral_fast.training.trainer import SequenceData, unrolled_forward
 
 
 @torch.no_grad()
-def draft_rows(draft, data: SequenceData, spans, batch_tokens: int, unroll_steps: int, topk: int, max_rows: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(hidden [N, H], dense top-k ids [N, k], their log-probs [N, k]) of the frozen draft over `spans`."""
+def draft_rows(draft, data: SequenceData, spans, batch_tokens: int, unroll_steps: int, topk: int, max_rows: int,
+               desc: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(hidden [N, H], dense top-k ids [N, k], their log-probs [N, k]) of the frozen draft over `spans`, at most
+    max_rows rows; `desc`: a progress bar of that name (the target runs over every batch: minutes on a CPU)."""
+    from tqdm.auto import tqdm
+
     hiddens, ids, lps, count = [], [], [], 0
+    bar = tqdm(total=max_rows, desc=desc, unit="row", disable=desc is None)
     for batch in data.batches(spans, batch_tokens, shuffle=False, rng=None):
         outputs = unrolled_forward(draft, batch["features"].to(draft.fc.weight.dtype), batch["tokens"],
                                    batch["positions"], unroll_steps)
@@ -38,8 +43,10 @@ def draft_rows(draft, data: SequenceData, spans, batch_tokens: int, unroll_steps
             ids.append(top.indices)
             lps.append(top.values)
             count += h.shape[0]
+            bar.update(min(h.shape[0], max(0, max_rows - bar.n)))
         if count >= max_rows:
             break
+    bar.close()
     if not hiddens:
         raise ValueError("the data gave no training positions for the router")
     return torch.cat(hiddens)[:max_rows], torch.cat(ids)[:max_rows], torch.cat(lps)[:max_rows]
@@ -51,30 +58,17 @@ def group_recall(router, hidden: Tensor, top1: Tensor, group_of: Tensor, active:
         return float(L.router_hit_rate(router(hidden).float(), top1, group_of, active))
 
 
-def retrofit_router(draft, data: SequenceData, grouping, active_groups: int, steps: int = 500, lr: float = 1e-3,
-                    batch_rows: int = 4096, batch_tokens: int = 8192, unroll_steps: int = 1, topk: int = 16,
-                    max_rows: int = 200_000, seed: int = 0, log=None) -> dict:
-    """Give `draft` (a DraftModel, modified in place) a routed grouped head over `grouping`; train the
-    router only. Returns the held-out recall of the dense top-1 in the top-`active_groups` groups
-    before (an untrained router) and after, with chance = active / G for equal groups."""
-    from coral_fast.draft import DraftModel
+def fit_router(weight: Tensor, grouping, active_groups: int, train_rows: tuple, eval_rows: tuple, steps: int = 500,
+               lr: float = 1e-3, batch_rows: int = 4096, seed: int = 0, log=None):
+    """Train a fresh router for a grouped head over `weight` [V, H] and `grouping` on a frozen draft's rows.
+    train_rows: (hidden [N, H], dense top-k ids [N, k], log-probs [N, k]) from `draft_rows`; eval_rows the same
+    (held out; only hidden and ids[:, 0] are read). -> (RoutedLMHead with the fp32 router, recall before,
+    recall after): the held-out fraction of rows whose dense top-1 lies in the router's top-`active_groups`."""
     from coral_fast.head import RoutedLMHead
 
-    if not isinstance(draft, DraftModel):
-        raise ValueError(f"router retrofit needs a DraftModel (ours or an EAGLE-1/2/HASS import), got "
-                         f"{type(draft).__name__}: an EAGLE-3 draft has its own reduced head")
-    G = grouping.num_groups
-    if grouping.vocab_size != draft.config.vocab_size or not 1 <= active_groups <= G:
-        raise ValueError(f"grouping of V={grouping.vocab_size} into {G} groups with {active_groups} active does not fit "
-                         f"a draft of vocabulary {draft.config.vocab_size}")
-    started = time.perf_counter()
-    draft.requires_grad_(False).eval()
-    train_h, train_ids, train_lps = draft_rows(draft, data, data.train, batch_tokens, unroll_steps, topk, max_rows)
-    eval_spans = data.eval or data.train
-    eval_h, eval_ids, _ = draft_rows(draft, data, eval_spans, batch_tokens, unroll_steps, 1, max(1, max_rows // 4))
-
+    train_h, train_ids, train_lps = train_rows
+    eval_h, eval_ids = eval_rows[0], eval_rows[1]
     torch.manual_seed(seed)
-    weight = draft.lm_head_weight
     head = RoutedLMHead(weight, grouping, active_groups).to(weight.device)
     router = head.router.float()
     group_of = grouping.group_of.to(weight.device)
@@ -93,36 +87,64 @@ def retrofit_router(draft, data: SequenceData, grouping, active_groups: int, ste
         if log and (step % 100 == 0 or step == steps - 1):
             log({"step": step, "router_loss": round(float(loss), 4)})
     router.eval()
-    after = group_recall(router, eval_h, eval_ids[:, 0], group_of, active_groups)
+    head.router = router
+    return head, before, group_recall(router, eval_h, eval_ids[:, 0], group_of, active_groups)
+
+
+def retrofit_router(draft, data: SequenceData, grouping, active_groups: int, steps: int = 500, lr: float = 1e-3,
+                    batch_rows: int = 4096, batch_tokens: int = 8192, unroll_steps: int = 1, topk: int = 16,
+                    max_rows: int = 200_000, seed: int = 0, log=None, kind: str | None = None, progress: bool = False) -> dict:
+    """Give `draft` (a DraftModel, modified in place) a routed grouped head over `grouping`; train the
+    router only. Returns the held-out recall of the dense top-1 in the top-`active_groups` groups
+    before (an untrained router) and after, with chance = active / G for equal groups. `kind`: the
+    grouping's name in the draft's config (default: contiguous or frequency, from the grouping)."""
+    from coral_fast.draft import DraftModel
+
+    if not isinstance(draft, DraftModel):
+        raise ValueError(f"router retrofit needs a DraftModel (ours or an EAGLE-1/2/HASS import), got "
+                         f"{type(draft).__name__}: an EAGLE-3 draft has its own reduced head")
+    G = grouping.num_groups
+    if grouping.vocab_size != draft.config.vocab_size or not 1 <= active_groups <= G:
+        raise ValueError(f"grouping of V={grouping.vocab_size} into {G} groups with {active_groups} active does not fit "
+                         f"a draft of vocabulary {draft.config.vocab_size}")
+    started = time.perf_counter()
+    draft.requires_grad_(False).eval()
+    train_rows = draft_rows(draft, data, data.train, batch_tokens, unroll_steps, topk, max_rows,
+                            desc="draft rows (train)" if progress else None)
+    eval_rows = draft_rows(draft, data, data.eval or data.train, batch_tokens, unroll_steps, 1, max(1, max_rows // 4),
+                           desc="draft rows (held out)" if progress else None)
+    head, before, after = fit_router(draft.lm_head_weight, grouping, active_groups, train_rows, eval_rows, steps=steps,
+                                     lr=lr, batch_rows=batch_rows, seed=seed, log=log)
     # the draft now carries the grouped head (router in the draft's dtype, like a trained draft's)
-    head.router = router.to(draft.fc.weight.dtype)
+    head.router = head.router.to(draft.fc.weight.dtype)
     draft.head = head
     draft.grouping = grouping
-    kind = "contiguous" if grouping.is_identity else "frequency"
+    kind = kind or ("contiguous" if grouping.is_identity else "frequency")
     draft.config.grouping, draft.config.num_groups, draft.config.active_groups = kind, G, active_groups
     return {"recall_before": round(before, 4), "recall_after": round(after, 4), "chance": round(active_groups / G, 4),
-            "train_rows": int(train_h.shape[0]), "eval_rows": int(eval_h.shape[0]), "steps": steps,
+            "train_rows": int(train_rows[0].shape[0]), "eval_rows": int(eval_rows[0].shape[0]), "steps": steps,
             "seconds": round(time.perf_counter() - started, 1)}
 
 
 def main_retrofit(parser, args) -> int:
     """`coral-fast train --retrofit-router --draft DIR`, with the flags of training/cli.py: --grouping
-    (contiguous | frequency), --num-groups, --active-groups, --iters (router steps), --lr,
-    --batch-tokens, --unroll-steps (tree depths covered), --seed. Bad input: one line, exit 2."""
+    (contiguous | frequency | embedding), --num-groups, --active-groups, --iters (router steps), --lr,
+    --batch-tokens, --unroll-steps (tree depths covered), --max-train-tokens, --seed. Bad input: one line,
+    exit 2."""
     import os
 
     from coral_fast.cli_checks import argument_errors
     from coral_fast.cli_checks import read_json
     from coral_fast.draft import CONFIG_NAME, DraftModel
-    from coral_fast.grouping import VocabGrouping
     from coral_fast.models import load_target
+    from coral_fast.training.cli import make_grouping
     from coral_fast.training.data import load_shards
 
     with argument_errors(parser):
         if not args.draft:
             raise ValueError("--retrofit-router needs --draft DIR (a coral-fast or EAGLE draft folder)")
         if args.grouping == "dense":
-            raise ValueError("--retrofit-router needs --grouping contiguous or frequency")
+            raise ValueError("--retrofit-router needs --grouping contiguous, frequency or embedding")
         if not os.path.isdir(args.draft):
             raise ValueError(f"--draft {args.draft!r} is not a folder")
         read_json(os.path.join(args.draft, CONFIG_NAME))
@@ -139,14 +161,13 @@ def main_retrofit(parser, args) -> int:
             raise ValueError("an EAGLE-3 draft has its own reduced-vocabulary head; retrofit takes EAGLE-1/2/HASS or coral-fast drafts")
         draft = draft.to(device=device, dtype=torch.float32)
         data.set_feature_layers(draft.config.feature_layers)
-        V = draft.config.vocab_size
-        if args.grouping == "frequency":
-            grouping = VocabGrouping.from_token_counts(data.token_counts(V), args.num_groups)
-        else:
-            grouping = VocabGrouping.contiguous(V, args.num_groups)
+        if args.max_train_tokens:
+            data.limit_train(args.max_train_tokens)
+        grouping = make_grouping(args.grouping, args.num_groups, draft.lm_head_weight, data)
         stats = retrofit_router(draft, data, grouping, args.active_groups, steps=args.iters, lr=args.lr,
-                                batch_tokens=args.batch_tokens, unroll_steps=args.unroll_steps, seed=args.seed,
-                                log=None if args.no_progress else (lambda d: print(json.dumps(d), file=sys.stderr)))
+                                batch_tokens=args.batch_tokens, unroll_steps=args.unroll_steps, seed=args.seed, kind=args.grouping,
+                                log=None if args.no_progress else (lambda d: print(json.dumps(d), file=sys.stderr)),
+                                progress=not args.no_progress)
     draft.to(torch.float16).save_pretrained(args.out)
     print(json.dumps({"retrofit": stats, "out": str(args.out)}))
     return 0
