@@ -2,16 +2,27 @@
 # Issue 18 in one device call (~9 min) on a machine that has the SmolLM2 GGUF (dev/README.md) and the
 # self-distilled data (carried dev/carry/smollm2.train.tar.gz, `bash dev/gpu_data.sh pack-train smollm2`, and/or
 # what `gpu_data.sh generate` made on this machine): the shipped draft trained on for FT_S seconds on that data
-# (long sequences, the task mix), a router retrofitted onto the result (its grouped head trained to propose what
-# its dense head would; RETROFIT=0 skips it), then the real loop's acceptance per task of the new drafts beside the
-# shipped one, same run, grouped and dense heads, greedy. Back: $OUT/ft, $OUT/ftr (the drafts, logs), $OUT/acc.
+# (long sequences, the task mix), then the real loop's acceptance per task of the new draft beside the shipped
+# one, same run, grouped and dense heads, greedy. Back: $OUT/ft (the draft, log), $OUT/acc.
+#   GROUPING=embedding: first move the shipped draft to that vocabulary grouping (a router retrofitted onto it,
+#     seconds), then train on from there (bench/results/router_grouping_cpu.md); that draft is evaluated too.
+#   RETROFIT=1: afterwards also retrofit a fresh router onto the trained draft (did not pay: drafts_smollm2_h200.md).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-RUN=ft bash dev/gpu_data.sh train smollm2 --init-from coral_fast/drafts/smollm2 --time-budget-s "${FT_S:-360}" \
+init=coral_fast/drafts/smollm2
+drafts=shipped=$init
+if [ -n "${GROUPING:-}" ]; then
+  RUN=regroup bash dev/gpu_data.sh train smollm2 --retrofit-router --draft "$init" --grouping "$GROUPING" --max-seq-len 4096 --no-progress | tail -1
+  rm -rf "$OUT/regroup" "$OUT/regroup.train.log"  # a call returns 8 files: keep them for ft and acc
+  init=/tmp/coral_runs/regroup
+  drafts=$drafts,regroup=$init
+fi
+RUN=ft bash dev/gpu_data.sh train smollm2 --init-from "$init" --time-budget-s "${FT_S:-360}" \
   --iters 100000 --max-seq-len 4096 --batch-tokens 16384 --lr "${FT_LR:-4e-4}" --warmup 50 "$@" | tail -2
-drafts=ft=/tmp/coral_runs/ft,shipped=coral_fast/drafts/smollm2
-if [ "${RETROFIT:-1}" = 1 ]; then
-  RUN=ftr bash dev/gpu_data.sh train smollm2 --retrofit-router --draft /tmp/coral_runs/ft --max-seq-len 4096 | tail -1
+drafts=ft=/tmp/coral_runs/ft,$drafts
+if [ "${RETROFIT:-0}" = 1 ]; then
+  RUN=ftr bash dev/gpu_data.sh train smollm2 --retrofit-router --draft /tmp/coral_runs/ft --max-seq-len 4096 --no-progress | tail -1
+  rm -rf "$OUT/ftr"
   drafts=$drafts,ftr=/tmp/coral_runs/ftr
 fi
 timeout 240 python3 -m coral_fast.benchmarks.acceptance --drafts "$drafts" --heads grouped,dense --temperatures 0 \
