@@ -478,6 +478,20 @@ def test_train_bad_folders_exit_2_in_one_line_before_the_model_loads(monkeypatch
     assert code == 2 and not loads and len(err) == 1 and "model.safetensors is truncated" in err[0], err
 
 
+def test_a_draft_keeps_its_grouping_and_says_so(monkeypatch, tmp_path, capsys):
+    from coral_fast import DraftModel
+
+    DraftModel.random_init(tiny_target(), num_groups=8, active_groups=2).save_pretrained(tmp_path / "draft")
+    argv = ["--init-from", str(tmp_path / "draft"), "--iters", "1"]
+    code, loads = _train_main(monkeypatch, tmp_path, [*argv, "--grouping", "embedding"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not loads and len(err) == 1, err
+    assert "--grouping embedding: the draft in" in err[0] and "has contiguous groups" in err[0] and "--retrofit-router" in err[0]
+    for same in ([], ["--grouping", "contiguous"]):
+        assert _train_main(monkeypatch, tmp_path, argv + same)[0] == 0
+        assert DraftModel.from_pretrained(tmp_path / "out", tiny_target()).config.grouping == "contiguous"
+
+
 def test_train_resume_from_the_command_line_is_exact(monkeypatch, tmp_path, capsys):
     from safetensors.torch import load_file
 

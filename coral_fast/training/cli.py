@@ -21,7 +21,7 @@ import torch
 
 from coral_fast.cli_checks import (
     ArgumentParser, argument_errors, boolean, check_draft_folder, check_model_arg, check_safetensors, finite_float,
-    finite_nonneg_float, float_in, int_at_least, nonnegative_int, positive_float, positive_int, unit_float,
+    finite_nonneg_float, float_in, int_at_least, nonnegative_int, positive_float, positive_int, read_json, unit_float,
 )
 from coral_fast.training.trainer import SequenceData, TrainConfig, find_checkpoint, train
 
@@ -160,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="smollm2", help="smollm2 | gemma3-270m | PATH")
     parser.add_argument("--data", required=True, help="folder written by `coral-fast data`")
     parser.add_argument("--out", required=True, help="output folder (draft + checkpoints + logs)")
-    parser.add_argument("--grouping", default="contiguous", choices=["contiguous", "frequency", "embedding", "dense"],
-                        help="how the grouped head splits the vocabulary (docs/head.md); dense: no grouped head")
+    parser.add_argument("--grouping", default=None, choices=["contiguous", "frequency", "embedding", "dense"],
+                        help="how the grouped head splits the vocabulary (docs/head.md; default contiguous); dense: no "
+                             "grouped head. A draft from --init-from or --resume keeps its own")
     parser.add_argument("--draft-arch", default="coral", choices=sorted(DRAFT_ARCHS),
                         help="coral: input norm on the layer (the shipped drafts); eagle: EAGLE-1/2's layer, exportable")
     parser.add_argument("--feature-layers", type=feature_layers_arg, default=None, metavar="last|eagle3|I,J,K",
@@ -195,12 +196,20 @@ def check_arguments(parser: argparse.ArgumentParser, args) -> str | None:
                              "with --resume or --init-from")
         check_model_arg(args.model)
         check_data_folder(args.data)
+        start = None
         if args.init_from:
             check_draft_folder(args.init_from)
-            return args.init_from
-        if args.resume:
-            return str(find_checkpoint(args.out, report=lambda line: print(line, file=sys.stderr)))
-    return None
+            start = args.init_from
+        elif args.resume:
+            start = str(find_checkpoint(args.out, report=lambda line: print(line, file=sys.stderr)))
+        if start and args.grouping and not args.retrofit_router:
+            config = Path(start) / "config.json"
+            kind = read_json(str(config)).get("grouping", "contiguous") if config.is_file() else args.grouping
+            if kind != args.grouping:
+                raise ValueError(f"--grouping {args.grouping}: the draft in {start} has {kind} groups, which training keeps; "
+                                 f"move it first with --retrofit-router --draft {start} --grouping {args.grouping}, then "
+                                 f"--init-from the result")
+    return start
 
 
 def main(argv=None) -> int:
@@ -227,10 +236,10 @@ def main(argv=None) -> int:
             raise ValueError(f"--data {args.data} holds no training sequences")
         if args.max_train_tokens:
             data.limit_train(args.max_train_tokens)
-        draft = build_draft(target, args.model, args.grouping, args.num_groups, args.active_groups, data, device, init, seed=cfg.seed,
+        draft = build_draft(target, args.model, args.grouping or "contiguous", args.num_groups, args.active_groups, data, device, init, seed=cfg.seed,
                             arch=args.draft_arch, feature_layers=args.feature_layers)
     print(json.dumps({"train_seqs": len(data.train), "train_answer_tokens": data.answer_tokens(data.train), "eval_seqs": len(data.eval), "params": sum(p.numel() for p in draft.parameters() if p.requires_grad), "config": cfg.to_dict()}))
-    eval_groups = [a for a in args.eval_groups if a <= draft.config.num_groups] if args.grouping != "dense" else []
+    eval_groups = [a for a in args.eval_groups if a <= draft.config.num_groups] if draft.config.grouping != "dense" else []
     history = train(draft, data, cfg, out_dir=args.out, resume=args.resume, progress=not args.no_progress, eval_groups=eval_groups,
                     report=lambda line: print(line, file=sys.stderr))
     save_small(draft, args.out)

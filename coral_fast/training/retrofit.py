@@ -143,7 +143,8 @@ def main_retrofit(parser, args) -> int:
     with argument_errors(parser):
         if not args.draft:
             raise ValueError("--retrofit-router needs --draft DIR (a coral-fast or EAGLE draft folder)")
-        if args.grouping == "dense":
+        kind = args.grouping or "contiguous"
+        if kind == "dense":
             raise ValueError("--retrofit-router needs --grouping contiguous, frequency or embedding")
         if not os.path.isdir(args.draft):
             raise ValueError(f"--draft {args.draft!r} is not a folder")
@@ -163,9 +164,9 @@ def main_retrofit(parser, args) -> int:
         data.set_feature_layers(draft.config.feature_layers)
         if args.max_train_tokens:
             data.limit_train(args.max_train_tokens)
-        grouping = make_grouping(args.grouping, args.num_groups, draft.lm_head_weight, data)
+        grouping = make_grouping(kind, args.num_groups, draft.lm_head_weight, data)
         stats = retrofit_router(draft, data, grouping, args.active_groups, steps=args.iters, lr=args.lr,
-                                batch_tokens=args.batch_tokens, unroll_steps=args.unroll_steps, seed=args.seed, kind=args.grouping,
+                                batch_tokens=args.batch_tokens, unroll_steps=args.unroll_steps, seed=args.seed, kind=kind,
                                 log=None if args.no_progress else (lambda d: print(json.dumps(d), file=sys.stderr)),
                                 progress=not args.no_progress)
     draft.to(torch.float16).save_pretrained(args.out)
