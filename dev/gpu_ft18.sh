@@ -5,14 +5,14 @@
 # (long sequences, the task mix), then the real loop's acceptance per task of the new draft beside the shipped
 # one, same run, grouped and dense heads, greedy. Back: $OUT/ft (the draft, log), $OUT/acc.
 #   GROUPING=embedding: first move the shipped draft to that vocabulary grouping (a router retrofitted onto it,
-#     seconds), then train on from there (bench/results/router_grouping_cpu.md); that draft is evaluated too.
+#     4000 router steps, seconds), then train on from there (bench/results/router_grouping_cpu.md); that draft is evaluated too.
 #   RETROFIT=1: afterwards also retrofit a fresh router onto the trained draft (did not pay: drafts_smollm2_h200.md).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 init=coral_fast/drafts/smollm2
 drafts=shipped=$init
 if [ -n "${GROUPING:-}" ]; then
-  RUN=regroup bash dev/gpu_data.sh train smollm2 --retrofit-router --draft "$init" --grouping "$GROUPING" --max-seq-len 4096 --no-progress | tail -1
+  RUN=regroup bash dev/gpu_data.sh train smollm2 --retrofit-router --draft "$init" --grouping "$GROUPING" --iters 4000 --max-seq-len 4096 --no-progress | tail -1
   rm -rf "$OUT/regroup" "$OUT/regroup.train.log"  # a call returns 8 files: keep them for ft and acc
   init=/tmp/coral_runs/regroup
   drafts=$drafts,regroup=$init

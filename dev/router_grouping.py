@@ -3,7 +3,7 @@
 The shipped draft stays frozen; its hidden states over held-out self-distilled data (the unrolled forward of
 training, so deeper tree levels count) are computed once. For each grouping (contiguous ids, frequency-balanced,
 balanced k-means over the LM-head rows) a fresh router is fitted (`training.retrofit.fit_router`, the same
-steps for each; the router loss does not depend on a), then on held-out rows: recall of the dense top-1 in the router's top-a groups, and the share of
+steps for each by default; --fits sets grouping, router width and steps; the router loss does not depend on a), then on held-out rows: recall of the dense top-1 in the router's top-a groups, and the share of
 the dense top-10's probability mass inside them (what the tree's top-k draws from). The draft's own jointly
 trained router (contiguous) is the first row.
 
@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--groups", type=int, default=32)
     parser.add_argument("--active", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--fits", nargs="+", default=["contiguous:256:1000", "frequency:256:1000", "embedding:256:1000"],
+                        help="GROUPING:ROUTER_WIDTH:STEPS of each fitted router")
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -68,8 +70,7 @@ def main() -> None:
 
     G = args.groups
     weight = draft.lm_head_weight.float()
-    groupings = {kind: make_grouping(kind, G, weight, data) for kind in ("contiguous", "frequency", "embedding")}
-    results = []
+    groupings, results = {}, []
 
     def report(name, router, grouping, extra=None):
         group_of = grouping.group_of.to(device)
@@ -81,10 +82,15 @@ def main() -> None:
 
     if draft.grouping is not None and draft.config.num_groups == G:
         report("shipped router (joint, contiguous)", draft.head.router.float(), draft.grouping)
-    for name, grouping in groupings.items():  # the router loss does not depend on a: one fit a grouping
+    for fit in args.fits:  # the router loss does not depend on a: one fit serves every a
+        kind, width, steps = fit.split(":")
+        if kind not in groupings:
+            groupings[kind] = make_grouping(kind, G, weight, data)
         t0 = time.perf_counter()
-        head, _, _ = fit_router(weight, grouping, max(args.active), train_rows, eval_rows, steps=args.steps)
-        report(name, head.router, grouping, {"fit_seconds": round(time.perf_counter() - t0, 1)})
+        head, _, _ = fit_router(weight, groupings[kind], max(args.active), train_rows, eval_rows, steps=int(steps),
+                                router_width=int(width))
+        report(kind, head.router, groupings[kind], {"router_width": int(width), "steps": int(steps),
+                                                    "fit_seconds": round(time.perf_counter() - t0, 1)})
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "train_rows": int(train_rows[0].shape[0]),

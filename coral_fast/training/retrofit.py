@@ -59,18 +59,20 @@ def group_recall(router, hidden: Tensor, top1: Tensor, group_of: Tensor, active:
 
 
 def fit_router(weight: Tensor, grouping, active_groups: int, train_rows: tuple, eval_rows: tuple, steps: int = 500,
-               lr: float = 1e-3, batch_rows: int = 4096, seed: int = 0, log=None):
+               lr: float = 1e-3, batch_rows: int = 4096, seed: int = 0, log=None, router_width: int = 256):
     """Train a fresh router for a grouped head over `weight` [V, H] and `grouping` on a frozen draft's rows.
     train_rows: (hidden [N, H], dense top-k ids [N, k], log-probs [N, k]) from `draft_rows`; eval_rows the same
-    (held out; only hidden and ids[:, 0] are read). -> (RoutedLMHead with the fp32 router, recall before,
-    recall after): the held-out fraction of rows whose dense top-1 lies in the router's top-`active_groups`."""
+    (held out; only hidden and ids[:, 0] are read); router_width: the router MLP's hidden size.
+    -> (RoutedLMHead with the fp32 router, recall before, recall after): the held-out fraction of rows whose
+    dense top-1 lies in the router's top-`active_groups` groups."""
     from coral_fast.head import RoutedLMHead
+    from coral_fast.router import GroupRouter
 
     train_h, train_ids, train_lps = train_rows
     eval_h, eval_ids = eval_rows[0], eval_rows[1]
     torch.manual_seed(seed)
-    head = RoutedLMHead(weight, grouping, active_groups).to(weight.device)
-    router = head.router.float()
+    router = GroupRouter(weight.shape[1], grouping.num_groups, router_width, dtype=torch.float32, device=weight.device)
+    head = RoutedLMHead(weight, grouping, active_groups, router=router).to(weight.device)
     group_of = grouping.group_of.to(weight.device)
     before = group_recall(router, eval_h, eval_ids[:, 0], group_of, active_groups)
     optimizer = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=0.0)
