@@ -5,15 +5,21 @@
 # (long sequences, the task mix), then the real loop's acceptance per task of the new draft beside the shipped
 # one, same run, grouped and dense heads, greedy. Back: $OUT/ft (the draft, log), $OUT/acc.
 #   GROUPING=embedding: first move the shipped draft to that vocabulary grouping (a router retrofitted onto it,
-#     4000 router steps, seconds), then train on from there (bench/results/router_grouping_cpu.md); that draft is evaluated too.
+#     4000 router steps, seconds), then train on from there (bench/results/router_grouping_cpu.md); that draft
+#     is evaluated too.
 #   RETROFIT=1: afterwards also retrofit a fresh router onto the trained draft (did not pay: drafts_smollm2_h200.md).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 init=coral_fast/drafts/smollm2
 drafts=shipped=$init
+retrofit() {  # RUN DRAFT [flags]: a router retrofitted onto DRAFT, in /tmp/coral_runs/RUN
+  local run=$1 draft=$2
+  shift 2
+  RUN=$run bash dev/gpu_data.sh train smollm2 --retrofit-router --draft "$draft" --max-seq-len 4096 --no-progress "$@" | tail -1
+  rm -rf "${OUT:?}/$run" "$OUT/$run.train.log"  # a call returns 8 files: keep them for ft and acc
+}
 if [ -n "${GROUPING:-}" ]; then
-  RUN=regroup bash dev/gpu_data.sh train smollm2 --retrofit-router --draft "$init" --grouping "$GROUPING" --iters 4000 --max-seq-len 4096 --no-progress | tail -1
-  rm -rf "$OUT/regroup" "$OUT/regroup.train.log"  # a call returns 8 files: keep them for ft and acc
+  retrofit regroup "$init" --grouping "$GROUPING" --iters 4000
   init=/tmp/coral_runs/regroup
   drafts=$drafts,regroup=$init
 fi
@@ -21,8 +27,7 @@ RUN=ft bash dev/gpu_data.sh train smollm2 --init-from "$init" --time-budget-s "$
   --iters 100000 --max-seq-len 4096 --batch-tokens 16384 --lr "${FT_LR:-4e-4}" --warmup 50 "$@" | tail -2
 drafts=ft=/tmp/coral_runs/ft,$drafts
 if [ "${RETROFIT:-0}" = 1 ]; then
-  RUN=ftr bash dev/gpu_data.sh train smollm2 --retrofit-router --draft /tmp/coral_runs/ft --max-seq-len 4096 --no-progress | tail -1
-  rm -rf "$OUT/ftr"
+  retrofit ftr /tmp/coral_runs/ft
   drafts=$drafts,ftr=/tmp/coral_runs/ftr
 fi
 timeout 240 python3 -m coral_fast.benchmarks.acceptance --drafts "$drafts" --heads grouped,dense --temperatures 0 \

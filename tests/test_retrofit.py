@@ -37,8 +37,9 @@ def test_router_learns_the_dense_argmax_groups(tmp_path, source, kind, seed):
     dense_before = draft(f["features"], f["tokens"], f["positions"])
     stats = retrofit_router(draft, data, grouping, active_groups=2, steps=300, lr=3e-3, unroll_steps=2, kind=kind)
     assert stats["chance"] == 0.25
-    # twice chance; the untrained router sits near or below chance (0.007 with the embedding groups here)
-    assert stats["recall_after"] > 0.5 and stats["recall_after"] > stats["recall_before"] + 0.25, stats
+    # the embedding groups of this random head are harder to route (0.53): twice chance there
+    assert stats["recall_after"] > (0.5 if kind == "embedding" else 0.55), stats
+    assert stats["recall_after"] > stats["recall_before"] + 0.25, stats
     # the draft itself did not move; only the head changed
     assert all(torch.equal(p, frozen[n]) for n, p in draft.named_parameters() if not n.startswith("head."))
     torch.testing.assert_close(draft(f["features"], f["tokens"], f["positions"]), dense_before)
@@ -63,6 +64,8 @@ def test_retrofit_refuses_what_it_cannot_do(tmp_path):
         retrofit_router(draft, data, VocabGrouping.contiguous(60, 8), 2, steps=1)
     with pytest.raises(ValueError, match="does not fit"):
         retrofit_router(draft, data, VocabGrouping.contiguous(67, 8), 9, steps=1)
+    with pytest.raises(ValueError, match="name the kind a re-laid grouping"):
+        retrofit_router(draft, data, VocabGrouping.from_token_counts(data.token_counts(67), 8), 2, steps=1)
     with pytest.raises(ValueError, match="needs a DraftModel"):
         retrofit_router(torch.nn.Linear(2, 2), data, VocabGrouping.contiguous(67, 8), 2, steps=1)
 

@@ -89,7 +89,6 @@ def fit_router(weight: Tensor, grouping, active_groups: int, train_rows: tuple, 
         if log and (step % 100 == 0 or step == steps - 1):
             log({"step": step, "router_loss": round(float(loss), 4)})
     router.eval()
-    head.router = router
     return head, before, group_recall(router, eval_h, eval_ids[:, 0], group_of, active_groups)
 
 
@@ -99,12 +98,17 @@ def retrofit_router(draft, data: SequenceData, grouping, active_groups: int, ste
     """Give `draft` (a DraftModel, modified in place) a routed grouped head over `grouping`; train the
     router only. Returns the held-out recall of the dense top-1 in the top-`active_groups` groups
     before (an untrained router) and after, with chance = active / G for equal groups. `kind`: the
-    grouping's name in the draft's config (default: contiguous or frequency, from the grouping)."""
+    grouping's name in the draft's config (contiguous | frequency | embedding); only contiguous can be told
+    from the grouping itself, so a re-laid grouping must name its kind."""
     from coral_fast.draft import DraftModel
 
     if not isinstance(draft, DraftModel):
         raise ValueError(f"router retrofit needs a DraftModel (ours or an EAGLE-1/2/HASS import), got "
                          f"{type(draft).__name__}: an EAGLE-3 draft has its own reduced head")
+    kind = kind or "contiguous"
+    if (kind == "contiguous") != grouping.is_identity:
+        raise ValueError(f"kind={kind!r} does not match the grouping (contiguous ids: {grouping.is_identity}): "
+                         f"name the kind a re-laid grouping was built as (frequency or embedding)")
     G = grouping.num_groups
     if grouping.vocab_size != draft.config.vocab_size or not 1 <= active_groups <= G:
         raise ValueError(f"grouping of V={grouping.vocab_size} into {G} groups with {active_groups} active does not fit "
@@ -121,7 +125,6 @@ def retrofit_router(draft, data: SequenceData, grouping, active_groups: int, ste
     head.router = head.router.to(draft.fc.weight.dtype)
     draft.head = head
     draft.grouping = grouping
-    kind = kind or ("contiguous" if grouping.is_identity else "frequency")
     draft.config.grouping, draft.config.num_groups, draft.config.active_groups = kind, G, active_groups
     return {"recall_before": round(before, 4), "recall_after": round(after, 4), "chance": round(active_groups / G, 4),
             "train_rows": int(train_rows[0].shape[0]), "eval_rows": int(eval_rows[0].shape[0]), "steps": steps,
