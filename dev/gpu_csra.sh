@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CSRA ablation of issue 18: single-step vs multi-step vs multi-step + CSRA, from scratch, at equal data
-# (the carried dev/carry/smollm2.train.tar.gz) and equal iterations, several seeds; then the real loop's
+# (the carried dev/carry/smollm2.train.tar.xz) and equal iterations, several seeds; then the real loop's
 # acceptance per task of every draft (grouped head, greedy, speculation forced). Needs the SmolLM2 GGUF on the
 # machine (dev/README.md). Nine drafts do not fit one 10-minute call: split them, e.g.
 #   RUNS="single:0 multi:0 csra:0 single:1 multi:1" bash dev/gpu_csra.sh train

@@ -14,12 +14,35 @@ from tests.test_bench_e2e import _CharTokenizer
 
 @pytest.mark.parametrize("argv, message", [
     (["--drafts", "a=/does/not/exist"], "no folder"),
-    (["--drafts", "a=.", "--heads", "sparse"], "grouped and/or dense"),
+    (["--drafts", "a=.", "--heads", "sparse"], "grouped, grouped:A (A >= 1) or dense"),
+    (["--drafts", "a=.", "--heads", "grouped:0"], "grouped, grouped:A (A >= 1) or dense"),
+    (["--drafts", "a=.", "--heads", "dense:4"], "grouped, grouped:A (A >= 1) or dense"),
     (["--drafts", "a=.", "--temperatures", "-1"], "[0, 10]"),
 ])
 def test_bad_values_exit_2_in_one_line(argv, message, capsys):
     assert acceptance.main(argv + ["--device", "cpu"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, parsed", [("grouped", ("grouped", None)), ("grouped:7", ("grouped", 7)),
+                                          ("dense", ("dense", None))])
+def test_heads_name_the_mode_and_the_active_groups(text, parsed):
+    assert acceptance.parse_head(text) == parsed
+
+
+def test_more_active_groups_than_the_draft_has_is_an_error(tmp_path, monkeypatch):
+    """Checked against the loaded draft (its number of groups is in its config), before anything is measured."""
+    from coral_fast.draft import DraftModel
+    from tests.test_models import tiny_llama
+
+    model = tiny_llama(vocab=101, hidden=40, layers=2, seed=5)
+    draft = DraftModel.random_init(model)
+    draft.save_pretrained(str(tmp_path))
+    monkeypatch.setattr("coral_fast.models.load_target", lambda *a, **k: (model, _CharTokenizer(101)))
+    too_many = draft.config.num_groups + 1
+    with pytest.raises(ValueError, match=f"has {draft.config.num_groups} groups"):
+        acceptance.main(["--drafts", f"a={tmp_path}", "--heads", f"grouped:{too_many}", "--device", "cpu",
+                         "--tasks", "qa", "--prompts-per-task", "1", "--out-dir", str(tmp_path / "out")])
 
 
 def test_drafts_without_a_name_are_an_argument_error(capsys):

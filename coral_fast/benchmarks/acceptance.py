@@ -44,7 +44,8 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python -m coral_fast.benchmarks.acceptance", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="smollm2 | gemma3-270m | PATH")
     p.add_argument("--drafts", type=_named_drafts, required=True, help="NAME=DIR[,NAME=DIR...]")
-    p.add_argument("--heads", default="grouped", help="comma list of grouped, dense")
+    p.add_argument("--heads", default="grouped", help="comma list of grouped, grouped:A (A active groups instead of "
+                   "the draft's), dense")
     p.add_argument("--temperatures", default="0", help="comma list; 0 = greedy")
     p.add_argument("--suite", default="full", choices=("quick", "full"), help="quick = 3 prompts a task")
     p.add_argument("--tasks", default="all", help=f"comma list of: {', '.join(SUITE_TASKS + EXTRA_TASKS)} (default all: {', '.join(SUITE_TASKS)})")
@@ -56,6 +57,16 @@ def build_parser():
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--out-dir", default="bench/results/acceptance")
     return p
+
+
+def parse_head(text: str) -> tuple[str, int | None]:
+    """'grouped' | 'grouped:A' | 'dense' -> (head mode, active groups or None for the draft's own)."""
+    mode, _, active = text.partition(":")
+    if mode == "dense" and not active:
+        return mode, None
+    if mode == "grouped" and (not active or (active.isdigit() and int(active) >= 1)):
+        return mode, int(active) if active else None
+    raise ValueError(f"--heads wants grouped, grouped:A (A >= 1) or dense, got {text!r}")
 
 
 def measure(gen, prompts, encoded, max_new_tokens: int, temperature: float) -> dict:
@@ -128,8 +139,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         heads = [h for h in args.heads.split(",") if h]
-        if not heads or any(h not in ("grouped", "dense") for h in heads):
-            raise ValueError(f"--heads wants grouped and/or dense, got {args.heads!r}")
+        if not heads:
+            raise ValueError(f"--heads wants grouped, grouped:A and/or dense, got {args.heads!r}")
+        for h in heads:
+            parse_head(h)
         temperatures = [float(t) for t in args.temperatures.split(",") if t]
         if not temperatures or any(not 0 <= t <= 10 for t in temperatures):
             raise ValueError(f"--temperatures wants numbers in [0, 10], got {args.temperatures!r}")
@@ -169,7 +182,10 @@ def main(argv=None) -> int:
     for name, path in args.drafts:
         draft = DraftModel.from_pretrained(path, model)
         for head in heads:
-            with head_mode(draft, head):
+            mode, active = parse_head(head)
+            if active is not None and not active <= draft.config.num_groups:
+                raise ValueError(f"--heads {head}: draft {name} has {draft.config.num_groups} groups")
+            with head_mode(draft, mode, active):
                 t0 = time.perf_counter()
                 gen = make_generator(model, draft, args.tree, args.mode, adaptive=False)
                 gen.warmup()
