@@ -30,8 +30,8 @@ def test_heads_name_the_mode_and_the_active_groups(text, parsed):
     assert acceptance.parse_head(text) == parsed
 
 
-def test_more_active_groups_than_the_draft_has_is_an_error(tmp_path, monkeypatch):
-    """Checked against the loaded draft (its number of groups is in its config), before anything is measured."""
+def test_more_active_groups_than_the_draft_has_is_an_error(tmp_path, monkeypatch, capsys):
+    """Checked against the loaded draft (its number of groups is in its config), before any of its heads runs."""
     from coral_fast.draft import DraftModel
     from tests.test_models import tiny_llama
 
@@ -40,9 +40,10 @@ def test_more_active_groups_than_the_draft_has_is_an_error(tmp_path, monkeypatch
     draft.save_pretrained(str(tmp_path))
     monkeypatch.setattr("coral_fast.models.load_target", lambda *a, **k: (model, _CharTokenizer(101)))
     too_many = draft.config.num_groups + 1
-    with pytest.raises(ValueError, match=f"has {draft.config.num_groups} groups"):
-        acceptance.main(["--drafts", f"a={tmp_path}", "--heads", f"grouped:{too_many}", "--device", "cpu",
-                         "--tasks", "qa", "--prompts-per-task", "1", "--out-dir", str(tmp_path / "out")])
+    code = acceptance.main(["--drafts", f"a={tmp_path}", "--heads", f"grouped,grouped:{too_many}", "--device", "cpu",
+                            "--tasks", "qa", "--prompts-per-task", "1", "--out-dir", str(tmp_path / "out")])
+    assert code == 2 and f"has {draft.config.num_groups} groups" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "acceptance.json").exists()  # the valid head before it did not run
 
 
 def test_drafts_without_a_name_are_an_argument_error(capsys):

@@ -182,10 +182,12 @@ def main(argv=None) -> int:
     for name, path in args.drafts:
         draft = DraftModel.from_pretrained(path, model)
         for head in heads:
-            mode, active = parse_head(head)
+            active = parse_head(head)[1]
             if active is not None and not active <= draft.config.num_groups:
-                raise ValueError(f"--heads {head}: draft {name} has {draft.config.num_groups} groups")
-            with head_mode(draft, mode, active):
+                print(f"acceptance: --heads {head}: draft {name} has {draft.config.num_groups} groups", file=sys.stderr)
+                return 2
+        for head in heads:
+            with head_mode(draft, *parse_head(head)):
                 t0 = time.perf_counter()
                 gen = make_generator(model, draft, args.tree, args.mode, adaptive=False)
                 gen.warmup()

@@ -31,7 +31,9 @@ def draft_rows(draft, data: SequenceData, spans, batch_tokens: int, unroll_steps
     from tqdm.auto import tqdm
 
     hiddens, ids, lps, count = [], [], [], 0
-    bar = tqdm(total=max_rows, desc=desc, unit="row", disable=desc is None)
+    # rows come from the spans' positions, once per unrolled step: a bound for the bar when max_rows is "all"
+    bound = sum(end - start for start, end in spans) * unroll_steps
+    bar = tqdm(total=min(max_rows, bound), desc=desc, unit="row", disable=desc is None)
     for batch in data.batches(spans, batch_tokens, shuffle=False, rng=None):
         outputs = unrolled_forward(draft, batch["features"].to(draft.fc.weight.dtype), batch["tokens"],
                                    batch["positions"], unroll_steps)
