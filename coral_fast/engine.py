@@ -32,6 +32,7 @@ from torch import Tensor
 
 from coral_fast.hf_attention import (ATTN_NAME, TreeKVCache, attention_implementation, final_logits, register,
                                      tree_forward)
+from coral_fast.lookup import prompt_lookup
 from coral_fast.models import text_config
 from coral_fast.tree import DraftTree, build_dynamic_tree
 from coral_fast.verify import accept_greedy, accept_sampling, sample_from
@@ -101,6 +102,10 @@ class Engine:
         self.impl, self.head_impl = impl, head_impl
         self.device = dev = model.get_output_embeddings().weight.device
         self.depth, self.topk, self.T = tree.depth, tree.topk, tree.total_tokens
+        # a prompt-lookup chain (coral_fast.lookup) is the tree's last `lookup` nodes, one more child of the
+        # root: sampling's verify tries up to topk + 1 children there
+        self.lookup = getattr(tree, "lookup", 0)
+        self.children = self.topk + (1 if self.lookup else 0)
         self.R, self.A = self.T + 1, self.depth + 1
         self.C = chunk or PREFILL_CHUNK
         self.max_context = max_context
@@ -116,7 +121,7 @@ class Engine:
         self.hist = History(torch.zeros(self.S, **i64), torch.zeros(self.S, F, dtype=fdtype, device=dev))
         self.chunk = Chunk(torch.ones(1, **i64), torch.zeros(1, dtype=torch.bool, device=dev))
         self.sampling = Sampling(torch.ones(1, dtype=torch.float64, device=dev),
-                                 torch.zeros(self.depth + 1, self.topk + 1, dtype=torch.float64, device=dev))
+                                 torch.zeros(self.depth + 1, self.children + 1, dtype=torch.float64, device=dev))
         self.result = torch.zeros(self.A + 1, **i64)  # [count, tokens...] of the last round / plain step
         # a probe's first look (`draft_extend_step(scout=True)`): [hits, rows] of the draft's top-1 against the
         # tokens the target chose over the rows it caught up on; prompt_len: rows predicting prompt tokens
@@ -132,7 +137,7 @@ class Engine:
             self.dv = torch.zeros_like(self.dk)
             self.tree_in = TreeInputs(torch.zeros(self.R, **i64), torch.eye(self.R, dtype=torch.bool, device=dev),
                                       torch.zeros(self.R, **i64), torch.full((self.T,), -1, **i64))
-            self.tree_builder = dynamic_tree  # (engine, last [1, H], n, width) -> (DraftTree, tokens [T])
+            self.tree_builder = dynamic_tree  # (engine, last [1, H], n, width) -> (DraftTree, tokens [T - lookup])
         self.head_check = mode == "eager"
         self.rng: torch.Generator | None = None
         self.sampling_on = False
@@ -255,6 +260,8 @@ class Engine:
         last = hidden.index_select(0, pos.n - pos.d_len - 1)  # [1, H]: predicts the target's feature at n
         pos.d_len.copy_(pos.n)
         tree, tokens = self.tree_builder(self, last, pos.n, width)
+        if self.lookup:
+            tree, tokens = self._with_lookup(tree, tokens)
         ti.tokens[:1].copy_(self.hist.ids.index_select(0, pos.n))
         ti.tokens[1:].copy_(tokens)
         ti.mask[1:, 1:].copy_(tree.mask)
@@ -262,12 +269,21 @@ class Engine:
         ti.depth[1:].copy_(tree.depth + 1)
         ti.parents.copy_(tree.parents)
 
+    def _with_lookup(self, tree: DraftTree, tokens: Tensor) -> tuple[DraftTree, Tensor]:
+        """The draft's T - lookup nodes, then the prompt-lookup chain from the root (node T - lookup + i's
+        parent is the chain's node before it)."""
+        L, first = self.lookup, self.T - self.lookup
+        chain = prompt_lookup(self.hist.ids, self.pos.n, L)
+        links = first - 1 + torch.arange(L, device=self.device)
+        parents = torch.cat([tree.parents, torch.where(links >= first, links, torch.full_like(links, -1))])
+        return DraftTree.from_parents(parents, validate=False), torch.cat([tokens, chain])
+
     def verify_step(self, sampling: bool = False) -> None:
         """verify -> accept -> commit."""
         ti = self.tree_in
         feats, _, logits = self._target(ti.tokens, ti.mask, ti.depth, self._width(self.R))
         if sampling:
-            rows, count, tokens = accept_sampling(logits, ti.tokens[1:], ti.parents, self.depth, self.topk,
+            rows, count, tokens = accept_sampling(logits, ti.tokens[1:], ti.parents, self.depth, self.children,
                                                   self.sampling.temperature, self.sampling.uniforms)
         else:
             rows, count, tokens = accept_greedy(logits, ti.tokens[1:], DraftTree(ti.parents, ti.mask[1:, 1:],
@@ -421,7 +437,7 @@ def dynamic_tree(engine: Engine, last: Tensor, n: Tensor, width: int | None):
     """The EAGLE-2 dynamic tree from the draft's hidden state `last` [1, H] predicting position n: each
     level runs the draft on the `topk` best frontier nodes, their keys/values in the draft's cache after
     the committed prefix (slots n + (level - 1) * topk ..), masked to their ancestors.
-    Returns (DraftTree of T nodes, tokens [T])."""
+    Returns (DraftTree of T - lookup nodes, tokens [T - lookup])."""
     draft, dev, k = engine.draft, engine.device, engine.topk
     S = width or engine.d_slots
     cols = torch.arange(S, device=dev)
@@ -450,7 +466,7 @@ def dynamic_tree(engine: Engine, last: Tensor, n: Tensor, width: int | None):
 
     root_ids, root_logprobs = draft.topk(last, k, impl=engine.head_impl, check=engine.head_check)
     tree, tokens, _ = build_dynamic_tree(root_ids[0], root_logprobs[0], expand, depth=engine.depth, topk=k,
-                                         total_tokens=engine.T)
+                                         total_tokens=engine.T - engine.lookup)
     return tree, tokens
 
 

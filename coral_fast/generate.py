@@ -42,20 +42,28 @@ def _is_int(value) -> bool:
 
 @dataclass
 class TreeConfig:
-    """EAGLE-2 dynamic tree: `depth` levels, `topk` children per expanded node, `total_tokens` kept."""
+    """EAGLE-2 dynamic tree: `depth` levels, `topk` children per expanded node, `total_tokens` verified.
+
+    lookup > 0: the last `lookup` of the total_tokens are a chain copied from the context (coral_fast.lookup),
+    hung from the root beside the draft's total_tokens - lookup nodes."""
 
     depth: int = 6
     topk: int = 10
     total_tokens: int = 60
+    lookup: int = 0
 
     def __post_init__(self):
         for name, value, hi in (("depth", self.depth, MAX_DEPTH), ("topk", self.topk, MAX_TOPK)):
             if not _is_int(value) or not 1 <= value <= hi:
                 raise ValueError(f"tree {name} must be an integer in [1, {hi}], got {value!r}")
         most = self.max_tokens(self.depth, self.topk)
-        if not _is_int(self.total_tokens) or not 1 <= self.total_tokens <= most:
-            raise ValueError(f"tree total_tokens must be an integer in [1, {most}] for depth {self.depth} and "
-                             f"topk {self.topk}, got {self.total_tokens!r}")
+        if not _is_int(self.lookup) or not 0 <= self.lookup <= self.depth:
+            raise ValueError(f"tree lookup must be an integer in [0, depth={self.depth}], got {self.lookup!r}")
+        if not _is_int(self.total_tokens) or not 1 + self.lookup <= self.total_tokens <= most + self.lookup \
+                or self.total_tokens > MAX_TREE_TOKENS:
+            raise ValueError(f"tree total_tokens must be an integer in [{1 + self.lookup}, "
+                             f"{min(most + self.lookup, MAX_TREE_TOKENS)}] for depth {self.depth} and topk {self.topk}"
+                             + (f" with lookup {self.lookup}" if self.lookup else "") + f", got {self.total_tokens!r}")
 
     @staticmethod
     def max_tokens(depth: int, topk: int) -> int:

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"children per expanded node in [1, {MAX_TOPK}] (default 10 GPU, 4 CPU)")
     p.add_argument("--tree-tokens", type=int, default=None,
                    help=f"tree size verified per round, in [1, {MAX_TREE_TOKENS}] (default 60 GPU, 16 CPU)")
+    p.add_argument("--lookup", type=int, default=0,
+                   help="prompt lookup: the last N of the tree's tokens copy what followed the context's final "
+                        "n-gram where it occurred before (helps summaries, answers over passages; 0 = off)")
     return p
 
 
@@ -132,12 +135,15 @@ def main(argv=None) -> int:
                 depth=(6 if on_gpu else 4) if args.tree_depth is None else args.tree_depth,
                 topk=(10 if on_gpu else 4) if args.tree_topk is None else args.tree_topk,
                 total_tokens=(60 if on_gpu else 16) if args.tree_tokens is None else args.tree_tokens,
+                lookup=args.lookup,
             )
         except ValueError as e:  # name the flags
             message = str(e)
-            for field, flag in (("depth", "--tree-depth"), ("topk", "--tree-topk"), ("total_tokens", "--tree-tokens")):
+            for field, flag in (("depth", "--tree-depth"), ("topk", "--tree-topk"), ("total_tokens", "--tree-tokens"),
+                                ("lookup", "--lookup")):
                 message = message.replace(f"tree {field} ", f"{flag} ")
             message = message.replace("for depth", "for --tree-depth").replace("and topk", "and --tree-topk")
+            message = message.replace("with lookup", "with --lookup").replace("depth=", "--tree-depth=")
             raise ValueError(message) from None
         check_model_arg(args.model)
         if args.draft and not args.no_draft:

@@ -7,8 +7,8 @@
 What a draft is worth before any kernel: for each draft x head x temperature, every prompt of the task
 suite (coral_fast/data/tasks/, held out: never trained on) runs through the real loop with speculation
 forced on (`adaptive=False`: every step is a round, so tau is the draft's, not the fallback's), the EAGLE-2
-tree of --tree, exactly --max-new-tokens tokens (EOS ignored). tau = tokens committed / rounds, pooled over
-a task's prompts (bonus token included). `--heads dense` swaps the routed grouped top-k for a dense top-k
+tree of --tree, exactly --max-new-tokens tokens (EOS ignored; --stop-at-eos ends each answer at its EOS).
+tau = tokens committed / rounds, pooled over a task's prompts (bonus token included). `--heads dense` swaps the routed grouped top-k for a dense top-k
 over the whole vocabulary (training.evaluate.head_mode): grouped/dense is what the router costs.
 
 Outputs in --out-dir: acceptance.json (env, settings, one row per draft/head/temperature/task) and
@@ -52,6 +52,10 @@ def build_parser():
     p.add_argument("--prompts-per-task", type=_positive_int, default=None)
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--tree", type=_tree, default=(6, 10, 60))
+    p.add_argument("--stop-at-eos", action="store_true", help="end each answer at its EOS (default: exactly "
+                   "--max-new-tokens, EOS ignored; what follows an EOS often repeats the answer, which a lookup copies)")
+    p.add_argument("--lookup", type=int, default=0, help="prompt-lookup chain: the last L of the tree's tokens are "
+                   "copied from the context (coral_fast.lookup); 0 = off")
     p.add_argument("--mode", default=None, choices=MODES, help="engine mode (default: compile-draft on CUDA, eager on CPU)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -69,14 +73,14 @@ def parse_head(text: str) -> tuple[str, int | None]:
     raise ValueError(f"--heads wants grouped, grouped:A (A >= 1) or dense, got {text!r}")
 
 
-def measure(gen, prompts, encoded, max_new_tokens: int, temperature: float) -> dict:
+def measure(gen, prompts, encoded, max_new_tokens: int, temperature: float, ignore_eos: bool = True) -> dict:
     """{task: (rounds, tokens, seconds)} over the prompts, speculation forced on."""
     import torch
 
     per_task: dict[str, list[float]] = {}
     for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
         kw = dict(temperature=temperature, generator=torch.Generator().manual_seed(1000 + i)) if temperature > 0 else {}
-        result = gen.generate(ids, max_new_tokens, ignore_eos=True, **kw)
+        result = gen.generate(ids, max_new_tokens, ignore_eos=ignore_eos, **kw)
         if result.plain_steps:
             raise RuntimeError(f"{result.plain_steps} plain steps with adaptive=False: tau would not be the draft's")
         acc = per_task.setdefault(prompt.task, [0, 0, 0.0])
@@ -112,8 +116,11 @@ def markdown(result: dict) -> str:
     lines = [f"# Mean accepted length per task ({settings['model']}, held-out task suite)", "",
              f"{env['device']}, torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
              f"{env['date']}.", "", f"`{env['command']}`", "",
-             f"Speculation forced on (every step a round), tree {','.join(map(str, settings['tree']))}, "
-             f"{settings['max_new_tokens']} new tokens a prompt (EOS ignored), {settings['dtype']}, engine mode "
+             f"Speculation forced on (every step a round), tree {','.join(map(str, settings['tree']))}"
+             + (f" of which a prompt-lookup chain of {settings['lookup']}" if settings.get("lookup") else "") + ", "
+             f"{settings['max_new_tokens']} new tokens a prompt "
+             f"({'at most: each answer ends at its EOS' if settings.get('stop_at_eos') else 'EOS ignored'}), "
+             f"{settings['dtype']}, engine mode "
              f"{settings['mode']}; tau = tokens committed / rounds, bonus token included, pooled over a task's prompts.",
              f"Drafts: {', '.join(f'{k} = `{v}`' for k, v in settings['drafts'].items())}.", ""]
     for temperature in settings["temperatures"]:
@@ -137,6 +144,7 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         heads = [h for h in args.heads.split(",") if h]
         if not heads:
@@ -149,11 +157,13 @@ def main(argv=None) -> int:
         for name, path in args.drafts:
             if not os.path.isdir(path):
                 raise ValueError(f"draft {name}: no folder {path}")
+        from coral_fast.generate import TreeConfig
+
+        TreeConfig(*args.tree, lookup=args.lookup)  # checks the lookup against the tree before the model loads
         prompts = load_suite(args.tasks, args.prompts_per_task or (3 if args.suite == "quick" else None))
     except ValueError as e:
         print(f"acceptance: {e}", file=sys.stderr)
         return 2
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     from coral_fast.benchmarks.e2e import encode, environment, make_generator
@@ -176,6 +186,7 @@ def main(argv=None) -> int:
         counts[p.task] = counts.get(p.task, 0) + 1
     result = dict(env=env, rows=[], settings=dict(
         model=args.model, drafts=dict(args.drafts), heads=heads, temperatures=temperatures, tree=list(args.tree),
+        lookup=args.lookup, stop_at_eos=args.stop_at_eos,
         max_new_tokens=args.max_new_tokens, dtype=args.dtype, mode=args.mode or default_mode(device),
         prompts_per_task=counts))
     os.makedirs(args.out_dir, exist_ok=True)
@@ -189,10 +200,10 @@ def main(argv=None) -> int:
         for head in heads:
             with head_mode(draft, *parse_head(head)):
                 t0 = time.perf_counter()
-                gen = make_generator(model, draft, args.tree, args.mode, adaptive=False)
+                gen = make_generator(model, draft, (*args.tree, args.lookup), args.mode, adaptive=False)
                 gen.warmup()
                 for temperature in temperatures:
-                    per_task = measure(gen, prompts, encoded, args.max_new_tokens, temperature)
+                    per_task = measure(gen, prompts, encoded, args.max_new_tokens, temperature, not args.stop_at_eos)
                     rows = rows_of(name, head, temperature, per_task)
                     result["rows"] += rows
                     print(f"{name} {head} T={temperature}: " + ", ".join(f"{r['task']} {r['tau']:.2f}" for r in rows)

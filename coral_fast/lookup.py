@@ -1,0 +1,48 @@
+"""Prompt lookup: a chain of tokens copied from the context, verified beside the draft's tree.
+
+Summaries, answers over passages and multi-turn replies repeat spans of their context; a one-layer draft
+predicts such spans less surely than a lookup finds them. `prompt_lookup` takes the context's last g tokens
+(g = ngram_max down to ngram_min), finds their latest earlier occurrence, and proposes what followed it.
+The engine hangs that chain from the root as the tree's last `TreeConfig.lookup` nodes. Verification judges
+every node against the target, so any proposal is safe: the output stays exactly the target's.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def prompt_lookup(ids: Tensor, n: Tensor, length: int, ngram_max: int = 4, ngram_min: int = 2) -> Tensor:
+    """ids: [S] int64, the committed tokens at [0, n] (ids[n] = the last one); n: [1] int64 (device).
+    -> [length] int64: the tokens after the latest earlier occurrence of ids[n - g + 1 .. n] for the largest
+    g in [ngram_min, ngram_max] that recurs, as far as they are known (positions <= n); the rest, or all of it
+    when nothing recurs, repeats ids[n] (a harmless guess). Fixed shapes, no host sync (capturable)."""
+    if not 1 <= ngram_min <= ngram_max or length < 1:
+        raise ValueError(f"need 1 <= ngram_min <= ngram_max and length >= 1, got {ngram_min}, {ngram_max}, {length}")
+    S = ids.shape[0]
+    follow = torch.full_like(n, -1)  # where the proposal starts; -1: no match yet
+    for g in range(ngram_min, ngram_max + 1):  # a longer n-gram's match overrides a shorter one's
+        if g >= S:
+            break
+        key = ids.index_select(0, (n - g + 1 + torch.arange(g, device=ids.device)).clamp(min=0))  # [g]
+        starts = torch.arange(S - g + 1, device=ids.device)
+        # windows ending before n: an earlier occurrence, never the suffix itself
+        hit = (ids.unfold(0, g, 1) == key[None, :]).all(dim=1) & (starts + g - 1 < n) & (n >= g - 1)
+        latest = torch.where(hit, starts, torch.full_like(starts, -1)).max(dim=0, keepdim=True).values
+        follow = torch.where(latest >= 0, latest + g, follow)
+    at = follow + torch.arange(length, device=ids.device)
+    known = (follow >= 0) & (at <= n)
+    return torch.where(known, ids.index_select(0, at.clamp(0, S - 1)), ids.index_select(0, n).expand(length))
+
+
+def reference_prompt_lookup(context: list[int], length: int, ngram_max: int = 4, ngram_min: int = 2) -> list[int]:
+    """The same rule over a Python list (context[-1] = the last committed token): the tests' oracle."""
+    for g in range(ngram_max, ngram_min - 1, -1):
+        if len(context) < g:
+            continue
+        key = context[-g:]
+        for s in range(len(context) - g - 1, -1, -1):
+            if context[s:s + g] == key:
+                copied = context[s + g:s + g + length]
+                return copied + [context[-1]] * (length - len(copied))
+    return [context[-1]] * length

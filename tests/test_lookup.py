@@ -1,0 +1,110 @@
+"""Prompt lookup: the device op equals its list oracle; with a lookup chain in the tree the loop's greedy output
+is still generate's, the chain is accepted where the output repeats its context, and sampling keeps the
+target's distribution (the root then has topk + 1 children)."""
+import random
+
+import pytest
+import torch
+
+from coral_fast import SpeculativeGenerator
+from coral_fast.generate import TreeConfig
+from coral_fast.lookup import prompt_lookup, reference_prompt_lookup
+from test_generate import plain_greedy
+from test_models import tiny_llama
+from test_sampling import V, exact_joint
+from test_verify import chi_square_p
+
+
+def test_lookup_matches_the_list_oracle(seed):
+    rng = random.Random(seed)
+    for _ in range(600):
+        S = rng.randint(2, 53)
+        n = rng.randint(0, S - 1)
+        vocab = rng.choice([2, 3, 7])  # small vocabularies: many repeats, several n-gram sizes match
+        ids = torch.tensor([rng.randrange(vocab) for _ in range(S)])
+        length, low = rng.randint(1, 7), rng.randint(1, 3)
+        high = rng.randint(low, 5)
+        got = prompt_lookup(ids, torch.tensor([n]), length, high, low)
+        assert got.shape == (length,) and got.dtype == torch.int64
+        assert got.tolist() == reference_prompt_lookup(ids[: n + 1].tolist(), length, high, low), (ids.tolist(), n)
+
+
+def test_lookup_copies_the_latest_longest_match():
+    ids = torch.tensor([5, 6, 7, 8, 1, 6, 7, 9, 2, 5, 6, 7, 0, 0])  # committed up to n = 11 (ids[12:] garbage)
+    n = torch.tensor([11])
+    # "5 6 7" ends the context and occurred at 0: the 3-gram wins over the later "6 7" at 5
+    assert prompt_lookup(ids, n, 4).tolist() == [8, 1, 6, 7]
+    assert prompt_lookup(ids, n, 4, ngram_max=2).tolist() == [9, 2, 5, 6]  # "6 7" latest at 5
+    # the copy runs into the suffix itself and stops at n; the rest repeats ids[n]
+    assert prompt_lookup(ids, n, 12).tolist() == [8, 1, 6, 7, 9, 2, 5, 6, 7, 7, 7, 7]
+    assert prompt_lookup(torch.tensor([1, 2, 3, 4]), torch.tensor([3]), 3).tolist() == [4, 4, 4]  # no repeat
+    with pytest.raises(ValueError, match="ngram_min"):
+        prompt_lookup(ids, n, 4, ngram_max=1, ngram_min=2)
+
+
+def test_tree_config_checks_the_lookup():
+    assert TreeConfig(6, 10, 60, lookup=6).lookup == 6
+    for kwargs in (dict(lookup=7), dict(lookup=-1), dict(lookup=1.0)):
+        with pytest.raises(ValueError, match="lookup must be an integer in \\[0, depth=6\\]"):
+            TreeConfig(6, 10, 60, **kwargs)
+    with pytest.raises(ValueError, match="total_tokens must be an integer in \\[4, 13\\] .* with lookup 3"):
+        TreeConfig(3, 2, 3, lookup=3)
+
+
+def test_greedy_identical_and_the_chain_is_accepted(seed, one_thread):
+    """A random draft is almost never right; a tiny random target's greedy output falls into loops, which the
+    chain copies: with it the rounds accept several tokens, and the output is generate's either way."""
+    model = tiny_llama(seed=seed % 1000)
+    vocab = model.config.vocab_size
+    taus = {}
+    for lookup in (0, 3):
+        gen = SpeculativeGenerator(model, None, TreeConfig(4, 3, 12, lookup=lookup), adaptive=False, max_context=160)
+        for prompt_len, n in [(1, 40), (9, 60), (30, 25)]:
+            prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(seed + prompt_len))
+            out = gen.generate(prompt, n)
+            assert out.token_ids == plain_greedy(model, prompt, n), (lookup, prompt_len)
+            taus.setdefault(lookup, []).append(out.mean_accepted_length)
+    assert sum(taus[3]) > sum(taus[0]) + 1.0, taus
+
+
+def test_sampling_with_the_chain_follows_the_target(one_thread):
+    """As test_sampling's check, with a lookup chain of 2 beside a depth-2 tree (the root has 4 children); the
+    prompt repeats "3 7", so after "7" the chain proposes "1 3" (an exact copy, often accepted)."""
+    model = tiny_llama(vocab=V, hidden=32, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    temperature = 0.9
+    prompt = torch.tensor([3, 7, 1, 3, 7])
+    gen = SpeculativeGenerator(model, None, TreeConfig(depth=2, topk=3, total_tokens=8, lookup=2), adaptive=False,
+                               max_context=16)
+    assert gen.engine.children == 4 and gen.engine.sampling.uniforms.shape == (3, 5)
+    counts = torch.zeros(V, V)
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(3000):
+        out = gen.generate(prompt, 3, temperature=temperature, generator=rng)
+        counts[out.token_ids[1], out.token_ids[2]] += 1
+    joint = exact_joint(model, prompt, temperature).sum(0)
+    assert chi_square_p(counts.flatten(), joint.flatten()) > 1e-3
+    wrong = exact_joint(model, prompt, 0.5).sum(0)
+    assert chi_square_p(counts.flatten(), wrong.flatten()) < 1e-6
+
+
+@pytest.mark.interpreter
+def test_compiled_engine_with_the_chain(monkeypatch, seed, one_thread):
+    """The chain's op traces into the compiled draft step (aot_eager on the CPU, as test_generate's compile
+    tests) and the output stays generate's; no step compiles again after warm-up."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    model = tiny_llama(hidden=64)
+    vocab = model.config.vocab_size
+    gen = SpeculativeGenerator(model, None, TreeConfig(depth=3, topk=3, total_tokens=9, lookup=2), mode="compile",
+                               impl="triton", head_impl="triton", max_context=48, chunk=8, adaptive=False)
+    gen.warmup()
+    captured, compiled = gen.captures, gen.compiles
+    for prompt_len, n in [(7, 20), (19, 9)]:
+        prompt = torch.randint(0, vocab, (prompt_len,))
+        assert gen.generate(prompt, n).token_ids == plain_greedy(model, prompt, n), prompt_len
+    assert (gen.captures, gen.compiles) == (captured, compiled)
+    torch._dynamo.reset()
