@@ -8,8 +8,9 @@ What a draft is worth before any kernel: for each draft x head x temperature, ev
 suite (coral_fast/data/tasks/, held out: never trained on) runs through the real loop with speculation
 forced on (`adaptive=False`: every step is a round, so tau is the draft's, not the fallback's), the EAGLE-2
 tree of --tree, exactly --max-new-tokens tokens (EOS ignored; --stop-at-eos ends each answer at its EOS).
-tau = tokens committed / rounds, pooled over a task's prompts (bonus token included). `--heads dense` swaps the routed grouped top-k for a dense top-k
-over the whole vocabulary (training.evaluate.head_mode): grouped/dense is what the router costs.
+tau = tokens committed / rounds, pooled over a task's prompts (bonus token included). `--heads dense` swaps
+the routed grouped top-k for a dense top-k over the whole vocabulary (training.evaluate.head_mode):
+grouped/dense is what the router costs.
 
 Outputs in --out-dir: acceptance.json (env, settings, one row per draft/head/temperature/task) and
 acceptance.md (a table per temperature, with the issue-18 targets beside the greedy one).

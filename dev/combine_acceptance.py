@@ -1,0 +1,49 @@
+"""Several `benchmarks.acceptance` runs (same model and suite) as one table: a column per run and head.
+
+    python dev/combine_acceptance.py OUT_STEM LABEL=RUN/acceptance.json[:HEAD,...] ...
+writes OUT_STEM.json (the runs as they were, labelled) and OUT_STEM.md (tau per task, greedy).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(argv: list[str]) -> None:
+    stem, specs = argv[0], argv[1:]
+    runs, columns = [], []
+    for spec in specs:
+        label, _, rest = spec.partition("=")
+        path, _, heads = rest.partition(":")
+        run = json.load(open(path))
+        keep = heads.split(",") if heads else run["settings"]["heads"]
+        run["rows"] = [r for r in run["rows"] if r["head"] in keep and r["temperature"] == 0]
+        runs.append({"label": label, **run})
+        columns += [(label, head) for head in keep]
+    tasks = list(dict.fromkeys(r["task"] for run in runs for r in run["rows"]))
+    first = runs[0]
+    lines = [f"# Mean accepted length per task, greedy ({first['settings']['model']}, held-out task suite)", "",
+             f"{first['env']['device']}, torch {first['env']['torch']}, {first['env']['date']}; tree "
+             f"{','.join(map(str, first['settings']['tree']))}, {first['settings']['max_new_tokens']} new tokens, "
+             f"{first['settings']['dtype']}, speculation forced on. Runs (data: {stem.split('/')[-1]}.json):", ""]
+    for run in runs:
+        lines.append(f"- {run['label']}: `{run['env']['command']}`")
+    lines += ["", "| task | " + " | ".join(f"{label} {head}" for label, head in columns) + " |",
+              "|---|" + "---|" * len(columns)]
+    for task in tasks:
+        cells = []
+        for label, head in columns:
+            run = next(r for r in runs if r["label"] == label)
+            match = [r for r in run["rows"] if r["head"] == head and r["task"] == task]
+            cells.append(f"{match[0]['tau']:.2f}" if match else "-")
+        name = f"**{task}**" if task == "overall" else task
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    with open(stem + ".json", "w") as f:
+        json.dump(runs, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
