@@ -82,8 +82,9 @@ class TreeInputs:
 
 @dataclass
 class Sampling:
-    """temperature [1] float64 (> 0 when sampling); uniforms [depth + 1, topk + 1] float64 in [0, 1),
-    drawn on the host from the caller's generator before every step (reproducible, CPU == GPU)."""
+    """temperature [1] float64 (> 0 when sampling); uniforms [depth + 1, children + 1] float64 in [0, 1)
+    (children: topk, one more with a lookup chain), drawn on the host from the caller's generator before every
+    step (reproducible, CPU == GPU)."""
 
     temperature: Tensor
     uniforms: Tensor

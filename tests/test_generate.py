@@ -51,11 +51,13 @@ def install_oracle(gen: SpeculativeGenerator, truth: list, vocab: int, rng: torc
 
 
 def assert_oracle_acceptances(gen: SpeculativeGenerator, out) -> None:
-    """Each round accepted exactly the oracle's true prefix plus the bonus token (the last round may be cut
-    by max_new_tokens): the rows past the root saw the right tree. Exact, whatever the draws were."""
+    """Each round but the last accepted exactly the oracle's true prefix plus the bonus token: the rows past
+    the root saw the right tree. Exact, whatever the draws were. The last round is not judged: its tree runs
+    past the known continuation, where the oracle's "wrong" tokens are random and match the target's next
+    token one time in V."""
     cuts = gen.engine.oracle_cuts[-out.rounds:]
     want = [c + 1 for c in cuts]
-    assert out.accepted_lengths[:-1] == want[:-1] and out.accepted_lengths[-1] <= want[-1], (out.accepted_lengths, want)
+    assert out.accepted_lengths[:-1] == want[:-1], (out.accepted_lengths, want)
     assert max(want) >= 3, want  # some round went past the root's children (a draw this short is ~1e-5)
 
 

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The prompt-lookup chain on the GPU in one device call (~8 min) on a machine that has the SmolLM2 GGUF
+# (dev/README.md: two calls with .carry/smolA, .carry/smolB): the real loop's acceptance per task with and
+# without the chain (held-out full suite, answers to their EOS, grouped and dense heads), then the speed-up over
+# the engine's plain mode with and without it (full suite, compile-draft). Back: $OUT/lookup.tar.gz (acc0, accL,
+# e2e_lookup0, e2e_lookupL: a call returns at most 8 files). Time limits: ACC_S, E2E_S seconds a run.
+set -o pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+RES=/tmp/lookup_results; mkdir -p "$RES"
+quiet() { grep --line-buffered -v -E "Converting and de-quantizing|Loading weights"; }
+L=${LOOKUP:-6}
+timeout "${ACC_S:-240}" python3 -m coral_fast.benchmarks.acceptance --drafts shipped=coral_fast/drafts/smollm2 \
+  --heads grouped,dense --stop-at-eos --out-dir "$RES/acc0" 2>&1 | quiet | tail -3
+timeout "${ACC_S:-240}" python3 -m coral_fast.benchmarks.acceptance --drafts shipped=coral_fast/drafts/smollm2 \
+  --heads grouped,dense --stop-at-eos --lookup "$L" --out-dir "$RES/acc$L" 2>&1 | quiet | tail -3
+for lookup in 0 "$L"; do
+  timeout "${E2E_S:-150}" python3 -m coral_fast.benchmarks.e2e --suite full --no-hf --lookup "$lookup" \
+    --out-dir "$RES/e2e_lookup$lookup" 2>&1 | quiet | tail -4
+done
+tar -czf "$OUT/lookup.tar.gz" -C "$RES" .
+exit 0
