@@ -64,7 +64,7 @@ def test_greedy_identical_and_the_chain_is_accepted(seed, one_thread):
             out = gen.generate(prompt, n)
             assert out.token_ids == plain_greedy(model, prompt, n), (lookup, prompt_len)
             taus.setdefault(lookup, []).append(out.mean_accepted_length)
-    assert sum(taus[3]) > sum(taus[0]) + 1.0, taus
+    assert sum(taus[3]) > sum(taus[0]) + 0.3, taus  # 40 seeds: +0.81 to +4; a chain that never helps: <= 0
 
 
 def test_sampling_with_the_chain_follows_the_target(one_thread):
