@@ -105,7 +105,7 @@ class Engine:
         self.depth, self.topk, self.T = tree.depth, tree.topk, tree.total_tokens
         # a prompt-lookup chain (coral_fast.lookup) is the tree's last `lookup` nodes, one more child of the
         # root: sampling's verify tries up to topk + 1 children there
-        self.lookup = getattr(tree, "lookup", 0)
+        self.lookup = tree.lookup
         self.children = self.topk + (1 if self.lookup else 0)
         self.R, self.A = self.T + 1, self.depth + 1
         self.C = chunk or PREFILL_CHUNK
@@ -272,12 +272,14 @@ class Engine:
 
     def _with_lookup(self, tree: DraftTree, tokens: Tensor) -> tuple[DraftTree, Tensor]:
         """The draft's T - lookup nodes, then the prompt-lookup chain from the root (node T - lookup + i's
-        parent is the chain's node before it)."""
-        L, first = self.lookup, self.T - self.lookup
+        parent is the chain's node before it). The chain shares no ancestor with the draft's nodes, so the
+        mask is the draft tree's beside the chain's lower triangle: no second ancestor closure."""
+        L, first, dev = self.lookup, self.T - self.lookup, self.device
         chain = prompt_lookup(self.hist.ids, self.pos.n, L)
-        links = first - 1 + torch.arange(L, device=self.device)
-        parents = torch.cat([tree.parents, torch.where(links >= first, links, torch.full_like(links, -1))])
-        return DraftTree.from_parents(parents, validate=False), torch.cat([tokens, chain])
+        steps = torch.arange(L, device=dev)
+        parents = torch.cat([tree.parents, torch.where(steps > 0, first - 1 + steps, torch.full_like(steps, -1))])
+        mask = torch.block_diag(tree.mask, torch.ones(L, L, dtype=torch.bool, device=dev).tril())
+        return DraftTree(parents, mask, torch.cat([tree.depth, steps])), torch.cat([tokens, chain])
 
     def verify_step(self, sampling: bool = False) -> None:
         """verify -> accept -> commit."""

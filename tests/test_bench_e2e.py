@@ -83,8 +83,9 @@ def test_spec_bench_malformed_names_the_line(tmp_path, bad, where, capsys):
     (["--scale", "llama-9000"], "unknown --scale config 'llama-9000'"),
     (["--tasks", "poetry"], "unknown task 'poetry'"),
     (["--taus", "0.5"], "--taus must be numbers in [1, 64]"),
-    (["--lookup", "7"], "--lookup must be in [0, depth=6]"),
-    (["--tree", "2,2,2", "--lookup", "2"], "below the tree's 2 tokens"),
+    (["--lookup", "7"], "tree lookup must be an integer in [0, depth=6], got 7"),
+    (["--tree", "2,2,2", "--lookup", "2"], "tree total_tokens must be an integer in [3, 8] for depth 2 and topk 2 with "
+                                           "lookup 2, got 2"),
     (["--suite", "none"], "nothing to run"),
     (["--prompt-file", "/nonexistent/q.jsonl"], "no such file"),
 ])

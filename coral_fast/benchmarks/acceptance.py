@@ -150,8 +150,7 @@ def main(argv=None) -> int:
         heads = [h for h in args.heads.split(",") if h]
         if not heads:
             raise ValueError(f"--heads wants grouped, grouped:A and/or dense, got {args.heads!r}")
-        for h in heads:
-            parse_head(h)
+        parsed = {h: parse_head(h) for h in heads}  # head -> (mode, active groups or None)
         temperatures = [float(t) for t in args.temperatures.split(",") if t]
         if not temperatures or any(not 0 <= t <= 10 for t in temperatures):
             raise ValueError(f"--temperatures wants numbers in [0, 10], got {args.temperatures!r}")
@@ -193,13 +192,12 @@ def main(argv=None) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     for name, path in args.drafts:
         draft = DraftModel.from_pretrained(path, model)
+        too_many = [h for h in heads if (parsed[h][1] or 0) > draft.config.num_groups]
+        if too_many:
+            print(f"acceptance: --heads {too_many[0]}: draft {name} has {draft.config.num_groups} groups", file=sys.stderr)
+            return 2
         for head in heads:
-            active = parse_head(head)[1]
-            if active is not None and not active <= draft.config.num_groups:
-                print(f"acceptance: --heads {head}: draft {name} has {draft.config.num_groups} groups", file=sys.stderr)
-                return 2
-        for head in heads:
-            with head_mode(draft, *parse_head(head)):
+            with head_mode(draft, *parsed[head]):
                 t0 = time.perf_counter()
                 gen = make_generator(model, draft, (*args.tree, args.lookup), args.mode, adaptive=False)
                 gen.warmup()

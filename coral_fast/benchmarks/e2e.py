@@ -396,9 +396,9 @@ def main(argv=None) -> int:
             raise ValueError(f"--taus must be numbers in [1, 64], got {args.taus!r}")
         if args.noise_prompts < 0:
             raise ValueError(f"--noise-prompts must be >= 0, got {args.noise_prompts}")
-        if not 0 <= args.lookup <= args.tree[0] or args.lookup >= args.tree[2]:
-            raise ValueError(f"--lookup must be in [0, depth={args.tree[0]}] and below the tree's {args.tree[2]} "
-                             f"tokens, got {args.lookup}")
+        from coral_fast.generate import TreeConfig
+
+        TreeConfig(*args.tree, lookup=args.lookup)  # the tree and its lookup chain, before any model loads
     except ValueError as e:
         print(f"bench e2e: {e}", file=sys.stderr)
         return 2
