@@ -8,7 +8,7 @@ import torch
 from coral_fast.draft import DraftModel
 from coral_fast.training.data import build_shard, target_outputs
 from coral_fast.training.trainer import (
-    SequenceData, TrainConfig, chain_acceptance, compute_losses, hass_mask, load_checkpoint_state,
+    SequenceData, TrainConfig, chain_acceptance, repeated_ngram_ends, compute_losses, hass_mask, load_checkpoint_state,
     token_groups_of, train, unrolled_forward,
 )
 
@@ -123,13 +123,49 @@ def test_single_step_config_has_no_csra(seed):
     assert "csra" not in logs and "acc0" in logs and "acc1" not in logs
 
 
+def test_repeated_ngram_ends_matches_a_list_oracle(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 9))]
+    offsets = [0]
+    for length in lengths:
+        offsets.append(offsets[-1] + length)
+    ids = torch.randint(0, 3, (offsets[-1],))  # 3 ids: n-grams repeat often
+    answer = torch.rand(offsets[-1]) < 0.8  # gaps, as a two-turn answer's second prompt leaves
+    n = rng.randint(1, 4)
+    got = repeated_ngram_ends(ids, offsets, answer, n)
+    for s, e in zip(offsets[:-1], offsets[1:]):
+        seen = set()
+        for j in range(s, e):
+            expected = False
+            if j - s >= n - 1 and bool(answer[j - n + 1: j + 1].all()):
+                gram = tuple(ids[j - n + 1: j + 1].tolist())
+                expected, _ = gram in seen, seen.add(gram)
+            assert bool(got[j]) == expected, (j, n)
+    with pytest.raises(ValueError, match="n >= 1"):
+        repeated_ngram_ends(ids, offsets, answer, 0)
+
+
+def test_skip_repeats_masks_training_answers_only():
+    target = tiny_target()
+    shard = tiny_data(target, n_seqs=12)
+    for start in shard["offsets"][:-1].tolist():  # every answer (tokens 5..28) repeats a 6-gram of its own
+        shard["input_ids"][start + 18: start + 24] = shard["input_ids"][start + 8: start + 14].clone()
+    plain, skipping = SequenceData(dict(shard)), SequenceData(dict(shard), skip_repeats=4)
+    removed = plain.loss_mask & ~skipping.loss_mask
+    assert not (skipping.loss_mask & ~plain.loss_mask).any()
+    for s, e in plain.eval:
+        assert not removed[s:e].any()
+    assert all(removed[s:e].any() for s, e in plain.train)
+
+
 def test_chain_acceptance_matches_slow_count(seed):
     target = tiny_target()
     data = SequenceData(tiny_data(target, n_seqs=12))
     draft = tiny_draft(target)
-    depth = 3
-    result = chain_acceptance(draft, data, data.train, depth, 10_000)
+    depth, early_tokens = 3, random.randint(2, 7)  # the answers are longer: the early tau judges fewer bases
+    result = chain_acceptance(draft, data, data.train, depth, 10_000, early_tokens=early_tokens)
     accepted, bases = 0, 0
+    accepted_early, bases_early = 0, 0
     with torch.no_grad():
         for batch in data.batches(data.train, 10_000, shuffle=False, rng=random.Random(0)):
             outs = unrolled_forward(draft, batch["features"], batch["tokens"], batch["positions"], depth)
@@ -137,17 +173,24 @@ def test_chain_acceptance_matches_slow_count(seed):
             top1, mask = batch["topk_ids"][..., 0], batch["mask"]
             B, length = mask.shape
             for b in range(B):
+                answer_index = 0
                 for t in range(length):
                     if not mask[b, t]:
                         continue
                     bases += 1
+                    answer_index += 1
+                    n = 0
                     for d in range(depth):
                         p = t + d
                         if p >= length or not mask[b, p] or argmax[d][b, p] != top1[b, p]:
                             break
-                        accepted += 1
-    assert result["bases"] == bases
+                        n += 1
+                    accepted += n
+                    if answer_index <= early_tokens:
+                        accepted_early, bases_early = accepted_early + n, bases_early + 1
+    assert result["bases"] == bases and bases_early < bases
     assert result["tau"] == pytest.approx(1 + accepted / bases)
+    assert result["tau_early"] == pytest.approx(1 + accepted_early / bases_early)
 
 
 def test_checkpoint_resume_restores_optimizer_and_continues(tmp_path):

@@ -116,7 +116,7 @@ def save_small(draft, path) -> None:
 CONFIG_TYPES = {
     "unroll_steps": positive_int, "iters": positive_int, "batch_tokens": positive_int, "max_seq_len": int_at_least(3),
     "eval_unroll": positive_int, "eval_max_seqs": positive_int, "csra_max_positions": positive_int,
-    "warmup": nonnegative_int, "eval_every": nonnegative_int, "checkpoint_every": nonnegative_int, "seed": nonnegative_int,
+    "warmup": nonnegative_int, "skip_repeats": nonnegative_int, "eval_every": nonnegative_int, "checkpoint_every": nonnegative_int, "seed": nonnegative_int,
     "lr": positive_float, "step_decay": positive_float, "csra_temperature": positive_float, "min_lr_ratio": unit_float,
     "betas": float_in(0.0, 1.0, high_open=True),
 }
@@ -231,7 +231,8 @@ def main(argv=None) -> int:
         target, _ = load_target(args.model, target_dtype, args.device)
         target.requires_grad_(False)
         # token-only shards: the target computes the features of each batch online
-        data = SequenceData(load_shards(args.data), device=device, max_seq_len=cfg.max_seq_len, loss_on_prompt=cfg.loss_on_prompt, target=target)
+        data = SequenceData(load_shards(args.data), device=device, max_seq_len=cfg.max_seq_len, loss_on_prompt=cfg.loss_on_prompt, target=target,
+                            skip_repeats=cfg.skip_repeats)
         if not data.train:
             raise ValueError(f"--data {args.data} holds no training sequences")
         if args.max_train_tokens:

@@ -63,6 +63,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     seed: int = 0
     loss_on_prompt: bool = False    # train on the prompt positions too (default: answers only)
+    skip_repeats: int = 0           # n > 0: no loss where a training answer repeats one of its own n-grams
     time_budget_s: float = 0.0      # stop after this many seconds (0: no limit); the cosine follows the time
     keep_best: bool = False         # end with the weights of the best held-out evaluation
 
@@ -130,6 +131,40 @@ def unrolled_forward(draft, features: Tensor, tokens: Tensor, positions: Tensor,
 
 
 # --- batches ---------------------------------------------------------------------------------------
+def repeated_ngram_ends(input_ids: Tensor, offsets: list[int], answer_mask: Tensor, n: int) -> Tensor:
+    """bool [N]: answer positions whose token ends an n-gram (all n tokens in the answer) that already
+    ended at an earlier position of the same sequence's answer.
+
+    A small target's long greedy answers drift into loops (in the SmolLM2 data over half of the answer
+    tokens end a 5-gram seen earlier in their answer); those tokens are easy, and the prompt-lookup chain
+    copies them at no draft cost. `--skip-repeats n` leaves them out of the loss (they stay context), so
+    the draft's training goes to the tokens the loop finds hard. Copies from the prompt still count.
+    input_ids: [N] int64 flat sequences, offsets: [S + 1], answer_mask: [N] bool (True on answer tokens).
+    """
+    if n < 1:
+        raise ValueError(f"skip_repeats wants n >= 1, got {n}")
+    total = input_ids.numel()
+    seq = torch.repeat_interleave(torch.arange(len(offsets) - 1), torch.tensor(offsets).diff())
+    # a position ends an answer n-gram when it and its n - 1 predecessors are answer tokens of its sequence
+    inside = answer_mask.clone()
+    key = input_ids.clone()
+    for back in range(1, n):
+        prev_ok = torch.zeros(total, dtype=torch.bool)
+        prev_ok[back:] = answer_mask[:-back] & (seq[back:] == seq[:-back])
+        inside &= prev_ok
+        shifted = torch.zeros(total, dtype=torch.int64)
+        shifted[back:] = input_ids[:-back]
+        key = key * 1_000_003 + shifted  # a 64-bit polynomial hash of the n-gram (wraps; collisions ~2^-64)
+    key = key * 1_000_003 + seq
+    where = inside.nonzero().squeeze(1)
+    _, inverse = torch.unique(key[where], return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1 if len(where) else 0,), total, dtype=torch.int64)
+    first.scatter_reduce_(0, inverse, where, reduce="amin")
+    repeated = torch.zeros(total, dtype=torch.bool)
+    repeated[where] = where > first[inverse]
+    return repeated
+
+
 class SequenceData:
     """Sequences from `load_shards` (flat tensors + offsets), split into train and held-out eval.
 
@@ -138,7 +173,7 @@ class SequenceData:
     when it is collated, so features are never stored. Shards of the older format carry them.
     `set_feature_layers` for a draft with EAGLE-3-style inputs."""
 
-    def __init__(self, shards: dict, device="cpu", max_seq_len: int = 1024, loss_on_prompt: bool = False, target=None, topk: int = 16):
+    def __init__(self, shards: dict, device="cpu", max_seq_len: int = 1024, loss_on_prompt: bool = False, target=None, topk: int = 16, skip_repeats: int = 0):
         self.device = torch.device(device)
         offsets = shards["offsets"].tolist()
         self.input_ids = shards["input_ids"].long().to(device)
@@ -166,6 +201,10 @@ class SequenceData:
         # document's summary would otherwise be cut away with the document's tail)
         spans = [(max(s, e - max_seq_len), e) for s, e in zip(offsets[:-1], offsets[1:])]
         is_eval = shards["is_eval"].bool().tolist()
+        if skip_repeats:
+            repeats = repeated_ngram_ends(shards["input_ids"].long(), offsets, shards["loss_mask"].bool(), skip_repeats)
+            held_out = torch.repeat_interleave(shards["is_eval"].bool(), torch.tensor(offsets).diff())
+            self.loss_mask &= ~(repeats & ~held_out).to(device)  # held-out answers keep every position
         self.train = [sp for sp, ev in zip(spans, is_eval) if not ev and sp[1] - sp[0] >= 3]
         self.eval = [sp for sp, ev in zip(spans, is_eval) if ev and sp[1] - sp[0] >= 3]
 
@@ -375,19 +414,23 @@ def compute_losses(draft, batch: dict[str, Tensor], cfg: TrainConfig, token_grou
 
 # --- held-out acceptance estimate ------------------------------------------------------------------
 @torch.no_grad()
-def chain_acceptance(draft, data: SequenceData, spans, depth: int, batch_tokens: int, active_groups: list[int] | None = None, token_groups: Tensor | None = None, autocast: bool = False) -> dict:
+def chain_acceptance(draft, data: SequenceData, spans, depth: int, batch_tokens: int, active_groups: list[int] | None = None, token_groups: Tensor | None = None, autocast: bool = False, early_tokens: int = 128) -> dict:
     """Teacher-forced estimate of the greedy accepted length of a chain of `depth` draft tokens.
 
     From every answer position b, the draft unrolls on its own features (the HASS mask) with the
     target's tokens as inputs; the chain accepts its d-th token while all of the draft's argmax tokens
     so far equal the target's top-1. tau = 1 + mean accepted (the target's own token counts one, as
     in the loop's mean accepted length). With `active_groups`, also the tau of the routed head that
-    only ranks ids in the router's top-a groups, for each a.
+    only ranks ids in the router's top-a groups, for each a. "tau_early": the same from the first
+    `early_tokens` answer positions of each sequence only. Long greedy answers of a small target drift
+    into repetition that is easy to predict, so the whole-answer tau runs far above what the loop sees
+    on answers of the benchmark's length; the early one tracks it (docs/training.md).
     """
     was_training = draft.training
     draft.eval()
     device = data.device
     accepted, n_bases = None, 0
+    accepted_early, n_early = 0.0, 0
     step_hits = torch.zeros(depth, dtype=torch.float64)
     step_counts = torch.zeros(depth, dtype=torch.float64)
     routed = {a: 0.0 for a in (active_groups or [])}
@@ -415,6 +458,7 @@ def chain_acceptance(draft, data: SequenceData, spans, depth: int, batch_tokens:
             step_counts[d] += float(mask.sum())
         # bases b: answer positions; the chain's d-th token sits at position b + d
         base = mask.clone()
+        early = base & (mask.cumsum(-1) <= early_tokens)  # the first early_tokens answer positions of a row
         for key, match in matches.items():
             alive = base.clone()
             count = torch.zeros(B, length, device=device)
@@ -426,11 +470,14 @@ def chain_acceptance(draft, data: SequenceData, spans, depth: int, batch_tokens:
             if key is None:
                 accepted = (accepted or 0.0) + float(count[base].sum())
                 n_bases += int(base.sum())
+                accepted_early += float(count[early].sum())
+                n_early += int(early.sum())
             else:
                 routed[key] += float(count[base].sum())
     draft.train(was_training)
     n = max(n_bases, 1)
-    result = {"tau": 1.0 + (accepted or 0.0) / n, "bases": n_bases, "step_acc": (step_hits / step_counts.clamp_min(1)).tolist()}
+    result = {"tau": 1.0 + (accepted or 0.0) / n, "bases": n_bases, "step_acc": (step_hits / step_counts.clamp_min(1)).tolist(),
+              "tau_early": 1.0 + accepted_early / max(n_early, 1), "early_tokens": early_tokens}
     for a, value in routed.items():
         result[f"tau_a{a}"] = 1.0 + value / n
     return result
