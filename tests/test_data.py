@@ -172,6 +172,17 @@ def test_generate_dataset_is_greedy_consistent_and_resumable(tmp_path):
     # other settings into the same folder are refused
     with pytest.raises(ValueError):
         generate_dataset(model, tokenizer, prompts, tmp_path, DataSettings(max_new_tokens=5, batch_size=3), progress=False)
+    # stop_loops=1: a greedy answer ends at its first token seen earlier in it (a 1-token loop of period <= 128)
+    looped = tmp_path / "looped"
+    generate_dataset(model, tokenizer, prompts, looped, DataSettings(max_new_tokens=12, batch_size=3, gen_rows=2, stop_loops=1), progress=False)
+    data, cut = load_shards(looped), 0
+    for i, row in zip(range(len(data["offsets"]) - 1), prompts):
+        a, b, p = int(data["offsets"][i]), int(data["offsets"][i + 1]), int(data["prompt_lengths"][i])
+        full = _hf_greedy(model, data["input_ids"][a:a + p].tolist(), 12)
+        end = next((t + 1 for t in range(len(full)) if full[t] in full[:t]), len(full))
+        assert data["input_ids"][a + p:b].tolist() == full[:end]
+        cut += end < len(full)
+    assert cut  # the tiny target repeats a token within 12 (the rule was exercised)
 
 
 def load_shards_single(path):
@@ -214,12 +225,16 @@ def test_data_rerun_with_other_settings_is_refused_in_one_line(monkeypatch, tmp_
     for argv, named in ((["--dtype", "bfloat16"], "dtype='float32' (now 'bfloat16')"),
                         (["--dtype", "float32", "--max-new-tokens", "7"], "max_new_tokens=6 (now 7)"),
                         (["--dtype", "float32", "--seed", "3"], "seed=0 (now 3)"),
-                        (["--dtype", "float32", "--temperature", "0.5"], "temperature=0.8 (now 0.5)")):
+                        (["--dtype", "float32", "--temperature", "0.5"], "temperature=0.8 (now 0.5)"),
+                        (["--dtype", "float32", "--stop-loops", "32"], "stop_loops=0 (now 32)")):
         code, loads = _data_main(monkeypatch, tmp_path, argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and not loads, argv  # refused before the model loads
         assert len(err) == 1 and err[0].startswith("coral-fast data: error: ") and named in err[0], err
-    # the same settings continue the folder
+    # the same settings continue the folder, also one made before a setting existed (it had the default)
+    assert _data_main(monkeypatch, tmp_path, ["--dtype", "float32"])[0] == 0
+    del meta["settings"]["stop_loops"]
+    (tmp_path / "out" / "meta.json").write_text(json.dumps(meta))
     assert _data_main(monkeypatch, tmp_path, ["--dtype", "float32"])[0] == 0
 
 

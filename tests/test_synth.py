@@ -243,6 +243,30 @@ def test_batched_greedy_equals_hf_generate_per_row(seed, arch):
     assert s1 != batched.generate(prompts, 12, eos, 0, temperature=0.9, top_p=0.9, seed=6)
 
 
+def _cut_at_loop(row, n, max_period):
+    """The list rule of stop_loops: the answer ends at the first t whose last n tokens equal the n tokens p before them."""
+    for t in range(1, len(row) + 1):
+        if any(t >= n + p and row[t - n:t] == row[t - n - p:t - p] for p in range(1, max_period + 1)):
+            return row[:t]
+    return row
+
+
+def test_batched_generation_stops_loops_like_the_list_rule(seed):
+    model = tiny_llama(vocab=11 + seed % 7, hidden=32, layers=1, seed=seed % 1000)  # few ids: greedy loops soon
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, model.config.vocab_size) for _ in range(rng.randint(1, 9))] for _ in range(7)]
+    n_new, n, max_period = 48, rng.randint(1, 3), rng.randint(4, 12)
+    eos = [model.config.vocab_size + 1]  # never produced: only the loop rule and the budget stop rows
+    expected = [_cut_at_loop(_hf_greedy(model, p, n_new, eos), n, max_period) for p in prompts]
+    assert any(len(e) < n_new for e in expected)  # some row loops (every one of 60 seeds tried)
+    gen = BatchedGenerator(model, batch_size=3, max_len=64, mode="eager")
+    assert gen.generate(prompts, n_new, eos, 0, sync_every=3, stop_loops=n, loop_period=max_period) == expected
+    loose = [_cut_at_loop(_hf_greedy(model, p, n_new, eos), 6, 1) for p in prompts]
+    assert gen.generate(prompts, n_new, eos, 0, stop_loops=6, loop_period=1) == loose
+    with pytest.raises(ValueError, match="stop_loops"):
+        gen.generate(prompts, n_new, eos, 0, stop_loops=-1)
+
+
 def test_batched_generation_refuses_bad_requests():
     model = tiny_llama(vocab=31, hidden=16, layers=1)
     gen = BatchedGenerator(model, batch_size=2, max_len=16, mode="eager")

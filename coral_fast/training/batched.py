@@ -21,7 +21,11 @@ on CUDA it is captured in a CUDA graph once (mode "graphs", the default there) o
 and then captured ("compile"); "eager" runs it as is (the CPU). Rows stop at an eos id or after
 `max_new_tokens`; every `sync_every` steps (the only host read-back) stopped rows hand in their answers
 and take the next prompts (continuous batching, `generate`). The answer of a row is cut after its first
-eos (the eos is kept).
+eos (the eos is kept). With `stop_loops=n` a row also stops once its last n tokens equal the n tokens p
+before them for some period p <= `loop_period` (`looping`): a small model's long greedy answers drift into
+such loops (two thirds of SmolLM2's greedy answer tokens lay past the first repeated 16-gram of their answer),
+and decoding them costs as much as any token while the draft learns nothing from the repeats that the
+prompt-lookup chain does not copy for free.
 
 Greedy answers equal `model.generate(do_sample=False)` of each prompt alone (fp32, tests/test_synth.py).
 """
@@ -34,6 +38,19 @@ from torch import Tensor
 from coral_fast.hf_attention import ATTN_NAME, TreeKVCache, _MaskAndBits, attention_implementation, final_logits, register
 
 MODES = ("auto", "eager", "graphs", "compile")
+
+
+def looping(out: Tensor, produced: Tensor, n: int, max_period: int) -> Tensor:
+    """bool [B]: rows whose last n tokens repeat the n tokens p before them for some 1 <= p <= max_period.
+    out: [B, W] the rows' new tokens so far, produced: [B] how many (fixed shapes: graph- and compile-safe)."""
+    last = produced[:, None] - 1 - torch.arange(n, device=out.device)  # [B, n] the last n slots
+    periods = torch.arange(1, max_period + 1, device=out.device)
+    earlier = last[:, None, :] - periods[None, :, None]  # [B, P, n]
+    B = out.shape[0]
+    now = out.gather(1, last.clamp(min=0))[:, None, :]
+    before = out.gather(1, earlier.clamp(min=0).view(B, -1)).view(earlier.shape)
+    valid = earlier[:, :, -1] >= 0  # the oldest slot compared exists: produced >= n + p
+    return (valid & (now == before).all(-1)).any(-1)
 
 
 def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
@@ -169,9 +186,11 @@ class BatchedGenerator:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos: list[int], pad_id: int,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, sync_every: int = 16,
-                 budgets: list[int] | None = None) -> list[list[int]]:
+                 budgets: list[int] | None = None, stop_loops: int = 0, loop_period: int = 128) -> list[list[int]]:
         """Answers (ids after each prompt, cut after the first eos) of any number of prompts.
         budgets: new tokens each prompt may take (1 to max_new_tokens; default max_new_tokens for all).
+        stop_loops: n > 0 also stops a row where `looping` finds its last n tokens periodic (period
+        <= loop_period); the answer keeps those tokens.
 
         The first `batch_size` prompts fill the rows; every `sync_every` steps (the only host read-back)
         the rows that stopped hand in their answers and, once at least batch_size // 8 of them are free
@@ -188,6 +207,8 @@ class BatchedGenerator:
         if budgets is not None and (len(budgets) != len(prompts)
                                     or any(not isinstance(b, int) or not 1 <= b <= max_new_tokens for b in budgets)):
             raise ValueError(f"budgets must give each of the {len(prompts)} prompts an int in [1, {max_new_tokens}]")
+        if stop_loops < 0 or loop_period < 1:
+            raise ValueError(f"stop_loops must be >= 0 and loop_period >= 1, got {stop_loops}, {loop_period}")
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > self.max_len:
             raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the cache length {self.max_len}")
@@ -237,7 +258,10 @@ class BatchedGenerator:
                 out.scatter_(1, at, torch.where(running, token, out.gather(1, at)[:, 0])[:, None])
                 slot = lengths + produced  # this token's cache slot
                 produced += running
-                done |= running & (torch.isin(token, eos_ids) | (produced >= limit))
+                stop = torch.isin(token, eos_ids) | (produced >= limit)
+                if stop_loops:
+                    stop |= looping(out, produced.clamp(max=max_new_tokens), stop_loops, loop_period)
+                done |= running & stop
                 # the token's slot and position; a stopped row stays on its last slot (its reads stop growing)
                 self.step_ids.copy_(token[:, None])
                 torch.where(done, self.step_start, slot, out=self.step_start)

@@ -84,6 +84,7 @@ class DataSettings:
     seed: int = 0
     max_prompt_tokens: int = 3584   # longer prompts are dropped (counted)
     synth: int = 0                  # prompts to synthesize (0: the prompts file)
+    stop_loops: int = 0             # n > 0: an answer also ends once its last n tokens loop (batched.looping)
 
 
 # --- one shard -------------------------------------------------------------------------------------
@@ -217,8 +218,9 @@ def check_meta(out_dir: str | Path, meta: dict) -> None:
         raise ValueError(f"{path} is not valid JSON ({error}): use a new folder") from None
     old_settings, new_settings = old.get("settings", {}), meta.get("settings", {})
     differ = [f"{k}={old.get(k, '(not recorded)')!r} (now {v!r})" for k, v in meta.items() if k != "settings" and old.get(k) != v]
+    defaults = DataSettings().__dict__  # a setting added later: data made before it had its default
     differ += [f"{k}={old_settings.get(k, '(not recorded)')!r} (now {v!r})" for k, v in new_settings.items()
-               if k != "samples" and old_settings.get(k) != v]
+               if k != "samples" and old_settings.get(k, defaults.get(k)) != v]
     if old_settings.get("samples", 0) > new_settings.get("samples", old_settings.get("samples", 0)):
         differ.append(f"samples={old_settings['samples']} (now {new_settings['samples']}: it may only grow)")
     if differ:
@@ -247,7 +249,8 @@ class IdGenerator:
         # call apart (it includes building its decode step: compile + capture on the GPU)
         self.timings: dict[str, dict] = {}
 
-    def __call__(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int) -> list[list[int]]:
+    def __call__(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                 stop_loops: int = 0) -> list[list[int]]:
         from coral_fast.training.batched import BatchedGenerator
 
         groups: dict[int, list[int]] = {}
@@ -262,7 +265,7 @@ class IdGenerator:
             if first:
                 self.generators[length, width] = BatchedGenerator(self.model, width, length, self.mode)
             out = self.generators[length, width].generate([prompts[i] for i in members], max_new_tokens, self.eos, self.pad,
-                                                          temperature, top_p, seed=_seed_of(seed, length))
+                                                          temperature, top_p, seed=_seed_of(seed, length), stop_loops=stop_loops)
             t = self.timings.setdefault(f"{length}x{width}" + (" first call" if first else ""),
                                         {"calls": 0, "tokens": 0, "seconds": 0.0})
             t["calls"] += 1
@@ -349,7 +352,8 @@ def generate_dataset(model, tokenizer, prompts: list[dict] | None, out_dir: str 
             keep = [i for i, p in enumerate(ids) if len(p) <= settings.max_prompt_tokens]
             count("prompt too long", len(ids) - len(keep))
             temperature = settings.temperature if r > 0 else 0.0
-            answers = generate_ids([ids[i] for i in keep], settings.max_new_tokens, temperature, settings.top_p, _seed_of(settings.seed, c, r)) if keep else []
+            answers = generate_ids([ids[i] for i in keep], settings.max_new_tokens, temperature, settings.top_p, _seed_of(settings.seed, c, r),
+                                   settings.stop_loops) if keep else []
             kept = [(i, a) for i, a in zip(keep, answers) if a]
             tensors, metadata = build_token_shard(
                 [ids[i] + a for i, a in kept], [len(ids[i]) for i, _ in kept], [rows_r[i].get("category", "") for i, _ in kept],
@@ -465,6 +469,8 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", type=positive_float, default=0.8, help="of the sampled rounds (> 0)")
     parser.add_argument("--top-p", type=unit_float, default=0.95)
     parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--stop-loops", type=nonnegative_int, default=0,
+                        help="N > 0: an answer also ends once its last N tokens repeat with a period of at most 128 tokens")
     parser.add_argument("--time-budget-s", type=finite_nonneg_float, default=0.0, help="start no chunk or shard after this many seconds (0: no limit)")
     parser.add_argument("--decode", default="auto", choices=["auto", "eager", "graphs", "compile"],
                         help="decode step: captured in a CUDA graph on the GPU (auto), eager on the CPU")
@@ -477,6 +483,7 @@ def main(argv=None) -> int:
     settings = DataSettings(
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, gen_rows=args.gen_rows, samples=args.samples,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens, synth=args.synth,
+        stop_loops=args.stop_loops,
     )
     with argument_errors(parser):  # everything that needs no model, before it loads
         check_model_arg(args.model)
