@@ -10,6 +10,7 @@ synthesized prompts against the suite's). CPU, fp32, quick suite (3 prompts a ta
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -35,7 +36,9 @@ def main():
     model, tok = load_target("smollm2", dtype=torch.float32, device="cpu")
     model.requires_grad_(False)
     draft = DraftModel.from_pretrained(args.draft, model)
-    result = dict(env=environment([]), settings=vars(args), suite={}, heldout={})
+    env = environment([])
+    env["command"] = "dev/chain_tau_suite.py " + " ".join(sys.argv[1:])
+    result = dict(env=env, settings=vars(args), suite={}, heldout={})
     ids, offsets, mask, tasks = [], [0], [], []
     for prompt in load_suite("all", 3):
         x = encode(tok, prompt, "cpu").view(1, -1)
