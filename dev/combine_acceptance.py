@@ -33,8 +33,8 @@ def main(argv: list[str]) -> None:
     for task in tasks:
         cells = []
         for label, head in columns:
-            run = next(r for r in runs if r["label"] == label)
-            match = [r for r in run["rows"] if r["head"] == head and r["task"] == task]
+            # runs may share a label (one run a head): the first that measured this head
+            match = [r for run in runs if run["label"] == label for r in run["rows"] if r["head"] == head and r["task"] == task]
             cells.append(f"{match[0]['tau']:.2f}" if match else "-")
         name = f"**{task}**" if task == "overall" else task
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
