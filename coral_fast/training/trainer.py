@@ -154,7 +154,7 @@ def repeated_ngram_ends(input_ids: Tensor, offsets: list[int], answer_mask: Tens
         inside &= prev_ok
         shifted = torch.zeros(total, dtype=torch.int64)
         shifted[back:] = input_ids[:-back]
-        key = key * 1_000_003 + shifted  # a 64-bit polynomial hash of the n-gram (wraps; collisions ~2^-64)
+        key = key * 1_000_003 + shifted  # a polynomial hash of the n-gram, mod 2^64: a rare collision only drops one loss position
     key = key * 1_000_003 + seq
     where = inside.nonzero().squeeze(1)
     _, inverse = torch.unique(key[where], return_inverse=True)
