@@ -1,7 +1,7 @@
 """Several `benchmarks.acceptance` runs (same model and suite) as one table: a column per run and head.
 
     python dev/combine_acceptance.py OUT_STEM LABEL=RUN/acceptance.json[:HEAD,...] ...
-writes OUT_STEM.json (the runs as they were, labelled) and OUT_STEM.md (tau per task, greedy).
+writes OUT_STEM.json (the runs as they were, labelled) and OUT_STEM.md (tau per task at each run's first temperature).
 """
 from __future__ import annotations
 
@@ -17,12 +17,15 @@ def main(argv: list[str]) -> None:
         path, _, heads = rest.partition(":")
         run = json.load(open(path))
         keep = heads.split(",") if heads else run["settings"]["heads"]
-        run["rows"] = [r for r in run["rows"] if r["head"] in keep and r["temperature"] == 0]
+        temperature = run["settings"]["temperatures"][0]  # each run's first temperature (greedy when 0)
+        run["rows"] = [r for r in run["rows"] if r["head"] in keep and r["temperature"] == temperature]
         runs.append({"label": label, **run})
         columns += [(label, head) for head in keep]
     tasks = list(dict.fromkeys(r["task"] for run in runs for r in run["rows"]))
     first = runs[0]
-    lines = [f"# Mean accepted length per task, greedy ({first['settings']['model']}, held-out task suite)", "",
+    temperatures = sorted({run["settings"]["temperatures"][0] for run in runs})
+    sampling = ", ".join("greedy" if t == 0 else f"temperature {t}" for t in temperatures)
+    lines = [f"# Mean accepted length per task, {sampling} ({first['settings']['model']}, held-out task suite)", "",
              f"{first['env']['device']}, torch {first['env']['torch']}, {first['env']['date']}; tree "
              f"{','.join(map(str, first['settings']['tree']))}, {first['settings']['max_new_tokens']} new tokens, "
              f"{first['settings']['dtype']}, speculation forced on. Runs (data: {stem.split('/')[-1]}.json):", ""]
