@@ -24,5 +24,4 @@ for lookup in 0 "$L"; do
     --out-dir "$RES/e2e_lookup$lookup" 2>&1 | quiet | tail -4
   pack
 done
-pack
 exit 0

@@ -260,7 +260,7 @@ class BatchedGenerator:
                 produced += running
                 stop = torch.isin(token, eos_ids) | (produced >= limit)
                 if stop_loops:
-                    stop |= looping(out, produced.clamp(max=max_new_tokens), stop_loops, loop_period)
+                    stop |= looping(out, produced, stop_loops, loop_period)  # produced <= limit <= max_new_tokens
                 done |= running & stop
                 # the token's slot and position; a stopped row stays on its last slot (its reads stop growing)
                 self.step_ids.copy_(token[:, None])
