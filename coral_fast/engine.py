@@ -82,7 +82,7 @@ class TreeInputs:
 
 @dataclass
 class Sampling:
-    """temperature [1] float64 (> 0 when sampling); uniforms [depth + 1, children + 1] float64 in [0, 1)
+    """temperature [1] float64 (> 0 when sampling); uniforms [levels + 1, children + 1] float64 in [0, 1)
     (children: topk, one more with a lookup chain), drawn on the host from the caller's generator before every
     step (reproducible, CPU == GPU)."""
 
@@ -107,7 +107,8 @@ class Engine:
         # root: sampling's verify tries up to topk + 1 children there
         self.lookup = tree.lookup
         self.children = self.topk + (1 if self.lookup else 0)
-        self.R, self.A = self.T + 1, self.depth + 1
+        self.levels = tree.levels  # a chain longer than the draft's tree is deep reaches further
+        self.R, self.A = self.T + 1, self.levels + 1
         self.C = chunk or PREFILL_CHUNK
         self.max_context = max_context
         self.S = max_context + self.A + max(self.R, self.C) + 1
@@ -122,7 +123,7 @@ class Engine:
         self.hist = History(torch.zeros(self.S, **i64), torch.zeros(self.S, F, dtype=fdtype, device=dev))
         self.chunk = Chunk(torch.ones(1, **i64), torch.zeros(1, dtype=torch.bool, device=dev))
         self.sampling = Sampling(torch.ones(1, dtype=torch.float64, device=dev),
-                                 torch.zeros(self.depth + 1, self.children + 1, dtype=torch.float64, device=dev))
+                                 torch.zeros(self.levels + 1, self.children + 1, dtype=torch.float64, device=dev))
         self.result = torch.zeros(self.A + 1, **i64)  # [count, tokens...] of the last round / plain step
         # a probe's first look (`draft_extend_step(scout=True)`): [hits, rows] of the draft's top-1 against the
         # tokens the target chose over the rows it caught up on; prompt_len: rows predicting prompt tokens
@@ -286,11 +287,11 @@ class Engine:
         ti = self.tree_in
         feats, _, logits = self._target(ti.tokens, ti.mask, ti.depth, self._width(self.R))
         if sampling:
-            rows, count, tokens = accept_sampling(logits, ti.tokens[1:], ti.parents, self.depth, self.children,
+            rows, count, tokens = accept_sampling(logits, ti.tokens[1:], ti.parents, self.levels, self.children,
                                                   self.sampling.temperature, self.sampling.uniforms)
         else:
             rows, count, tokens = accept_greedy(logits, ti.tokens[1:], DraftTree(ti.parents, ti.mask[1:, 1:],
-                                                                                ti.depth[1:] - 1), self.depth)
+                                                                                ti.depth[1:] - 1), self.levels)
         self.commit(feats, rows, count, tokens)
 
     def commit(self, feats: Tensor, rows: Tensor, count: Tensor, tokens: Tensor) -> None:

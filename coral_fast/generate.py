@@ -45,7 +45,8 @@ class TreeConfig:
     """EAGLE-2 dynamic tree: `depth` levels, `topk` children per expanded node, `total_tokens` verified.
 
     lookup > 0: the last `lookup` of the total_tokens are a chain copied from the context (coral_fast.lookup),
-    hung from the root beside the draft's total_tokens - lookup nodes."""
+    hung from the root beside the draft's total_tokens - lookup nodes. The chain may be longer than the draft's
+    tree is deep (it costs no draft step): a round accepts up to `levels` = max(depth, lookup) tokens + 1."""
 
     depth: int = 6
     topk: int = 10
@@ -57,13 +58,18 @@ class TreeConfig:
             if not _is_int(value) or not 1 <= value <= hi:
                 raise ValueError(f"tree {name} must be an integer in [1, {hi}], got {value!r}")
         most = self.max_tokens(self.depth, self.topk)
-        if not _is_int(self.lookup) or not 0 <= self.lookup <= self.depth:
-            raise ValueError(f"tree lookup must be an integer in [0, depth={self.depth}], got {self.lookup!r}")
+        if not _is_int(self.lookup) or not 0 <= self.lookup <= MAX_DEPTH:
+            raise ValueError(f"tree lookup must be an integer in [0, {MAX_DEPTH}], got {self.lookup!r}")
         if not _is_int(self.total_tokens) or not 1 + self.lookup <= self.total_tokens <= most + self.lookup \
                 or self.total_tokens > MAX_TREE_TOKENS:
             raise ValueError(f"tree total_tokens must be an integer in [{1 + self.lookup}, "
                              f"{min(most + self.lookup, MAX_TREE_TOKENS)}] for depth {self.depth} and topk {self.topk}"
                              + (f" with lookup {self.lookup}" if self.lookup else "") + f", got {self.total_tokens!r}")
+
+    @property
+    def levels(self) -> int:
+        """The deepest node below the root: a fully accepted round commits levels + 1 tokens."""
+        return max(self.depth, self.lookup)
 
     @staticmethod
     def max_tokens(depth: int, topk: int) -> int:
@@ -135,7 +141,7 @@ class SpeculationPolicy:
 
     round_s: float
     plain_s: float
-    max_tau: int | None = None  # tokens of a fully accepted round (depth + 1)
+    max_tau: int | None = None  # tokens of a fully accepted round (TreeConfig.levels + 1)
     margin: float = 0.05
     first_interval: int = 16
     max_interval: int = 128
@@ -187,7 +193,7 @@ class SpeculationPolicy:
         if rows < self.min_scout_rows or self.max_tau is None:
             return False
         p = hits / rows
-        chain = sum(p ** i for i in range(self.max_tau))  # 1 + p + ... + p^depth
+        chain = sum(p ** i for i in range(self.max_tau))  # 1 + p + ... + p^levels
         if chain >= self.scout_fraction * (1.0 + self.margin) * self.round_s / self.plain_s:
             return False
         self.since_probe = 0
@@ -358,7 +364,7 @@ class SpeculativeGenerator:
         """The policy that carries acceptance across requests (greedy and sampling accept differently)."""
         key = (sampling, self.round_time_s, self.plain_step_time_s, tuple(sorted(self.policy_options.items())))
         if key not in self._policies:
-            self._policies[key] = SpeculationPolicy(self.round_time_s, self.plain_step_time_s, self.tree.depth + 1,
+            self._policies[key] = SpeculationPolicy(self.round_time_s, self.plain_step_time_s, self.tree.levels + 1,
                                                     **self.policy_options)
         return self._policies[key]
 

@@ -6,7 +6,7 @@
 - answer tokens past the first 16-gram their answer repeats (greedy and sampled rounds apart);
 - what `coral-fast train --skip-repeats N` leaves out of the loss (training.trainer.repeated_ngram_ends);
 - what `coral-fast data --stop-loops N` would have kept: each answer cut where its last N tokens first equal the
-  N tokens p before them, p <= 128 (the rule of training.batched.looping, here over the finished answers).
+  N tokens p before them, p <= 128 (training.batched.loop_end: looping's rule over the finished answers).
 """
 import argparse
 import json
@@ -14,19 +14,9 @@ import time
 
 import torch
 
+from coral_fast.training.batched import loop_end
 from coral_fast.training.data import load_shards
 from coral_fast.training.trainer import repeated_ngram_ends
-
-
-def loop_end(answer: torch.Tensor, n: int, max_period: int = 128) -> int:
-    """Tokens kept by the stop-loops rule: the first t whose last n tokens repeat at a period <= max_period."""
-    length = answer.numel()
-    t = torch.arange(length)[None, :]
-    period = torch.arange(1, max_period + 1)[:, None]
-    match = (answer[None, :] == answer[(t - period).clamp(min=0)]) & (t - period >= 0)  # [P, L]
-    last_miss = torch.where(~match, t.expand_as(match), torch.full_like(match, -1, dtype=torch.long)).cummax(1).values
-    hit = ((t - last_miss) >= n).any(0)  # a run of n matches at some period ends at t
-    return int(hit.nonzero()[0]) + 1 if hit.any() else length
 
 
 def main():
@@ -61,7 +51,7 @@ def main():
         for row, (s, e, q) in enumerate(zip(offsets[:-1], offsets[1:], prompt_lengths)):
             kind = bool(sampled[row])
             total[kind] += e - s - q
-            kept[kind] += loop_end(ids[s + q:e], n) if e - s - q > n else e - s - q
+            kept[kind] += loop_end(ids[s + q:e], n, 128)
         result["stop_loops_kept"][n] = {"greedy": kept[False] / total[False], "sampled": kept[True] / total[True],
                                         "all": (kept[False] + kept[True]) / (total[False] + total[True])}
         print(n, result["stop_loops_kept"][n], flush=True)

@@ -43,9 +43,10 @@ def test_lookup_copies_the_latest_longest_match():
 
 
 def test_tree_config_checks_the_lookup():
-    assert TreeConfig(6, 10, 60, lookup=6).lookup == 6
-    for kwargs in (dict(lookup=7), dict(lookup=-1), dict(lookup=1.0)):
-        with pytest.raises(ValueError, match="lookup must be an integer in \\[0, depth=6\\]"):
+    assert TreeConfig(6, 10, 60, lookup=6).levels == 6
+    assert TreeConfig(6, 10, 60, lookup=10).levels == 10  # a chain deeper than the draft's tree
+    for kwargs in (dict(lookup=17), dict(lookup=-1), dict(lookup=1.0)):
+        with pytest.raises(ValueError, match="lookup must be an integer in \\[0, 16\\]"):
             TreeConfig(6, 10, 60, **kwargs)
     with pytest.raises(ValueError, match="total_tokens must be an integer in \\[4, 13\\] .* with lookup 3"):
         TreeConfig(3, 2, 3, lookup=3)
@@ -56,27 +57,32 @@ def test_greedy_identical_and_the_chain_is_accepted(seed, one_thread):
     chain copies: with it the rounds accept several tokens, and the output is generate's either way."""
     model = tiny_llama(seed=seed % 1000)
     vocab = model.config.vocab_size
-    taus = {}
-    for lookup in (0, 3):
-        gen = SpeculativeGenerator(model, None, TreeConfig(4, 3, 12, lookup=lookup), adaptive=False, max_context=160)
+    taus, longest = {}, {}
+    for lookup in (0, 3, 7):  # 7: a chain deeper than the draft's tree (a round accepts up to 8 tokens)
+        gen = SpeculativeGenerator(model, None, TreeConfig(4, 3, 12 + max(lookup - 3, 0), lookup=lookup),
+                                   adaptive=False, max_context=160)
         for prompt_len, n in [(1, 40), (9, 60), (30, 25)]:
             prompt = torch.randint(0, vocab, (prompt_len,), generator=torch.Generator().manual_seed(seed + prompt_len))
             out = gen.generate(prompt, n)
             assert out.token_ids == plain_greedy(model, prompt, n), (lookup, prompt_len)
             taus.setdefault(lookup, []).append(out.mean_accepted_length)
+            longest[lookup] = max(longest.get(lookup, 0), *out.accepted_lengths)
     assert sum(taus[3]) > sum(taus[0]) + 0.3, taus  # 40 seeds: +0.81 to +4; a chain that never helps: <= 0
+    assert longest[7] > 5 >= longest[3], longest  # only a chain past depth 4 accepts more than 5 tokens a round
 
 
-def test_sampling_with_the_chain_follows_the_target(one_thread):
-    """As test_sampling's check, with a lookup chain of 2 beside a depth-2 tree (the root has 4 children); the
-    prompt repeats "3 7", so after "7" the chain proposes "1 3" (an exact copy, often accepted)."""
+@pytest.mark.parametrize("depth, total_tokens", [(2, 8), (1, 5)])
+def test_sampling_with_the_chain_follows_the_target(depth, total_tokens, one_thread):
+    """As test_sampling's check, with a lookup chain of 2 beside a depth-2 tree, or below a depth-1 tree (the
+    chain's second token is judged alone); the root has 4 children. The prompt repeats "3 7", so after "7" the
+    chain proposes "1 3" (an exact copy, often accepted)."""
     model = tiny_llama(vocab=V, hidden=32, seed=3)
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
     temperature = 0.9
     prompt = torch.tensor([3, 7, 1, 3, 7])
-    gen = SpeculativeGenerator(model, None, TreeConfig(depth=2, topk=3, total_tokens=8, lookup=2), adaptive=False,
-                               max_context=16)
+    gen = SpeculativeGenerator(model, None, TreeConfig(depth=depth, topk=3, total_tokens=total_tokens, lookup=2),
+                               adaptive=False, max_context=16)
     assert gen.engine.children == 4 and gen.engine.sampling.uniforms.shape == (3, 5)
     counts = torch.zeros(V, V)
     rng = torch.Generator().manual_seed(0)

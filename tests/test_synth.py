@@ -9,7 +9,7 @@ import torch
 
 from coral_fast.kernels._dispatch import interpreter_enabled
 from coral_fast.training import synth as S
-from coral_fast.training.batched import BatchedGenerator
+from coral_fast.training.batched import BatchedGenerator, loop_end
 from test_models import tiny_gemma3, tiny_llama
 
 
@@ -265,6 +265,16 @@ def test_batched_generation_stops_loops_like_the_list_rule(seed):
     assert gen.generate(prompts, n_new, eos, 0, stop_loops=6, loop_period=1) == loose
     with pytest.raises(ValueError, match="stop_loops"):
         gen.generate(prompts, n_new, eos, 0, stop_loops=-1)
+
+
+def test_loop_end_is_the_list_rule(seed):
+    rng = random.Random(seed)
+    for _ in range(20):
+        vocab, length = rng.randint(2, 6), rng.randint(0, 70)
+        row = [rng.randrange(vocab) for _ in range(length)]
+        n, max_period = rng.randint(1, 8), rng.randint(1, 12)
+        assert loop_end(torch.tensor(row, dtype=torch.long), n, max_period) == len(_cut_at_loop(row, n, max_period)), \
+            (row, n, max_period)
 
 
 def test_batched_generation_refuses_bad_requests():

@@ -53,6 +53,19 @@ def looping(out: Tensor, produced: Tensor, n: int, max_period: int) -> Tensor:
     return (valid & (now == before).all(-1)).any(-1)
 
 
+def loop_end(answer: Tensor, n: int, max_period: int) -> int:
+    """`looping`'s rule over a finished answer [L]: how many tokens a row stopped by it would have kept (the
+    first t whose last n tokens equal the n tokens p before them, p <= max_period; L if none). One pass over
+    [max_period, L] instead of a step at a time (the data statistics of dev/data_loops.py)."""
+    length = answer.numel()
+    t = torch.arange(length, device=answer.device)[None, :]
+    period = torch.arange(1, max_period + 1, device=answer.device)[:, None]
+    match = (answer[None, :] == answer[(t - period).clamp(min=0)]) & (t - period >= 0)  # [P, L]
+    last_miss = torch.where(match, torch.full_like(t, -1), t).cummax(1).values  # [P, L]
+    hit = ((t - last_miss) >= n).any(0)  # a run of n matches at some period ends at t
+    return int(hit.nonzero()[0]) + 1 if hit.any() else length
+
+
 def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
     """logits: [B, V] fp32 -> [B] int64: argmax when temperature == 0, else nucleus sampling."""
     if temperature <= 0:
