@@ -103,9 +103,9 @@ class Engine:
         self.impl, self.head_impl = impl, head_impl
         self.device = dev = model.get_output_embeddings().weight.device
         self.depth, self.topk, self.T = tree.depth, tree.topk, tree.total_tokens
-        # a prompt-lookup chain (coral_fast.lookup) is the tree's last `lookup` nodes, one more child of the
-        # root: sampling's verify tries up to topk + 1 children there
-        self.lookup = tree.lookup
+        # a prompt-lookup chain (coral_fast.lookup) takes the tree's last `lookup` nodes when the context's
+        # final n-gram recurs, one more child of the root: sampling's verify tries up to topk + 1 there
+        self.lookup, self.lookup_sampling = tree.lookup, tree.lookup_sampling
         self.children = self.topk + (1 if self.lookup else 0)
         self.levels = tree.levels  # a chain longer than the draft's tree is deep reaches further
         self.R, self.A = self.T + 1, self.levels + 1
@@ -122,6 +122,7 @@ class Engine:
         fdtype = model.get_output_embeddings().weight.dtype
         self.hist = History(torch.zeros(self.S, **i64), torch.zeros(self.S, F, dtype=fdtype, device=dev))
         self.chunk = Chunk(torch.ones(1, **i64), torch.zeros(1, dtype=torch.bool, device=dev))
+        self.chain_on = torch.ones(1, dtype=torch.bool, device=dev)  # this request takes the lookup chain
         self.sampling = Sampling(torch.ones(1, dtype=torch.float64, device=dev),
                                  torch.zeros(self.levels + 1, self.children + 1, dtype=torch.float64, device=dev))
         self.result = torch.zeros(self.A + 1, **i64)  # [count, tokens...] of the last round / plain step
@@ -139,7 +140,7 @@ class Engine:
             self.dv = torch.zeros_like(self.dk)
             self.tree_in = TreeInputs(torch.zeros(self.R, **i64), torch.eye(self.R, dtype=torch.bool, device=dev),
                                       torch.zeros(self.R, **i64), torch.full((self.T,), -1, **i64))
-            self.tree_builder = dynamic_tree  # (engine, last [1, H], n, width) -> (DraftTree, tokens [T - lookup])
+            self.tree_builder = dynamic_tree  # (engine, last [1, H], n, width) -> (DraftTree, tokens [T])
         self.head_check = mode == "eager"
         self.rng: torch.Generator | None = None
         self.sampling_on = False
@@ -165,6 +166,7 @@ class Engine:
         self.scout.zero_()
         self.sampling_on = temperature > 0
         self.sampling.temperature.fill_(temperature if temperature > 0 else 1.0)
+        self.chain_on.fill_(not self.sampling_on or self.lookup_sampling)
         self.rng = generator
 
     def _next_uniforms(self) -> None:
@@ -272,15 +274,22 @@ class Engine:
         ti.parents.copy_(tree.parents)
 
     def _with_lookup(self, tree: DraftTree, tokens: Tensor) -> tuple[DraftTree, Tensor]:
-        """The draft's T - lookup nodes, then the prompt-lookup chain from the root (node T - lookup + i's
-        parent is the chain's node before it). The chain shares no ancestor with the draft's nodes, so the
-        mask is the draft tree's beside the chain's lower triangle: no second ancestor closure."""
+        """The draft's T nodes, the last L of them its lowest-ranked (build_dynamic_tree's tail), or, when the
+        context's final n-gram recurs and the request takes the chain (`chain_on`), the best T - L and the
+        prompt-lookup chain from the root in place of the tail (node T - L + i's parent is the chain's node
+        before it). The head is ancestor-closed and shares nothing with the chain, so the mask is the head's
+        beside the chain's lower triangle: no second ancestor closure. The choice depends on committed tokens
+        only, never on this round's draws: sampling stays exact."""
         L, first, dev = self.lookup, self.T - self.lookup, self.device
-        chain = prompt_lookup(self.hist.ids, self.pos.n, L)
+        chain, found = prompt_lookup(self.hist.ids, self.pos.n, L)
+        use = found & self.chain_on  # [1] bool
         steps = torch.arange(L, device=dev)
-        parents = torch.cat([tree.parents, torch.where(steps > 0, first - 1 + steps, torch.full_like(steps, -1))])
-        mask = torch.block_diag(tree.mask, torch.ones(L, L, dtype=torch.bool, device=dev).tril())
-        return DraftTree(parents, mask, torch.cat([tree.depth, steps])), torch.cat([tokens, chain])
+        chain_parents = torch.where(steps > 0, first - 1 + steps, torch.full_like(steps, -1))
+        chain_mask = torch.block_diag(tree.mask[:first, :first], torch.ones(L, L, dtype=torch.bool, device=dev).tril())
+        parents = torch.cat([tree.parents[:first], torch.where(use, chain_parents, tree.parents[first:])])
+        depth = torch.cat([tree.depth[:first], torch.where(use, steps, tree.depth[first:])])
+        tokens = torch.cat([tokens[:first], torch.where(use, chain, tokens[first:])])
+        return DraftTree(parents, torch.where(use, chain_mask, tree.mask), depth), tokens
 
     def verify_step(self, sampling: bool = False) -> None:
         """verify -> accept -> commit."""
@@ -441,7 +450,7 @@ def dynamic_tree(engine: Engine, last: Tensor, n: Tensor, width: int | None):
     """The EAGLE-2 dynamic tree from the draft's hidden state `last` [1, H] predicting position n: each
     level runs the draft on the `topk` best frontier nodes, their keys/values in the draft's cache after
     the committed prefix (slots n + (level - 1) * topk ..), masked to their ancestors.
-    Returns (DraftTree of T - lookup nodes, tokens [T - lookup])."""
+    Returns (DraftTree of T nodes, tokens [T]); the last `lookup` are the lowest-ranked (the chain's place)."""
     draft, dev, k = engine.draft, engine.device, engine.topk
     S = width or engine.d_slots
     cols = torch.arange(S, device=dev)
@@ -470,7 +479,7 @@ def dynamic_tree(engine: Engine, last: Tensor, n: Tensor, width: int | None):
 
     root_ids, root_logprobs = draft.topk(last, k, impl=engine.head_impl, check=engine.head_check)
     tree, tokens, _ = build_dynamic_tree(root_ids[0], root_logprobs[0], expand, depth=engine.depth, topk=k,
-                                         total_tokens=engine.T - engine.lookup)
+                                         total_tokens=engine.T, tail=engine.lookup)
     return tree, tokens
 
 

@@ -44,14 +44,17 @@ def _is_int(value) -> bool:
 class TreeConfig:
     """EAGLE-2 dynamic tree: `depth` levels, `topk` children per expanded node, `total_tokens` verified.
 
-    lookup > 0: the last `lookup` of the total_tokens are a chain copied from the context (coral_fast.lookup),
-    hung from the root beside the draft's total_tokens - lookup nodes. The chain may be longer than the draft's
-    tree is deep (it costs no draft step): a round accepts up to `levels` = max(depth, lookup) tokens + 1."""
+    lookup > 0: a chain copied from the context (coral_fast.lookup) takes the place of the draft's `lookup`
+    lowest-ranked nodes whenever the context's final n-gram recurs (else the draft keeps all total_tokens).
+    It may be longer than the draft's tree is deep (it costs no draft step): a round accepts up to `levels` =
+    max(depth, lookup) tokens + 1. Greedy requests only, unless lookup_sampling: at temperature 0.7 the
+    copies are followed less often than the draft's nodes they displace (bench/results/lookup_sampling_cpu.md)."""
 
     depth: int = 6
     topk: int = 10
     total_tokens: int = 60
     lookup: int = 0
+    lookup_sampling: bool = False
 
     def __post_init__(self):
         for name, value, hi in (("depth", self.depth, MAX_DEPTH), ("topk", self.topk, MAX_TOPK)):
@@ -60,11 +63,12 @@ class TreeConfig:
         most = self.max_tokens(self.depth, self.topk)
         if not _is_int(self.lookup) or not 0 <= self.lookup <= MAX_DEPTH:
             raise ValueError(f"tree lookup must be an integer in [0, {MAX_DEPTH}], got {self.lookup!r}")
-        if not _is_int(self.total_tokens) or not 1 + self.lookup <= self.total_tokens <= most + self.lookup \
-                or self.total_tokens > MAX_TREE_TOKENS:
-            raise ValueError(f"tree total_tokens must be an integer in [{1 + self.lookup}, "
-                             f"{min(most + self.lookup, MAX_TREE_TOKENS)}] for depth {self.depth} and topk {self.topk}"
-                             + (f" with lookup {self.lookup}" if self.lookup else "") + f", got {self.total_tokens!r}")
+        if not _is_int(self.total_tokens) or not 1 + self.lookup <= self.total_tokens <= most:
+            raise ValueError(f"tree total_tokens must be an integer in [{1 + self.lookup}, {most}] for depth "
+                             f"{self.depth} and topk {self.topk}" + (f" with lookup {self.lookup}" if self.lookup else "")
+                             + f", got {self.total_tokens!r}")
+        if not isinstance(self.lookup_sampling, bool):
+            raise ValueError(f"tree lookup_sampling must be a bool, got {self.lookup_sampling!r}")
 
     @property
     def levels(self) -> int:
@@ -75,6 +79,11 @@ class TreeConfig:
     def max_tokens(depth: int, topk: int) -> int:
         """The candidate table's size (topk + (depth - 1) * topk^2), at most 128 (the kernel's rows)."""
         return min(topk + (depth - 1) * topk * topk, MAX_TREE_TOKENS)
+
+
+# the generator's tree: EAGLE-2's 6/10/60 with a 10-token lookup chain for greedy requests (H100, bf16, full task
+# suite: tau 2.88 -> 3.84, a round 3% dearer; bench/results/lookup_h100.md)
+DEFAULT_TREE = TreeConfig(6, 10, 60, lookup=10)
 
 
 @dataclass
@@ -266,7 +275,7 @@ class SpeculativeGenerator:
             raise ValueError(f"chunk (prompt rows a prefill step) must be an integer in [1, {MAX_TREE_TOKENS}] "
                              f"(the tree-attention kernel's rows), got {chunk!r}")
         self.speculative, self.adaptive = speculative, adaptive
-        self.tree = tree or TreeConfig()
+        self.tree = tree or DEFAULT_TREE
         if speculative:
             if draft is None:
                 draft = DraftModel.random_init(model)

@@ -71,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"children per expanded node in [1, {MAX_TOPK}] (default 10 GPU, 4 CPU)")
     p.add_argument("--tree-tokens", type=int, default=None,
                    help=f"tree size verified per round, in [1, {MAX_TREE_TOKENS}] (default 60 GPU, 16 CPU)")
-    p.add_argument("--lookup", type=int, default=0,
-                   help="prompt lookup: the last N of the tree's tokens copy what followed the context's final "
-                        "n-gram where it occurred before (helps summaries, answers over passages; 0 = off)")
+    p.add_argument("--lookup", type=int, default=None,
+                   help="prompt lookup: a chain of N tokens copying what followed the context's final n-gram where "
+                        "it occurred before takes the place of the draft's N lowest-ranked nodes (greedy requests; "
+                        "helps summaries, answers over passages; N may exceed the depth; default 10 with the GPU's default "
+                        "tree, else 0; 0 = off)")
     return p
 
 
@@ -135,7 +137,9 @@ def main(argv=None) -> int:
                 depth=(6 if on_gpu else 4) if args.tree_depth is None else args.tree_depth,
                 topk=(10 if on_gpu else 4) if args.tree_topk is None else args.tree_topk,
                 total_tokens=(60 if on_gpu else 16) if args.tree_tokens is None else args.tree_tokens,
-                lookup=args.lookup,
+                # the chain by default only with the GPU's default tree (a small tree has no room for it)
+                lookup=(10 if on_gpu and (args.tree_depth, args.tree_topk, args.tree_tokens) == (None,) * 3 else 0)
+                if args.lookup is None else args.lookup,
             )
         except ValueError as e:  # name the flags
             message = str(e)

@@ -3,8 +3,9 @@
 Summaries, answers over passages and multi-turn replies repeat spans of their context; a one-layer draft
 predicts such spans less surely than a lookup finds them. `prompt_lookup` takes the context's last g tokens
 (g = ngram_max down to ngram_min), finds their latest earlier occurrence, and proposes what followed it.
-The engine hangs that chain from the root as the tree's last `TreeConfig.lookup` nodes. Verification judges
-every node against the target, so any proposal is safe: the output stays exactly the target's.
+When the context's final n-gram recurs, the engine hangs that chain from the root in place of the draft tree's
+`TreeConfig.lookup` lowest-ranked nodes; when it does not, the draft keeps them. Verification judges every node
+against the target, so any proposal is safe: the output stays exactly the target's.
 """
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import torch
 from torch import Tensor
 
 
-def prompt_lookup(ids: Tensor, n: Tensor, length: int, ngram_max: int = 4, ngram_min: int = 2) -> Tensor:
+def prompt_lookup(ids: Tensor, n: Tensor, length: int, ngram_max: int = 4,
+                  ngram_min: int = 2) -> tuple[Tensor, Tensor]:
     """ids: [S] int64, the committed tokens at [0, n] (ids[n] = the last one); n: [1] int64 (device).
-    -> [length] int64: the tokens after the latest earlier occurrence of ids[n - g + 1 .. n] for the largest
-    g in [ngram_min, ngram_max] that recurs, as far as they are known (positions <= n); the rest, or all of it
-    when nothing recurs, repeats ids[n] (a harmless guess). Fixed shapes, no host sync (capturable)."""
+    -> (chain [length] int64, found [1] bool). chain: the tokens after the latest earlier occurrence of
+    ids[n - g + 1 .. n] for the largest g in [ngram_min, ngram_max] that recurs, as far as they are known
+    (positions <= n); the rest, or all of it when nothing recurs, repeats ids[n]. found: some g recurs.
+    Fixed shapes, no host sync (capturable)."""
     if not 1 <= ngram_min <= ngram_max or length < 1:
         raise ValueError(f"need 1 <= ngram_min <= ngram_max and length >= 1, got {ngram_min}, {ngram_max}, {length}")
     S = ids.shape[0]
@@ -32,10 +35,12 @@ def prompt_lookup(ids: Tensor, n: Tensor, length: int, ngram_max: int = 4, ngram
         follow = torch.where(latest >= 0, latest + g, follow)
     at = follow + torch.arange(length, device=ids.device)
     known = (follow >= 0) & (at <= n)
-    return torch.where(known, ids.index_select(0, at.clamp(0, S - 1)), ids.index_select(0, n).expand(length))
+    chain = torch.where(known, ids.index_select(0, at.clamp(0, S - 1)), ids.index_select(0, n).expand(length))
+    return chain, follow >= 0
 
 
-def reference_prompt_lookup(context: list[int], length: int, ngram_max: int = 4, ngram_min: int = 2) -> list[int]:
+def reference_prompt_lookup(context: list[int], length: int, ngram_max: int = 4,
+                            ngram_min: int = 2) -> tuple[list[int], bool]:
     """The same rule over a Python list (context[-1] = the last committed token): the tests' oracle."""
     for g in range(ngram_max, ngram_min - 1, -1):
         if len(context) < g:
@@ -44,5 +49,5 @@ def reference_prompt_lookup(context: list[int], length: int, ngram_max: int = 4,
         for s in range(len(context) - g - 1, -1, -1):
             if context[s:s + g] == key:
                 copied = context[s + g:s + g + length]
-                return copied + [context[-1]] * (length - len(copied))
-    return [context[-1]] * length
+                return copied + [context[-1]] * (length - len(copied)), True
+    return [context[-1]] * length, False

@@ -179,6 +179,7 @@ def build_dynamic_tree(
     depth: int = 6,
     topk: int = 10,
     total_tokens: int = 60,
+    tail: int = 0,
 ):
     """EAGLE-2 dynamic draft tree (Li et al. 2024): beam-expand by cumulative log-prob, then re-rank.
 
@@ -197,7 +198,9 @@ def build_dynamic_tree(
     order, in which parents come before their children. So a parent always outranks its children.
 
     Returns (tree: DraftTree over the kept nodes in table order, parents first; tokens [T] int64;
-    scores [T] float32 cumulative log-probs). Fixed shapes, no host syncs.
+    scores [T] float32 cumulative log-probs). Fixed shapes, no host syncs. With `tail` > 0 the last `tail`
+    nodes are the lowest-ranked ones (each part in table order): the first T - tail are a tree by themselves,
+    the best T - tail, so a caller can swap the tail for other nodes (the engine's lookup chain).
     """
     if root_ids.dim() != 1 or root_logprobs.shape != root_ids.shape:
         raise ValueError(
@@ -209,6 +212,8 @@ def build_dynamic_tree(
     if depth > 1 and num_roots < topk:
         raise ValueError(f"need at least topk={topk} root candidates to expand, got K0={num_roots}")
     table_size = num_roots + (depth - 1) * topk * topk
+    if not 0 <= tail < total_tokens:
+        raise ValueError(f"tail must be in [0, total_tokens={total_tokens}), got {tail}")
     if not 1 <= total_tokens <= min(table_size, MAX_TREE_NODES):
         raise ValueError(
             f"total_tokens must be in [1, min(N={table_size}, {MAX_TREE_NODES})], got {total_tokens} "
@@ -252,7 +257,10 @@ def build_dynamic_tree(
         level_start, level_size = start, topk * topk
 
     ranked = torch.sort(path_min, descending=True, stable=True).indices[:total_tokens]
-    kept = torch.sort(ranked).values  # table order: parents before children
+    head = total_tokens - tail
+    # each part in table order: parents first. A parent outranks its children, so the best `head` hold all
+    # their ancestors, and a tail node's parent sits in the head or before it in the tail.
+    kept = torch.cat([torch.sort(ranked[:head]).values, torch.sort(ranked[head:]).values])
     new_index = torch.full((table_size,), -1, dtype=torch.int64, device=device)
     new_index[kept] = torch.arange(total_tokens, device=device)
     old_parents = table.parents[kept]

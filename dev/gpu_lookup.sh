@@ -10,7 +10,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 RES=/tmp/lookup_results; mkdir -p "$RES"
 pack() { tar -czf "$OUT/lookup.tar.gz" -C "$RES" .; }  # after each run: a call cut by its limit still returns the rest
 quiet() { grep --line-buffered -v -E "Converting and de-quantizing|Loading weights"; }
-L=${LOOKUP:-6}
+L=${LOOKUP:-10}
 ACC_S=${ACC_S:-140}
 if [ "$ACC_S" -gt 0 ]; then  # ACC_S=0: the speed-up runs only
   for lookup in 0 "$L"; do

@@ -83,8 +83,8 @@ def test_spec_bench_malformed_names_the_line(tmp_path, bad, where, capsys):
     (["--scale", "llama-9000"], "unknown --scale config 'llama-9000'"),
     (["--tasks", "poetry"], "unknown task 'poetry'"),
     (["--taus", "0.5"], "--taus must be numbers in [1, 64]"),
-    (["--lookup", "7"], "tree lookup must be an integer in [0, depth=6], got 7"),
-    (["--tree", "2,2,2", "--lookup", "2"], "tree total_tokens must be an integer in [3, 8] for depth 2 and topk 2 with "
+    (["--lookup", "17"], "tree lookup must be an integer in [0, 16], got 17"),
+    (["--tree", "2,2,2", "--lookup", "2"], "tree total_tokens must be an integer in [3, 6] for depth 2 and topk 2 with "
                                            "lookup 2, got 2"),
     (["--suite", "none"], "nothing to run"),
     (["--prompt-file", "/nonexistent/q.jsonl"], "no such file"),
@@ -233,3 +233,13 @@ def test_tiny_scale_writes_consistent_results(tmp_path):
     assert "tiny-llama" in md and f"{3.0 / row['R']:.2f}x" in md
     assert os.path.getsize(tmp_path / "e2e_scale.csv") > 0
     assert (tmp_path / "e2e_scale.png").exists() or "No plot: matplotlib is not installed" in md
+
+
+def test_the_lookup_chain_defaults_to_the_generators_with_the_default_tree():
+    from coral_fast.generate import DEFAULT_TREE
+
+    parse = e2e.build_parser().parse_args
+    assert e2e.lookup_of(parse([])) == DEFAULT_TREE.lookup == 10
+    assert e2e.lookup_of(parse(["--tree", "3,3,8"])) == 0  # a small tree has no room for it
+    assert e2e.lookup_of(parse(["--tree", "3,3,8", "--lookup", "2"])) == 2
+    assert e2e.lookup_of(parse(["--lookup", "0"])) == 0

@@ -31,8 +31,8 @@ BASE = ["--model", "smollm2", "--prompt", "hi"]
     (["--tree-topk", "0"], "--tree-topk must be an integer in [1, 32], got 0"),
     (["--tree-tokens", "0"], "--tree-tokens must be an integer in [1, 52] for --tree-depth 4 and --tree-topk 4"),
     (["--tree-tokens", "1000"], "--tree-tokens must be an integer in [1, 52]"),
-    (["--lookup", "5"], "--lookup must be an integer in [0, --tree-depth=4], got 5"),
-    (["--lookup", "3", "--tree-tokens", "3"], "--tree-tokens must be an integer in [4, 55] for --tree-depth 4 and "
+    (["--lookup", "17"], "--lookup must be an integer in [0, 16], got 17"),
+    (["--lookup", "3", "--tree-tokens", "3"], "--tree-tokens must be an integer in [4, 52] for --tree-depth 4 and "
                                               "--tree-topk 4 with --lookup 3, got 3"),
     (["--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1, got '0'"),
     (["--max-new-tokens", "2.5"], "--max-new-tokens: must be an integer >= 1, got '2.5'"),

@@ -24,20 +24,22 @@ def test_lookup_matches_the_list_oracle(seed):
         ids = torch.tensor([rng.randrange(vocab) for _ in range(S)])
         length, low = rng.randint(1, 7), rng.randint(1, 3)
         high = rng.randint(low, 5)
-        got = prompt_lookup(ids, torch.tensor([n]), length, high, low)
-        assert got.shape == (length,) and got.dtype == torch.int64
-        assert got.tolist() == reference_prompt_lookup(ids[: n + 1].tolist(), length, high, low), (ids.tolist(), n)
+        got, found = prompt_lookup(ids, torch.tensor([n]), length, high, low)
+        assert got.shape == (length,) and got.dtype == torch.int64 and found.shape == (1,)
+        want = reference_prompt_lookup(ids[: n + 1].tolist(), length, high, low)
+        assert (got.tolist(), bool(found)) == want, (ids.tolist(), n)
 
 
 def test_lookup_copies_the_latest_longest_match():
     ids = torch.tensor([5, 6, 7, 8, 1, 6, 7, 9, 2, 5, 6, 7, 0, 0])  # committed up to n = 11 (ids[12:] garbage)
     n = torch.tensor([11])
     # "5 6 7" ends the context and occurred at 0: the 3-gram wins over the later "6 7" at 5
-    assert prompt_lookup(ids, n, 4).tolist() == [8, 1, 6, 7]
-    assert prompt_lookup(ids, n, 4, ngram_max=2).tolist() == [9, 2, 5, 6]  # "6 7" latest at 5
+    assert prompt_lookup(ids, n, 4)[0].tolist() == [8, 1, 6, 7]
+    assert prompt_lookup(ids, n, 4, ngram_max=2)[0].tolist() == [9, 2, 5, 6]  # "6 7" latest at 5
     # the copy runs into the suffix itself and stops at n; the rest repeats ids[n]
-    assert prompt_lookup(ids, n, 12).tolist() == [8, 1, 6, 7, 9, 2, 5, 6, 7, 7, 7, 7]
-    assert prompt_lookup(torch.tensor([1, 2, 3, 4]), torch.tensor([3]), 3).tolist() == [4, 4, 4]  # no repeat
+    assert prompt_lookup(ids, n, 12)[0].tolist() == [8, 1, 6, 7, 9, 2, 5, 6, 7, 7, 7, 7]
+    chain, found = prompt_lookup(torch.tensor([1, 2, 3, 4]), torch.tensor([3]), 3)
+    assert chain.tolist() == [4, 4, 4] and not found  # no repeat
     with pytest.raises(ValueError, match="ngram_min"):
         prompt_lookup(ids, n, 4, ngram_max=1, ngram_min=2)
 
@@ -48,8 +50,54 @@ def test_tree_config_checks_the_lookup():
     for kwargs in (dict(lookup=17), dict(lookup=-1), dict(lookup=1.0)):
         with pytest.raises(ValueError, match="lookup must be an integer in \\[0, 16\\]"):
             TreeConfig(6, 10, 60, **kwargs)
-    with pytest.raises(ValueError, match="total_tokens must be an integer in \\[4, 13\\] .* with lookup 3"):
+    with pytest.raises(ValueError, match="total_tokens must be an integer in \\[4, 10\\] .* with lookup 3"):
         TreeConfig(3, 2, 3, lookup=3)
+    with pytest.raises(ValueError, match="lookup_sampling"):
+        TreeConfig(6, 10, 60, lookup=6, lookup_sampling=1)
+
+
+def _first_round_tree(gen, prompt, temperature):
+    """The first round's tree (its nodes as root-to-node token paths), its last `lookup` nodes' paths, and what
+    the list oracle says of the context at the root."""
+    eng = gen.engine
+    gen.warmup()
+    eng.reset(prompt, temperature, torch.Generator().manual_seed(0))
+    eng.prefill(prompt.shape[0])
+    eng.catch_up()
+    eng.run("draft")
+    tokens, parents = eng.tree_in.tokens[1:].tolist(), eng.tree_in.parents.tolist()
+    paths = []
+    for i in range(len(tokens)):
+        path, j = [], i
+        while j >= 0:
+            path.append(tokens[j])
+            j = parents[j]
+        paths.append(tuple(reversed(path)))
+    oracle = reference_prompt_lookup(eng.hist.ids[: eng.n_host + 1].tolist(), max(eng.lookup, 1))
+    return sorted(paths), paths[len(tokens) - eng.lookup:], oracle
+
+
+def test_the_chain_replaces_the_lowest_ranked_nodes_only_when_the_context_recurs(one_thread):
+    """No recurring n-gram, or a sampling request without lookup_sampling: the draft's own tree of T nodes.
+    A recurring one: the draft's best T - L and the copied chain from the root."""
+    model = tiny_llama(vocab=V, hidden=32, seed=5)
+    tree = dict(depth=3, topk=3, total_tokens=12)
+    plain = SpeculativeGenerator(model, None, TreeConfig(**tree), adaptive=False, max_context=320)
+    chained = SpeculativeGenerator(model, plain.draft, TreeConfig(**tree, lookup=4), adaptive=False, max_context=320)
+    both = SpeculativeGenerator(model, plain.draft, TreeConfig(**tree, lookup=4, lookup_sampling=True),
+                                adaptive=False, max_context=320)
+    fresh = torch.tensor([1, 2, 3, 4, 5, 6])  # distinct: no n-gram ending in the first new token recurs
+    own = _first_round_tree(plain, fresh, 0.0)[0]
+    got, _, (_, found) = _first_round_tree(chained, fresh, 0.0)
+    assert got == own and not found
+    every_pair = torch.tensor([[a, b] for a in range(V) for b in range(V)]).flatten()  # every 2-gram recurs
+    sampled_own = _first_round_tree(plain, every_pair, 0.9)[0]  # the same draws: the same first token
+    assert _first_round_tree(chained, every_pair, 0.9)[0] == sampled_own  # sampling: no chain
+    own = _first_round_tree(plain, every_pair, 0.0)[0]
+    got, tail, (copied, found) = _first_round_tree(chained, every_pair, 0.0)
+    assert found and tail == [tuple(copied[: i + 1]) for i in range(4)] and got != own
+    _, tail, (copied, found) = _first_round_tree(both, every_pair, 0.9)  # the first token was sampled
+    assert found and tail == [tuple(copied[: i + 1]) for i in range(4)]
 
 
 def test_greedy_identical_and_the_chain_is_accepted(seed, one_thread):
@@ -71,7 +119,7 @@ def test_greedy_identical_and_the_chain_is_accepted(seed, one_thread):
     assert longest[7] > 5 >= longest[3], longest  # only a chain past depth 4 accepts more than 5 tokens a round
 
 
-@pytest.mark.parametrize("depth, total_tokens", [(2, 8), (1, 5)])
+@pytest.mark.parametrize("depth, total_tokens", [(2, 8), (1, 3)])
 def test_sampling_with_the_chain_follows_the_target(depth, total_tokens, one_thread):
     """As test_sampling's check, with a lookup chain of 2 beside a depth-2 tree, or below a depth-1 tree (the
     chain's second token is judged alone); the root has 4 children. The prompt repeats "3 7", so after "7" the

@@ -131,6 +131,38 @@ def test_dynamic_tree_matches_slow_rule(depth, topk, total_tokens, vocab, seed):
     assert torch.equal(tree.depth[has_parent], tree.depth[parents[has_parent]] + 1)
 
 
+def _paths(tree, tokens):
+    """Each node as its root-to-node token path (order-free comparison of trees)."""
+    paths = []
+    for i in range(tree.num_nodes):
+        path, j = [], i
+        while j >= 0:
+            path.append(int(tokens[j]))
+            j = int(tree.parents[j])
+        paths.append(tuple(reversed(path)))
+    return sorted(paths)
+
+
+@pytest.mark.parametrize("depth,topk,total_tokens,tail", [(6, 10, 60, 10), (4, 3, 20, 7), (1, 4, 3, 2), (3, 5, 40, 1)])
+def test_dynamic_tree_tail_is_the_lowest_ranked(depth, topk, total_tokens, tail, seed):
+    """With a tail the same nodes are kept; the first T - tail are the tree of the best T - tail, parents first."""
+    vocab = 11 + seed % 13  # >= topk
+    next_logprobs = torch.log_softmax(torch.randn(vocab, vocab) * 2, dim=-1)
+    root_logprobs, root_ids = torch.topk(torch.log_softmax(torch.randn(vocab) * 2, dim=-1), topk)
+    build = lambda T, t: build_dynamic_tree(root_ids, root_logprobs, markov_expand(next_logprobs, topk, []), depth=depth,
+                                            topk=topk, total_tokens=T, tail=t)
+    full, full_tokens, _ = build(total_tokens, 0)
+    tree, tokens, scores = build(total_tokens, tail)
+    assert (tree.parents < torch.arange(total_tokens)).all()  # parents first, every one kept
+    assert _paths(tree, tokens) == _paths(full, full_tokens)
+    head = total_tokens - tail
+    best, best_tokens, _ = build(head, 0)
+    assert tree.parents[:head].tolist() == best.parents.tolist() and tokens[:head].tolist() == best_tokens.tolist()
+    assert scores[head:].max() <= scores[:head].min()
+    with pytest.raises(ValueError, match="tail"):
+        build(total_tokens, total_tokens)
+
+
 @pytest.mark.parametrize("kind", ["ties", "positive"])
 def test_dynamic_tree_is_ancestor_closed_without_float_luck(kind, seed):
     """All-equal scores (log-prob 0 everywhere) and rising scores (unnormalised, > 0): a kept node's

@@ -77,7 +77,8 @@ def build_parser():
     p.add_argument("--mode", default=None, choices=MODES, help="engine mode (default: compile-draft on CUDA, eager on CPU)")
     p.add_argument("--draft", default=None, help="draft folder (default: the shipped draft of the model)")
     p.add_argument("--tree", type=_tree, default=(6, 10, 60), help="depth,topk,total_tokens (default 6,10,60)")
-    p.add_argument("--lookup", type=int, default=0, help="prompt-lookup chain of L of the tree's tokens (0 = off)")
+    p.add_argument("--lookup", type=int, default=None, help="prompt-lookup chain of L of the tree's tokens, greedy "
+                   "requests (default: 10 with the default tree, as the generator's; 0 with another --tree; 0 = off)")
     p.add_argument("--no-adaptive", action="store_true", help="always speculate (no fallback to plain decoding)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate columns")
     p.add_argument("--noise-prompts", type=int, default=1,
@@ -254,6 +255,15 @@ def run_prompt(gen, hf, ids, prompt, i, args, device, noise: bool) -> dict:
     return row
 
 
+def lookup_of(args) -> int:
+    """--lookup, or its default: the generator's chain with the default tree, none with another --tree."""
+    from coral_fast.generate import DEFAULT_TREE
+
+    if args.lookup is not None:
+        return args.lookup
+    return DEFAULT_TREE.lookup if tuple(args.tree) == (DEFAULT_TREE.depth, DEFAULT_TREE.topk, DEFAULT_TREE.total_tokens) else 0
+
+
 def run_suite(model, tokenizer, draft, prompts: list[Prompt], args, log, name="model", draft_label="",
               on_task_done=None) -> dict:
     """The suite on one target: {"meta": ..., "rows": [per prompt], "tasks": [per task + overall]}.
@@ -264,7 +274,7 @@ def run_suite(model, tokenizer, draft, prompts: list[Prompt], args, log, name="m
     encoded = [encode(tokenizer, p, device) for p in prompts]
     w_bytes, bandwidth = weight_bytes(model), copy_bandwidth(device)
     t0 = time.perf_counter()
-    gen = make_generator(model, draft, (*args.tree, args.lookup), args.mode, adaptive=not args.no_adaptive)
+    gen = make_generator(model, draft, (*args.tree, lookup_of(args)), args.mode, adaptive=not args.no_adaptive)
     warmup_s = gen.warmup()
     log(f"{name}: engine warm-up {warmup_s:.1f} s (mode {args.mode or 'default'}; constructor + warm-up "
         f"{time.perf_counter() - t0:.1f} s); round {1e3 * gen.round_time_s:.3f} ms, plain step "
@@ -296,7 +306,7 @@ def run_suite(model, tokenizer, draft, prompts: list[Prompt], args, log, name="m
             log(f"{name}: HF static generate skipped, its warm-up failed: {type(e).__name__}: {e}")
             hf = None
     meta = dict(model=name, draft=draft_label, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-                mode=gen.mode, tree=list(args.tree), lookup=args.lookup,
+                mode=gen.mode, tree=list(args.tree), lookup=lookup_of(args),
                 adaptive=not args.no_adaptive, max_new_tokens=args.max_new_tokens, warmup_s=warmup_s,
                 hf_warmup_s=hf_warmup_s, round_ms=1e3 * gen.round_time_s,
                 plain_step_ms=1e3 * gen.plain_step_time_s, weight_gb=w_bytes / 1e9, copy_tb_s=bandwidth / 1e12,
@@ -398,7 +408,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--noise-prompts must be >= 0, got {args.noise_prompts}")
         from coral_fast.generate import TreeConfig
 
-        TreeConfig(*args.tree, lookup=args.lookup)  # the tree and its lookup chain, before any model loads
+        TreeConfig(*args.tree, lookup=lookup_of(args))  # the tree and its lookup chain, before any model loads
     except ValueError as e:
         print(f"bench e2e: {e}", file=sys.stderr)
         return 2
