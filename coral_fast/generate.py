@@ -242,6 +242,7 @@ def _feature_size(model, draft) -> int | None:
 class SpeculativeGenerator:
     """Speculative decoding of an HF causal LM (`model`) with a `DraftModel` (random if None). Batch 1.
 
+    tree: the draft tree (default DEFAULT_TREE: 6/10/60 with a 10-token lookup chain for greedy requests).
     mode: "eager" (the CPU default), "graphs" (every step captured in a CUDA graph; no compile),
     "compile" (torch.compile'd steps, then captured on CUDA), "compile-draft" (the CUDA default: only the
     draft's steps compiled, where a round's many small kernels are; the target's captured as in "graphs").
