@@ -19,7 +19,7 @@ import time
 
 from coral_fast.cli_checks import (ArgumentParser, argument_errors, check_draft_folder, check_model_arg, float_in,
                                    int_at_least, one_line)
-from coral_fast.generate import MAX_DEPTH, MAX_TOPK, MAX_TREE_TOKENS, MODES, TreeConfig
+from coral_fast.generate import DEFAULT_TREE, MAX_DEPTH, MAX_TOPK, MAX_TREE_TOKENS, MODES, TreeConfig
 
 DEFAULT_DRAFTS = {"smollm2": "smollm2", "gemma3-270m": "gemma3-270m"}
 COMPARE_REPS = 3  # --compare: runs of the loop and of plain mode each, interleaved
@@ -132,14 +132,14 @@ def main(argv=None) -> int:
         if args.max_new_tokens >= context:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt in "
                              f"--max-context {context}: it must be < {context}")
+        # the chain by default only with the GPU's default tree (a small tree has no room for it)
+        default_chain = on_gpu and (args.tree_depth, args.tree_topk, args.tree_tokens) == (None,) * 3
         try:
             tree = TreeConfig(
                 depth=(6 if on_gpu else 4) if args.tree_depth is None else args.tree_depth,
                 topk=(10 if on_gpu else 4) if args.tree_topk is None else args.tree_topk,
                 total_tokens=(60 if on_gpu else 16) if args.tree_tokens is None else args.tree_tokens,
-                # the chain by default only with the GPU's default tree (a small tree has no room for it)
-                lookup=(10 if on_gpu and (args.tree_depth, args.tree_topk, args.tree_tokens) == (None,) * 3 else 0)
-                if args.lookup is None else args.lookup,
+                lookup=(DEFAULT_TREE.lookup if default_chain else 0) if args.lookup is None else args.lookup,
             )
         except ValueError as e:  # name the flags
             message = str(e)

@@ -12,6 +12,7 @@ from coral_fast.lookup import prompt_lookup, reference_prompt_lookup
 from test_generate import plain_greedy
 from test_models import tiny_llama
 from test_sampling import V, exact_joint
+from test_tree import node_paths
 from test_verify import chi_square_p
 
 
@@ -65,16 +66,9 @@ def _first_round_tree(gen, prompt, temperature):
     eng.prefill(prompt.shape[0])
     eng.catch_up()
     eng.run("draft")
-    tokens, parents = eng.tree_in.tokens[1:].tolist(), eng.tree_in.parents.tolist()
-    paths = []
-    for i in range(len(tokens)):
-        path, j = [], i
-        while j >= 0:
-            path.append(tokens[j])
-            j = parents[j]
-        paths.append(tuple(reversed(path)))
+    paths = node_paths(eng.tree_in.parents.tolist(), eng.tree_in.tokens[1:].tolist())
     oracle = reference_prompt_lookup(eng.hist.ids[: eng.n_host + 1].tolist(), max(eng.lookup, 1))
-    return sorted(paths), paths[len(tokens) - eng.lookup:], oracle
+    return sorted(paths), paths[len(paths) - eng.lookup:], oracle
 
 
 def test_the_chain_replaces_the_lowest_ranked_nodes_only_when_the_context_recurs(one_thread):
