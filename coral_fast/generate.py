@@ -47,14 +47,14 @@ class TreeConfig:
     lookup > 0: a chain copied from the context (coral_fast.lookup) takes the place of the draft's `lookup`
     lowest-ranked nodes whenever the context's final n-gram recurs (else the draft keeps all total_tokens).
     It may be longer than the draft's tree is deep (it costs no draft step): a round accepts up to `levels` =
-    max(depth, lookup) tokens + 1. Greedy requests only, unless lookup_sampling: at temperature 0.7 the
-    copies are followed less often than the draft's nodes they displace (bench/results/lookup_sampling_cpu.md)."""
+    max(depth, lookup) tokens + 1. Sampling requests too (at temperature 0.7: tau +8% on the H100's full task
+    suite, +3% on the CPU's quick one; bench/results/sampling_h100.md), unless lookup_sampling=False."""
 
     depth: int = 6
     topk: int = 10
     total_tokens: int = 60
     lookup: int = 0
-    lookup_sampling: bool = False
+    lookup_sampling: bool = True
 
     def __post_init__(self):
         for name, value, hi in (("depth", self.depth, MAX_DEPTH), ("topk", self.topk, MAX_TOPK)):
@@ -81,8 +81,8 @@ class TreeConfig:
         return min(topk + (depth - 1) * topk * topk, MAX_TREE_TOKENS)
 
 
-# the generator's tree: EAGLE-2's 6/10/60 with a 10-token lookup chain for greedy requests (H100, bf16, full task
-# suite: tau 2.88 -> 3.84, a round 3% dearer; bench/results/lookup_h100.md)
+# the generator's tree: EAGLE-2's 6/10/60 with a 10-token lookup chain (H100, bf16, full task suite: tau 2.88 ->
+# 3.84 greedy, 2.37 -> 2.56 at 0.7; a round 3% dearer; bench/results/lookup_h100.md, sampling_h100.md)
 DEFAULT_TREE = TreeConfig(6, 10, 60, lookup=10)
 
 
@@ -242,7 +242,7 @@ def _feature_size(model, draft) -> int | None:
 class SpeculativeGenerator:
     """Speculative decoding of an HF causal LM (`model`) with a `DraftModel` (random if None). Batch 1.
 
-    tree: the draft tree (default DEFAULT_TREE: 6/10/60 with a 10-token lookup chain for greedy requests).
+    tree: the draft tree (default DEFAULT_TREE: 6/10/60 with a 10-token lookup chain).
     mode: "eager" (the CPU default), "graphs" (every step captured in a CUDA graph; no compile),
     "compile" (torch.compile'd steps, then captured on CUDA), "compile-draft" (the CUDA default: only the
     draft's steps compiled, where a round's many small kernels are; the target's captured as in "graphs").

@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"tree size verified per round, in [1, {MAX_TREE_TOKENS}] (default 60 GPU, 16 CPU)")
     p.add_argument("--lookup", type=int, default=None,
                    help="prompt lookup: a chain of N tokens copying what followed the context's final n-gram where "
-                        "it occurred before takes the place of the draft's N lowest-ranked nodes (greedy requests; "
-                        "helps summaries, answers over passages; N may exceed the depth; default 10 with the GPU's default "
+                        "it occurred before takes the place of the draft's N lowest-ranked nodes (helps "
+                        "summaries, answers over passages; N may exceed the depth; default 10 with the GPU's default "
                         "tree, else 0; 0 = off)")
     return p
 

@@ -19,7 +19,7 @@ from tests.test_bench_e2e import _CharTokenizer
     (["--drafts", "a=.", "--heads", "dense:4"], "grouped, grouped:A (A >= 1) or dense"),
     (["--drafts", "a=.", "--temperatures", "-1"], "[0, 10]"),
     (["--drafts", "a=.", "--lookup", "17"], "lookup must be an integer in [0, 16]"),
-    (["--drafts", "a=.", "--lookup-sampling"], "--lookup-sampling needs a chain"),
+    (["--drafts", "a=.", "--lookup-greedy-only"], "--lookup-greedy-only needs a chain"),
 ])
 def test_bad_values_exit_2_in_one_line(argv, message, capsys):
     assert acceptance.main(argv + ["--device", "cpu"]) == 2

@@ -72,14 +72,14 @@ def _first_round_tree(gen, prompt, temperature):
 
 
 def test_the_chain_replaces_the_lowest_ranked_nodes_only_when_the_context_recurs(one_thread):
-    """No recurring n-gram, or a sampling request without lookup_sampling: the draft's own tree of T nodes.
+    """No recurring n-gram, or a sampling request with lookup_sampling=False: the draft's own tree of T nodes.
     A recurring one: the draft's best T - L and the copied chain from the root."""
     model = tiny_llama(vocab=V, hidden=32, seed=5)
     tree = dict(depth=3, topk=3, total_tokens=12)
     plain = SpeculativeGenerator(model, None, TreeConfig(**tree), adaptive=False, max_context=320)
-    chained = SpeculativeGenerator(model, plain.draft, TreeConfig(**tree, lookup=4), adaptive=False, max_context=320)
-    both = SpeculativeGenerator(model, plain.draft, TreeConfig(**tree, lookup=4, lookup_sampling=True),
-                                adaptive=False, max_context=320)
+    chained = SpeculativeGenerator(model, plain.draft, TreeConfig(**tree, lookup=4, lookup_sampling=False),
+                                   adaptive=False, max_context=320)
+    both = SpeculativeGenerator(model, plain.draft, TreeConfig(**tree, lookup=4), adaptive=False, max_context=320)
     fresh = torch.tensor([1, 2, 3, 4, 5, 6])  # distinct: no n-gram ending in the first new token recurs
     own = _first_round_tree(plain, fresh, 0.0)[0]
     got, _, (_, found) = _first_round_tree(chained, fresh, 0.0)
@@ -123,14 +123,18 @@ def test_sampling_with_the_chain_follows_the_target(depth, total_tokens, one_thr
         model.lm_head.weight.mul_(8.0)
     temperature = 0.9
     prompt = torch.tensor([3, 7, 1, 3, 7])
-    gen = SpeculativeGenerator(model, None, TreeConfig(depth=depth, topk=3, total_tokens=total_tokens, lookup=2),
-                               adaptive=False, max_context=16)
+    tree = TreeConfig(depth=depth, topk=3, total_tokens=total_tokens, lookup=2)
+    assert tree.lookup_sampling  # the default: the chain serves sampling requests too
+    gen = SpeculativeGenerator(model, None, tree, adaptive=False, max_context=16)
     assert gen.engine.children == 4 and gen.engine.sampling.uniforms.shape == (3, 5)
     counts = torch.zeros(V, V)
     rng = torch.Generator().manual_seed(0)
+    longest = 0
     for _ in range(3000):
-        out = gen.generate(prompt, 3, temperature=temperature, generator=rng)
+        out = gen.generate(prompt, 4, temperature=temperature, generator=rng)  # room for a round of 3
         counts[out.token_ids[1], out.token_ids[2]] += 1
+        longest = max(longest, *out.accepted_lengths)
+    assert longest == 3  # two tokens and the bonus: below a depth-1 tree only the chain reaches that
     joint = exact_joint(model, prompt, temperature).sum(0)
     assert chi_square_p(counts.flatten(), joint.flatten()) > 1e-3
     wrong = exact_joint(model, prompt, 0.5).sum(0)

@@ -57,8 +57,8 @@ def build_parser():
                    "--max-new-tokens, EOS ignored; what follows an EOS often repeats the answer, which a lookup copies)")
     p.add_argument("--lookup", type=int, default=0, help="prompt-lookup chain: L tokens copied from the context take "
                    "the draft tree's L lowest-ranked nodes when its final n-gram recurs (coral_fast.lookup); 0 = off")
-    p.add_argument("--lookup-sampling", action="store_true", help="the chain at temperatures > 0 too (default: "
-                   "greedy only, as the generator)")
+    p.add_argument("--lookup-greedy-only", action="store_true", help="the chain at temperature 0 only (default: "
+                   "every temperature, as the generator)")
     p.add_argument("--mode", default=None, choices=MODES, help="engine mode (default: compile-draft on CUDA, eager on CPU)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -162,8 +162,8 @@ def main(argv=None) -> int:
         from coral_fast.generate import TreeConfig
 
         TreeConfig(*args.tree, lookup=args.lookup)  # checks the lookup against the tree before the model loads
-        if args.lookup_sampling and not args.lookup:
-            raise ValueError("--lookup-sampling needs a chain (--lookup L > 0)")
+        if args.lookup_greedy_only and not args.lookup:
+            raise ValueError("--lookup-greedy-only needs a chain (--lookup L > 0)")
         prompts = load_suite(args.tasks, args.prompts_per_task or (3 if args.suite == "quick" else None))
     except ValueError as e:
         print(f"acceptance: {e}", file=sys.stderr)
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         counts[p.task] = counts.get(p.task, 0) + 1
     result = dict(env=env, rows=[], settings=dict(
         model=args.model, drafts=dict(args.drafts), heads=heads, temperatures=temperatures, tree=list(args.tree),
-        lookup=args.lookup, lookup_sampling=args.lookup_sampling, stop_at_eos=args.stop_at_eos,
+        lookup=args.lookup, lookup_sampling=not args.lookup_greedy_only, stop_at_eos=args.stop_at_eos,
         max_new_tokens=args.max_new_tokens, dtype=args.dtype, mode=args.mode or default_mode(device),
         prompts_per_task=counts))
     os.makedirs(args.out_dir, exist_ok=True)
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
         for head in heads:
             with head_mode(draft, *parsed[head]):
                 t0 = time.perf_counter()
-                gen = make_generator(model, draft, (*args.tree, args.lookup, args.lookup_sampling), args.mode,
+                gen = make_generator(model, draft, (*args.tree, args.lookup, not args.lookup_greedy_only), args.mode,
                                      adaptive=False)
                 gen.warmup()
                 for temperature in temperatures:
