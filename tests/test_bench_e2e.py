@@ -212,6 +212,37 @@ def test_tiny_suite_writes_consistent_results(tmp_path):
 
 
 @needs_engine
+def test_stop_at_eos_ends_both_sides_at_the_answers_eos(tmp_path):
+    """--stop-at-eos: loop and plain end at the target's EOS (here a token its greedy answer to the first prompt
+    makes third), the rates are each side's own tokens over its seconds, and fp32 outputs still agree."""
+    from coral_fast.draft import DraftModel
+    from tests.test_generate import plain_greedy
+    from tests.test_models import tiny_llama
+
+    model = tiny_llama(vocab=101, hidden=40, layers=2, seed=4)
+    torch.manual_seed(2)
+    draft = DraftModel.random_init(model)
+    prompts = load_suite(["qa", "translation"], per_task=1)
+    tokenizer = _CharTokenizer(101)
+    answer = plain_greedy(model, e2e.encode(tokenizer, prompts[0], "cpu"), 12)
+    eos = answer[2]
+    model.generation_config.eos_token_id = eos
+    args = e2e.build_parser().parse_args(["--device", "cpu", "--dtype", "float32", "--max-new-tokens", "12", "--tree",
+                                          "3,3,8", "--no-adaptive", "--stop-at-eos", "--out-dir", str(tmp_path)])
+    part = e2e.run_suite(model, tokenizer, draft, prompts, args, [].append, name="tiny")
+    first = part["rows"][0]
+    assert first["loop_tokens"] == first["plain_tokens"] == answer.index(eos) + 1 <= 3
+    assert all(r["loop_tokens"] == r["plain_tokens"] for r in part["rows"])
+    assert e2e.fp32_disagreements(part) == []
+    overall = part["tasks"][-1]
+    assert overall["loop_tok_s"] == pytest.approx(sum(r["loop_tokens"] for r in part["rows"])
+                                                  / sum(r["loop_s"] for r in part["rows"]))
+    assert overall["loop_vs_plain_seqs"] == 1.0 and overall["loop_vs_hf_seqs"] == 1.0
+    suite = dict(env=e2e.environment(["--stop-at-eos"]), parts=[part])
+    assert "Answers end at their EOS (at most 12 tokens)" in report.suite_markdown(suite)
+
+
+@needs_engine
 def test_tiny_scale_writes_consistent_results(tmp_path):
     tiny = {"tiny-llama": ("LlamaConfig", dict(vocab_size=173, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

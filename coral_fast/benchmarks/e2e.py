@@ -10,7 +10,10 @@ baseline), Hugging Face `generate` over a StaticCache compiled by transformers (
 token. Every side generates exactly `--max-new-tokens` tokens (the engine with `ignore_eos=True`, HF with no
 EOS token: neither masks EOS, so greedy outputs stay comparable) and the greedy outputs are compared: fp32
 must agree exactly; in bf16 the agreement is reported beside HF's own eager-vs-static agreement (the noise
-floor of bf16 greedy decoding). Warm-up (capture, compile) is timed apart and excluded. `--sampling` adds a
+floor of bf16 greedy decoding). `--stop-at-eos`: answers end at their EOS instead, loop and plain alike (the
+same tokens when they agree; each side's rate is its own tokens over its time): what a user sees on short
+answers, where ignoring EOS makes the target write on past its answer. Warm-up (capture, compile) is timed
+apart and excluded. `--sampling` adds a
 temperature run (tok/s and tau of loop and plain).
 
 Scale (coral_fast/benchmarks/scale.py, `--scale`): random weights of real 1B-8B configs; step times
@@ -79,6 +82,9 @@ def build_parser():
     p.add_argument("--tree", type=_tree, default=(6, 10, 60), help="depth,topk,total_tokens (default 6,10,60)")
     p.add_argument("--lookup", type=int, default=None, help="prompt-lookup chain of L of the tree's tokens, greedy "
                    "requests (default: 10 with the default tree, as the generator's; 0 with another --tree; 0 = off)")
+    p.add_argument("--stop-at-eos", action="store_true", help="answers end at their EOS (at most --max-new-tokens), "
+                   "loop and plain alike: the same tokens when their greedy outputs agree; rates are each side's own "
+                   "tokens / seconds (default: exactly --max-new-tokens, EOS ignored)")
     p.add_argument("--no-adaptive", action="store_true", help="always speculate (no fallback to plain decoding)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate columns")
     p.add_argument("--noise-prompts", type=int, default=1,
@@ -225,20 +231,22 @@ def run_prompt(gen, hf, ids, prompt, i, args, device, noise: bool) -> dict:
     """One prompt: loop and plain greedy (+ sampling), HF static (+ eager for the noise floor)."""
     import torch
 
-    N = args.max_new_tokens
-    row = dict(task=prompt.task, id=prompt.id, prompt_len=int(ids.shape[0]), new_tokens=N)
-    loop, loop_s = timed(lambda: gen.generate(ids, N, ignore_eos=True), device)
-    plain, plain_s = timed(lambda: gen.generate(ids, N, plain=True, ignore_eos=True), device)
+    N, ignore_eos = args.max_new_tokens, not args.stop_at_eos
+    loop, loop_s = timed(lambda: gen.generate(ids, N, ignore_eos=ignore_eos), device)
+    plain, plain_s = timed(lambda: gen.generate(ids, N, plain=True, ignore_eos=ignore_eos), device)
+    # new_tokens: the loop's answer (N unless it ended at its EOS); agreements are shares of it
+    row = dict(task=prompt.task, id=prompt.id, prompt_len=int(ids.shape[0]), new_tokens=len(loop.token_ids),
+               loop_tokens=len(loop.token_ids), plain_tokens=len(plain.token_ids))
     row.update(loop_tok_s=len(loop.token_ids) / loop_s, plain_tok_s=len(plain.token_ids) / plain_s,
                loop_s=loop_s, plain_s=plain_s, loop_ttft_s=loop.prefill_time_s, plain_ttft_s=plain.prefill_time_s,
                rounds=loop.rounds, accepted=sum(loop.accepted_lengths), tau=_round_tau(loop),
                plain_steps=getattr(loop, "plain_steps", 0), draft_s=loop.draft_time_s, verify_s=loop.verify_time_s,
                loop_vs_plain=common_prefix(loop.token_ids, plain.token_ids))
-    if len(loop.token_ids) != N or len(plain.token_ids) != N:
+    if ignore_eos and (len(loop.token_ids) != N or len(plain.token_ids) != N):
         raise RuntimeError(f"ignore_eos gave {len(loop.token_ids)} / {len(plain.token_ids)} tokens, asked {N}")
-    if hf is not None:
+    if hf is not None:  # exactly N tokens (no EOS): a rate per token; agreement up to the loop's answer
         ref, hf_s = timed(lambda: hf.static(ids, N), device)
-        row.update(hf_tok_s=len(ref) / hf_s, hf_s=hf_s, loop_vs_hf=common_prefix(loop.token_ids, ref),
+        row.update(hf_tokens=len(ref), hf_tok_s=len(ref) / hf_s, hf_s=hf_s, loop_vs_hf=common_prefix(loop.token_ids, ref),
                    plain_vs_hf=common_prefix(plain.token_ids, ref))
         if noise:
             eager = hf.eager(ids, N)
@@ -246,10 +254,12 @@ def run_prompt(gen, hf, ids, prompt, i, args, device, noise: bool) -> dict:
     if args.sampling:
         seed = lambda: torch.Generator().manual_seed(1000 + i)  # noqa: E731
         T = args.temperature
-        s_loop, s_loop_s = timed(lambda: gen.generate(ids, N, temperature=T, generator=seed(), ignore_eos=True), device)
+        s_loop, s_loop_s = timed(lambda: gen.generate(ids, N, temperature=T, generator=seed(), ignore_eos=ignore_eos),
+                                 device)
         s_plain, s_plain_s = timed(lambda: gen.generate(ids, N, temperature=T, generator=seed(), plain=True,
-                                                        ignore_eos=True), device)
-        row.update(sample_loop_tok_s=len(s_loop.token_ids) / s_loop_s, sample_plain_tok_s=len(s_plain.token_ids) / s_plain_s,
+                                                        ignore_eos=ignore_eos), device)
+        row.update(sample_loop_tokens=len(s_loop.token_ids), sample_plain_tokens=len(s_plain.token_ids),
+                   sample_loop_tok_s=len(s_loop.token_ids) / s_loop_s, sample_plain_tok_s=len(s_plain.token_ids) / s_plain_s,
                    sample_loop_s=s_loop_s, sample_plain_s=s_plain_s, sample_rounds=s_loop.rounds,
                    sample_accepted=sum(s_loop.accepted_lengths), sample_tau=_round_tau(s_loop))
     return row
@@ -307,7 +317,8 @@ def run_suite(model, tokenizer, draft, prompts: list[Prompt], args, log, name="m
             hf = None
     meta = dict(model=name, draft=draft_label, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
                 mode=gen.mode, tree=list(args.tree), lookup=lookup_of(args),
-                adaptive=not args.no_adaptive, max_new_tokens=args.max_new_tokens, warmup_s=warmup_s,
+                adaptive=not args.no_adaptive, max_new_tokens=args.max_new_tokens, stop_at_eos=args.stop_at_eos,
+                warmup_s=warmup_s,
                 hf_warmup_s=hf_warmup_s, round_ms=1e3 * gen.round_time_s,
                 plain_step_ms=1e3 * gen.plain_step_time_s, weight_gb=w_bytes / 1e9, copy_tb_s=bandwidth / 1e12,
                 plain_floor_ms=1e3 * w_bytes / bandwidth, temperature=args.temperature if args.sampling else None)

@@ -15,8 +15,9 @@ NAN = float("nan")
 
 
 def _rate(rows, tokens_key, seconds_key):
+    """Tokens / seconds over the rows that measured `seconds_key`; a row without `tokens_key` made new_tokens."""
     seconds = sum(r[seconds_key] for r in rows if seconds_key in r)
-    tokens = sum(r[tokens_key] for r in rows if seconds_key in r)
+    tokens = sum(r.get(tokens_key, r["new_tokens"]) for r in rows if seconds_key in r)
     return tokens / seconds if seconds > 0 else NAN
 
 
@@ -38,8 +39,8 @@ def summarize_rows(task: str, rows: list[dict]) -> dict:
     s = dict(task=task, prompts=len(rows), new_tokens=sum(r["new_tokens"] for r in rows),
              tau=sum(r["accepted"] for r in rows) / rounds if rounds else NAN, rounds=rounds,
              plain_steps=sum(r["plain_steps"] for r in rows),
-             loop_tok_s=_rate(rows, "new_tokens", "loop_s"), plain_tok_s=_rate(rows, "new_tokens", "plain_s"),
-             hf_tok_s=_rate(rows, "new_tokens", "hf_s"),
+             loop_tok_s=_rate(rows, "loop_tokens", "loop_s"), plain_tok_s=_rate(rows, "plain_tokens", "plain_s"),
+             hf_tok_s=_rate(rows, "hf_tokens", "hf_s"),
              loop_ttft_ms=1e3 * sum(r["loop_ttft_s"] for r in rows) / len(rows),
              plain_ttft_ms=1e3 * sum(r["plain_ttft_s"] for r in rows) / len(rows))
     s["speedup_plain"] = _ratio(s["loop_tok_s"], s["plain_tok_s"])
@@ -49,8 +50,8 @@ def summarize_rows(task: str, rows: list[dict]) -> dict:
     if any("sample_loop_s" in r for r in rows):
         sample_rounds = sum(r["sample_rounds"] for r in rows)
         s.update(sample_tau=sum(r["sample_accepted"] for r in rows) / sample_rounds if sample_rounds else NAN,
-                 sample_loop_tok_s=_rate(rows, "new_tokens", "sample_loop_s"),
-                 sample_plain_tok_s=_rate(rows, "new_tokens", "sample_plain_s"))
+                 sample_loop_tok_s=_rate(rows, "sample_loop_tokens", "sample_loop_s"),
+                 sample_plain_tok_s=_rate(rows, "sample_plain_tokens", "sample_plain_s"))
         s["sample_speedup_plain"] = _ratio(s["sample_loop_tok_s"], s["sample_plain_tok_s"])
     return s
 
@@ -109,7 +110,9 @@ def suite_markdown(suite: dict) -> str:
         lines += [
             f"## {m['model']} ({m['dtype']}, draft {m['draft']}, mode {m['mode']}, tree {','.join(map(str, m['tree']))}, "
             f"{'adaptive' if m['adaptive'] else 'always speculative'})", "",
-            f"{m['max_new_tokens']} new tokens a prompt on every side (EOS ignored). Warm-up, excluded from every rate: "
+            (f"Answers end at their EOS (at most {m['max_new_tokens']} tokens), loop and plain alike; HF static "
+             f"generate makes {m['max_new_tokens']} (a rate per token)." if m.get("stop_at_eos") else
+             f"{m['max_new_tokens']} new tokens a prompt on every side (EOS ignored).") + " Warm-up, excluded from every rate: "
             f"engine {m['warmup_s']:.1f} s (round {fmt(m['round_ms'], '.3f')} ms, plain step "
             f"{fmt(m['plain_step_ms'], '.3f')} ms as measured there; its weight-bytes floor {fmt(m['plain_floor_ms'], '.3f')} ms "
             f"= {m['weight_gb']:.3f} GB / {fmt(m['copy_tb_s'], '.2f')} TB/s copy), HF static generate {m['hf_warmup_s']:.1f} s.", "",
