@@ -63,6 +63,9 @@ class TreeConfig:
         most = self.max_tokens(self.depth, self.topk)
         if not _is_int(self.lookup) or not 0 <= self.lookup <= MAX_DEPTH:
             raise ValueError(f"tree lookup must be an integer in [0, {MAX_DEPTH}], got {self.lookup!r}")
+        if 1 + self.lookup > most:  # the chain replaces the draft's lowest-ranked nodes: the table must hold it
+            raise ValueError(f"tree lookup {self.lookup} needs at least {1 + self.lookup} tree tokens, more than the {most} "
+                             f"a tree holds for depth {self.depth} and topk {self.topk}: a smaller lookup or a larger tree")
         if not _is_int(self.total_tokens) or not 1 + self.lookup <= self.total_tokens <= most:
             raise ValueError(f"tree total_tokens must be an integer in [{1 + self.lookup}, {most}] for depth "
                              f"{self.depth} and topk {self.topk}" + (f" with lookup {self.lookup}" if self.lookup else "")
@@ -150,7 +153,7 @@ class SpeculationPolicy:
 
     round_s: float
     plain_s: float
-    max_tau: int | None = None  # tokens of a fully accepted round (TreeConfig.levels + 1)
+    max_tau: int | None = None  # tokens of a fully accepted round (TreeConfig.levels + 1; depth + 1 without the chain)
     margin: float = 0.05
     first_interval: int = 16
     max_interval: int = 128
@@ -374,7 +377,10 @@ class SpeculativeGenerator:
         """The policy that carries acceptance across requests (greedy and sampling accept differently)."""
         key = (sampling, self.round_time_s, self.plain_step_time_s, tuple(sorted(self.policy_options.items())))
         if key not in self._policies:
-            self._policies[key] = SpeculationPolicy(self.round_time_s, self.plain_step_time_s, self.tree.levels + 1,
+            # a fully accepted round: the chain's depth when it serves this kind of request, else the draft's
+            chained = self.tree.lookup and (not sampling or self.tree.lookup_sampling)
+            levels = self.tree.levels if chained else self.tree.depth
+            self._policies[key] = SpeculationPolicy(self.round_time_s, self.plain_step_time_s, levels + 1,
                                                     **self.policy_options)
         return self._policies[key]
 

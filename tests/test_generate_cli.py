@@ -34,6 +34,8 @@ BASE = ["--model", "smollm2", "--prompt", "hi"]
     (["--lookup", "17"], "--lookup must be an integer in [0, 16], got 17"),
     (["--lookup", "3", "--tree-tokens", "3"], "--tree-tokens must be an integer in [4, 52] for --tree-depth 4 and "
                                               "--tree-topk 4 with --lookup 3, got 3"),
+    (["--lookup", "3", "--tree-depth", "1", "--tree-topk", "2"], "--lookup 3 needs at least 4 tree tokens, more than the 2 "
+                                                                 "a tree holds for --tree-depth 1 and --tree-topk 2"),
     (["--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1, got '0'"),
     (["--max-new-tokens", "2.5"], "--max-new-tokens: must be an integer >= 1, got '2.5'"),
     (["--max-new-tokens", "10000000"], "--max-new-tokens 10000000 leaves no room for the prompt in --max-context 4096"),

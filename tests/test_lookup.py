@@ -55,6 +55,22 @@ def test_tree_config_checks_the_lookup():
         TreeConfig(3, 2, 3, lookup=3)
     with pytest.raises(ValueError, match="lookup_sampling"):
         TreeConfig(6, 10, 60, lookup=6, lookup_sampling=1)
+    with pytest.raises(ValueError, match="lookup 3 needs at least 4 tree tokens, more than the 2 a tree holds for depth 1 and topk 2"):
+        TreeConfig(1, 2, 2, lookup=3)
+
+
+def test_the_policy_expects_the_chains_depth_only_where_the_chain_serves(one_thread):
+    """A fully accepted round commits levels + 1 tokens with the chain, depth + 1 without it (sampling requests
+    when lookup_sampling is off): the policy's "could a round ever pay" bound follows."""
+    model = tiny_llama(vocab=V, hidden=32, seed=5)
+    for lookup_sampling, sampled in ((True, 6), (False, 3)):
+        gen = SpeculativeGenerator(model, None, TreeConfig(2, 2, 6, lookup=5, lookup_sampling=lookup_sampling),
+                                   max_context=64)
+        gen.warmup()
+        assert gen._policy(sampling=False).max_tau == 6 and gen._policy(sampling=True).max_tau == sampled
+    gen = SpeculativeGenerator(model, None, TreeConfig(2, 2, 6), max_context=64)
+    gen.warmup()
+    assert gen._policy(sampling=False).max_tau == gen._policy(sampling=True).max_tau == 3
 
 
 def _first_round_tree(gen, prompt, temperature):
