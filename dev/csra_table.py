@@ -11,8 +11,9 @@ import json
 import statistics
 import sys
 
-VARIANTS = ("single", "multi", "csra")
-LABELS = {"single": "single-step", "multi": "multi-step (3)", "csra": "multi-step (3) + CSRA"}
+ORDER = ("single", "multi", "csra", "unroll5", "token1", "fused")  # dev/gpu_csra.sh's variants
+LABELS = {"single": "single-step", "multi": "multi-step (3)", "csra": "multi-step (3) + CSRA",
+          "unroll5": "5 steps + CSRA", "token1": "+ CSRA, token weight 1.0", "fused": "+ CSRA, fused inputs"}
 
 
 def variant_of(name: str) -> tuple[str, int]:
@@ -32,6 +33,8 @@ def main(argv: list[str]) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     temperatures = sorted({r["temperature"] for r in rows})
     env, settings = runs[0]["env"], runs[0]["settings"]
+    present = {variant_of(r["draft"])[0] for r in rows}
+    VARIANTS = [v for v in ORDER if v in present] + sorted(present - set(ORDER))
     json.dump({"env": env, "settings": settings, "training": training, "loop": runs}, open(stem + ".json", "w"), indent=1)
 
     def pooled(variant, temperature, task=None):
@@ -54,13 +57,13 @@ def main(argv: list[str]) -> None:
         mine = [t for t in training if variant_of(t["run"])[0] == variant]
         final = [t["last"]["final_eval"] for t in mine]
         steps = " / ".join(f"{statistics.mean(f['step_acc'][i] for f in final):.3f}" for i in (0, 2, 5))
-        lines.append(f"| {LABELS[variant]} | {len(mine)} | {spread([f['tau'] for f in final])} | "
+        lines.append(f"| {LABELS.get(variant, variant)} | {len(mine)} | {spread([f['tau'] for f in final])} | "
                      f"{spread([f['tau_a4'] for f in final])} | {steps} | "
                      f"{statistics.mean(t['last']['seconds'] for t in mine):.0f} |")
     for temperature in temperatures:
         name = "greedy" if temperature == 0 else f"temperature {temperature}"
         lines += ["", f"## The real loop, {name}: mean accepted length per task, grouped head", "",
-                  "| task | " + " | ".join(LABELS[v] for v in VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]
+                  "| task | " + " | ".join(LABELS.get(v, v) for v in VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]
         for task in tasks + [None]:
             cells = [spread(pooled(v, temperature, task)) for v in VARIANTS]
             label = "**overall**" if task is None else task
@@ -70,13 +73,15 @@ def main(argv: list[str]) -> None:
     lines += ["", "## Paired by seed (same initial weights and batches): differences per seed 0 / 1 / 2", "",
               "| comparison | teacher-forced tau | loop, " + " | loop, ".join(
                   "greedy" if t == 0 else f"T={t}" for t in temperatures) + " |", "|---|---|" + "---|" * len(temperatures)]
-    for better, base in (("multi", "single"), ("csra", "multi"), ("csra", "single")):
+    pairs = [("multi", "single"), ("csra", "multi"), ("csra", "single")] + [(v, "csra") for v in VARIANTS if v not in ("single", "multi", "csra")]
+    for better, base in pairs:
         seeds = sorted(seed for v, seed in tf if v == better and (base, seed) in tf)
         cells = [" / ".join(f"{tf[(better, s)] - tf[(base, s)]:+.3f}" for s in seeds)]
         for temperature in temperatures:
             a, b = pooled(better, temperature), pooled(base, temperature)
             cells.append(" / ".join(f"{x - y:+.3f}" for x, y in zip(a, b)))
-        lines.append(f"| {LABELS[better]} - {LABELS[base]} | " + " | ".join(cells) + " |")
+        if seeds:
+            lines.append(f"| {LABELS.get(better, better)} - {LABELS.get(base, base)} | " + " | ".join(cells) + " |")
     open(stem + ".md", "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -93,8 +98,8 @@ def main(argv: list[str]) -> None:
             values = [pooled(variant, temperature, task) for task in tasks + [None]]
             means = [statistics.mean(v) for v in values]
             errors = [[m - min(v) for m, v in zip(means, values)], [max(v) - m for m, v in zip(means, values)]]
-            xs = [x + (i - 1) * width for x in range(len(values))]
-            ax.bar(xs, means, width, yerr=errors, capsize=2, label=LABELS[variant])
+            xs = [x + (i - (len(VARIANTS) - 1) / 2) * width for x in range(len(values))]
+            ax.bar(xs, means, width, yerr=errors, capsize=2, label=LABELS.get(variant, variant))
         ax.set_xticks(range(len(tasks) + 1), [t.replace("_", "\n") for t in tasks] + ["overall"], fontsize=7, rotation=30)
         ax.set_ylim(1.0, None)
         ax.set_ylabel("mean accepted length")

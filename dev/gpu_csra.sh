@@ -8,7 +8,8 @@
 #                                again on the same warm machine until it prints "all trained"
 #   bash dev/gpu_csra.sh eval    the acceptance table of every trained draft (EVAL_S, default 420)
 # Back: $OUT/csra_train.jsonl (each run's final teacher-forced evaluation), $OUT/csra_acc (eval).
-# ITERS (default 250) and SEQ (max sequence length, default 2048) are the same for every run.
+# ITERS (default 250) and SEQ (max sequence length, default 2048) are the same for every run. The other levers of
+# issue 18 run the same way: RUNS="unroll5:0 token1:0 fused:0 ..." (variants below; eval takes every csra_* draft).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 ITERS=${ITERS:-250}
@@ -19,7 +20,12 @@ flags() {  # the variant's loss flags
   single) echo "--unroll-steps 1 --w-csra 0" ;;
   multi) echo "--unroll-steps 3 --w-csra 0" ;;
   csra) echo "--unroll-steps 3 --w-csra 0.1" ;;
-  *) echo "unknown variant $1 (single | multi | csra)" >&2; return 2 ;;
+  # the issue's other levers, each against csra (the defaults): more unrolled steps, the token loss's weight,
+  # EAGLE-3-style inputs (three target layers fused)
+  unroll5) echo "--unroll-steps 5 --w-csra 0.1" ;;
+  token1) echo "--unroll-steps 3 --w-csra 0.1 --w-token 1.0" ;;
+  fused) echo "--unroll-steps 3 --w-csra 0.1 --feature-layers eagle3" ;;
+  *) echo "unknown variant $1 (single | multi | csra | unroll5 | token1 | fused)" >&2; return 2 ;;
   esac
 }
 case "${1:-train}" in
