@@ -80,8 +80,8 @@ def build_parser():
     p.add_argument("--mode", default=None, choices=MODES, help="engine mode (default: compile-draft on CUDA, eager on CPU)")
     p.add_argument("--draft", default=None, help="draft folder (default: the shipped draft of the model)")
     p.add_argument("--tree", type=_tree, default=(6, 10, 60), help="depth,topk,total_tokens (default 6,10,60)")
-    p.add_argument("--lookup", type=int, default=None, help="prompt-lookup chain of L of the tree's tokens, greedy "
-                   "requests (default: 10 with the default tree, as the generator's; 0 with another --tree; 0 = off)")
+    p.add_argument("--lookup", type=int, default=None, help="prompt-lookup chain of L of the tree's tokens "
+                   "(default: 10 with the default tree, as the generator's; 0 with another --tree; 0 = off)")
     p.add_argument("--stop-at-eos", action="store_true", help="answers end at their EOS (at most --max-new-tokens), "
                    "loop and plain alike: the same tokens when their greedy outputs agree; rates are each side's own "
                    "tokens / seconds (default: exactly --max-new-tokens, EOS ignored)")
