@@ -3,6 +3,8 @@
 Summaries, answers over passages and multi-turn replies repeat spans of their context; a one-layer draft
 predicts such spans less surely than a lookup finds them. `prompt_lookup` takes the context's last g tokens
 (g = ngram_max down to ngram_min), finds their latest earlier occurrence, and proposes what followed it.
+When that occurrence is closer than the chain is long, the context is in a loop of that period: the chain
+repeats the loop rather than run past the last token.
 When the context's final n-gram recurs, the engine hangs that chain from the root in place of the draft tree's
 `TreeConfig.lookup` lowest-ranked nodes; when it does not, the draft keeps them. Verification judges every node
 against the target, so any proposal is safe: the output stays exactly the target's.
@@ -17,9 +19,9 @@ def prompt_lookup(ids: Tensor, n: Tensor, length: int, ngram_max: int = 4,
                   ngram_min: int = 2) -> tuple[Tensor, Tensor]:
     """ids: [S] int64, the committed tokens at [0, n] (ids[n] = the last one); n: [1] int64 (device).
     -> (chain [length] int64, found [1] bool). chain: the tokens after the latest earlier occurrence of
-    ids[n - g + 1 .. n] for the largest g in [ngram_min, ngram_max] that recurs, as far as they are known
-    (positions <= n); the rest, or all of it when nothing recurs, repeats ids[n]. found: some g recurs.
-    Fixed shapes, no host sync (capturable)."""
+    ids[n - g + 1 .. n] for the largest g in [ngram_min, ngram_max] that recurs, up to ids[n], then again from
+    the first of them (a loop of period n + 1 - start repeats); all ids[n] when nothing recurs. found: some g
+    recurs. Fixed shapes, no host sync (capturable)."""
     if not 1 <= ngram_min <= ngram_max or length < 1:
         raise ValueError(f"need 1 <= ngram_min <= ngram_max and length >= 1, got {ngram_min}, {ngram_max}, {length}")
     S = ids.shape[0]
@@ -33,10 +35,11 @@ def prompt_lookup(ids: Tensor, n: Tensor, length: int, ngram_max: int = 4,
         hit = (ids.unfold(0, g, 1) == key[None, :]).all(dim=1) & (starts + g - 1 < n) & (n >= g - 1)
         latest = torch.where(hit, starts, torch.full_like(starts, -1)).max(dim=0, keepdim=True).values
         follow = torch.where(latest >= 0, latest + g, follow)
-    at = follow + torch.arange(length, device=ids.device)
-    known = (follow >= 0) & (at <= n)
-    chain = torch.where(known, ids.index_select(0, at.clamp(0, S - 1)), ids.index_select(0, n).expand(length))
-    return chain, follow >= 0
+    found = follow >= 0
+    period = (n + 1 - follow).clamp(min=1)  # the match ends before n, so follow <= n when found
+    at = follow + torch.arange(length, device=ids.device) % period
+    chain = torch.where(found, ids.index_select(0, at.clamp(0, S - 1)), ids.index_select(0, n).expand(length))
+    return chain, found
 
 
 def reference_prompt_lookup(context: list[int], length: int, ngram_max: int = 4,
@@ -48,6 +51,6 @@ def reference_prompt_lookup(context: list[int], length: int, ngram_max: int = 4,
         key = context[-g:]
         for s in range(len(context) - g - 1, -1, -1):
             if context[s:s + g] == key:
-                copied = context[s + g:s + g + length]
-                return copied + [context[-1]] * (length - len(copied)), True
+                loop = context[s + g:]  # what followed, up to the last token: repeated past it
+                return [loop[i % len(loop)] for i in range(length)], True
     return [context[-1]] * length, False

@@ -37,8 +37,10 @@ def test_lookup_copies_the_latest_longest_match():
     # "5 6 7" ends the context and occurred at 0: the 3-gram wins over the later "6 7" at 5
     assert prompt_lookup(ids, n, 4)[0].tolist() == [8, 1, 6, 7]
     assert prompt_lookup(ids, n, 4, ngram_max=2)[0].tolist() == [9, 2, 5, 6]  # "6 7" latest at 5
-    # the copy runs into the suffix itself and stops at n; the rest repeats ids[n]
-    assert prompt_lookup(ids, n, 12)[0].tolist() == [8, 1, 6, 7, 9, 2, 5, 6, 7, 7, 7, 7]
+    # the copy reaches ids[n] after 9 tokens: the context is a loop of period 9 from there, and the chain repeats it
+    assert prompt_lookup(ids, n, 12)[0].tolist() == [8, 1, 6, 7, 9, 2, 5, 6, 7, 8, 1, 6]
+    loop = torch.tensor([3, 1, 2, 3, 1, 2, 3])  # "2 3" recurs 3 back: period 3
+    assert prompt_lookup(loop, torch.tensor([6]), 7)[0].tolist() == [1, 2, 3, 1, 2, 3, 1]
     chain, found = prompt_lookup(torch.tensor([1, 2, 3, 4]), torch.tensor([3]), 3)
     assert chain.tolist() == [4, 4, 4] and not found  # no repeat
     with pytest.raises(ValueError, match="ngram_min"):
