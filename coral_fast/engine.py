@@ -105,7 +105,7 @@ class Engine:
         self.depth, self.topk, self.T = tree.depth, tree.topk, tree.total_tokens
         # a prompt-lookup chain (coral_fast.lookup) takes the tree's last `lookup` nodes when the context's
         # final n-gram recurs, one more child of the root: sampling's verify tries up to topk + 1 there
-        self.lookup, self.lookup_sampling = tree.lookup, tree.lookup_sampling
+        self.lookup, self.chain_serves = tree.lookup, tree.chain_serves
         self.children = self.topk + (1 if self.lookup else 0)
         self.levels = tree.levels  # a chain longer than the draft's tree is deep reaches further
         self.R, self.A = self.T + 1, self.levels + 1
@@ -166,7 +166,7 @@ class Engine:
         self.scout.zero_()
         self.sampling_on = temperature > 0
         self.sampling.temperature.fill_(temperature if temperature > 0 else 1.0)
-        self.chain_on.fill_(not self.sampling_on or self.lookup_sampling)
+        self.chain_on.fill_(self.chain_serves(self.sampling_on))
         self.rng = generator
 
     def _next_uniforms(self) -> None:

@@ -73,6 +73,10 @@ class TreeConfig:
         if not isinstance(self.lookup_sampling, bool):
             raise ValueError(f"tree lookup_sampling must be a bool, got {self.lookup_sampling!r}")
 
+    def chain_serves(self, sampling: bool) -> bool:
+        """Whether a request (sampling or greedy) takes the lookup chain."""
+        return self.lookup > 0 and (not sampling or self.lookup_sampling)
+
     @property
     def levels(self) -> int:
         """The deepest node below the root: a fully accepted round commits levels + 1 tokens."""
@@ -378,8 +382,7 @@ class SpeculativeGenerator:
         key = (sampling, self.round_time_s, self.plain_step_time_s, tuple(sorted(self.policy_options.items())))
         if key not in self._policies:
             # a fully accepted round: the chain's depth when it serves this kind of request, else the draft's
-            chained = self.tree.lookup and (not sampling or self.tree.lookup_sampling)
-            levels = self.tree.levels if chained else self.tree.depth
+            levels = self.tree.levels if self.tree.chain_serves(sampling) else self.tree.depth
             self._policies[key] = SpeculationPolicy(self.round_time_s, self.plain_step_time_s, levels + 1,
                                                     **self.policy_options)
         return self._policies[key]

@@ -66,15 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the random draft and of sampling; sampling is exact for every tree, so the same "
                         "seed gives different (equally distributed) text for different tree sizes or modes")
     p.add_argument("--tree-depth", type=int, default=None,
-                   help=f"draft tree depth in [1, {MAX_DEPTH}] (default 6 GPU, 4 CPU)")
+                   help=f"draft tree depth in [1, {MAX_DEPTH}] (default {DEFAULT_TREE.depth} GPU, 4 CPU)")
     p.add_argument("--tree-topk", type=int, default=None,
-                   help=f"children per expanded node in [1, {MAX_TOPK}] (default 10 GPU, 4 CPU)")
+                   help=f"children per expanded node in [1, {MAX_TOPK}] (default {DEFAULT_TREE.topk} GPU, 4 CPU)")
     p.add_argument("--tree-tokens", type=int, default=None,
-                   help=f"tree size verified per round, in [1, {MAX_TREE_TOKENS}] (default 60 GPU, 16 CPU)")
+                   help=f"tree size verified per round, in [1, {MAX_TREE_TOKENS}] (default {DEFAULT_TREE.total_tokens} GPU, "
+                        "16 CPU)")
     p.add_argument("--lookup", type=int, default=None,
                    help="prompt lookup: a chain of N tokens copying what followed the context's final n-gram where "
                         "it occurred before takes the place of the draft's N lowest-ranked nodes (helps "
-                        "summaries, answers over passages; N may exceed the depth; default 10 with the GPU's default "
+                        f"summaries, answers over passages; N may exceed the depth; default {DEFAULT_TREE.lookup} with "
+                        "the GPU's default "
                         "tree, else 0; 0 = off)")
     return p
 
@@ -136,9 +138,10 @@ def main(argv=None) -> int:
         default_chain = on_gpu and (args.tree_depth, args.tree_topk, args.tree_tokens) == (None,) * 3
         try:
             tree = TreeConfig(
-                depth=(6 if on_gpu else 4) if args.tree_depth is None else args.tree_depth,
-                topk=(10 if on_gpu else 4) if args.tree_topk is None else args.tree_topk,
-                total_tokens=(60 if on_gpu else 16) if args.tree_tokens is None else args.tree_tokens,
+                depth=(DEFAULT_TREE.depth if on_gpu else 4) if args.tree_depth is None else args.tree_depth,
+                topk=(DEFAULT_TREE.topk if on_gpu else 4) if args.tree_topk is None else args.tree_topk,
+                total_tokens=((DEFAULT_TREE.total_tokens if on_gpu else 16) if args.tree_tokens is None
+                              else args.tree_tokens),
                 lookup=(DEFAULT_TREE.lookup if default_chain else 0) if args.lookup is None else args.lookup,
             )
         except ValueError as e:  # name the flags
