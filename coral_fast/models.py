@@ -103,6 +103,7 @@ def gemma3_chat_setup(model, tokenizer) -> None:
     if end is None or end == tokenizer.unk_token_id:
         return  # not a Gemma 3 vocabulary
     tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    tokenizer.coral_added_template = True  # still a base model: is_base_model
     eos = getattr(model.generation_config, "eos_token_id", None)
     if eos is None:
         eos = model.config.eos_token_id
@@ -142,6 +143,13 @@ def resolve_model(name_or_path: str) -> tuple[str, str | None]:
             raise ValueError(f"model folder {path!r} holds {len(ggufs)} .gguf files: pass one of them")
         raise ValueError(f"model folder {path!r} has no config.json and no .gguf file")
     return path, None
+
+
+def is_base_model(tokenizer) -> bool:
+    """Whether the tokenizer is a base model's: no chat template of its own (the one gemma3_chat_setup adds does
+    not count). A base model continues a document given as plain text (the `continuation` task, data kind
+    `document`), not wrapped in a user turn it was never trained on."""
+    return not getattr(tokenizer, "chat_template", None) or bool(getattr(tokenizer, "coral_added_template", False))
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int] | None:

@@ -49,6 +49,30 @@ def test_continuation_task_by_name_only():
         load_suite("continuations")
 
 
+def test_encode_gives_a_base_model_the_document_itself():
+    """A continuation prompt reaches a base model as its text (even one given a chat template for chat tasks,
+    as models.gemma3_chat_setup does), a chat model as a user turn; other tasks use the template when there is one."""
+
+    class Tok:
+        chat_template = "turns"
+
+        def __call__(self, text):
+            return SimpleNamespace(input_ids=[ord(c) for c in text])
+
+        def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+            return [1] + [ord(c) for m in messages for c in m["content"]] + [2]
+
+    doc = load_suite("continuation")[0]
+    chat = load_suite("qa", per_task=1)[0]
+    tok = Tok()
+    assert e2e.encode(tok, doc, "cpu").tolist() == tok.apply_chat_template(doc.messages())
+    tok.coral_added_template = True
+    assert e2e.encode(tok, doc, "cpu").tolist() == [ord(c) for c in doc.turns[0]]
+    assert e2e.encode(tok, chat, "cpu").tolist() == tok.apply_chat_template(chat.messages())
+    tok.chat_template = None
+    assert e2e.encode(tok, doc, "cpu").tolist() == [ord(c) for c in doc.turns[0]]
+
+
 def _write(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return str(path)

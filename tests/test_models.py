@@ -173,7 +173,9 @@ def test_gemma3_chat_setup_adds_template_and_end_of_turn():
 
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=1), config=SimpleNamespace(eos_token_id=1))
     tok = Tok()
+    assert models.is_base_model(tok)
     models.gemma3_chat_setup(model, tok)
     assert tok.chat_template == models.GEMMA3_CHAT_TEMPLATE and model.generation_config.eos_token_id == [1, 106]
+    assert models.is_base_model(tok)  # the added template serves chat tasks; documents stay plain text
     models.gemma3_chat_setup(model, tok)  # idempotent: a tokenizer with a template is left alone
     assert model.generation_config.eos_token_id == [1, 106]

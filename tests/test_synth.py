@@ -180,6 +180,17 @@ def test_document_kind_for_a_base_model_continues_a_title():
     rows, _ = S.synthesize_chunk(generate, CharChatTokenizer(), 0, 4, 5, settings, S.DedupIndex(), S.suite_ngrams(), count)
     assert all(r.raw is None and "first paragraphs" in r.messages[0]["content"] for r in requests)
     assert rows[0]["messages"][0]["content"].startswith(CONTINUE_ASK + "the harbour town")
+    assert prompt_token_ids(CharChatTokenizer(), rows[0]["messages"])[0] == 2  # a chat model: its user turn
+
+    # a base model given a chat template for its chat tasks (models.gemma3_chat_setup) is still a base model
+    tok = CharChatTokenizer()
+    tok.coral_added_template = True
+    requests.clear()
+    rows, _ = S.synthesize_chunk(generate, tok, 0, 4, 5, settings, S.DedupIndex(), S.suite_ngrams(), count)
+    assert requests and all(r.raw is not None and r.whole for r in requests)
+    (msg,) = rows[0]["messages"]
+    assert prompt_token_ids(tok, rows[0]["messages"]) == tok(msg["content"][len(CONTINUE_ASK):])["input_ids"]
+    assert prompt_token_ids(tok, [{"role": "user", "content": "hi"}]) == tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
 def test_magpie_prefix_is_the_user_turn_start():

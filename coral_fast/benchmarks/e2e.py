@@ -148,12 +148,15 @@ def common_prefix(a, b) -> int:
 
 
 def encode(tokenizer, prompt: Prompt, device):
-    """Prompt ids [P] int64: the chat template when the tokenizer has one, else plain text."""
+    """Prompt ids [P] int64: the chat template when the tokenizer has one, else plain text; a document to
+    continue goes to a base model as plain text (models.is_base_model)."""
     import torch
 
-    from coral_fast.models import chat_prompt_ids
+    from coral_fast.models import chat_prompt_ids, is_base_model
 
-    ids = chat_prompt_ids(tokenizer, prompt.messages())
+    ids = None
+    if not (prompt.task == "continuation" and is_base_model(tokenizer)):
+        ids = chat_prompt_ids(tokenizer, prompt.messages())
     if ids is None:
         ids = tokenizer(prompt.text()).input_ids
     return torch.tensor(ids, dtype=torch.int64, device=device)

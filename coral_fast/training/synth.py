@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coral_fast.benchmarks.tasks import CONTINUE_ASK
+from coral_fast.models import is_base_model
 from coral_fast.training.prompts import ALL_TOPICS, CODE_LANGS, CODE_TASKS, EVERYDAY, _math_problem
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
@@ -257,7 +258,7 @@ def synthesize_chunk(generate, tokenizer, chunk: int, n: int, seed: int, setting
                 item["req"] = Request(s.paragraph_tokens, messages=[{"role": "user", "content": f"Write a math word problem for a {grade} student about {rng.choice(EVERYDAY + ALL_TOPICS)}. Only write the problem, not the solution."}])
         elif kind == "document":  # the opening of a document, which the answer continues (base models)
             genre = rng.choice(GENRES)
-            if getattr(tokenizer, "chat_template", None):
+            if not is_base_model(tokenizer):
                 item["req"] = Request(s.paragraph_tokens, messages=[{"role": "user", "content": f"Write the first paragraphs of a {genre} about {topic}. Only write the text."}])
             else:
                 item["title"] = f"{topic[:1].upper()}{topic[1:]}\n\n"
