@@ -2,7 +2,8 @@
 # Issue 18's Gemma 3 270M draft for what a base model is for, continuing documents, in one device call
 # (~9.5 min) on a machine holding the Gemma GGUF (dev/README.md: .carry/gem1 .. gem7, one a call):
 #   1. continuation data made by the target (`--synth-mix document=1`: it continues a title into an opening,
-#      then the opening into the answer), GEN_S seconds (default 170) into /tmp/coral_data/gemma3-270m
+#      then the opening into the answer, which ends 64 tokens into a loop), GEN_S seconds (default 170) into
+#      /tmp/coral_data/gemma3-270m
 #   2. the shipped Gemma draft (trained on chat-format answers) trained on from there, FT_S seconds (170)
 #   3. the real loop's acceptance on the held-out `continuation` task, new draft beside the shipped one, same
 #      run: grouped and dense heads greedy without the chain, then the default chain (grouped), 128 tokens
@@ -21,7 +22,7 @@ fi
 GEN_S=${GEN_S:-170}
 GEN_TIMEOUT=$((GEN_S + 90)) OUT="$OUT" bash dev/gpu_data.sh generate gemma3-270m --synth "${SYNTH:-20000}" \
   --synth-mix document=1 --samples "${SAMPLES:-2}" --batch-size "${BATCH:-512}" --gen-rows 256 \
-  --max-new-tokens 512 --time-budget-s "$GEN_S" | tail -4
+  --max-new-tokens 512 --synth-temperature 0.8 --stop-loops 64 --time-budget-s "$GEN_S" | tail -4
 cp "$OUT/data.log" "$RES/" 2>/dev/null; rm -f "$OUT/data.log"
 init=coral_fast/drafts/gemma3-270m
 [ -f /tmp/coral_runs/gdoc/model.safetensors ] && { rm -rf /tmp/gdoc_prev; cp -r /tmp/coral_runs/gdoc /tmp/gdoc_prev; init=/tmp/gdoc_prev; }

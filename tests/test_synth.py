@@ -331,3 +331,25 @@ def test_synthesis_through_a_tiny_model_is_deterministic_and_resumes(tmp_path):
     assert again["written"] == 1 and again["skipped"] == 3
     assert (shard.read_bytes(), chunk.read_bytes()) == before
     assert len(shard_files(tmp_path / "a")) == 4
+
+
+def test_text_generator_gives_a_document_title_its_bos_and_a_magpie_prefix_none():
+    """A base model continues a title only after its BOS (Gemma 3 without one writes noise); a Magpie prefix is
+    template text that carries its own, so it gets none added."""
+
+    class BosTokenizer(CharChatTokenizer):
+        def __call__(self, text, add_special_tokens=True):
+            ids = super().__call__(text)["input_ids"]
+            return {"input_ids": ([3] if add_special_tokens else []) + ids}
+
+    seen = []
+
+    def generate_ids(prompts, n_new, temperature, top_p, seed):
+        seen.extend(prompts)
+        return [[10, 11, 1] for _ in prompts]
+
+    tok = BosTokenizer()
+    gen = S.model_text_generator(generate_ids, tok, eos=[1])
+    texts = gen([S.Request(8, raw="harbour\n\n", whole=True), S.Request(8, raw="\x02")], 0.0, 1.0, 0)
+    assert seen == [[3] + tok("harbour\n\n", add_special_tokens=False)["input_ids"], [2]]
+    assert texts == [tok.decode([10, 11])] * 2

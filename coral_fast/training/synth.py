@@ -79,6 +79,7 @@ class SynthSettings:
     answer_tokens: int = 384         # the first answer of a two-turn conversation
     paragraph_tokens: int = 320      # translation texts, passages, problems, code tasks
     document_tokens: int = 3000      # long documents, at most
+    opening_tokens: int = 128        # a document's opening to continue (a 270M base model loops in longer ones)
     min_document_tokens: int = 400
     min_words: int = 3
     min_letter_ratio: float = 0.6    # letters among non-space characters
@@ -259,10 +260,10 @@ def synthesize_chunk(generate, tokenizer, chunk: int, n: int, seed: int, setting
         elif kind == "document":  # the opening of a document, which the answer continues (base models)
             genre = rng.choice(GENRES)
             if not is_base_model(tokenizer):
-                item["req"] = Request(s.paragraph_tokens, messages=[{"role": "user", "content": f"Write the first paragraphs of a {genre} about {topic}. Only write the text."}])
+                item["req"] = Request(s.opening_tokens, messages=[{"role": "user", "content": f"Write the first paragraphs of a {genre} about {topic}. Only write the text."}])
             else:
                 item["title"] = f"{topic[:1].upper()}{topic[1:]}\n\n"
-                item["req"] = Request(s.paragraph_tokens, raw=item["title"], whole=True)
+                item["req"] = Request(s.opening_tokens, raw=item["title"], whole=True)
         elif kind == "code":
             lang = rng.choice(CODE_LANGS)
             if rng.random() < 0.3:
@@ -382,7 +383,8 @@ def model_text_generator(generate_ids, tokenizer, eos: list[int]):
 
     def encode(request: Request) -> list[int]:
         if request.raw is not None:
-            return list(tokenizer(request.raw, add_special_tokens=False)["input_ids"])
+            # a Magpie prefix is template text that holds its own BOS; a base model's document (`whole`) needs one
+            return list(tokenizer(request.raw, add_special_tokens=request.whole)["input_ids"])
         return prompt_token_ids(tokenizer, request.messages)
 
     def generate(requests: list[Request], temperature: float, top_p: float, seed: int) -> list[str]:
