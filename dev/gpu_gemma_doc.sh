@@ -21,7 +21,7 @@ if [ -z "${CORAL_FAST_GEMMA3_GGUF:-}" ]; then
 fi
 GEN_S=${GEN_S:-170}
 GEN_TIMEOUT=$((GEN_S + 90)) OUT="$OUT" bash dev/gpu_data.sh generate gemma3-270m --synth "${SYNTH:-20000}" \
-  --synth-mix document=1 --samples "${SAMPLES:-2}" --batch-size "${BATCH:-512}" --gen-rows 256 \
+  --synth-mix document=1 --samples "${SAMPLES:-2}" --batch-size "${BATCH:-512}" --gen-rows "${ROWS:-512}" \
   --max-new-tokens 512 --synth-temperature 0.8 --stop-loops 64 --time-budget-s "$GEN_S" | tail -4
 cp "$OUT/data.log" "$RES/" 2>/dev/null; rm -f "$OUT/data.log"
 init=coral_fast/drafts/gemma3-270m
