@@ -112,6 +112,47 @@ def gemma3_chat_setup(model, tokenizer) -> None:
         model.generation_config.eos_token_id = eos + [end]
 
 
+def gguf_gemma_tokenizer(gguf_path: str):
+    """Gemma's tokenizer from the vocabulary of its GGUF, built as transformers >= 5.23 builds it: SentencePiece
+    BPE whose merges follow the order of the file's tokens (Gemma's scores do not), BOS first, control tokens
+    such as `<end_of_turn>` kept whole. transformers 5.17 (the GPU stack) builds a Unigram over those scores
+    instead: it cuts "Writing" into "Wr" "it" "ing" and adds no BOS, so the base model reads text it never saw
+    and writes noise; `load_target` uses this builder wherever the library's own tokenizer differs."""
+    from transformers import AddedToken
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    info = load_gguf_checkpoint(gguf_path, return_tensors=False)["tokenizer"]
+    # a token of two or more spaces is stored as spaces; GemmaTokenizer spells spaces as "\u2581"
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in info["tokens"]]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    merges = generate_merges(vocab, {token: -index for index, token in enumerate(tokens)})
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=bool(info.get("add_bos_token", True)))
+    if not _starts_with_bos(tokenizer):  # a library whose constructor ignores add_bos_token
+        tokenizer.add_bos_token = True
+        if hasattr(tokenizer, "update_post_processor"):
+            tokenizer.update_post_processor()
+    types = info.get("token_type") or ()
+    control = [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types) if k == 3]
+    if control:
+        tokenizer.add_special_tokens({"additional_special_tokens": control}, replace_extra_special_tokens=False)
+    user_defined = [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == 4]
+    if user_defined:
+        tokenizer.add_tokens(user_defined)
+    return tokenizer
+
+
+def _starts_with_bos(tokenizer) -> bool:
+    return list(tokenizer("a")["input_ids"])[:1] == [tokenizer.bos_token_id]
+
+
+def _gemma_tokenizer_sound(tokenizer) -> bool:
+    """A Gemma tokenizer that starts with BOS and keeps a whole word whole (see gguf_gemma_tokenizer)."""
+    ids = tokenizer("Writing a resume")["input_ids"]
+    return tokenizer.convert_ids_to_tokens(list(ids)) == ["<bos>", "Writing", "\u2581a", "\u2581resume"]
+
+
 def resolve_model(name_or_path: str) -> tuple[str, str | None]:
     """-> (directory or file, gguf file name or None)."""
     if not name_or_path or not str(name_or_path).strip():
@@ -180,6 +221,8 @@ def load_target(name_or_path: str, dtype=torch.float32, device="cpu", attn_imple
     )
     model.to(device).eval()
     model.requires_grad_(False)
+    if gguf_file is not None and text_config(model.config).model_type.startswith("gemma") and not _gemma_tokenizer_sound(tokenizer):
+        tokenizer = gguf_gemma_tokenizer(os.path.join(directory, gguf_file))
     if name_or_path == "gemma3-270m":
         gemma3_chat_setup(model, tokenizer)
     model.coral_name = name_or_path if name_or_path in KNOWN_MODELS else os.path.basename(os.path.normpath(name_or_path))

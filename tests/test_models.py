@@ -141,6 +141,29 @@ def test_gemma3_loads():
     assert model.config.sliding_window == 512
 
 
+@pytest.mark.slow
+def test_gemma3_tokenizer_built_from_the_gguf_matches_the_library():
+    """coral_fast's own build of Gemma's GGUF tokenizer (what load_target uses where the library's is unsound,
+    as transformers 5.17's is: no BOS, "Writing" cut into "Wr it ing") gives the ids this transformers gives,
+    on every turn of the task suite, chat-template text and odd whitespace, and decodes them back."""
+    from transformers import AutoTokenizer
+
+    from coral_fast.benchmarks.tasks import load_suite
+
+    directory, name = resolve_model("gemma3-270m")
+    library = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    if not models._gemma_tokenizer_sound(library):
+        pytest.skip("this transformers builds Gemma's GGUF tokenizer unsoundly: nothing to compare against")
+    ours = models.gguf_gemma_tokenizer(os.path.join(directory, name))
+    assert models._gemma_tokenizer_sound(ours)
+    texts = [t for p in load_suite(["continuation"]) + load_suite() for t in p.turns]
+    texts += ["<start_of_turn>user\nHi  there\t!<end_of_turn>\n", "  two spaces\n\n\n", "日本語 émigré 🙂"]
+    for text in texts:
+        ids = ours(text)["input_ids"]
+        assert ids == library(text)["input_ids"], text[:60]
+        assert ours.decode(ids[1:]) == text
+
+
 def test_gemma_env_path(monkeypatch, tmp_path):
     monkeypatch.setenv("CORAL_FAST_GEMMA3_GGUF", str(tmp_path / "nope.gguf"))
     with pytest.raises(ModelNotAvailable, match="CORAL_FAST_GEMMA3_GGUF.*not a file"):
