@@ -117,7 +117,7 @@ def gguf_gemma_tokenizer(gguf_path: str):
     BPE whose merges follow the order of the file's tokens (Gemma's scores do not), BOS first, control tokens
     such as `<end_of_turn>` kept whole. transformers 5.17 (the GPU stack) builds a Unigram over those scores
     instead: it cuts "Writing" into "Wr" "it" "ing" and adds no BOS, so the base model reads text it never saw
-    and writes noise; `load_target` uses this builder wherever the library's own tokenizer differs."""
+    and writes noise; `load_target` uses this builder where the library's own fails `_gemma_tokenizer_sound`."""
     from transformers import AddedToken
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
@@ -221,7 +221,8 @@ def load_target(name_or_path: str, dtype=torch.float32, device="cpu", attn_imple
     )
     model.to(device).eval()
     model.requires_grad_(False)
-    if gguf_file is not None and text_config(model.config).model_type.startswith("gemma") and not _gemma_tokenizer_sound(tokenizer):
+    gemma_gguf = gguf_file is not None and text_config(model.config).model_type in ("gemma", "gemma2", "gemma3", "gemma3_text")
+    if gemma_gguf and not _gemma_tokenizer_sound(tokenizer):
         tokenizer = gguf_gemma_tokenizer(os.path.join(directory, gguf_file))
     if name_or_path == "gemma3-270m":
         gemma3_chat_setup(model, tokenizer)
