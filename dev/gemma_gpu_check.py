@@ -3,6 +3,7 @@ writes noise (the data pipeline's openings came out as noise on the H100; the CP
 import torch
 
 from coral_fast import DraftModel, SpeculativeGenerator, TreeConfig
+from coral_fast.benchmarks.e2e import common_prefix
 from coral_fast.models import load_target
 from coral_fast.training.batched import BatchedGenerator
 
@@ -10,17 +11,8 @@ TITLES = ["Writing a resume\n\n", "Search engines\n\n", "Magnetism\n\n"]
 N = 24
 
 
-def agree(a, b):
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def show(name, outs, truth, tok):
-    print(f"{name:34s} agree {[agree(o, t) for o, t in zip(outs, truth)]} {tok.decode(outs[0])[:70]!r}", flush=True)
+    print(f"{name:34s} agree {[common_prefix(o, t) for o, t in zip(outs, truth)]} {tok.decode(outs[0])[:70]!r}", flush=True)
 
 
 m32, tok = load_target("gemma3-270m", dtype=torch.float32, device="cuda")
