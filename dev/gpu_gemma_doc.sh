@@ -19,6 +19,10 @@ if [ -z "${CORAL_FAST_GEMMA3_GGUF:-}" ]; then
   echo "CORAL_FAST_GEMMA3_GGUF is not set: carry .carry/gem1 .. gem7, one a call, back to back (dev/README.md)"
   exit 2
 fi
+if ! python3 -c "import gguf" 2>/dev/null; then
+  echo "the gguf package is missing: carry .carry/wheels with this call (dev/README.md)"
+  exit 2
+fi
 GEN_S=${GEN_S:-170}
 GEN_TIMEOUT=$((GEN_S + 90)) OUT="$OUT" bash dev/gpu_data.sh generate gemma3-270m --synth "${SYNTH:-20000}" \
   --synth-mix document=1 --samples "${SAMPLES:-2}" --batch-size "${BATCH:-512}" --gen-rows "${ROWS:-512}" \
