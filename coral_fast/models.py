@@ -129,10 +129,6 @@ def gguf_gemma_tokenizer(gguf_path: str):
     vocab = {token: index for index, token in enumerate(tokens)}
     merges = generate_merges(vocab, {token: -index for index, token in enumerate(tokens)})
     tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=bool(info.get("add_bos_token", True)))
-    if not _starts_with_bos(tokenizer):  # a library whose constructor ignores add_bos_token
-        tokenizer.add_bos_token = True
-        if hasattr(tokenizer, "update_post_processor"):
-            tokenizer.update_post_processor()
     types = info.get("token_type") or ()
     control = [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types) if k == 3]
     if control:
@@ -141,10 +137,6 @@ def gguf_gemma_tokenizer(gguf_path: str):
     if user_defined:
         tokenizer.add_tokens(user_defined)
     return tokenizer
-
-
-def _starts_with_bos(tokenizer) -> bool:
-    return list(tokenizer("a")["input_ids"])[:1] == [tokenizer.bos_token_id]
 
 
 def _gemma_tokenizer_sound(tokenizer) -> bool:
@@ -191,6 +183,17 @@ def is_base_model(tokenizer) -> bool:
     not count). A base model continues a document given as plain text (the `continuation` task, data kind
     `document`), not wrapped in a user turn it was never trained on."""
     return not getattr(tokenizer, "chat_template", None) or bool(getattr(tokenizer, "coral_added_template", False))
+
+
+def document_ids(tokenizer, messages: list[dict]) -> list[int] | None:
+    """A document to continue (one user message, `CONTINUE_ASK` + the text) as a base model reads it: the text
+    alone, BOS first; None for other messages, or for a model with a chat template of its own (it is asked)."""
+    from coral_fast.benchmarks.tasks import CONTINUE_ASK
+
+    if (is_base_model(tokenizer) and len(messages) == 1 and messages[0]["role"] == "user"
+            and messages[0]["content"].startswith(CONTINUE_ASK)):
+        return list(tokenizer(messages[0]["content"][len(CONTINUE_ASK):])["input_ids"])
+    return None
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int] | None:

@@ -12,19 +12,23 @@ TITLES = ["Writing a resume\n\n", "Search engines\n\n", "Magnetism\n\n"]
 N = 24
 
 
+def hf_greedy(model, prompts):
+    return [model.generate(torch.tensor([p], device="cuda"), max_new_tokens=N, do_sample=False)[0, len(p):].tolist() for p in prompts]
+
+
 def show(name, outs, truth, tok):
     print(f"{name:34s} agree {[common_prefix(o, t) for o, t in zip(outs, truth)]} {tok.decode(outs[0])[:70]!r}", flush=True)
 
 
 m32, tok = load_target("gemma3-270m", dtype=torch.float32, device="cuda")
 prompts = [tok(t)["input_ids"] for t in TITLES]
-truth = [m32.generate(torch.tensor([p], device="cuda"), max_new_tokens=N, do_sample=False)[0, len(p):].tolist() for p in prompts]
+truth = hf_greedy(m32, prompts)
 show("hf fp32", truth, truth, tok)
 for dtype in (torch.float32, torch.bfloat16):
     m = m32 if dtype == torch.float32 else load_target("gemma3-270m", dtype=dtype, device="cuda")[0]
     tag = str(dtype).split(".")[-1]
     if dtype != torch.float32:
-        show(f"hf {tag}", [m.generate(torch.tensor([p], device="cuda"), max_new_tokens=N, do_sample=False)[0, len(p):].tolist() for p in prompts], truth, tok)
+        show(f"hf {tag}", hf_greedy(m, prompts), truth, tok)
     for mode, impl, rows in [("eager", "reference", 4), ("eager", "auto", 4), ("graphs", "auto", 4), ("graphs", "auto", 512), ("eager", "auto", 512)]:
         try:
             gen = BatchedGenerator(m, batch_size=rows, max_len=1024, mode=mode)

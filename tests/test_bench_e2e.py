@@ -53,11 +53,14 @@ def test_encode_gives_a_base_model_the_document_itself():
     """A continuation prompt reaches a base model as its text (even one given a chat template for chat tasks,
     as models.gemma3_chat_setup does), a chat model as a user turn; other tasks use the template when there is one."""
 
+    class Encoding(dict):  # as transformers' BatchEncoding: the ids by key and by attribute
+        __getattr__ = dict.__getitem__
+
     class Tok:
         chat_template = "turns"
 
         def __call__(self, text):
-            return SimpleNamespace(input_ids=[ord(c) for c in text])
+            return Encoding(input_ids=[ord(c) for c in text])
 
         def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
             return [1] + [ord(c) for m in messages for c in m["content"]] + [2]

@@ -149,13 +149,13 @@ def common_prefix(a, b) -> int:
 
 def encode(tokenizer, prompt: Prompt, device):
     """Prompt ids [P] int64: the chat template when the tokenizer has one, else plain text; a document to
-    continue goes to a base model as plain text (models.is_base_model)."""
+    continue goes to a base model as plain text (models.document_ids)."""
     import torch
 
-    from coral_fast.models import chat_prompt_ids, is_base_model
+    from coral_fast.models import chat_prompt_ids, document_ids
 
-    ids = None
-    if not (prompt.task == "continuation" and is_base_model(tokenizer)):
+    ids = document_ids(tokenizer, prompt.messages())
+    if ids is None:
         ids = chat_prompt_ids(tokenizer, prompt.messages())
     if ids is None:
         ids = tokenizer(prompt.text()).input_ids

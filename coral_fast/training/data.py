@@ -39,9 +39,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from coral_fast.benchmarks.tasks import CONTINUE_ASK
 from coral_fast.cli_checks import ArgumentParser, argument_errors, check_model_arg, finite_nonneg_float, nonnegative_int, positive_float, positive_int, unit_float
-from coral_fast.models import DTYPES, chat_prompt_ids, is_base_model, load_target, text_config
+from coral_fast.models import DTYPES, chat_prompt_ids, document_ids, load_target, text_config
 from coral_fast.training.prompts import load_prompts
 
 FORMAT = "tokens-v2"
@@ -53,10 +52,9 @@ CACHE_BUCKETS = (1024, 4096)  # static-cache lengths (longer: multiples of 4096)
 def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
     """The prompt as the target sees it: a base model (Gemma 3 270M's GGUF) gets a document to continue as it is;
     else the chat template with the generation prompt, or without one a plain "User: ...\nAssistant:" transcript."""
-    if (is_base_model(tokenizer) and len(messages) == 1 and messages[0]["role"] == "user"
-            and messages[0]["content"].startswith(CONTINUE_ASK)):
-        return list(tokenizer(messages[0]["content"][len(CONTINUE_ASK):])["input_ids"])
-    ids = chat_prompt_ids(tokenizer, messages)
+    ids = document_ids(tokenizer, messages)
+    if ids is None:
+        ids = chat_prompt_ids(tokenizer, messages)
     if ids is not None:
         return ids
     text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
