@@ -88,9 +88,10 @@ class TreeConfig:
         return min(topk + (depth - 1) * topk * topk, MAX_TREE_TOKENS)
 
 
-# the generator's tree: EAGLE-2's 6/10/60 with a 10-token lookup chain (H100, bf16, full task suite: tau 2.88 ->
-# 3.84 greedy, 2.37 -> 2.56 at 0.7; a round 3% dearer; bench/results/lookup_h100.md, sampling_h100.md)
-DEFAULT_TREE = TreeConfig(6, 10, 60, lookup=10)
+# the generator's tree: EAGLE-2's 6/10/60 with a 16-token lookup chain (H100, bf16, full task suite, answers to
+# their EOS: the loop over the plain mode 1.66x with 10, 1.70x with 16, a round no dearer;
+# bench/results/drafts_smollm2_10m_eos_h100.md)
+DEFAULT_TREE = TreeConfig(6, 10, 60, lookup=16)
 
 
 @dataclass
@@ -249,7 +250,7 @@ def _feature_size(model, draft) -> int | None:
 class SpeculativeGenerator:
     """Speculative decoding of an HF causal LM (`model`) with a `DraftModel` (random if None). Batch 1.
 
-    tree: the draft tree (default DEFAULT_TREE: 6/10/60 with a 10-token lookup chain).
+    tree: the draft tree (default DEFAULT_TREE: 6/10/60 with a 16-token lookup chain).
     mode: "eager" (the CPU default), "graphs" (every step captured in a CUDA graph; no compile),
     "compile" (torch.compile'd steps, then captured on CUDA), "compile-draft" (the CUDA default: only the
     draft's steps compiled, where a round's many small kernels are; the target's captured as in "graphs").

@@ -1,7 +1,8 @@
 """Several `benchmarks.acceptance` runs (same model and suite) as one table: a column per run and head.
 
-    python dev/combine_acceptance.py OUT_STEM LABEL=RUN/acceptance.json[:HEAD,...] ...
-writes OUT_STEM.json (the runs as they were, labelled) and OUT_STEM.md (tau per task at each run's first temperature).
+    python dev/combine_acceptance.py OUT_STEM LABEL=RUN/acceptance.json[:HEAD,...][@TEMPERATURE] ...
+writes OUT_STEM.json (the runs as they were, labelled) and OUT_STEM.md (tau per task at the temperature named,
+else at each run's first; one run may appear under two labels, once per temperature).
 """
 from __future__ import annotations
 
@@ -14,10 +15,15 @@ def main(argv: list[str]) -> None:
     runs, columns = [], []
     for spec in specs:
         label, _, rest = spec.partition("=")
+        rest, _, temperature = rest.partition("@")
         path, _, heads = rest.partition(":")
         run = json.load(open(path))
         keep = heads.split(",") if heads else run["settings"]["heads"]
-        temperature = run["settings"]["temperatures"][0]  # each run's first temperature (greedy when 0)
+        measured = run["settings"]["temperatures"]
+        temperature = float(temperature) if temperature else measured[0]  # greedy when 0
+        if temperature not in measured:
+            raise SystemExit(f"{path} has temperatures {measured}, not {temperature}")
+        run["settings"] = {**run["settings"], "temperatures": [temperature]}
         run["rows"] = [r for r in run["rows"] if r["head"] in keep and r["temperature"] == temperature]
         runs.append({"label": label, **run})
         columns += [(label, head) for head in keep]

@@ -297,7 +297,7 @@ def test_the_lookup_chain_defaults_to_the_generators_with_the_default_tree():
     from coral_fast.generate import DEFAULT_TREE
 
     parse = e2e.build_parser().parse_args
-    assert e2e.lookup_of(parse([])) == DEFAULT_TREE.lookup == 10
+    assert e2e.lookup_of(parse([])) == DEFAULT_TREE.lookup == 16
     assert e2e.lookup_of(parse(["--tree", "3,3,8"])) == 0  # a small tree has no room for it
     assert e2e.lookup_of(parse(["--tree", "3,3,8", "--lookup", "2"])) == 2
     assert e2e.lookup_of(parse(["--lookup", "0"])) == 0
