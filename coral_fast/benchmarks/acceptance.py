@@ -76,12 +76,16 @@ def parse_head(text: str) -> tuple[str, int | None]:
     raise ValueError(f"--heads wants grouped, grouped:A (A >= 1) or dense, got {text!r}")
 
 
-def measure(gen, prompts, encoded, max_new_tokens: int, temperature: float, ignore_eos: bool = True) -> dict:
-    """{task: (rounds, tokens, seconds)} over the prompts, speculation forced on."""
+def measure(gen, prompts, encoded, max_new_tokens: int, temperature: float, ignore_eos: bool = True,
+            desc: str | None = None) -> dict:
+    """{task: (rounds, tokens, seconds)} over the prompts, speculation forced on; a progress bar on stderr
+    named `desc` (none when None)."""
     import torch
+    from tqdm.auto import tqdm
 
     per_task: dict[str, list[float]] = {}
-    for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
+    pairs = tqdm(list(zip(prompts, encoded)), desc=desc, unit="prompt", disable=desc is None, file=sys.stderr)
+    for i, (prompt, ids) in enumerate(pairs):
         kw = dict(temperature=temperature, generator=torch.Generator().manual_seed(1000 + i)) if temperature > 0 else {}
         result = gen.generate(ids, max_new_tokens, ignore_eos=ignore_eos, **kw)
         if result.plain_steps:
@@ -207,7 +211,8 @@ def main(argv=None) -> int:
                                      adaptive=False)
                 gen.warmup()
                 for temperature in temperatures:
-                    per_task = measure(gen, prompts, encoded, args.max_new_tokens, temperature, not args.stop_at_eos)
+                    per_task = measure(gen, prompts, encoded, args.max_new_tokens, temperature, not args.stop_at_eos,
+                                       desc=f"{name} {head} T={temperature}")
                     rows = rows_of(name, head, temperature, per_task)
                     result["rows"] += rows
                     print(f"{name} {head} T={temperature}: " + ", ".join(f"{r['task']} {r['tau']:.2f}" for r in rows)
