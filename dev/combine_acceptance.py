@@ -1,8 +1,9 @@
 """Several `benchmarks.acceptance` runs (same model and suite) as one table: a column per run and head.
 
-    python dev/combine_acceptance.py OUT_STEM LABEL=RUN/acceptance.json[:HEAD,...][@TEMPERATURE] ...
+    python dev/combine_acceptance.py OUT_STEM LABEL=RUN/acceptance.json[:HEAD,...][@TEMPERATURE][#DRAFT] ...
 writes OUT_STEM.json (the runs as they were, labelled) and OUT_STEM.md (tau per task at the temperature named,
-else at each run's first; one run may appear under two labels, once per temperature).
+else at each run's first, of the draft named, else of the run's only one; one run may appear under several
+labels, once per temperature or draft).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ def main(argv: list[str]) -> None:
     runs, columns = [], []
     for spec in specs:
         label, _, rest = spec.partition("=")
+        rest, _, draft = rest.partition("#")
         rest, _, temperature = rest.partition("@")
         path, _, heads = rest.partition(":")
         run = json.load(open(path))
@@ -23,8 +25,15 @@ def main(argv: list[str]) -> None:
         temperature = float(temperature) if temperature else measured[0]  # greedy when 0
         if temperature not in measured:
             raise SystemExit(f"{path} has temperatures {measured}, not {temperature}")
-        run["settings"] = {**run["settings"], "temperatures": [temperature]}
-        run["rows"] = [r for r in run["rows"] if r["head"] in keep and r["temperature"] == temperature]
+        drafts = run["settings"]["drafts"]
+        if draft and draft not in drafts:
+            raise SystemExit(f"{path} has drafts {list(drafts)}, not {draft}")
+        if not draft and len(drafts) > 1:
+            raise SystemExit(f"{path} has drafts {list(drafts)}: name one (LABEL=PATH#DRAFT)")
+        draft = draft or next(iter(drafts))
+        run["settings"] = {**run["settings"], "temperatures": [temperature], "drafts": {draft: drafts[draft]}}
+        run["rows"] = [r for r in run["rows"]
+                       if r["head"] in keep and r["temperature"] == temperature and r["draft"] == draft]
         runs.append({"label": label, **run})
         columns += [(label, head) for head in keep]
     tasks = list(dict.fromkeys(r["task"] for run in runs for r in run["rows"]))
