@@ -85,8 +85,9 @@ def measure(gen, prompts, encoded, max_new_tokens: int, temperature: float, igno
 
     per_task: dict[str, list[float]] = {}
     # into a log (not a terminal) an update every 30 s at most: a device call's output tail stays readable
+    interval = 0.1 if sys.stderr.isatty() else 30.0
     pairs = tqdm(list(zip(prompts, encoded)), desc=desc, unit="prompt", disable=desc is None, file=sys.stderr,
-                 mininterval=0.1 if sys.stderr.isatty() else 30.0)
+                 mininterval=interval, maxinterval=max(10.0, interval))
     for i, (prompt, ids) in enumerate(pairs):
         kw = dict(temperature=temperature, generator=torch.Generator().manual_seed(1000 + i)) if temperature > 0 else {}
         result = gen.generate(ids, max_new_tokens, ignore_eos=ignore_eos, **kw)
