@@ -22,6 +22,8 @@ def variant_of(name: str) -> tuple[str, int]:
 
 
 def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ({min(values):.2f}-{max(values):.2f})"
 
 
@@ -47,9 +49,15 @@ def main(argv: list[str]) -> None:
                 per_seed[seed] = (tokens + r["tokens"], rounds + r["rounds"])
         return [t / n for _, (t, n) in sorted(per_seed.items())]
 
-    lines = [f"# CSRA ablation: single-step vs multi-step vs multi-step + CSRA ({settings['model']})", "",
+    if {"single", "multi"} & present:
+        title = "CSRA ablation: single-step vs multi-step vs multi-step + CSRA"
+    else:  # the other levers, each against multi-step + CSRA (the defaults)
+        title = "Training levers against the defaults (multi-step + CSRA)"
+    all_seeds = sorted({variant_of(r["draft"])[1] for r in rows})
+    lines = [f"# {title} ({settings['model']})", "",
              f"{env['device']}, torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
-             f"{env['date']}. Data: {stem.split('/')[-1]}.json. Every cell: the mean over seeds (min-max).", "",
+             f"{env['date']}. Data: {stem.split('/')[-1]}.json. "
+             + ("Every cell: the mean over seeds (min-max)." if len(all_seeds) > 1 else f"One seed ({all_seeds[0]})."), "",
              "## Training (teacher-forced, held-out answers of the training data)", "",
              "| variant | seeds | tau, 6-step chain, dense | tau, 4 of 32 groups | top-1 match at unrolled step 1 / 3 / 6 | train s |",
              "|---|---|---|---|---|---|"]
@@ -70,7 +78,8 @@ def main(argv: list[str]) -> None:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     # the same seed gives every variant the same initial weights and batch order: differences per seed are paired
     tf = {(variant_of(t["run"])): t["last"]["final_eval"]["tau"] for t in training}
-    lines += ["", "## Paired by seed (same initial weights and batches): differences per seed 0 / 1 / 2", "",
+    lines += ["", "## Paired by seed (same initial weights and batches): differences per seed "
+              + " / ".join(map(str, all_seeds)), "",
               "| comparison | teacher-forced tau | loop, " + " | loop, ".join(
                   "greedy" if t == 0 else f"T={t}" for t in temperatures) + " |", "|---|---|" + "---|" * len(temperatures)]
     pairs = [("multi", "single"), ("csra", "multi"), ("csra", "single")] + [(v, "csra") for v in VARIANTS if v not in ("single", "multi", "csra")]
@@ -105,7 +114,7 @@ def main(argv: list[str]) -> None:
         ax.set_ylabel("mean accepted length")
         ax.set_title("greedy" if temperature == 0 else f"T={temperature}")
         ax.legend(fontsize=8)
-    fig.suptitle(f"CSRA ablation, {env['device']}: mean over seeds, bars min-max")
+    fig.suptitle(f"{title}, {env['device']}" + (": mean over seeds, bars min-max" if len(all_seeds) > 1 else f", seed {all_seeds[0]}"))
     fig.tight_layout()
     fig.savefig(stem + ".png", dpi=110)
 
