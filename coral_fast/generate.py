@@ -22,6 +22,7 @@ from torch import Tensor
 
 from coral_fast.engine import SCOUT_ROWS, Engine, EventTimer, HostTimer
 from coral_fast.hf_attention import default_impl
+from coral_fast.lookup import LoopWatch
 from coral_fast.models import text_config
 
 MODES = ("eager", "graphs", "compile", "compile-draft")
@@ -102,6 +103,7 @@ class GenerationResult:
     accepted_lengths: list[int] = field(default_factory=list)  # tokens per round, bonus included
     plain_steps: int = 0  # one-token steps (plain mode: fallback or plain=True)
     scouted: int = 0  # probes that ended at the draft's first look (SpeculationPolicy.scout_fails): no round
+    loop_probes: int = 0  # rounds run from plain decoding because the lookup chain's tokens kept coming (LOOP_STREAK)
     prefill_time_s: float = 0.0  # time to first token (prompt prefill + first token), warm-up excluded
     draft_time_s: float = 0.0  # draft catch-up + tree building
     verify_time_s: float = 0.0  # verify rounds and plain steps (the target's forwards)
@@ -124,6 +126,7 @@ class GenerationResult:
             "rounds": self.rounds,
             "plain_steps": self.plain_steps,
             "scouted": self.scouted,
+            "loop_probes": self.loop_probes,
             "mean_accepted_length": round(self.mean_accepted_length, 4),
             "tokens_per_s": round(self.tokens_per_s, 3),
             "prefill_s": round(self.prefill_time_s, 4),
@@ -144,6 +147,12 @@ START_GAIN = 2.0
 # hit rate p) and ends there when a chain's 1 + p + ... + p^depth tokens a round is below this share of
 # what a round must commit to pay (a tree commits more than its top-1 chain, hence the slack)
 SCOUT_FRACTION = 0.75
+# while decoding plainly, a request with the lookup chain probes at once when the chain's first token would
+# have been right this many times in a row (LoopWatch): the text loops or copies, which a round's chain
+# commits in long runs, however poorly the draft alone guesses (its scout is skipped then)
+LOOP_STREAK = 4
+# the prompt's last tokens LoopWatch indexes (at a request's first plain step: ~1 ms on the 2-core CPU)
+LOOP_WATCH_PROMPT = 512
 
 
 @dataclass
@@ -189,7 +198,14 @@ class SpeculationPolicy:
     def speculate(self) -> bool:
         return self.pays() or (self.can_pay and self.since_probe >= self.interval)
 
-    def after_round(self, tau: int) -> None:
+    def after_round(self, tau: int, scheduled: bool = True) -> None:
+        """A round committed tau tokens. scheduled=False: a round run from plain decoding out of the probe
+        schedule (a loop the lookup chain would copy, LOOP_STREAK): speculation resumes when it pays, and the
+        schedule stays as it was when it does not (a failed one must not delay the next timed probe)."""
+        if not scheduled and not self.pays():
+            if tau / self.round_s > (1.0 + self.margin) / self.plain_s:
+                self.ema_tau, self.since_probe, self.interval = float(tau), 0, self.first_interval
+            return
         probing = not self.pays()
         # a probe's round stands on its own: blended into the estimate of a poor stretch (or of an earlier
         # request) one good probe could not switch speculation back on, and a request would end plainly
@@ -461,12 +477,19 @@ class SpeculativeGenerator:
         policy = self._policy(temperature > 0)
         if speculate:  # plain-mode requests leave the policy as it is
             policy.new_request()
+        watches = speculate and self.adaptive and self.tree.chain_serves(temperature > 0) and policy.can_pay
+        watch = None  # LoopWatch, built when the request first decodes plainly
         while not done:
             round_now = speculate and (not self.adaptive or policy.speculate())
+            looping = False
+            if watches and not round_now:  # decoding plainly: does the text loop or copy?
+                if watch is None:
+                    watch = LoopWatch(ids[-LOOP_WATCH_PROMPT:].tolist())
+                looping = round_now = watch.feed(out) >= LOOP_STREAK
             # a greedy probe first looks at the draft's guesses over the stretch it catches up on, so it
             # waits until the answer holds enough tokens to judge them by (blind, a failed round costs more)
             scouting = (round_now and self.adaptive and temperature == 0 and policy.scout_fraction > 0
-                        and not policy.pays())
+                        and not policy.pays() and not looping)
             if scouting and len(out) <= policy.min_scout_rows:
                 round_now = False
             if round_now:
@@ -483,7 +506,10 @@ class SpeculativeGenerator:
                     policy.round_s = 0.8 * policy.round_s + 0.2 * (time.perf_counter() - t)
                 result.rounds += 1
                 result.accepted_lengths.append(len(tokens))
-                policy.after_round(len(tokens))
+                policy.after_round(len(tokens), scheduled=not looping)
+                if looping:
+                    result.loop_probes += 1
+                    watch.streak = 0  # a failed one waits for a fresh run of hits
             else:
                 t = time.perf_counter()
                 tokens = eng.plain(timer)

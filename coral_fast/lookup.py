@@ -54,3 +54,50 @@ def reference_prompt_lookup(context: list[int], length: int, ngram_max: int = 4,
                 loop = context[s + g:]  # what followed, up to the last token: repeated past it
                 return [loop[i % len(loop)] for i in range(length)], True
     return [context[-1]] * length, False
+
+
+class LoopWatch:
+    """The lookup's host-side twin for a speculative request's plain stretches: whether the chain's first
+    token would have been each committed token. A run of such hits (`streak`) is a loop or a copy under way,
+    which the chain commits many tokens a round of, however poorly the draft itself guesses there.
+
+    Incremental: an index of every n-gram's latest end, so a token costs a few dict operations (the same
+    rule as `reference_prompt_lookup`, first token only)."""
+
+    def __init__(self, context: list[int], ngram_max: int = 4, ngram_min: int = 2):
+        if not 1 <= ngram_min <= ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {ngram_min}, {ngram_max}")
+        self.grams = range(ngram_max, ngram_min - 1, -1)  # the longest recurring n-gram decides
+        self.ends: dict[tuple[int, ...], int] = {}  # n-gram -> where its latest occurrence ends
+        self.ids: list[int] = []
+        self.fed = 0  # tokens of the answer list taken so far (feed)
+        self.streak = 0
+        for token in context:
+            self.push(token)
+        self.streak = 0  # hits in a row, counted from the first token after the context
+
+    def proposal(self) -> int | None:
+        """The chain's first token after the tokens so far (None: no n-gram recurs)."""
+        for g in self.grams:
+            end = self.ends.get(tuple(self.ids[-g:])) if len(self.ids) >= g else None
+            if end is not None:
+                return self.ids[end + 1]
+        return None
+
+    def push(self, token: int) -> bool:
+        """Commit one token; True when the chain would have proposed it."""
+        hit = self.proposal() == token
+        self.streak = self.streak + 1 if hit else 0
+        n = len(self.ids)
+        for g in self.grams:  # the n-grams ending at the last token become earlier occurrences
+            if n >= g:
+                self.ends[tuple(self.ids[n - g:])] = n - 1
+        self.ids.append(token)
+        return hit
+
+    def feed(self, answer: list[int]) -> int:
+        """Push the tokens of `answer` (a growing list) not pushed yet; returns the streak."""
+        for token in answer[self.fed:]:
+            self.push(token)
+        self.fed = len(answer)
+        return self.streak

@@ -179,6 +179,24 @@ def test_policy_probes_and_backs_off():
     assert policy.speculate() and abs(policy.ema_tau - 2.4) < 1e-9
 
 
+def test_policy_rounds_out_of_schedule():
+    """A round the loop watch starts from plain decoding (scheduled=False) switches speculation on when it pays
+    and, when it does not, leaves the probe schedule and the estimate as they were."""
+    policy = SpeculationPolicy(round_s=2.0, plain_s=1.0, max_tau=8)
+    policy.after_round(1)
+    policy.after_round(1)  # plain now, the next probe 64 plain steps away
+    for _ in range(10):
+        policy.after_plain()
+    state = (policy.ema_tau, policy.interval, policy.since_probe)
+    assert not policy.speculate() and state == (1.0, 64, 10)
+    policy.after_round(2, scheduled=False)  # 2 < 2.1 tokens a round: it did not pay
+    assert (policy.ema_tau, policy.interval, policy.since_probe) == state and not policy.speculate()
+    policy.after_round(5, scheduled=False)  # it paid: speculate on, as after a good probe
+    assert policy.speculate() and (policy.ema_tau, policy.interval, policy.since_probe) == (5.0, 32, 0)
+    policy.after_round(1, scheduled=False)  # while speculating it is an ordinary round: 0.7 * 5 + 0.3 * 1
+    assert abs(policy.ema_tau - 3.8) < 1e-9
+
+
 def test_policy_carries_acceptance_across_requests():
     policy = SpeculationPolicy(round_s=2.0, plain_s=1.0, max_tau=5)
     policy.new_request()

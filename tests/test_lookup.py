@@ -8,8 +8,9 @@ import torch
 
 from coral_fast import SpeculativeGenerator
 from coral_fast.generate import TreeConfig
-from coral_fast.lookup import prompt_lookup, reference_prompt_lookup
-from test_generate import plain_greedy
+from coral_fast import generate
+from coral_fast.lookup import LoopWatch, prompt_lookup, reference_prompt_lookup
+from test_generate import plain_greedy, random_weights_draft
 from test_models import tiny_llama
 from test_sampling import V, exact_joint
 from test_tree import node_paths
@@ -129,6 +130,59 @@ def test_greedy_identical_and_the_chain_is_accepted(seed, one_thread):
             longest[lookup] = max(longest.get(lookup, 0), *out.accepted_lengths)
     assert sum(taus[3]) > sum(taus[0]) + 0.3, taus  # 40 seeds: +0.81 to +4; a chain that never helps: <= 0
     assert longest[7] > 5 >= longest[3], longest  # only a chain past depth 4 accepts more than 5 tokens a round
+
+
+def test_loop_watch_matches_the_list_oracle(seed):
+    """The host twin proposes the oracle's first token after every prefix, whenever it is fed, and counts the
+    run of hits since its context."""
+    rng = random.Random(seed)
+
+    def first(context, high, low):
+        if not context:
+            return None
+        chain, found = reference_prompt_lookup(context, 1, high, low)
+        return chain[0] if found else None
+
+    for _ in range(300):
+        vocab = rng.choice([2, 3, 7])
+        low = rng.randint(1, 3)
+        high = rng.randint(low, 5)
+        ids = [rng.randrange(vocab) for _ in range(rng.randint(1, 50))]
+        split = rng.randint(0, len(ids))
+        watch, answer, streak = LoopWatch(ids[:split], high, low), [], 0
+        for i in range(split, len(ids)):
+            if rng.random() < 0.5:  # fed now and then, as the loop feeds it
+                assert watch.feed(answer) == streak
+                assert watch.proposal() == first(ids[:i], high, low), (ids[:i], high, low)
+            streak = streak + 1 if first(ids[:i], high, low) == ids[i] else 0
+            answer.append(ids[i])
+        assert watch.feed(answer) == streak
+    with pytest.raises(ValueError, match="ngram_min"):
+        LoopWatch([], 2, 3)
+
+
+def test_plain_stretches_probe_when_the_chain_would_copy(seed, one_thread, monkeypatch):
+    """Decoding plainly after poor rounds (a random draft; costs where a full round could pay), a request with
+    the chain runs a round as soon as the chain's first token has been right LOOP_STREAK times in a row: a tiny
+    random target's greedy output falls into loops, which the chain then commits. Without the watch the
+    request stays plain until its next timed probe. The output is generate's either way."""
+    model = tiny_llama(seed=seed % 1000)
+    prompt = torch.randint(0, model.config.vocab_size, (9,), generator=torch.Generator().manual_seed(seed))
+    want = plain_greedy(model, prompt, 150)
+    outs, shipped = {}, generate.LOOP_STREAK
+    for streak in (shipped, 10 ** 9):
+        monkeypatch.setattr(generate, "LOOP_STREAK", streak)
+        gen = SpeculativeGenerator(model, random_weights_draft(model, seed), TreeConfig(4, 3, 16, lookup=7),
+                                   max_context=256)
+        gen.warmup()
+        gen.round_time_s, gen.plain_step_time_s, gen.refine_costs = 1.5, 1.0, False
+        policy = gen._policy(sampling=False)
+        policy.ema_tau, policy.interval = 1.0, policy.max_interval  # a poor request before: plain, rare probes
+        outs[streak] = gen.generate(prompt, 150)
+        assert outs[streak].token_ids == want
+    watched, blind = outs[shipped], outs[10 ** 9]
+    assert watched.loop_probes >= 1 and blind.loop_probes == 0, (watched.stats(), watched.accepted_lengths, blind.stats())
+    assert watched.plain_steps < blind.plain_steps - 20, (watched.stats(), blind.stats())
 
 
 @pytest.mark.parametrize("depth, total_tokens", [(2, 8), (1, 3)])

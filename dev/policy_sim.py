@@ -1,0 +1,95 @@
+"""The adaptive policy's decisions on this CPU (fp32, eager) under a GPU's measured costs, per prompt: rounds,
+plain steps, probes; modelled time = rounds x round + plain steps x plain step (prefill, the draft's catch-up
+and the host's own work left out). The decisions are the GPU's as far as fp32 text is bf16's: a CPU run of the
+loop at the H100's costs took the same rounds and plain steps per prompt as that H100 run did.
+
+    python dev/policy_sim.py --model gemma3-270m --tasks continuation --suite full --round-ms 6.525 \
+        --plain-ms 3.318 --variants old,watch,forced --out bench/results/policy_NAME
+variants: old (no loop watch: LOOP_STREAK off), watch (the generator as shipped), forced (adaptive=False).
+Writes OUT.json (every prompt's counts and tokens) and OUT.md (per task and overall: modelled speed-up over
+plain decoding, plain steps, loop probes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--draft", default=None, help="draft folder (default: the model's shipped draft)")
+    p.add_argument("--tasks", default="all")
+    p.add_argument("--suite", default="quick", choices=("quick", "full"))
+    p.add_argument("--round-ms", type=float, required=True, help="a round's cost on the GPU (e2e's warm-up line)")
+    p.add_argument("--plain-ms", type=float, required=True, help="a plain step's cost on the GPU")
+    p.add_argument("--lookup", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--variants", default="old,watch")
+    p.add_argument("--out", required=True, help="output stem (OUT.json, OUT.md)")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from tqdm.auto import tqdm
+
+    from coral_fast import generate as G
+    from coral_fast.benchmarks.e2e import encode, environment, make_generator
+    from coral_fast.benchmarks.tasks import load_suite
+    from coral_fast.draft import DraftModel
+    from coral_fast.models import load_target
+
+    round_s, plain_s = args.round_ms * 1e-3, args.plain_ms * 1e-3
+    model, tok = load_target(args.model, dtype=torch.float32, device="cpu")
+    model.requires_grad_(False)
+    prompts = load_suite(args.tasks, 3 if args.suite == "quick" else None)
+    encoded = [encode(tok, q, torch.device("cpu")) for q in prompts]
+    draft = DraftModel.from_pretrained(args.draft or os.path.join("coral_fast", "drafts", args.model), model)
+    result = dict(env=environment(sys.argv[1:]), settings=vars(args), runs={})
+    result["env"]["command"] = "python dev/policy_sim.py " + " ".join(sys.argv[1:])
+    shipped_streak = G.LOOP_STREAK
+    for variant in args.variants.split(","):
+        if variant not in ("old", "watch", "forced"):
+            raise SystemExit(f"policy_sim: unknown variant {variant!r} (old, watch, forced)")
+        G.LOOP_STREAK = 10 ** 9 if variant == "old" else shipped_streak
+        gen = make_generator(model, draft, (6, 10, 60, args.lookup, True), "eager", adaptive=variant != "forced")
+        gen.warmup()
+        gen.round_time_s, gen.plain_step_time_s, gen.refine_costs = round_s, plain_s, False  # the GPU's costs
+        rows = []
+        for q, ids in zip(tqdm(prompts, desc=variant, file=sys.stderr), encoded):
+            r = gen.generate(ids, args.max_new_tokens)
+            rows.append(dict(task=q.task, id=q.id, tokens=len(r.token_ids), rounds=r.rounds, plain=r.plain_steps,
+                             scouted=r.scouted, loop_probes=r.loop_probes, token_ids=r.token_ids,
+                             model_ms=1e3 * (r.rounds * round_s + r.plain_steps * plain_s)))
+        result["runs"][variant] = rows
+        json.dump(result, open(args.out + ".json", "w"), indent=1)
+    G.LOOP_STREAK = shipped_streak
+    open(args.out + ".md", "w").write(table(result) + "\n")
+    print(table(result))
+
+
+def table(result: dict) -> str:
+    """Per task: modelled speed-up over plain decoding (tokens x plain step / modelled time), plain steps."""
+    s, runs = result["settings"], result["runs"]
+    variants = list(runs)
+    first = runs[variants[0]]
+    tasks = list(dict.fromkeys(r["task"] for r in first))
+    lines = [f"| task | prompts | " + " | ".join(f"{v}: speed-up / plain steps" for v in variants) + " |",
+             "|---|---|" + "---|" * len(variants)]
+    for task in tasks + [None]:
+        cells = []
+        for v in variants:
+            rows = [r for r in runs[v] if task is None or r["task"] == task]
+            ms = sum(r["model_ms"] for r in rows)
+            plain_ms = sum(r["tokens"] for r in rows) * s["plain_ms"]
+            cells.append(f"{plain_ms / ms:.2f}x / {sum(r['plain'] for r in rows)}/{sum(r['tokens'] for r in rows)}")
+        n = sum(1 for r in first if task is None or r["task"] == task)
+        lines.append(f"| {'**overall**' if task is None else task} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
