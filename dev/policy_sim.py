@@ -1,7 +1,7 @@
 """The adaptive policy's decisions on this CPU (fp32, eager) under a GPU's measured costs, per prompt: rounds,
 plain steps, probes; modelled time = rounds x round + plain steps x plain step (prefill, the draft's catch-up
-and the host's own work left out). The decisions are the GPU's as far as fp32 text is bf16's: a CPU run of the
-loop at the H100's costs took the same rounds and plain steps per prompt as that H100 run did.
+and the host's own work left out). The decisions are the GPU's as far as fp32 text is bf16's: replaying Gemma's
+continuation run at its H100 costs gave the same plain steps on its first six prompts and the same overall 1.3x.
 
     python dev/policy_sim.py --model gemma3-270m --tasks continuation --suite full --round-ms 6.525 \
         --plain-ms 3.318 --variants old,watch,forced --out bench/results/policy_NAME

@@ -1,6 +1,7 @@
-"""Prompt lookup: the device op equals its list oracle; with a lookup chain in the tree the loop's greedy output
-is still generate's, the chain is accepted where the output repeats its context, and sampling keeps the
-target's distribution (the root then has topk + 1 children)."""
+"""Prompt lookup: the device op and the host twin (LoopWatch) equal their list oracle; with a lookup chain in the
+tree the loop's greedy output is still generate's, the chain is accepted where the output repeats its context, a
+loop in a plain stretch starts a round, and sampling keeps the target's distribution (the root then has topk + 1
+children)."""
 import random
 
 import pytest
