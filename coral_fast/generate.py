@@ -174,11 +174,14 @@ class SpeculationPolicy:
     alpha: float = 0.3
     scout_fraction: float = SCOUT_FRACTION
     min_scout_rows: int = SCOUT_ROWS  # fewer judged guesses: the probe runs its round
+    loop_streak: int = LOOP_STREAK  # lookup-chain hits in a row that start a round from plain decoding; 0: no watch
     ema_tau: float | None = None
     since_probe: int = 0
     interval: int = 16
 
     def __post_init__(self):
+        if not _is_int(self.loop_streak) or self.loop_streak < 0:
+            raise ValueError(f"loop_streak must be an integer >= 0 (0: no loop watch), got {self.loop_streak!r}")
         ratio = self.round_s / self.plain_s if self.plain_s > 0 else float("nan")
         if math.isfinite(ratio):
             self.first_interval = max(self.first_interval, math.ceil(PROBE_STEPS_PER_EXTRA_COST * (ratio - 1)))
@@ -477,7 +480,8 @@ class SpeculativeGenerator:
         policy = self._policy(temperature > 0)
         if speculate:  # plain-mode requests leave the policy as it is
             policy.new_request()
-        watches = speculate and self.adaptive and self.tree.chain_serves(temperature > 0) and policy.can_pay
+        watches = (speculate and self.adaptive and self.tree.chain_serves(temperature > 0) and policy.can_pay
+                   and policy.loop_streak > 0)
         watch = None  # LoopWatch, built when the request first decodes plainly
         while not done:
             round_now = speculate and (not self.adaptive or policy.speculate())
@@ -485,7 +489,7 @@ class SpeculativeGenerator:
             if watches and not round_now:  # decoding plainly: does the text loop or copy?
                 if watch is None:
                     watch = LoopWatch(ids[-LOOP_WATCH_PROMPT:].tolist())
-                looping = round_now = watch.feed(out) >= LOOP_STREAK
+                looping = round_now = watch.feed(out) >= policy.loop_streak
             # a greedy probe first looks at the draft's guesses over the stretch it catches up on, so it
             # waits until the answer holds enough tokens to judge them by (blind, a failed round costs more)
             scouting = (round_now and self.adaptive and temperature == 0 and policy.scout_fraction > 0

@@ -5,7 +5,8 @@ continuation run at its H100 costs gave the same plain steps on its first six pr
 
     python dev/policy_sim.py --model gemma3-270m --tasks continuation --suite full --round-ms 6.525 \
         --plain-ms 3.318 --variants old,watch,forced --out bench/results/policy_NAME
-variants: old (no loop watch: LOOP_STREAK off), watch (the generator as shipped), forced (adaptive=False).
+variants: old (no loop watch: policy option loop_streak=0), watch (the generator as shipped, or --loop-streak N),
+forced (adaptive=False).
 Writes OUT.json (every prompt's counts and tokens) and OUT.md (per task and overall: modelled speed-up over
 plain decoding, plain steps, loop probes).
 """
@@ -30,13 +31,13 @@ def main() -> None:
     p.add_argument("--lookup", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--variants", default="old,watch")
+    p.add_argument("--loop-streak", type=int, default=None, help="the watch variant's streak (default: LOOP_STREAK)")
     p.add_argument("--out", required=True, help="output stem (OUT.json, OUT.md)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from tqdm.auto import tqdm
 
-    from coral_fast import generate as G
     from coral_fast.benchmarks.e2e import encode, environment, make_generator
     from coral_fast.benchmarks.tasks import load_suite
     from coral_fast.draft import DraftModel
@@ -50,12 +51,14 @@ def main() -> None:
     draft = DraftModel.from_pretrained(args.draft or os.path.join("coral_fast", "drafts", args.model), model)
     result = dict(env=environment(sys.argv[1:]), settings=vars(args), runs={})
     result["env"]["command"] = "python dev/policy_sim.py " + " ".join(sys.argv[1:])
-    shipped_streak = G.LOOP_STREAK
     for variant in args.variants.split(","):
         if variant not in ("old", "watch", "forced"):
             raise SystemExit(f"policy_sim: unknown variant {variant!r} (old, watch, forced)")
-        G.LOOP_STREAK = 10 ** 9 if variant == "old" else shipped_streak
         gen = make_generator(model, draft, (6, 10, 60, args.lookup, True), "eager", adaptive=variant != "forced")
+        if variant == "old":
+            gen.policy_options = dict(loop_streak=0)
+        elif variant == "watch" and args.loop_streak is not None:
+            gen.policy_options = dict(loop_streak=args.loop_streak)
         gen.warmup()
         gen.round_time_s, gen.plain_step_time_s, gen.refine_costs = round_s, plain_s, False  # the GPU's costs
         rows = []
@@ -66,7 +69,6 @@ def main() -> None:
                              model_ms=1e3 * (r.rounds * round_s + r.plain_steps * plain_s)))
         result["runs"][variant] = rows
         json.dump(result, open(args.out + ".json", "w"), indent=1)
-    G.LOOP_STREAK = shipped_streak
     open(args.out + ".md", "w").write(table(result) + "\n")
     print(table(result))
 

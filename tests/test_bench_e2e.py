@@ -123,7 +123,7 @@ def test_bad_values_fail_in_one_line_before_any_model_loads(argv, message, capsy
 
 
 @pytest.mark.parametrize("argv", [["--tree", "6,10"], ["--max-new-tokens", "0"], ["--temperature", "nan"],
-                                  ["--mode", "fast"]])
+                                  ["--mode", "fast"], ["--loop-streak", "-1"], ["--loop-streak", "two"]])
 def test_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         e2e.build_parser().parse_args(argv)
@@ -201,6 +201,25 @@ class _CharTokenizer:
 
     def __call__(self, text):
         return SimpleNamespace(input_ids=[1 + ord(c) % (self.vocab - 1) for c in text[:24]])
+
+
+def test_loop_streak_reaches_the_policy_and_the_report(tmp_path):
+    """--loop-streak N sets the generator's policy (0: no loop watch) and is recorded and reported; the default
+    records the generator's own."""
+    from coral_fast.draft import DraftModel
+    from coral_fast.generate import LOOP_STREAK
+    from tests.test_models import tiny_llama
+
+    model = tiny_llama(vocab=101, hidden=40, layers=2, seed=4)
+    draft = DraftModel.random_init(model)
+    prompts = load_suite(["qa"], per_task=1)
+    for flag, want, label in ((["--loop-streak", "0"], 0, "adaptive, no loop watch"),
+                              ([], LOOP_STREAK, f"adaptive, loop watch {LOOP_STREAK}")):
+        args = e2e.build_parser().parse_args(["--device", "cpu", "--dtype", "float32", "--max-new-tokens", "4",
+                                              "--tree", "3,3,8", "--out-dir", str(tmp_path)] + flag)
+        part = e2e.run_suite(model, _CharTokenizer(101), draft, prompts, args, [].append, name="tiny")
+        assert part["meta"]["loop_streak"] == want
+        assert label + ")" in report.suite_markdown(dict(env=e2e.environment([]), parts=[part]))
 
 
 @needs_engine

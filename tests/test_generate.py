@@ -195,6 +195,9 @@ def test_policy_rounds_out_of_schedule():
     assert policy.speculate() and (policy.ema_tau, policy.interval, policy.since_probe) == (5.0, 32, 0)
     policy.after_round(1, scheduled=False)  # while speculating it is an ordinary round: 0.7 * 5 + 0.3 * 1
     assert abs(policy.ema_tau - 3.8) < 1e-9
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="loop_streak"):
+            SpeculationPolicy(round_s=2.0, plain_s=1.0, loop_streak=bad)
 
 
 def test_policy_carries_acceptance_across_requests():

@@ -162,26 +162,27 @@ def test_loop_watch_matches_the_list_oracle(seed):
         LoopWatch([], 2, 3)
 
 
-def test_plain_stretches_probe_when_the_chain_would_copy(seed, one_thread, monkeypatch):
+def test_plain_stretches_probe_when_the_chain_would_copy(seed, one_thread):
     """Decoding plainly after poor rounds (a random draft; costs where a full round could pay), a request with
     the chain runs a round as soon as the chain's first token has been right LOOP_STREAK times in a row: a tiny
     random target's greedy output falls into loops, which the chain then commits. Without the watch the
-    request stays plain until its next timed probe. The output is generate's either way."""
+    request stays plain until its next timed probe (policy option loop_streak=0). The output is generate's either
+    way."""
     model = tiny_llama(seed=seed % 1000)
     prompt = torch.randint(0, model.config.vocab_size, (9,), generator=torch.Generator().manual_seed(seed))
     want = plain_greedy(model, prompt, 150)
-    outs, shipped = {}, generate.LOOP_STREAK
-    for streak in (shipped, 10 ** 9):
-        monkeypatch.setattr(generate, "LOOP_STREAK", streak)
+    outs = {}
+    for streak in (generate.LOOP_STREAK, 0):
         gen = SpeculativeGenerator(model, random_weights_draft(model, seed), TreeConfig(4, 3, 16, lookup=7),
                                    max_context=256)
+        gen.policy_options = dict(loop_streak=streak)
         gen.warmup()
         gen.round_time_s, gen.plain_step_time_s, gen.refine_costs = 1.5, 1.0, False
         policy = gen._policy(sampling=False)
         policy.ema_tau, policy.interval = 1.0, policy.max_interval  # a poor request before: plain, rare probes
         outs[streak] = gen.generate(prompt, 150)
         assert outs[streak].token_ids == want
-    watched, blind = outs[shipped], outs[10 ** 9]
+    watched, blind = outs[generate.LOOP_STREAK], outs[0]
     assert watched.loop_probes >= 1 and blind.loop_probes == 0, (watched.stats(), watched.accepted_lengths, blind.stats())
     assert watched.plain_steps < blind.plain_steps - 20, (watched.stats(), blind.stats())
 

@@ -54,6 +54,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _temperature(text: str) -> float:
     try:
         value = float(text)
@@ -86,6 +96,9 @@ def build_parser():
                    "loop and plain alike: the same tokens when their greedy outputs agree; rates are each side's own "
                    "tokens / seconds (default: exactly --max-new-tokens, EOS ignored)")
     p.add_argument("--no-adaptive", action="store_true", help="always speculate (no fallback to plain decoding)")
+    p.add_argument("--loop-streak", type=_nonnegative_int, default=None,
+                   help="lookup-chain hits in a row that start a round from plain decoding (default: the generator's "
+                        "LOOP_STREAK; 0 = no loop watch)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate columns")
     p.add_argument("--noise-prompts", type=int, default=1,
                    help="prompts a task that also run HF eager generate (bf16 eager-vs-static noise floor); 0: none")
@@ -282,12 +295,15 @@ def run_suite(model, tokenizer, draft, prompts: list[Prompt], args, log, name="m
     """The suite on one target: {"meta": ..., "rows": [per prompt], "tasks": [per task + overall]}.
     on_task_done(part) is called after each task (incremental results files)."""
     from coral_fast.benchmarks.scale import copy_bandwidth, weight_bytes
+    from coral_fast.generate import LOOP_STREAK
 
     device = next(model.parameters()).device
     encoded = [encode(tokenizer, p, device) for p in prompts]
     w_bytes, bandwidth = weight_bytes(model), copy_bandwidth(device)
     t0 = time.perf_counter()
     gen = make_generator(model, draft, (*args.tree, lookup_of(args)), args.mode, adaptive=not args.no_adaptive)
+    if args.loop_streak is not None:
+        gen.policy_options["loop_streak"] = args.loop_streak
     warmup_s = gen.warmup()
     log(f"{name}: engine warm-up {warmup_s:.1f} s (mode {args.mode or 'default'}; constructor + warm-up "
         f"{time.perf_counter() - t0:.1f} s); round {1e3 * gen.round_time_s:.3f} ms, plain step "
@@ -321,6 +337,7 @@ def run_suite(model, tokenizer, draft, prompts: list[Prompt], args, log, name="m
     meta = dict(model=name, draft=draft_label, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
                 mode=gen.mode, tree=list(args.tree), lookup=lookup_of(args),
                 adaptive=not args.no_adaptive, max_new_tokens=args.max_new_tokens, stop_at_eos=args.stop_at_eos,
+                loop_streak=gen.policy_options.get("loop_streak", LOOP_STREAK),
                 warmup_s=warmup_s,
                 hf_warmup_s=hf_warmup_s, round_ms=1e3 * gen.round_time_s,
                 plain_step_ms=1e3 * gen.plain_step_time_s, weight_gb=w_bytes / 1e9, copy_tb_s=bandwidth / 1e12,

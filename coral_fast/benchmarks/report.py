@@ -103,13 +103,22 @@ def _env_lines(env):
              f"{env['date']}.", "", f"`{env['command']}`", ""] + ([env["note"], ""] if env.get("note") else []))
 
 
+def _policy_label(meta: dict) -> str:
+    """'adaptive', 'adaptive, loop watch 4' / 'no loop watch' (runs that record it), or 'always speculative'."""
+    if not meta["adaptive"]:
+        return "always speculative"
+    if "loop_streak" not in meta:  # runs before the loop watch
+        return "adaptive"
+    return f"adaptive, loop watch {meta['loop_streak']}" if meta["loop_streak"] else "adaptive, no loop watch"
+
+
 def suite_markdown(suite: dict) -> str:
     lines = ["# End-to-end: the loop against plain decoding in the same engine (batch 1)", ""] + _env_lines(suite["env"])
     for part in suite["parts"]:
         m = part["meta"]
         lines += [
             f"## {m['model']} ({m['dtype']}, draft {m['draft']}, mode {m['mode']}, tree {','.join(map(str, m['tree']))}, "
-            f"{'adaptive' if m['adaptive'] else 'always speculative'})", "",
+            f"{_policy_label(m)})", "",
             (f"Answers end at their EOS (at most {m['max_new_tokens']} tokens), loop and plain alike; HF static "
              f"generate makes {m['max_new_tokens']} (a rate per token)." if m.get("stop_at_eos") else
              f"{m['max_new_tokens']} new tokens a prompt on every side (EOS ignored).") + " Warm-up, excluded from every rate: "

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The loop watch end to end (docs/loop.md, "Loops start rounds"): the engine's loop with and without it, each
+# against its own plain mode in the same run, answers to their EOS, the 16-token chain, compile-draft; one call.
+#   bash dev/gpu_loopwatch.sh smollm2       the full task suite (needs the SmolLM2 GGUF on the machine, ~6 min)
+#   bash dev/gpu_loopwatch.sh gemma3-270m   the continuation task (after the seven Gemma carry calls, ~5 min)
+# Back: $OUT/watch/e2e_suite.* and $OUT/nowatch/e2e_suite.* (md, json, csv, png).
+set -o pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+MODEL=${1:-smollm2}
+case "$MODEL" in
+smollm2) TASKS=(--suite full) ;;
+gemma3-270m) TASKS=(--models gemma3-270m --tasks continuation --suite full) ;;
+*) echo "usage: bash dev/gpu_loopwatch.sh smollm2|gemma3-270m" >&2; exit 2 ;;
+esac
+for side in nowatch watch; do
+  streak=()
+  [ "$side" = nowatch ] && streak=(--loop-streak 0)
+  python3 -m coral_fast.benchmarks.e2e "${TASKS[@]}" --no-hf --lookup 16 --stop-at-eos "${streak[@]}" \
+    --out-dir "$OUT/$side" 2>&1 | grep --line-buffered -v -E "Converting and de-quantizing|Loading weights" | tail -14
+done
