@@ -191,12 +191,16 @@ class SpeculationPolicy:
         # let the first probe find out (a round that dear costs more than it can win when it fails)
         self.start_speculating = self.max_tau is None or self.max_tau / self.round_s >= START_GAIN / self.plain_s
         # no probes where even a fully accepted round cannot beat plain decoding
-        self.can_pay = self.max_tau is None or self.max_tau / self.round_s > (1.0 + self.margin) / self.plain_s
+        self.can_pay = self.max_tau is None or self.tau_pays(self.max_tau)
+
+    def tau_pays(self, tau: float) -> bool:
+        """Rounds of tau tokens beat plain steps by the margin."""
+        return tau / self.round_s > (1.0 + self.margin) / self.plain_s
 
     def pays(self) -> bool:
         if self.ema_tau is None:
             return self.start_speculating
-        return self.ema_tau / self.round_s > (1.0 + self.margin) / self.plain_s
+        return self.tau_pays(self.ema_tau)
 
     def speculate(self) -> bool:
         return self.pays() or (self.can_pay and self.since_probe >= self.interval)
@@ -206,7 +210,7 @@ class SpeculationPolicy:
         schedule (a loop the lookup chain would copy, LOOP_STREAK): speculation resumes when it pays, and the
         schedule stays as it was when it does not (a failed one must not delay the next timed probe)."""
         if not scheduled and not self.pays():
-            if tau / self.round_s > (1.0 + self.margin) / self.plain_s:
+            if self.tau_pays(tau):
                 self.ema_tau, self.since_probe, self.interval = float(tau), 0, self.first_interval
             return
         probing = not self.pays()

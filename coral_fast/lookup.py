@@ -71,27 +71,34 @@ class LoopWatch:
         self.ends: dict[tuple[int, ...], int] = {}  # n-gram -> where its latest occurrence ends
         self.ids: list[int] = []
         self.fed = 0  # tokens of the answer list taken so far (feed)
-        self.streak = 0
+        self.streak = 0  # (push counts it)
         for token in context:
             self.push(token)
         self.streak = 0  # hits in a row, counted from the first token after the context
 
-    def proposal(self) -> int | None:
-        """The chain's first token after the tokens so far (None: no n-gram recurs)."""
-        for g in self.grams:
-            end = self.ends.get(tuple(self.ids[-g:])) if len(self.ids) >= g else None
+    def _suffixes(self) -> list[tuple[int, ...]]:
+        """The n-grams ending at the last token, longest first."""
+        n = len(self.ids)
+        return [tuple(self.ids[n - g:]) for g in self.grams if n >= g]
+
+    def _follow(self, suffixes: list[tuple[int, ...]]) -> int | None:
+        for key in suffixes:
+            end = self.ends.get(key)
             if end is not None:
                 return self.ids[end + 1]
         return None
 
+    def proposal(self) -> int | None:
+        """The chain's first token after the tokens so far (None: no n-gram recurs)."""
+        return self._follow(self._suffixes())
+
     def push(self, token: int) -> bool:
         """Commit one token; True when the chain would have proposed it."""
-        hit = self.proposal() == token
+        suffixes = self._suffixes()  # looked up, then indexed: the same keys serve both
+        hit = self._follow(suffixes) == token
         self.streak = self.streak + 1 if hit else 0
-        n = len(self.ids)
-        for g in self.grams:  # the n-grams ending at the last token become earlier occurrences
-            if n >= g:
-                self.ends[tuple(self.ids[n - g:])] = n - 1
+        for key in suffixes:  # the n-grams ending at the last token become earlier occurrences
+            self.ends[key] = len(self.ids) - 1
         self.ids.append(token)
         return hit
 
