@@ -136,7 +136,7 @@ def test_summaries_are_totals_and_speedup_is_their_ratio():
     for i in range(7):
         N = 16
         rows.append(dict(task="a" if i < 3 else "b", new_tokens=N, rounds=rng.randint(3, 9), accepted=rng.randint(9, 16),
-                         plain_steps=rng.randint(0, 3), loop_s=rng.uniform(0.1, 1), plain_s=rng.uniform(0.1, 1),
+                         plain_steps=rng.randint(0, 3), loop_probes=rng.randint(0, 2), loop_s=rng.uniform(0.1, 1), plain_s=rng.uniform(0.1, 1),
                          hf_s=rng.uniform(0.1, 1), loop_ttft_s=0.01, plain_ttft_s=0.02,
                          loop_vs_plain=N if i % 2 else rng.randint(0, N - 1), loop_vs_hf=N))
     a, b, overall = report.summarize(rows)
@@ -147,6 +147,8 @@ def test_summaries_are_totals_and_speedup_is_their_ratio():
         assert s["speedup_hf"] == pytest.approx(s["loop_tok_s"] / s["hf_tok_s"])
     assert overall["tau"] == pytest.approx(sum(r["accepted"] for r in rows) / sum(r["rounds"] for r in rows))
     assert overall["loop_vs_plain_seqs"] == pytest.approx(3 / 7)
+    assert overall["loop_probes"] == sum(r["loop_probes"] for r in rows) == a["loop_probes"] + b["loop_probes"]
+    assert report._probes(dict(loop_probes=0)) == "" and report._probes(dict(loop_probes=2)) == " (2 loop probes)"
     assert overall["loop_vs_hf_tokens"] == 1.0 and math.isnan(overall["hf_eager_vs_static_tokens"])
 
 

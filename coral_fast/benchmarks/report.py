@@ -34,11 +34,18 @@ def _ratio(a, b):
     return a / b if b and b == b and a == a else NAN
 
 
+def _probes(summary: dict) -> str:
+    """' (N loop probes)' where the loop watch ran rounds from plain decoding (docs/loop.md)."""
+    n = summary.get("loop_probes", 0)
+    return f" ({n} loop probe{'s' * (n != 1)})" if n else ""
+
+
 def summarize_rows(task: str, rows: list[dict]) -> dict:
     rounds = sum(r["rounds"] for r in rows)
     s = dict(task=task, prompts=len(rows), new_tokens=sum(r["new_tokens"] for r in rows),
              tau=sum(r["accepted"] for r in rows) / rounds if rounds else NAN, rounds=rounds,
              plain_steps=sum(r["plain_steps"] for r in rows),
+             loop_probes=sum(r.get("loop_probes", 0) for r in rows),  # results before the loop watch have none
              loop_tok_s=_rate(rows, "loop_tokens", "loop_s"), plain_tok_s=_rate(rows, "plain_tokens", "plain_s"),
              hf_tok_s=_rate(rows, "hf_tokens", "hf_s"),
              loop_ttft_ms=1e3 * sum(r["loop_ttft_s"] for r in rows) / len(rows),
@@ -135,7 +142,7 @@ def suite_markdown(suite: dict) -> str:
                 f"| {name} | {s['prompts']} | {fmt(s['tau'], '.2f')} | {fmt(s['loop_tok_s'])} | {fmt(s['plain_tok_s'])} | "
                 f"**{fmt(s['speedup_plain'], '.2f', 'x')}** | {fmt(s['hf_tok_s'])} | {fmt(s['speedup_hf'], '.2f', 'x')} | "
                 f"{fmt(s['loop_ttft_ms'], '.1f')} | {fmt(s['plain_ttft_ms'], '.1f')} | "
-                f"{s['plain_steps']}/{s['new_tokens']} |")
+                f"{s['plain_steps']}/{s['new_tokens']}{_probes(s)} |")
         lines += ["", "Greedy agreement (tokens before the first difference, as a share of all tokens / identical "
                   "sequences). HF eager = static is the noise floor of this dtype (HF against itself).", "",
                   "| task | loop = plain | loop = HF static | plain = HF static | HF eager = HF static |",
