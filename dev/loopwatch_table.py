@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
                          f"{_f(100 * a['loop_vs_plain_seqs'], '.0f', '%')} | {_f(100 * b['loop_vs_plain_tokens'], '.1f', '%')} / "
                          f"{_f(100 * b['loop_vs_plain_seqs'], '.0f', '%')} |")
         lines.append("")
-    open(stem + ".md", "w").write("\n".join(lines))
+    open(stem + ".md", "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
