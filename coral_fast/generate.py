@@ -143,6 +143,18 @@ PROBE_STEPS_PER_EXTRA_COST = 32
 # a request opens with a round only where a fully accepted one would be this much faster than plain
 # steps (captured GPU engines: 3-4x; the 2-core CPU: ~1.6x, where a round rarely pays)
 START_GAIN = 2.0
+# the EMA's weight of the latest round. A round's tau spreads as wide as its mean (1 to levels + 1): where a round
+# costs under CHEAP_ROUND plain steps (captured GPU engines: 1.8-2.0) a miss costs little and a false turn to plain
+# a whole probe interval, so the EMA remembers longer (at 0.3 two or three misses in a row turned paying requests
+# plain); where rounds are dear (the CPU: ~4) it follows the latest rounds faster (bench/results/policy_ema_cpu.md)
+EMA_ALPHA_CHEAP, EMA_ALPHA_DEAR, CHEAP_ROUND = 0.15, 0.3, 3.0
+
+
+def ema_alpha_for(round_s: float, plain_s: float) -> float:
+    """The policy's default EMA weight for a round costing round_s against a plain step of plain_s."""
+    return EMA_ALPHA_CHEAP if plain_s > 0 and round_s / plain_s < CHEAP_ROUND else EMA_ALPHA_DEAR
+
+
 # a probe looks first at the draft's top-1 guesses over the plain stretch it catches up on (teacher-forced
 # hit rate p) and ends there when a chain's 1 + p + ... + p^depth tokens a round is below this share of
 # what a round must commit to pay (a tree commits more than its top-1 chain, hence the slack)
@@ -171,7 +183,7 @@ class SpeculationPolicy:
     margin: float = 0.05
     first_interval: int = 16
     max_interval: int = 128
-    alpha: float = 0.3
+    alpha: float | None = None  # the EMA's weight of the latest round (None: by the cost ratio, EMA_ALPHA_*)
     scout_fraction: float = SCOUT_FRACTION
     min_scout_rows: int = SCOUT_ROWS  # fewer judged guesses: the probe runs its round
     loop_streak: int = LOOP_STREAK  # lookup-chain hits in a row that start a round from plain decoding; 0: no watch
@@ -187,6 +199,8 @@ class SpeculationPolicy:
             self.first_interval = max(self.first_interval, math.ceil(PROBE_STEPS_PER_EXTRA_COST * (ratio - 1)))
             self.max_interval = max(self.max_interval, 8 * self.first_interval)
         self.interval = self.first_interval
+        if self.alpha is None:
+            self.alpha = ema_alpha_for(self.round_s, self.plain_s)
         # start with a round unless even full acceptance would gain less than 2x: then start plainly and
         # let the first probe find out (a round that dear costs more than it can win when it fails)
         self.start_speculating = self.max_tau is None or self.max_tau / self.round_s >= START_GAIN / self.plain_s

@@ -6,7 +6,7 @@ continuation run at its H100 costs gave the same plain steps on its first six pr
     python dev/policy_sim.py --model gemma3-270m --tasks continuation --suite full --round-ms 6.525 \
         --plain-ms 3.318 --variants old,watch,forced --out bench/results/policy_NAME
 variants: old (no loop watch: policy option loop_streak=0), watch (the generator as shipped, or --loop-streak N),
-forced (adaptive=False).
+forced (adaptive=False). --data DIR replays training prompts instead of the suite (choose constants there).
 Writes OUT.json (every prompt's counts and tokens) and OUT.md (per task and overall: modelled speed-up over
 plain decoding, plain steps, loop probes).
 """
@@ -25,6 +25,15 @@ def main() -> None:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--draft", default=None, help="draft folder (default: the model's shipped draft)")
     p.add_argument("--tasks", default="all")
+    p.add_argument("--data", default=None, help="prompts from a training data folder (gpu_data.sh / coral-fast data) instead "
+                   "of the task suite: --per-task of each task's prompts, greedy ones, chosen with --seed (policy "
+                   "constants are chosen on its held-out split, then checked on the suite)")
+    p.add_argument("--per-task", type=int, default=3)
+    p.add_argument("--split", default="eval", choices=("eval", "train"), help="--data's held-out split (default; the "
+                   "draft never trained on it) or its training prompts (answers the draft has learnt)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alpha", type=float, default=None, help="the policy's EMA weight of the latest round (default: "
+                   "by the cost ratio, coral_fast.generate.ema_alpha_for)")
     p.add_argument("--suite", default="quick", choices=("quick", "full"))
     p.add_argument("--round-ms", type=float, required=True, help="a round's cost on the GPU (e2e's warm-up line)")
     p.add_argument("--plain-ms", type=float, required=True, help="a plain step's cost on the GPU")
@@ -46,8 +55,11 @@ def main() -> None:
     round_s, plain_s = args.round_ms * 1e-3, args.plain_ms * 1e-3
     model, tok = load_target(args.model, dtype=torch.float32, device="cpu")
     model.requires_grad_(False)
-    prompts = load_suite(args.tasks, 3 if args.suite == "quick" else None)
-    encoded = [encode(tok, q, torch.device("cpu")) for q in prompts]
+    if args.data:
+        prompts, encoded = data_prompts(args.data, args.per_task, args.seed, args.split == "eval")
+    else:
+        prompts = load_suite(args.tasks, 3 if args.suite == "quick" else None)
+        encoded = [encode(tok, q, torch.device("cpu")) for q in prompts]
     draft = DraftModel.from_pretrained(args.draft or os.path.join("coral_fast", "drafts", args.model), model)
     result = dict(env=environment(sys.argv[1:]), settings=vars(args), runs={})
     result["env"]["command"] = "python dev/policy_sim.py " + " ".join(sys.argv[1:])
@@ -55,10 +67,11 @@ def main() -> None:
         if variant not in ("old", "watch", "forced"):
             raise SystemExit(f"policy_sim: unknown variant {variant!r} (old, watch, forced)")
         gen = make_generator(model, draft, (6, 10, 60, args.lookup, True), "eager", adaptive=variant != "forced")
+        gen.policy_options = {} if args.alpha is None else dict(alpha=args.alpha)
         if variant == "old":
-            gen.policy_options = dict(loop_streak=0)
+            gen.policy_options["loop_streak"] = 0
         elif variant == "watch" and args.loop_streak is not None:
-            gen.policy_options = dict(loop_streak=args.loop_streak)
+            gen.policy_options["loop_streak"] = args.loop_streak
         gen.warmup()
         gen.round_time_s, gen.plain_step_time_s, gen.refine_costs = round_s, plain_s, False  # the GPU's costs
         rows = []
@@ -71,6 +84,27 @@ def main() -> None:
         json.dump(result, open(args.out + ".json", "w"), indent=1)
     open(args.out + ".md", "w").write(table(result) + "\n")
     print(table(result))
+
+
+def data_prompts(folder: str, per_task: int, seed: int, held_out: bool):
+    """per_task prompts of each task in a data folder, from its eval split (held_out) or its training split,
+    greedy answers only: the prompts as records with task and id, and their token ids [P] int64."""
+    import random
+    from types import SimpleNamespace
+
+    from coral_fast.training.data import load_shards
+
+    data = load_shards(folder)
+    rng = random.Random(seed)
+    prompts, encoded = [], []
+    for t, task in enumerate(data["tasks"]):
+        rows = [i for i in range(len(data["prompt_lengths"])) if data["task_ids"][i] == t
+                and bool(data["is_eval"][i]) == held_out and not data["sampled"][i]]
+        for i in sorted(rng.sample(rows, min(per_task, len(rows)))):
+            start = int(data["offsets"][i])
+            prompts.append(SimpleNamespace(task=task, id=f"{task}-{i}"))
+            encoded.append(data["input_ids"][start:start + int(data["prompt_lengths"][i])].long())
+    return prompts, encoded
 
 
 def table(result: dict) -> str:

@@ -123,7 +123,8 @@ def test_bad_values_fail_in_one_line_before_any_model_loads(argv, message, capsy
 
 
 @pytest.mark.parametrize("argv", [["--tree", "6,10"], ["--max-new-tokens", "0"], ["--temperature", "nan"],
-                                  ["--mode", "fast"], ["--loop-streak", "-1"], ["--loop-streak", "two"]])
+                                  ["--mode", "fast"], ["--loop-streak", "-1"], ["--loop-streak", "two"],
+                                  ["--ema-alpha", "0"], ["--ema-alpha", "nan"], ["--ema-alpha", "1.5"]])
 def test_bad_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         e2e.build_parser().parse_args(argv)
@@ -205,23 +206,29 @@ class _CharTokenizer:
         return SimpleNamespace(input_ids=[1 + ord(c) % (self.vocab - 1) for c in text[:24]])
 
 
-def test_loop_streak_reaches_the_policy_and_the_report(tmp_path):
-    """--loop-streak N sets the generator's policy (0: no loop watch) and is recorded and reported; the default
-    records the generator's own."""
+def test_policy_flags_reach_the_policy_and_the_report(tmp_path):
+    """--loop-streak N (0: no loop watch) and --ema-alpha A set the generator's policy and are recorded and
+    reported; the defaults record the policy's own."""
     from coral_fast.draft import DraftModel
-    from coral_fast.generate import LOOP_STREAK
+    from coral_fast.generate import LOOP_STREAK, ema_alpha_for
     from tests.test_models import tiny_llama
 
     model = tiny_llama(vocab=101, hidden=40, layers=2, seed=4)
     draft = DraftModel.random_init(model)
     prompts = load_suite(["qa"], per_task=1)
-    for flag, want, label in ((["--loop-streak", "0"], 0, "adaptive, no loop watch"),
-                              ([], LOOP_STREAK, f"adaptive, loop watch {LOOP_STREAK}")):
+    for flag, streak, ema, label in ((["--loop-streak", "0"], 0, None, "adaptive, no loop watch, EMA weight "),
+                                     ([], LOOP_STREAK, None, f"adaptive, loop watch {LOOP_STREAK}, EMA weight "),
+                                     (["--ema-alpha", "0.55"], LOOP_STREAK, 0.55, "EMA weight 0.55")):
         args = e2e.build_parser().parse_args(["--device", "cpu", "--dtype", "float32", "--max-new-tokens", "4",
                                               "--tree", "3,3,8", "--out-dir", str(tmp_path)] + flag)
         part = e2e.run_suite(model, _CharTokenizer(101), draft, prompts, args, [].append, name="tiny")
-        assert part["meta"]["loop_streak"] == want
+        meta = part["meta"]
+        if ema is None:  # the policy's own, by the costs warm-up measured
+            ema = ema_alpha_for(meta["round_ms"], meta["plain_step_ms"])
+            label += f"{ema:g}"
+        assert (meta["loop_streak"], meta["ema_alpha"]) == (streak, ema)
         assert label + ")" in report.suite_markdown(dict(env=e2e.environment([]), parts=[part]))
+    assert report._policy_label(dict(adaptive=True, loop_streak=4)) == "adaptive, loop watch 4"  # older results
 
 
 @needs_engine

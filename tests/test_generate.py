@@ -1,5 +1,7 @@
 """The loop end to end: greedy output identical to model.generate(do_sample=False), in speculative
 rounds, plain steps and any mix of them; chunked prefill; bad requests; the real models."""
+import math
+
 import pytest
 import torch
 
@@ -167,16 +169,36 @@ def test_policy_probes_and_backs_off():
     for tau in (6, 6, 6, 6, 6):  # acceptance recovers: speculation pays again (2.0 * 1.05 < ema)
         policy.after_round(tau)
     assert policy.speculate() and policy.interval == 32
-    for _ in range(6):  # a poor stretch while speculating: the EMA falls below 2.1, back to plain ...
+    misses = 0
+    while policy.speculate():  # a poor stretch while speculating: the EMA falls below 2.1, back to plain ...
         policy.after_round(1)
-    assert not policy.speculate() and policy.ema_tau < 1.6
-    for _ in range(policy.interval):  # (the rounds past the turn counted as failed probes: a longer wait)
+        misses += 1
+    a = policy.alpha  # ... after the misses that take 6 below 2.1 at this weight, not after one or two
+    assert misses == math.ceil(math.log((2.1 - 1) / 5) / math.log(1 - a)) and misses >= 3 and policy.ema_tau < 2.1
+    for _ in range(policy.interval):  # the first interval: the turn was not a failed probe
         policy.after_plain()
     assert policy.speculate()
     policy.after_round(3)  # ... and one good probe is enough to switch speculation back on (3 > 2.1)
     assert policy.speculate() and policy.ema_tau == 3 and policy.interval == 32
-    policy.after_round(1)  # while speculating a round joins the EMA: 0.7 * 3 + 0.3 * 1 = 2.4 still pays
-    assert policy.speculate() and abs(policy.ema_tau - 2.4) < 1e-9
+    policy.after_round(1)  # while speculating a round joins the EMA: (1 - a) * 3 + a * 1 still pays
+    assert policy.speculate() and abs(policy.ema_tau - ((1 - a) * 3 + a)) < 1e-9
+
+
+def test_policy_ema_weight_follows_the_round_cost():
+    """Cheap rounds (under CHEAP_ROUND plain steps): the EMA remembers longer; dear ones: it follows faster; an
+    explicit weight stays."""
+    from coral_fast.generate import CHEAP_ROUND, EMA_ALPHA_CHEAP, EMA_ALPHA_DEAR
+
+    assert EMA_ALPHA_CHEAP < EMA_ALPHA_DEAR
+    assert SpeculationPolicy(round_s=1.85e-3, plain_s=1e-3).alpha == EMA_ALPHA_CHEAP
+    assert SpeculationPolicy(round_s=(CHEAP_ROUND + 0.01) * 1e-3, plain_s=1e-3).alpha == EMA_ALPHA_DEAR
+    assert SpeculationPolicy(round_s=float("nan"), plain_s=1e-3).alpha == EMA_ALPHA_DEAR
+    assert SpeculationPolicy(round_s=4.4, plain_s=1.0, alpha=0.5).alpha == 0.5
+    cheap, dear = SpeculationPolicy(round_s=2.0, plain_s=1.0), SpeculationPolicy(round_s=4.0, plain_s=1.0)
+    for policy in (cheap, dear):
+        policy.after_round(9)
+        policy.after_round(1)  # one miss: the cheap policy's estimate moves less
+    assert cheap.ema_tau == pytest.approx(9 - 8 * EMA_ALPHA_CHEAP) and dear.ema_tau == pytest.approx(9 - 8 * EMA_ALPHA_DEAR)
 
 
 def test_policy_rounds_out_of_schedule():
@@ -193,8 +215,8 @@ def test_policy_rounds_out_of_schedule():
     assert (policy.ema_tau, policy.interval, policy.since_probe) == state and not policy.speculate()
     policy.after_round(5, scheduled=False)  # it paid: speculate on, as after a good probe
     assert policy.speculate() and (policy.ema_tau, policy.interval, policy.since_probe) == (5.0, 32, 0)
-    policy.after_round(1, scheduled=False)  # while speculating it is an ordinary round: 0.7 * 5 + 0.3 * 1
-    assert abs(policy.ema_tau - 3.8) < 1e-9
+    policy.after_round(1, scheduled=False)  # while speculating it is an ordinary round: (1 - a) * 5 + a * 1
+    assert abs(policy.ema_tau - ((1 - policy.alpha) * 5 + policy.alpha)) < 1e-9
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="loop_streak"):
             SpeculationPolicy(round_s=2.0, plain_s=1.0, loop_streak=bad)

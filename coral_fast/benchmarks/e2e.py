@@ -60,6 +60,17 @@ def _int_at_least(low: int):
 _positive_int, _nonnegative_int = _int_at_least(1), _int_at_least(0)
 
 
+def _unit_interval(text: str) -> float:
+    """An argparse type: a float in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
 def _temperature(text: str) -> float:
     try:
         value = float(text)
@@ -95,6 +106,9 @@ def build_parser():
     p.add_argument("--loop-streak", type=_nonnegative_int, default=None,
                    help="lookup-chain hits in a row that start a round from plain decoding (default: the generator's "
                         "LOOP_STREAK; 0 = no loop watch)")
+    p.add_argument("--ema-alpha", type=_unit_interval, default=None,
+                   help="the adaptive policy's EMA weight of a round's tau (default: by the round's cost in plain steps, "
+                        "coral_fast.generate.EMA_ALPHA_*)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate columns")
     p.add_argument("--noise-prompts", type=int, default=1,
                    help="prompts a task that also run HF eager generate (bf16 eager-vs-static noise floor); 0: none")
@@ -291,7 +305,7 @@ def run_suite(model, tokenizer, draft, prompts: list[Prompt], args, log, name="m
     """The suite on one target: {"meta": ..., "rows": [per prompt], "tasks": [per task + overall]}.
     on_task_done(part) is called after each task (incremental results files)."""
     from coral_fast.benchmarks.scale import copy_bandwidth, weight_bytes
-    from coral_fast.generate import LOOP_STREAK
+    from coral_fast.generate import LOOP_STREAK, ema_alpha_for
 
     device = next(model.parameters()).device
     encoded = [encode(tokenizer, p, device) for p in prompts]
@@ -300,6 +314,8 @@ def run_suite(model, tokenizer, draft, prompts: list[Prompt], args, log, name="m
     gen = make_generator(model, draft, (*args.tree, lookup_of(args)), args.mode, adaptive=not args.no_adaptive)
     if args.loop_streak is not None:
         gen.policy_options["loop_streak"] = args.loop_streak
+    if args.ema_alpha is not None:
+        gen.policy_options["alpha"] = args.ema_alpha
     warmup_s = gen.warmup()
     log(f"{name}: engine warm-up {warmup_s:.1f} s (mode {args.mode or 'default'}; constructor + warm-up "
         f"{time.perf_counter() - t0:.1f} s); round {1e3 * gen.round_time_s:.3f} ms, plain step "
@@ -334,6 +350,7 @@ def run_suite(model, tokenizer, draft, prompts: list[Prompt], args, log, name="m
                 mode=gen.mode, tree=list(args.tree), lookup=lookup_of(args),
                 adaptive=not args.no_adaptive, max_new_tokens=args.max_new_tokens, stop_at_eos=args.stop_at_eos,
                 loop_streak=gen.policy_options.get("loop_streak", LOOP_STREAK),
+                ema_alpha=gen.policy_options.get("alpha") or ema_alpha_for(gen.round_time_s, gen.plain_step_time_s),
                 warmup_s=warmup_s,
                 hf_warmup_s=hf_warmup_s, round_ms=1e3 * gen.round_time_s,
                 plain_step_ms=1e3 * gen.plain_step_time_s, weight_gb=w_bytes / 1e9, copy_tb_s=bandwidth / 1e12,

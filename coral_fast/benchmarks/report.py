@@ -111,12 +111,14 @@ def _env_lines(env):
 
 
 def _policy_label(meta: dict) -> str:
-    """'adaptive', 'adaptive, loop watch 4' / 'no loop watch' (runs that record it), or 'always speculative'."""
+    """'adaptive', 'adaptive, loop watch 4' / 'no loop watch' (+ ', EMA weight 0.15': runs that record them), or
+    'always speculative'."""
     if not meta["adaptive"]:
         return "always speculative"
     if "loop_streak" not in meta:  # runs before the loop watch
         return "adaptive"
-    return f"adaptive, loop watch {meta['loop_streak']}" if meta["loop_streak"] else "adaptive, no loop watch"
+    label = f"adaptive, loop watch {meta['loop_streak']}" if meta["loop_streak"] else "adaptive, no loop watch"
+    return label + (f", EMA weight {meta['ema_alpha']:g}" if "ema_alpha" in meta else "")  # runs that record it
 
 
 def suite_markdown(suite: dict) -> str:
