@@ -12,7 +12,7 @@ MODEL=${1:-smollm2}
 case "$MODEL" in
 smollm2) TASKS=(--suite full) ;;
 gemma3-270m) TASKS=(--models gemma3-270m --tasks continuation --suite full) ;;
-*) echo "usage: bash dev/gpu_loopwatch.sh smollm2|gemma3-270m" >&2; exit 2 ;;
+*) echo "usage: bash dev/gpu_loopwatch.sh smollm2|gemma3-270m [alpha]" >&2; exit 2 ;;
 esac
 SIDES=(nowatch watch)
 [ "${2:-}" = alpha ] && SIDES=(ema0.3 default)

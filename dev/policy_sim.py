@@ -6,7 +6,7 @@ continuation run at its H100 costs gave the same plain steps on its first six pr
     python dev/policy_sim.py --model gemma3-270m --tasks continuation --suite full --round-ms 6.525 \
         --plain-ms 3.318 --variants old,watch,forced --out bench/results/policy_NAME
 variants: old (no loop watch: policy option loop_streak=0), watch (the generator as shipped, or --loop-streak N),
-forced (adaptive=False). --data DIR replays training prompts instead of the suite (choose constants there).
+forced (adaptive=False). --data DIR replays a data set's held-out prompts instead of the suite (choose constants there).
 Writes OUT.json (every prompt's counts and tokens) and OUT.md (per task and overall: modelled speed-up over
 plain decoding, plain steps, loop probes).
 """

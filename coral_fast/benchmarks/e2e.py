@@ -266,7 +266,8 @@ def run_prompt(gen, hf, ids, prompt, i, args, device, noise: bool) -> dict:
     row.update(loop_tok_s=len(loop.token_ids) / loop_s, plain_tok_s=len(plain.token_ids) / plain_s,
                loop_s=loop_s, plain_s=plain_s, loop_ttft_s=loop.prefill_time_s, plain_ttft_s=plain.prefill_time_s,
                rounds=loop.rounds, accepted=sum(loop.accepted_lengths), tau=_round_tau(loop),
-               plain_steps=getattr(loop, "plain_steps", 0), loop_probes=loop.loop_probes, draft_s=loop.draft_time_s, verify_s=loop.verify_time_s,
+               plain_steps=getattr(loop, "plain_steps", 0), loop_probes=loop.loop_probes, draft_s=loop.draft_time_s,
+               verify_s=loop.verify_time_s,
                loop_vs_plain=common_prefix(loop.token_ids, plain.token_ids))
     if ignore_eos and (len(loop.token_ids) != N or len(plain.token_ids) != N):
         raise RuntimeError(f"ignore_eos gave {len(loop.token_ids)} / {len(plain.token_ids)} tokens, asked {N}")
