@@ -13,11 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from coral_fast.benchmarks.report import _policy_label  # noqa: E402
-
-
-def _f(x: float, spec: str = ".2f", suffix: str = "") -> str:
-    return "n/a" if x != x else f"{x:{spec}}{suffix}"
+from coral_fast.benchmarks.report import _policy_label, fmt  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
@@ -41,16 +37,16 @@ def main(argv: list[str]) -> None:
         for x, y in zip(part_off["tasks"], part_on["tasks"]):
             assert x["task"] == y["task"], (x["task"], y["task"])
             name = f"**{x['task']}**" if x["task"] == "overall" else x["task"]
-            lines.append(f"| {name} | {x['prompts']} | {_f(x['tau'])} / {_f(y['tau'])} | {x['plain_steps']} / "
+            lines.append(f"| {name} | {x['prompts']} | {fmt(x['tau'], '.2f')} / {fmt(y['tau'], '.2f')} | {x['plain_steps']} / "
                          f"{y['plain_steps']} of {y['new_tokens']} | {y.get('loop_probes', 'n/a')} | "
-                         f"{_f(x['speedup_plain'], '.2f', 'x')} | **{_f(y['speedup_plain'], '.2f', 'x')}** | "
-                         f"{_f(y['loop_tok_s'] / x['loop_tok_s'], '.3f')} | {_f(y['plain_tok_s'] / x['plain_tok_s'], '.3f')} |")
+                         f"{fmt(x['speedup_plain'], '.2f', 'x')} | **{fmt(y['speedup_plain'], '.2f', 'x')}** | "
+                         f"{fmt(y['loop_tok_s'] / x['loop_tok_s'], '.3f')} | {fmt(y['plain_tok_s'] / x['plain_tok_s'], '.3f')} |")
         lines += ["", "Greedy agreement, loop = plain (share of tokens before the first difference / identical sequences):",
                   "", "| task | before | after |", "|---|---|---|"]
         for x, y in zip(part_off["tasks"], part_on["tasks"]):
-            lines.append(f"| {x['task']} | {_f(100 * x['loop_vs_plain_tokens'], '.1f', '%')} / "
-                         f"{_f(100 * x['loop_vs_plain_seqs'], '.0f', '%')} | {_f(100 * y['loop_vs_plain_tokens'], '.1f', '%')} / "
-                         f"{_f(100 * y['loop_vs_plain_seqs'], '.0f', '%')} |")
+            lines.append(f"| {x['task']} | {fmt(100 * x['loop_vs_plain_tokens'], '.1f', '%')} / "
+                         f"{fmt(100 * x['loop_vs_plain_seqs'], '.0f', '%')} | {fmt(100 * y['loop_vs_plain_tokens'], '.1f', '%')} / "
+                         f"{fmt(100 * y['loop_vs_plain_seqs'], '.0f', '%')} |")
         lines.append("")
     open(stem + ".md", "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))

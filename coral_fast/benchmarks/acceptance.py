@@ -40,7 +40,8 @@ def _named_drafts(text: str) -> list[tuple[str, str]]:
 
 
 def build_parser():
-    from coral_fast.benchmarks.e2e import MODES, _positive_int, _tree
+    from coral_fast.benchmarks.e2e import MODES, _tree
+    from coral_fast.cli_checks import positive_int
 
     p = argparse.ArgumentParser(prog="python -m coral_fast.benchmarks.acceptance", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2", help="smollm2 | gemma3-270m | PATH")
@@ -50,8 +51,8 @@ def build_parser():
     p.add_argument("--temperatures", default="0", help="comma list; 0 = greedy")
     p.add_argument("--suite", default="full", choices=("quick", "full"), help="quick = 3 prompts a task")
     p.add_argument("--tasks", default="all", help=f"comma list of: {', '.join(SUITE_TASKS + EXTRA_TASKS)} (default all: {', '.join(SUITE_TASKS)})")
-    p.add_argument("--prompts-per-task", type=_positive_int, default=None)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--prompts-per-task", type=positive_int, default=None)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--tree", type=_tree, default=(6, 10, 60))
     p.add_argument("--stop-at-eos", action="store_true", help="end each answer at its EOS (default: exactly "
                    "--max-new-tokens, EOS ignored; what follows an EOS often repeats the answer, which a lookup copies)")

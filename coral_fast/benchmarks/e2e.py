@@ -31,6 +31,7 @@ import time
 
 from coral_fast.benchmarks import report
 from coral_fast.benchmarks.tasks import EXTRA_TASKS, SUITE_TASKS, Prompt, load_spec_bench, load_suite
+from coral_fast.cli_checks import float_in, nonnegative_int, positive_int
 
 SUITE_SIZES = {"quick": 3, "full": None}  # prompts per task (None: all)
 MODES = ("eager", "graphs", "compile", "compile-draft")  # = coral_fast.generate.MODES (tests/test_bench_e2e.py)
@@ -42,33 +43,6 @@ def _tree(text: str):
     except ValueError:
         raise argparse.ArgumentTypeError(f"--tree wants depth,topk,total_tokens (three integers), got {text!r}")
     return depth, topk, total
-
-
-def _int_at_least(low: int):
-    """An argparse type: an integer >= low."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        return value
-    return parse
-
-
-_positive_int, _nonnegative_int = _int_at_least(1), _int_at_least(0)
-
-
-def _unit_interval(text: str) -> float:
-    """An argparse type: a float in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
-    return value
 
 
 def _temperature(text: str) -> float:
@@ -87,11 +61,11 @@ def build_parser():
     p.add_argument("--suite", default="quick", choices=("quick", "full", "none"),
                    help="built-in task suite: quick = first 3 prompts a task, full = all, none = skip the suite")
     p.add_argument("--tasks", default="all", help=f"comma list of: {', '.join(SUITE_TASKS + EXTRA_TASKS)} (default all: {', '.join(SUITE_TASKS)})")
-    p.add_argument("--prompts-per-task", type=_positive_int, default=None, help="override the suite size")
+    p.add_argument("--prompts-per-task", type=positive_int, default=None, help="override the suite size")
     p.add_argument("--prompt-file", default=None,
                    help="Spec-Bench question.jsonl (question_id, category, turns) instead of the built-in suite; "
                         "its first turns, grouped into Spec-Bench's tasks, as many a task as --suite says")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--mode", default=None, choices=MODES, help="engine mode (default: compile-draft on CUDA, eager on CPU)")
@@ -103,10 +77,10 @@ def build_parser():
                    "loop and plain alike: the same tokens when their greedy outputs agree; rates are each side's own "
                    "tokens / seconds (default: exactly --max-new-tokens, EOS ignored)")
     p.add_argument("--no-adaptive", action="store_true", help="always speculate (no fallback to plain decoding)")
-    p.add_argument("--loop-streak", type=_nonnegative_int, default=None,
+    p.add_argument("--loop-streak", type=nonnegative_int, default=None,
                    help="lookup-chain hits in a row that start a round from plain decoding (default: the generator's "
                         "LOOP_STREAK; 0 = no loop watch)")
-    p.add_argument("--ema-alpha", type=_unit_interval, default=None,
+    p.add_argument("--ema-alpha", type=float_in(0.0, 1.0, low_open=True), default=None,
                    help="the adaptive policy's EMA weight of a round's tau (default: by the round's cost in plain steps, "
                         "coral_fast.generate.EMA_ALPHA_*)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate columns")
@@ -118,7 +92,7 @@ def build_parser():
                    help="comma list of configs on random weights (llama3.2-1b, llama3.1-8b, qwen2.5-7b, gemma3-1b), "
                         "'all', or 'none'")
     p.add_argument("--scale-mode", default="graphs", choices=MODES, help="engine mode of the scale runs")
-    p.add_argument("--scale-tokens", type=_positive_int, default=64, help="new tokens a scale run generates")
+    p.add_argument("--scale-tokens", type=positive_int, default=64, help="new tokens a scale run generates")
     p.add_argument("--profile", default="llama3.1-8b",
                    help="scale config whose round is profiled by kernel (torch.profiler); 'none' to skip")
     p.add_argument("--taus", default="3,4,5", help="taus to project speed-ups for (the suite's measured tau is added)")
