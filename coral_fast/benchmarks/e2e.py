@@ -45,16 +45,6 @@ def _tree(text: str):
     return depth, topk, total
 
 
-def _temperature(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 10], got {text!r}") from None
-    if not 0 < value <= 10:
-        raise argparse.ArgumentTypeError(f"sampling temperature must be in (0, 10], got {text}")
-    return value
-
-
 def build_parser():
     p = argparse.ArgumentParser(prog="coral-fast bench e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="smollm2", help="comma list of targets for the suite (smollm2, gemma3-270m, a path)")
@@ -87,7 +77,7 @@ def build_parser():
     p.add_argument("--noise-prompts", type=int, default=1,
                    help="prompts a task that also run HF eager generate (bf16 eager-vs-static noise floor); 0: none")
     p.add_argument("--sampling", action="store_true", help="also sample (loop and plain) at --temperature")
-    p.add_argument("--temperature", type=_temperature, default=0.7)
+    p.add_argument("--temperature", type=float_in(0.0, 10.0, low_open=True), default=0.7)  # sampling
     p.add_argument("--scale", default="none",
                    help="comma list of configs on random weights (llama3.2-1b, llama3.1-8b, qwen2.5-7b, gemma3-1b), "
                         "'all', or 'none'")
